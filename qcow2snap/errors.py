@@ -1,0 +1,90 @@
+"""The exception tree of qcow2snap.
+
+Every problem that qcow2snap detects in an image, and every refusal, is a
+subclass of :class:`Qcow2Error`.  Callers can therefore catch "everything this
+library reports about an image" with one ``except Qcow2Error``.  Misuse of the
+API (a wrong argument type, an unknown mode string) stays ``ValueError`` /
+``TypeError``; operating-system errors on the image file itself (permission
+denied, file not found) stay ``OSError``.
+
+Each class carries ``exit_code``, the process exit status the CLI uses for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "Qcow2Error",
+    "NotQcow2Error",
+    "CorruptImageError",
+    "UnsupportedImageError",
+    "ImageInUseError",
+    "SnapshotNotFoundError",
+    "AmbiguousSnapshotError",
+]
+
+
+class Qcow2Error(Exception):
+    """Base class of every error qcow2snap raises about an image."""
+
+    exit_code = 1
+
+
+class NotQcow2Error(Qcow2Error):
+    """The file is not a qcow2 image (wrong magic, or too short for a header)."""
+
+    exit_code = 1
+
+
+class CorruptImageError(Qcow2Error):
+    """A structure in the image is inconsistent or out of bounds.
+
+    ``structure`` names the structure ("header", "L1 table", "snapshot table
+    entry 3", ...) and ``offset`` is its byte offset in the host file, when one
+    is known.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, structure: str | None = None,
+                 offset: int | None = None) -> None:
+        super().__init__(message)
+        self.structure = structure
+        self.offset = offset
+
+
+class UnsupportedImageError(Qcow2Error):
+    """The image is valid but uses something qcow2snap does not implement,
+    or something QEMU itself refuses (``feature`` names it)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, feature: str | None = None) -> None:
+        super().__init__(message)
+        self.feature = feature
+
+
+class ImageInUseError(Qcow2Error):
+    """A running QEMU process holds the image (QEMU's byte-range locks)."""
+
+    exit_code = 5
+
+
+class SnapshotNotFoundError(Qcow2Error, LookupError):
+    """No snapshot matches the given ID or name."""
+
+    exit_code = 6
+
+
+class AmbiguousSnapshotError(Qcow2Error, LookupError):
+    """A snapshot reference matches more than one snapshot.
+
+    ``candidates`` lists ``(id, name)`` of every match, in table order.
+    """
+
+    exit_code = 7
+
+    def __init__(self, message: str, candidates: Sequence[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.candidates = tuple(candidates)

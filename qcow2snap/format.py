@@ -1,0 +1,264 @@
+"""On-disk layouts and constants of the qcow2 format (layer 1: bytes <-> fields).
+
+Every fixed layout is a declarative ``construct`` definition named after the
+structure in QEMU's ``docs/interop/qcow2.txt``; every field uses the spec's
+field name, every constant QEMU's macro name (``block/qcow2.h``), so ``grep``
+works in both directions.  All integers are big-endian.
+
+This module does no I/O and holds no logic beyond derived constants and one
+error-translating parse helper.  Bulk tables (L1, L2, refcount) are *not*
+described here: see :mod:`qcow2snap.tables`, which decodes them with
+``array`` (construct per entry is 20-80x slower; docs/design.md).
+
+Construct is used interpreted, never ``.compile()``-d, on image data: compiled
+parsers skip checks and lose the error path, and the structures here are small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import construct
+from construct import (
+    Bytes,
+    Const,
+    GreedyBytes,
+    If,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    Struct,
+    this,
+)
+
+from .errors import CorruptImageError
+
+# ---------------------------------------------------------------------------
+# Magic numbers and limits (block/qcow2.h)
+# ---------------------------------------------------------------------------
+
+QCOW_MAGIC = b"QFI\xfb"
+QCOW_VERSION_2 = 2
+QCOW_VERSION_3 = 3
+
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+QCOW_MAX_REFCOUNT_ORDER = 6
+QCOW_MAX_SNAPSHOTS = 65536
+QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS  # 64 MiB
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+QCOW_MAX_L1_SIZE = 0x2000000  # 32 MiB of L1 table, in bytes
+QCOW_MAX_REFTABLE_SIZE = 0x800000  # 8 MiB
+QCOW_MAX_BACKING_FILE_NAME = 1023
+L1E_SIZE = 8
+L2E_SIZE_NORMAL = 8
+L2E_SIZE_EXTENDED = 16
+REFTABLE_ENTRY_SIZE = 8
+QCOW2_COMPRESSED_SECTOR_SIZE = 512
+BDRV_SECTOR_SIZE = 512
+QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER = 32
+
+QCOW_CRYPT_NONE = 0
+QCOW_CRYPT_AES = 1
+QCOW_CRYPT_LUKS = 2
+CRYPT_METHOD_NAMES = {QCOW_CRYPT_NONE: "none", QCOW_CRYPT_AES: "aes", QCOW_CRYPT_LUKS: "luks"}
+
+QCOW2_COMPRESSION_TYPE_ZLIB = 0
+QCOW2_COMPRESSION_TYPE_ZSTD = 1
+COMPRESSION_TYPE_NAMES = {QCOW2_COMPRESSION_TYPE_ZLIB: "zlib", QCOW2_COMPRESSION_TYPE_ZSTD: "zstd"}
+
+# Feature bits (header offsets 72, 80, 88)
+QCOW2_INCOMPAT_DIRTY = 1 << 0
+QCOW2_INCOMPAT_CORRUPT = 1 << 1
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+QCOW2_INCOMPAT_COMPRESSION = 1 << 3
+QCOW2_INCOMPAT_EXTL2 = 1 << 4
+QCOW2_INCOMPAT_MASK = (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DATA_FILE
+                       | QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2)
+QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0
+QCOW2_COMPAT_FEAT_MASK = QCOW2_COMPAT_LAZY_REFCOUNTS
+QCOW2_AUTOCLEAR_BITMAPS = 1 << 0
+QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+QCOW2_AUTOCLEAR_MASK = QCOW2_AUTOCLEAR_BITMAPS | QCOW2_AUTOCLEAR_DATA_FILE_RAW
+
+QCOW2_FEAT_TYPE_INCOMPATIBLE = 0
+QCOW2_FEAT_TYPE_COMPATIBLE = 1
+QCOW2_FEAT_TYPE_AUTOCLEAR = 2
+
+#: The names QEMU writes into the feature-name table (qcow2_update_header),
+#: used when an image has no table of its own (v2, clusters <= 4 KiB).
+KNOWN_FEATURE_NAMES: dict[tuple[int, int], str] = {
+    (QCOW2_FEAT_TYPE_INCOMPATIBLE, 0): "dirty bit",
+    (QCOW2_FEAT_TYPE_INCOMPATIBLE, 1): "corrupt bit",
+    (QCOW2_FEAT_TYPE_INCOMPATIBLE, 2): "external data file",
+    (QCOW2_FEAT_TYPE_INCOMPATIBLE, 3): "compression type",
+    (QCOW2_FEAT_TYPE_INCOMPATIBLE, 4): "extended L2 entries",
+    (QCOW2_FEAT_TYPE_COMPATIBLE, 0): "lazy refcounts",
+    (QCOW2_FEAT_TYPE_AUTOCLEAR, 0): "bitmaps",
+    (QCOW2_FEAT_TYPE_AUTOCLEAR, 1): "raw external data",
+}
+
+# Header extension types
+QCOW2_EXT_MAGIC_END = 0x00000000
+QCOW2_EXT_MAGIC_BACKING_FORMAT = 0xE2792ACA
+QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803F857
+QCOW2_EXT_MAGIC_BITMAPS = 0x23852875
+QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537BE77
+QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441
+EXTENSION_NAMES = {
+    QCOW2_EXT_MAGIC_END: "end",
+    QCOW2_EXT_MAGIC_BACKING_FORMAT: "backing format",
+    QCOW2_EXT_MAGIC_FEATURE_TABLE: "feature name table",
+    QCOW2_EXT_MAGIC_BITMAPS: "bitmaps",
+    QCOW2_EXT_MAGIC_CRYPTO_HEADER: "full disk encryption header",
+    QCOW2_EXT_MAGIC_DATA_FILE: "external data file",
+}
+
+# L1 / L2 / refcount-table entry bits
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+REFT_RESERVED_MASK = 0x1FF
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1 << 0
+QCOW_L2_BITMAP_ALL_ALLOC = 0x00000000FFFFFFFF
+QCOW_L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF00000000
+
+#: icount value meaning "record/replay not active"
+QCOW_ICOUNT_NONE = 0xFFFFFFFFFFFFFFFF
+
+# Byte offsets inside the header of the fields that locate metadata
+# (all within the first 512-byte sector, which is what makes a single header
+# write an atomic commit point).
+HEADER_OFFSET_L1_SIZE = 36
+HEADER_OFFSET_L1_TABLE_OFFSET = 40
+HEADER_OFFSET_REFCOUNT_TABLE_OFFSET = 48
+HEADER_OFFSET_REFCOUNT_TABLE_CLUSTERS = 56
+HEADER_OFFSET_NB_SNAPSHOTS = 60
+HEADER_OFFSET_SNAPSHOTS_OFFSET = 64
+HEADER_OFFSET_INCOMPATIBLE_FEATURES = 72
+
+# ---------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------
+
+QCowHeaderV2 = "qcow2 header, version 2 part (qcow2.txt 'Header', bytes 0-71)" * Struct(
+    "magic" / Const(QCOW_MAGIC),            # bytes 0-3
+    "version" / Int32ub,                     # 4-7
+    "backing_file_offset" / Int64ub,         # 8-15
+    "backing_file_size" / Int32ub,           # 16-19
+    "cluster_bits" / Int32ub,                # 20-23
+    "size" / Int64ub,                        # 24-31  virtual disk size in bytes
+    "crypt_method" / Int32ub,                # 32-35
+    "l1_size" / Int32ub,                     # 36-39  entries in the active L1
+    "l1_table_offset" / Int64ub,             # 40-47
+    "refcount_table_offset" / Int64ub,       # 48-55
+    "refcount_table_clusters" / Int32ub,     # 56-59
+    "nb_snapshots" / Int32ub,                # 60-63
+    "snapshots_offset" / Int64ub,            # 64-71
+)
+QCOW_HEADER_V2_SIZE = 72
+
+QCowHeaderV3 = "qcow2 header, version 3 additions (bytes 72-103)" * Struct(
+    "incompatible_features" / Int64ub,       # 72-79
+    "compatible_features" / Int64ub,         # 80-87
+    "autoclear_features" / Int64ub,          # 88-95
+    "refcount_order" / Int32ub,              # 96-99
+    "header_length" / Int32ub,               # 100-103
+)
+QCOW_HEADER_V3_SIZE = 104
+
+QCowHeaderCompression = "optional header field 'compression_type' (bytes 104-111)" * Struct(
+    "compression_type" / Int8ub,             # 104
+    "padding" / Bytes(7),                    # 105-111, zero; kept as read
+)
+QCOW_HEADER_FULL_SIZE = 112
+
+QCowExtensionHeader = "header extension header (qcow2.txt 'Header extensions')" * Struct(
+    "type" / Int32ub,
+    "length" / Int32ub,
+)
+
+Qcow2Feature = "one feature-name table entry (48 bytes)" * Struct(
+    "type" / Int8ub,
+    "bit" / Int8ub,
+    "name" / Bytes(46),
+)
+QCOW2_FEATURE_ENTRY_SIZE = 48
+
+Qcow2BitmapHeaderExt = "bitmaps extension data (24 bytes)" * Struct(
+    "nb_bitmaps" / Int32ub,
+    "reserved32" / Int32ub,
+    "bitmap_directory_size" / Int64ub,
+    "bitmap_directory_offset" / Int64ub,
+)
+
+Qcow2CryptoHeaderExtension = "full disk encryption header pointer (16 bytes)" * Struct(
+    "offset" / Int64ub,
+    "length" / Int64ub,
+)
+
+QCowSnapshotHeader = "snapshot table entry, fixed part (qcow2.txt 'Snapshot table entry')" * Struct(
+    "l1_table_offset" / Int64ub,             # 0-7
+    "l1_size" / Int32ub,                     # 8-11
+    "id_str_size" / Int16ub,                 # 12-13
+    "name_size" / Int16ub,                   # 14-15
+    "date_sec" / Int32ub,                    # 16-19
+    "date_nsec" / Int32ub,                   # 20-23
+    "vm_clock_nsec" / Int64ub,               # 24-31
+    "vm_state_size" / Int32ub,               # 32-35  legacy 32-bit field
+    "extra_data_size" / Int32ub,             # 36-39
+)
+QCOW_SNAPSHOT_HEADER_SIZE = 40
+
+#: Known snapshot extra data.  Parse/build with ``extra_data_size=N``: a field
+#: exists only when the extra data covers it; the rest is kept as ``unknown``.
+QCowSnapshotExtraData = "snapshot extra data (qcow2.txt 'Snapshot table entry', bytes 40+)" * Struct(
+    "vm_state_size_large" / If(this._params.extra_data_size >= 8, Int64ub),
+    "disk_size" / If(this._params.extra_data_size >= 16, Int64ub),
+    "icount" / If(this._params.extra_data_size >= 24, Int64ub),
+    "unknown" / GreedyBytes,
+)
+QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE = 24
+
+QCowSnapshotEntry = "complete snapshot table entry, without inter-entry padding" * Struct(
+    "header" / QCowSnapshotHeader,
+    "extra_data" / Bytes(this.header.extra_data_size),
+    "id_str" / Bytes(this.header.id_str_size),
+    "name" / Bytes(this.header.name_size),
+)
+
+QCowNbSnapshotsAndOffset = "the 12-byte snapshot-table commit point (header bytes 60-71)" * Struct(
+    "nb_snapshots" / Int32ub,
+    "snapshots_offset" / Int64ub,
+)
+
+
+def parse_struct(layout: construct.Construct, data: bytes, *, structure: str,
+                 offset: int | None = None, **params: Any) -> Any:
+    """Parse ``data`` with ``layout``; translate every construct error into
+    :class:`CorruptImageError` naming ``structure`` and ``offset``.
+
+    This is the only place construct errors are caught.
+    """
+    try:
+        return layout.parse(data, **params)
+    except construct.ConstructError as exc:
+        where = f" at offset {offset:#x}" if offset is not None else ""
+        raise CorruptImageError(f"cannot parse {structure}{where}: {exc}",
+                                structure=structure, offset=offset) from exc
+
+
+def build_struct(layout: construct.Construct, value: Any, **params: Any) -> bytes:
+    """Build ``value`` with ``layout``.  Values come from validated model
+    objects, so a failure here is a programming error and propagates."""
+    return bytes(layout.build(value, **params))
+
+
+def align_up(value: int, alignment: int) -> int:
+    """Round ``value`` up to a multiple of ``alignment`` (a power of two)."""
+    return (value + alignment - 1) & ~(alignment - 1)

@@ -1,0 +1,673 @@
+"""The image model (layer 3): open a qcow2 file, validate it the way QEMU
+does, and give typed access to its metadata.
+
+Opening for reading never writes.  The file is opened ``O_RDONLY`` (with
+``O_NOATIME`` where the kernel allows it), nothing is repaired or cleared,
+and a dirty or corrupt image is reported, not fixed.
+
+Every count and offset taken from the header is checked against QEMU's limits
+before it is used to size a read or an allocation, with QEMU's error texts,
+so a hostile image costs at most the 32 MiB L1 / 64 MiB snapshot-table bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+from . import format as fmt
+from .errors import (
+    AmbiguousSnapshotError,
+    CorruptImageError,
+    NotQcow2Error,
+    SnapshotNotFoundError,
+    UnsupportedImageError,
+)
+from .locks import LockState, probe_qemu_locks
+from .model import Extension, FeatureName, Header, Snapshot, SnapshotTable, parse_extensions
+from .model import parse_snapshot_table
+from .tables import decode_u64_table
+
+if TYPE_CHECKING:
+    from array import array
+
+    from .reader import DiskReader, Extent
+
+__all__ = ["Qcow2Image", "Layer", "RawImage", "ImageInUseWarning", "open"]
+
+#: How many L2 tables (or subcluster-extended tables) a reader keeps decoded.
+#: At 64 KiB clusters this is at most 8 MiB of tables.
+L2_CACHE_TABLES = 128
+#: Backing chains deeper than this are refused (QEMU has no hard limit, but a
+#: hostile chain must not recurse forever).
+MAX_BACKING_CHAIN_DEPTH = 64
+
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+class ImageInUseWarning(UserWarning):
+    """Reading an image that a running QEMU holds open for writing."""
+
+
+def _open_read_only(path: str) -> int:
+    """Open for reading without touching atime where permitted."""
+    if _O_NOATIME:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_NOATIME)
+        except PermissionError:
+            pass  # O_NOATIME needs ownership; fall back
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+class _HostFile:
+    """Positional reads over an fd; reads past EOF return zeros, as QEMU's
+    file driver does."""
+
+    __slots__ = ("fd", "path", "size", "_owned")
+
+    def __init__(self, fd: int, path: str, owned: bool = True) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = os.fstat(fd).st_size
+        self._owned = owned
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        if offset >= self.size:
+            return bytes(length)
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # short read at EOF: keep reading in case of a partial read, then pad
+            while len(data) < length:
+                more = os.pread(self.fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+            data += bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        if self._owned and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One mapping of guest offsets to the host file: the active image or a
+    snapshot.  ``size`` is its virtual disk size."""
+
+    l1_table_offset: int
+    l1_size: int
+    size: int
+    snapshot: Snapshot | None = None
+
+    @property
+    def name(self) -> str:
+        if self.snapshot is None:
+            return "active layer"
+        return f"snapshot {self.snapshot.id} ({self.snapshot.name})"
+
+
+class RawImage:
+    """A raw backing file: guest offset = file offset, zeros past EOF."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = _HostFile(_open_read_only(path), path)
+
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._file.pread(offset, length)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Qcow2Image:
+    """An open qcow2 image.  Use :func:`qcow2snap.open`.
+
+    Attributes of interest: :attr:`header`, :attr:`extensions`,
+    :attr:`snapshots`, :attr:`backing_file_name`, :attr:`backing_format`,
+    :attr:`lock_state`, :attr:`dirty`, :attr:`corrupt`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: Literal["r"] = "r", *,
+                 backing_file: str | os.PathLike[str] | bool | None = None,
+                 backing_format: str | None = None,
+                 data_file: str | os.PathLike[str] | None = None,
+                 check_locks: bool = True,
+                 _depth: int = 0) -> None:
+        if mode != "r":
+            raise ValueError(f"unsupported mode {mode!r} (only 'r' is available)")
+        self.path = os.fspath(path)
+        self.mode = mode
+        self._depth = _depth
+        self._backing_override = backing_file
+        self._backing_format_override = backing_format
+        self._data_file_override = data_file
+        self._backing: Qcow2Image | RawImage | None = None
+        self._backing_opened = False
+        self._data_file: _HostFile | None = None
+        self._l1_cache: dict[tuple[int, int], array[int]] = {}
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        fd = _open_read_only(self.path)
+        self._file = _HostFile(fd, self.path)
+        try:
+            self._load()
+            self.lock_state: LockState | None = probe_qemu_locks(fd) if check_locks else None
+        except BaseException:
+            self._file.close()
+            raise
+        if self.lock_state is not None and self.lock_state.has_writer:
+            warnings.warn(
+                f"{self.path}: a running QEMU process holds this image open for writing "
+                f"({self.lock_state.describe()}); what is read may be inconsistent",
+                ImageInUseWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------
+    # Opening and validation (QEMU's qcow2_do_open)
+    # ------------------------------------------------------------------
+
+    def _corrupt(self, message: str, structure: str, offset: int | None = None) -> CorruptImageError:
+        return CorruptImageError(message, structure=structure, offset=offset)
+
+    def _load(self) -> None:
+        f = self._file
+        first = f.pread(0, fmt.QCOW_HEADER_FULL_SIZE)
+        if f.size < 4 or first[:4] != fmt.QCOW_MAGIC:
+            raise NotQcow2Error(f"Image is not in qcow2 format: {self.path}")
+        if f.size < fmt.QCOW_HEADER_V2_SIZE:
+            raise NotQcow2Error(
+                f"Image is not in qcow2 format: file too short for a header ({f.size} bytes)")
+        cluster_bits = int.from_bytes(first[20:24], "big")
+        version = int.from_bytes(first[4:8], "big")
+        if version in (2, 3) and not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
+            raise UnsupportedImageError(f"Unsupported cluster size: 2^{cluster_bits}",
+                                        feature=f"cluster_bits {cluster_bits}")
+        cluster0 = f.pread(0, 1 << cluster_bits) if version in (2, 3) else first
+        header = Header.from_bytes(cluster0)
+        self.header = header
+        self._cluster0 = cluster0
+        cs = header.cluster_size
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = cs
+
+        if header.version == fmt.QCOW_VERSION_3 and header.refcount_order > fmt.QCOW_MAX_REFCOUNT_ORDER:
+            raise CorruptImageError(
+                "Reference count entry width too large; may not exceed 64 bits",
+                structure="header", offset=96)
+
+        # Header extensions end at the backing file name, or the cluster end.
+        if header.backing_file_offset:
+            if header.backing_file_offset > cs:
+                raise self._corrupt("Invalid backing file offset", "header", 8)
+            ext_end = header.backing_file_offset
+        else:
+            ext_end = cs
+        self.extensions: tuple[Extension, ...] = tuple(
+            parse_extensions(cluster0, header.header_length, ext_end))
+        self._check_extensions()
+
+        # Incompatible features (names from the image's own feature table)
+        unknown = header.incompatible_features & ~fmt.QCOW2_INCOMPAT_MASK
+        if unknown:
+            names = self.describe_features(fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE, unknown)
+            raise UnsupportedImageError(f"Unsupported qcow2 feature(s): {', '.join(names)}",
+                                        feature=", ".join(names))
+        if header.crypt_method > fmt.QCOW_CRYPT_LUKS:
+            raise UnsupportedImageError(f"Unsupported encryption method: {header.crypt_method}",
+                                        feature="encryption")
+        self._check_compression_type()
+        self.extended_l2 = bool(header.incompatible_features & fmt.QCOW2_INCOMPAT_EXTL2)
+        if self.extended_l2 and self.cluster_bits < 14:
+            raise UnsupportedImageError(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+                feature="extended L2 entries")
+
+        # Geometry (block/qcow2.h)
+        self.l2_entry_size = fmt.L2E_SIZE_EXTENDED if self.extended_l2 else fmt.L2E_SIZE_NORMAL
+        self.l2_bits = self.cluster_bits - (4 if self.extended_l2 else 3)
+        self.l2_entries = 1 << self.l2_bits
+        self.subclusters_per_cluster = fmt.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
+        self.subcluster_size = cs // self.subclusters_per_cluster
+        self.subcluster_bits = self.subcluster_size.bit_length() - 1
+        self.csize_shift = 62 - (self.cluster_bits - 8)
+        self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self.cluster_offset_mask = (1 << self.csize_shift) - 1
+
+        # Active L1 (qcow2_validate_table, size_to_l1)
+        if header.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
+            raise self._corrupt("Active L1 table too large", "header", 36)
+        self.l1_vm_state_index = self.size_to_l1(header.size)
+        if self.l1_vm_state_index > 0x7FFFFFFF:
+            raise self._corrupt("Image is too big", "header", 24)
+        if header.l1_size < self.l1_vm_state_index:
+            raise self._corrupt("L1 table is too small", "header", 36)
+        self._validate_table(header.l1_table_offset, header.l1_size, fmt.L1E_SIZE,
+                             fmt.QCOW_MAX_L1_SIZE, "Active L1 table", 40)
+
+        # Refcount table
+        if header.refcount_table_clusters == 0:
+            raise self._corrupt("Image does not contain a reference count table", "header", 56)
+        reftable_entries = (header.refcount_table_clusters << self.cluster_bits) // 8
+        self._validate_table(header.refcount_table_offset, reftable_entries,
+                             fmt.REFTABLE_ENTRY_SIZE, fmt.QCOW_MAX_REFTABLE_SIZE,
+                             "Reference count table", 48)
+
+        # Snapshot table location
+        self._validate_table(header.snapshots_offset, header.nb_snapshots,
+                             fmt.QCOW_SNAPSHOT_HEADER_SIZE,
+                             fmt.QCOW_SNAPSHOT_HEADER_SIZE * fmt.QCOW_MAX_SNAPSHOTS,
+                             "Snapshot table", 64)
+
+        # Backing file name
+        self.backing_file_name: str | None = None
+        self.backing_file_name_bytes: bytes | None = None
+        if header.backing_file_offset:
+            length = header.backing_file_size
+            if length > min(fmt.QCOW_MAX_BACKING_FILE_NAME, cs - header.backing_file_offset):
+                raise self._corrupt("Backing file name too long", "header", 16)
+            raw = cluster0[header.backing_file_offset:header.backing_file_offset + length]
+            self.backing_file_name_bytes = bytes(raw)
+            self.backing_file_name = bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+        # External data file
+        self.has_data_file = bool(header.incompatible_features & fmt.QCOW2_INCOMPAT_DATA_FILE)
+        if not self.has_data_file and header.autoclear_features & fmt.QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+            raise self._corrupt("data-file-raw requires a data file", "header", 88)
+
+        # Snapshot table
+        self.snapshot_table: SnapshotTable = parse_snapshot_table(
+            self._file.pread, header.snapshots_offset, header.nb_snapshots, header.size)
+        self.snapshots: tuple[Snapshot, ...] = self.snapshot_table.snapshots
+
+    def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,
+                        name: str, header_offset: int) -> None:
+        if entries > max_bytes // entry_len:
+            raise self._corrupt(f"{name} too large", "header", header_offset)
+        if (0x7FFFFFFFFFFFFFFF - entries * entry_len < offset
+                or offset & (self.cluster_size - 1)):
+            raise self._corrupt(f"{name} offset invalid", "header", header_offset)
+
+    def _check_extensions(self) -> None:
+        seen: set[int] = set()
+        for ext in self.extensions:
+            if ext.type == fmt.QCOW2_EXT_MAGIC_BACKING_FORMAT:
+                if len(ext.data) >= 16:
+                    raise self._corrupt(
+                        f"ERROR: ext_backing_format: len={len(ext.data)} too large (>=16)",
+                        "backing format extension", ext.offset)
+            elif ext.type == fmt.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
+                if self.header.crypt_method != fmt.QCOW_CRYPT_LUKS:
+                    raise self._corrupt(
+                        "CRYPTO header extension only expected with LUKS encryption method",
+                        "full disk encryption header extension", ext.offset)
+                if len(ext.data) != 16:
+                    raise self._corrupt(
+                        f"CRYPTO header extension size {len(ext.data)}, but expected size 16",
+                        "full disk encryption header extension", ext.offset)
+            elif ext.type == fmt.QCOW2_EXT_MAGIC_BITMAPS:
+                if len(ext.data) != 24:
+                    raise self._corrupt("bitmaps_ext: Invalid extension length",
+                                        "bitmaps extension", ext.offset)
+                if self.header.autoclear_features & fmt.QCOW2_AUTOCLEAR_BITMAPS:
+                    b = ext.bitmaps()
+                    if b.reserved32 != 0:
+                        raise self._corrupt("bitmaps_ext: Reserved field is not zero",
+                                            "bitmaps extension", ext.offset)
+                    if b.nb_bitmaps == 0:
+                        raise self._corrupt("found bitmaps extension with zero bitmaps",
+                                            "bitmaps extension", ext.offset)
+                    if b.bitmap_directory_offset & (self.cluster_size - 1):
+                        raise self._corrupt("bitmaps_ext: invalid bitmap directory offset",
+                                            "bitmaps extension", ext.offset)
+            if ext.type in fmt.EXTENSION_NAMES and ext.type != fmt.QCOW2_EXT_MAGIC_END:
+                seen.add(ext.type)
+
+    def _check_compression_type(self) -> None:
+        h = self.header
+        ctype = h.effective_compression_type
+        if ctype not in fmt.COMPRESSION_TYPE_NAMES:
+            raise UnsupportedImageError(f"qcow2: unknown compression type: {ctype}",
+                                        feature="compression type")
+        has_bit = bool(h.incompatible_features & fmt.QCOW2_INCOMPAT_COMPRESSION)
+        if ctype == fmt.QCOW2_COMPRESSION_TYPE_ZLIB and has_bit:
+            raise self._corrupt("qcow2: Compression type incompatible feature bit must not be set",
+                                "header", 72)
+        if ctype != fmt.QCOW2_COMPRESSION_TYPE_ZLIB and not has_bit:
+            raise self._corrupt("qcow2: Compression type incompatible feature bit must be set",
+                                "header", 72)
+
+    # ------------------------------------------------------------------
+    # Header-derived facts
+    # ------------------------------------------------------------------
+
+    def size_to_l1(self, size: int) -> int:
+        """Number of L1 entries needed to map ``size`` guest bytes (QEMU
+        ``size_to_l1``)."""
+        shift = self.cluster_bits + self.l2_bits
+        return (size + (1 << shift) - 1) >> shift
+
+    @property
+    def size(self) -> int:
+        """Virtual size of the active layer in bytes."""
+        return self.header.size
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.incompatible_features & fmt.QCOW2_INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.header.incompatible_features & fmt.QCOW2_INCOMPAT_CORRUPT)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.header.compatible_features & fmt.QCOW2_COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def compression_type_name(self) -> str:
+        return fmt.COMPRESSION_TYPE_NAMES[self.header.effective_compression_type]
+
+    @property
+    def encrypted(self) -> bool:
+        return self.header.crypt_method != fmt.QCOW_CRYPT_NONE
+
+    def extension(self, ext_type: int) -> Extension | None:
+        for ext in self.extensions:
+            if ext.type == ext_type:
+                return ext
+        return None
+
+    @property
+    def unknown_extensions(self) -> tuple[Extension, ...]:
+        return tuple(e for e in self.extensions if not e.is_known)
+
+    @property
+    def backing_format(self) -> str | None:
+        ext = self.extension(fmt.QCOW2_EXT_MAGIC_BACKING_FORMAT)
+        return ext.text() if ext else None
+
+    @property
+    def data_file_name(self) -> str | None:
+        ext = self.extension(fmt.QCOW2_EXT_MAGIC_DATA_FILE)
+        return ext.text() if ext else None
+
+    @property
+    def feature_names(self) -> tuple[FeatureName, ...]:
+        ext = self.extension(fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE)
+        return tuple(ext.feature_names()) if ext else ()
+
+    def describe_features(self, feature_type: int, bits: int) -> list[str]:
+        """Names of the set ``bits`` of one feature word, from the image's
+        feature-name table, else QEMU's names, else "bit N"."""
+        table = {(f.type, f.bit): f.name for f in self.feature_names}
+        names = []
+        for bit in range(64):
+            if bits & (1 << bit):
+                name = table.get((feature_type, bit)) or fmt.KNOWN_FEATURE_NAMES.get(
+                    (feature_type, bit))
+                kind = ("incompatible", "compatible", "autoclear")[feature_type]
+                names.append(name or f"Unknown {kind} feature: bit {bit}")
+        return names
+
+    # ------------------------------------------------------------------
+    # Snapshots
+    # ------------------------------------------------------------------
+
+    def find_snapshot(self, ref: str | Snapshot, *,
+                      by: Literal["id", "name"] | None = None) -> Snapshot:
+        """Resolve a snapshot reference.
+
+        With ``by=None`` the reference matches an ID or a name; if it matches
+        more than one snapshot (one's ID and another's name, or several
+        names) that is an :class:`AmbiguousSnapshotError` listing the
+        candidates: QEMU silently picks one, we make the caller choose with
+        ``by="id"`` or ``by="name"``.  ``by="name"`` with duplicate names is
+        ambiguous too.
+        """
+        if isinstance(ref, Snapshot):
+            return ref
+        by_id = [s for s in self.snapshots if s.id == ref] if by in (None, "id") else []
+        by_name = [s for s in self.snapshots if s.name == ref] if by in (None, "name") else []
+        matches = list({s.index: s for s in by_id + by_name}.values())
+        matches.sort(key=lambda s: s.index)
+        if not matches:
+            what = {"id": "with ID", "name": "named"}.get(by or "", "with ID or name")
+            raise SnapshotNotFoundError(f"{self.path}: no snapshot {what} {ref!r}")
+        if len(matches) > 1:
+            listed = ", ".join(f"ID {s.id!r} name {s.name!r}" for s in matches)
+            hint = ("select by ID instead" if by == "name"
+                    else "select with by='id' / by='name' (CLI: --by-id / --by-name)")
+            raise AmbiguousSnapshotError(
+                f"{self.path}: snapshot reference {ref!r} is ambiguous: it matches {listed}; "
+                f"{hint}", [(s.id, s.name) for s in matches])
+        return matches[0]
+
+    def layer(self, snapshot: str | Snapshot | None = None) -> Layer:
+        """The mapping of the active image (``None``) or of a snapshot."""
+        if snapshot is None:
+            return Layer(self.header.l1_table_offset, self.header.l1_size, self.header.size)
+        sn = self.find_snapshot(snapshot)
+        self._check_snapshot_l1(sn)
+        return Layer(sn.l1_table_offset, sn.l1_size, sn.disk_size, sn)
+
+    def _check_snapshot_l1(self, sn: Snapshot) -> None:
+        structure = f"snapshot {sn.id} ({sn.name})"
+        if sn.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
+            raise CorruptImageError(f"Snapshot L1 table too large: {structure}",
+                                    structure=structure, offset=sn.entry_offset + 8)
+        if (sn.l1_table_offset & (self.cluster_size - 1)
+                or sn.l1_table_offset > 0x7FFFFFFFFFFFFFFF - sn.l1_size * 8):
+            raise CorruptImageError(f"Snapshot L1 table offset invalid: {structure}",
+                                    structure=structure, offset=sn.entry_offset)
+
+    def vm_state_offset(self, snapshot: Snapshot) -> int:
+        """Guest offset (in the snapshot's mapping) where its VM state starts
+        (QEMU ``qcow2_vm_state_offset``, using the snapshot's disk size)."""
+        return self.size_to_l1(snapshot.disk_size) << (self.cluster_bits + self.l2_bits)
+
+    # ------------------------------------------------------------------
+    # Tables
+    # ------------------------------------------------------------------
+
+    def read_l1(self, layer: Layer) -> array[int]:
+        """The L1 table of a layer, decoded (cached per layer)."""
+        key = (layer.l1_table_offset, layer.l1_size)
+        table = self._l1_cache.get(key)
+        if table is None:
+            data = self._file.pread(layer.l1_table_offset, layer.l1_size * fmt.L1E_SIZE)
+            table = decode_u64_table(data)
+            self._l1_cache[key] = table
+        return table
+
+    def read_l2(self, l2_offset: int) -> array[int]:
+        """One L2 table, decoded; extended tables interleave entry, bitmap.
+        Bounded LRU cache of :data:`L2_CACHE_TABLES` tables."""
+        cache = self._l2_cache
+        table = cache.get(l2_offset)
+        if table is not None:
+            cache.move_to_end(l2_offset)
+            return table
+        table = decode_u64_table(self._file.pread(l2_offset, self.cluster_size))
+        cache[l2_offset] = table
+        if len(cache) > L2_CACHE_TABLES:
+            cache.popitem(last=False)
+        return table
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Raw bytes of the image file (zeros past EOF)."""
+        return self._file.pread(offset, length)
+
+    @property
+    def file_size(self) -> int:
+        return self._file.size
+
+    # ------------------------------------------------------------------
+    # Companion files
+    # ------------------------------------------------------------------
+
+    def _resolve_relative(self, name: str) -> str:
+        if os.path.isabs(name):
+            return name
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+
+    @property
+    def backing(self) -> Qcow2Image | RawImage | None:
+        """The opened backing image (resolved relative to this image's
+        directory, or the override given to :func:`open`), or ``None``."""
+        if not self._backing_opened:
+            self._backing = self._open_backing()
+            self._backing_opened = True
+        return self._backing
+
+    def backing_path(self) -> str | None:
+        override = self._backing_override
+        if override is False:
+            return None
+        if override not in (None, True):
+            return os.fspath(override)  # type: ignore[arg-type]
+        if self.backing_file_name is None:
+            return None
+        if ":" in self.backing_file_name.split("/", 1)[0] and not os.path.exists(
+                self._resolve_relative(self.backing_file_name)):
+            raise UnsupportedImageError(
+                f"{self.path}: backing file {self.backing_file_name!r} is not a local file; "
+                f"pass backing_file= (CLI: --backing-file) to give its path",
+                feature="protocol backing file")
+        return self._resolve_relative(self.backing_file_name)
+
+    def _open_backing(self) -> Qcow2Image | RawImage | None:
+        path = self.backing_path()
+        if path is None:
+            return None
+        if self._depth + 1 > MAX_BACKING_CHAIN_DEPTH:
+            raise CorruptImageError(
+                f"{self.path}: backing chain longer than {MAX_BACKING_CHAIN_DEPTH} images "
+                f"(a loop?)", structure="backing file name", offset=self.header.backing_file_offset)
+        fmt_name = self._backing_format_override or self.backing_format
+        if not os.path.exists(path):
+            raise UnsupportedImageError(
+                f"{self.path}: backing file {path!r} not found; pass backing_file= "
+                f"(CLI: --backing-file PATH) to give its location", feature="backing file")
+        if fmt_name is None:
+            with _builtin_open(path, "rb") as probe:
+                fmt_name = "qcow2" if probe.read(4) == fmt.QCOW_MAGIC else "raw"
+        if fmt_name == "qcow2":
+            return Qcow2Image(path, "r", check_locks=False, _depth=self._depth + 1)
+        if fmt_name == "raw":
+            return RawImage(path)
+        raise UnsupportedImageError(
+            f"{self.path}: backing file format {fmt_name!r} is not supported (qcow2 and raw are)",
+            feature="backing format")
+
+    def chain(self) -> list[Qcow2Image | RawImage]:
+        """This image followed by its backing images."""
+        out: list[Qcow2Image | RawImage] = [self]
+        node: Qcow2Image | RawImage | None = self
+        while isinstance(node, Qcow2Image):
+            node = node.backing
+            if node is not None:
+                out.append(node)
+        return out
+
+    def data_file(self) -> _HostFile:
+        """The external data file (``has_data_file`` images)."""
+        if self._data_file is None:
+            name = self._data_file_override or self.data_file_name
+            if name is None:
+                raise UnsupportedImageError(
+                    f"{self.path}: 'data-file' is required for this image; pass data_file= "
+                    f"(CLI: --data-file PATH)", feature="external data file")
+            path = self._resolve_relative(os.fspath(name))
+            self._data_file = _HostFile(_open_read_only(path), path)
+        return self._data_file
+
+    # ------------------------------------------------------------------
+    # Data access
+    # ------------------------------------------------------------------
+
+    def open_disk(self, snapshot: str | Snapshot | None = None) -> DiskReader:
+        """A read-only, seekable binary file over the guest disk of the
+        active layer (``None``) or of a snapshot, at its own disk size."""
+        from .reader import DiskReader
+        return DiskReader(self, self.layer(snapshot))
+
+    def open_vm_state(self, snapshot: str | Snapshot) -> DiskReader:
+        """A file over a snapshot's saved VM state (the QEVM stream),
+        exactly ``vm_state_size`` bytes long."""
+        from .reader import DiskReader
+        layer = self.layer(snapshot)
+        sn = layer.snapshot
+        assert sn is not None
+        if not sn.has_vm_state:
+            raise SnapshotNotFoundError(
+                f"{self.path}: snapshot {sn.id} ({sn.name}) is disk-only: it has no VM state")
+        return DiskReader(self, layer, start=self.vm_state_offset(sn), length=sn.vm_state_size,
+                          backing=False)
+
+    def extents(self, snapshot: str | Snapshot | None = None, start: int = 0,
+                length: int | None = None) -> Iterator[Extent]:
+        """Runs of the layer's guest space: see :func:`qcow2snap.reader.iter_extents`."""
+        from .reader import iter_extents
+        layer = self.layer(snapshot)
+        if length is None:
+            length = max(layer.size - start, 0)
+        return iter_extents(self, layer, start, length)
+
+    # ------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._backing is not None:
+            self._backing.close()
+            self._backing = None
+        if self._data_file is not None:
+            self._data_file.close()
+            self._data_file = None
+        self._file.close()
+        self._l2_cache.clear()
+        self._l1_cache.clear()
+
+    def __enter__(self) -> Qcow2Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Qcow2Image {self.path!r} v{self.header.version} size={self.size} "
+                f"snapshots={len(self.snapshots)}>")
+
+
+_builtin_open = open
+
+
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,  # noqa: A001
+         backing_file: str | os.PathLike[str] | bool | None = None,
+         backing_format: str | None = None,
+         data_file: str | os.PathLike[str] | None = None,
+         check_locks: bool = True) -> Qcow2Image:
+    """Open a qcow2 image; use as a context manager.
+
+    ``mode="r"`` never writes to the image.  ``backing_file`` overrides the
+    backing file's path (``False`` reads unallocated clusters as zeros);
+    ``data_file`` overrides the external data file's path.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        name = getattr(path, "name", None)
+        if not isinstance(name, (str, os.PathLike)):
+            raise TypeError("qcow2snap.open() needs a path (str or os.PathLike)")
+        path = name
+    return Qcow2Image(Path(path), mode, backing_file=backing_file,
+                      backing_format=backing_format, data_file=data_file,
+                      check_locks=check_locks)

@@ -1,0 +1,87 @@
+"""Detect QEMU's image locks (QEMU >= 2.10, ``block/file-posix.c``).
+
+QEMU takes open-file-description (OFD) byte-range read locks on the image
+file: byte ``100 + i`` for every permission it holds and ``200 + i`` for
+every permission it refuses to share with others, where ``i`` is
+0 consistent-read, 1 write, 2 write-unchanged, 3 resize, 4 graph-mod.
+We only *test* for locks with ``F_OFD_GETLK`` (asking "could I take a write
+lock on this byte?"); testing takes no lock, changes nothing and works on a
+read-only descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+
+QEMU_LOCK_PERM_BASE = 100
+QEMU_LOCK_SHARED_BASE = 200
+QEMU_PERM_NAMES = ("consistent read", "write", "write unchanged", "resize", "graph modification")
+BLK_PERM_WRITE_INDEX = 1
+
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    """Which QEMU lock bytes another process holds on the image."""
+
+    held_permissions: frozenset[int]
+    unshared_permissions: frozenset[int]
+    supported: bool = True
+
+    @property
+    def in_use(self) -> bool:
+        """Some QEMU process has the image open (any lock byte held)."""
+        return bool(self.held_permissions or self.unshared_permissions)
+
+    @property
+    def has_writer(self) -> bool:
+        """A QEMU process holds the write permission: the image may change
+        under us (a running or paused VM, qemu-io, qemu-img commit ...)."""
+        return BLK_PERM_WRITE_INDEX in self.held_permissions
+
+    @property
+    def forbids_writers(self) -> bool:
+        """A QEMU process refuses to share write: editing would break it."""
+        return BLK_PERM_WRITE_INDEX in self.unshared_permissions
+
+    def describe(self) -> str:
+        held = ", ".join(QEMU_PERM_NAMES[i] for i in sorted(self.held_permissions))
+        unshared = ", ".join(QEMU_PERM_NAMES[i] for i in sorted(self.unshared_permissions))
+        parts = []
+        if held:
+            parts.append(f"holds {held}")
+        if unshared:
+            parts.append(f"does not share {unshared}")
+        return "; ".join(parts) or "no QEMU locks"
+
+
+def _byte_locked(fd: int, offset: int) -> bool:
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    answer = fcntl.fcntl(fd, _F_OFD_GETLK, request)
+    l_type = _FLOCK.unpack(answer)[0]
+    return l_type != fcntl.F_UNLCK
+
+
+def probe_qemu_locks(fd: int) -> LockState:
+    """Test QEMU's lock bytes on ``fd``.  Returns ``supported=False`` when the
+    platform or file system has no OFD locks (then nothing can be told)."""
+    held: set[int] = set()
+    unshared: set[int] = set()
+    try:
+        for i in range(len(QEMU_PERM_NAMES)):
+            if _byte_locked(fd, QEMU_LOCK_PERM_BASE + i):
+                held.add(i)
+            if _byte_locked(fd, QEMU_LOCK_SHARED_BASE + i):
+                unshared.add(i)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return LockState(frozenset(), frozenset(), supported=False)
+        raise
+    return LockState(frozenset(held), frozenset(unshared))

@@ -1,0 +1,403 @@
+"""Guest-data access (layer 3, beside :mod:`qcow2snap.image`): the mapping
+walk from guest offsets to host bytes, and the file-like reader built on it.
+
+:func:`iter_extents` walks a layer's L1 and L2 tables and yields coalesced
+runs of guest space with their kind and host location.  It follows QEMU's
+classification (``qcow2_get_cluster_type`` / ``qcow2_get_subcluster_type``)
+and raises QEMU's corruption messages for entries QEMU refuses to read.
+
+:class:`DiskReader` is an ``io.RawIOBase`` over those runs: unallocated
+ranges come from the backing file (zeros past its end or without one), zero
+ranges are zeros, normal ranges are host bytes, compressed clusters are
+decompressed (deflate or zstd).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from . import format as fmt
+from .errors import CorruptImageError, UnsupportedImageError
+
+if TYPE_CHECKING:
+    from .image import Layer, Qcow2Image
+
+__all__ = ["ExtentKind", "Extent", "iter_extents", "DiskReader", "decompress_cluster"]
+
+
+class ExtentKind(str, Enum):
+    """What a run of guest space reads as."""
+
+    DATA = "data"                 #: host bytes at ``host_offset``
+    ZERO = "zero"                 #: reads as zeros (zero flag / zero subclusters)
+    UNALLOCATED = "unallocated"   #: reads from the backing file, or zeros
+    COMPRESSED = "compressed"     #: one compressed cluster at ``host_offset``
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest space of one kind.
+
+    For ``DATA``, ``host_offset`` is the host file offset of ``guest_offset``
+    (in the external data file when ``in_data_file``).  For ``COMPRESSED``
+    the run lies inside one guest cluster; ``host_offset`` and
+    ``compressed_length`` locate the compressed bytes of the whole cluster
+    and ``cluster_guest_offset`` is where that cluster starts.  ``ZERO``
+    runs backed by a preallocated cluster carry its ``host_offset`` too.
+    """
+
+    guest_offset: int
+    length: int
+    kind: ExtentKind
+    host_offset: int | None = None
+    compressed_length: int = 0
+    cluster_guest_offset: int = 0
+    in_data_file: bool = False
+
+    @property
+    def guest_end(self) -> int:
+        return self.guest_offset + self.length
+
+
+def _merge(prev: Extent | None, new: Extent) -> tuple[Extent | None, Extent]:
+    """Coalesce ``new`` into ``prev`` when contiguous; returns
+    (extent to emit or None, new pending extent)."""
+    if prev is not None and prev.kind is new.kind and prev.guest_end == new.guest_offset:
+        if new.kind in (ExtentKind.ZERO, ExtentKind.UNALLOCATED):
+            return None, Extent(prev.guest_offset, prev.length + new.length, prev.kind)
+        if (new.kind is ExtentKind.DATA and prev.host_offset is not None
+                and new.host_offset == prev.host_offset + prev.length
+                and prev.in_data_file == new.in_data_file):
+            return None, Extent(prev.guest_offset, prev.length + new.length, prev.kind,
+                                prev.host_offset, in_data_file=prev.in_data_file)
+    return prev, new
+
+
+def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> Iterator[Extent]:
+    """Yield the runs covering guest range ``[start, start + length)`` of
+    ``layer``, in order, coalesced where kind and host contiguity allow.
+
+    The range is not clipped to the layer's size (the VM state lives past
+    it).  Raises :class:`CorruptImageError` for entries QEMU would refuse.
+    """
+    if start < 0 or length < 0:
+        raise ValueError("negative guest range")
+    end = start + length
+    cluster_bits = image.cluster_bits
+    cs = image.cluster_size
+    l2_bits = image.l2_bits
+    l1_shift = cluster_bits + l2_bits
+    l2_mask = image.l2_entries - 1
+    extended = image.extended_l2
+    data_file = image.has_data_file
+    version = image.header.version
+    sc_bits = image.subcluster_bits
+    sc_count = image.subclusters_per_cluster
+    l1 = image.read_l1(layer) if layer.l1_size else None
+    pending: Extent | None = None
+    pos = start
+    while pos < end:
+        l1_index = pos >> l1_shift
+        span_end = min(end, (l1_index + 1) << l1_shift)
+        l1_entry = l1[l1_index] if (l1 is not None and l1_index < layer.l1_size) else 0
+        l2_offset = l1_entry & fmt.L1E_OFFSET_MASK
+        if not l2_offset:
+            emit, pending = _merge(pending, Extent(pos, span_end - pos, ExtentKind.UNALLOCATED))
+            if emit:
+                yield emit
+            pos = span_end
+            continue
+        if l2_offset & (cs - 1):
+            raise CorruptImageError(
+                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x}) "
+                f"in {layer.name}", structure="L1 table", offset=layer.l1_table_offset + 8 * l1_index)
+        l2 = image.read_l2(l2_offset)
+        while pos < span_end:
+            l2_index = (pos >> cluster_bits) & l2_mask
+            cluster_start = (pos >> cluster_bits) << cluster_bits
+            cluster_end = min(cluster_start + cs, span_end)
+            if extended:
+                entry = l2[2 * l2_index]
+                bitmap = l2[2 * l2_index + 1]
+            else:
+                entry = l2[l2_index]
+                bitmap = 0
+            where = f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
+            host_cluster = entry & fmt.L2E_OFFSET_MASK
+            if entry & fmt.QCOW_OFLAG_COMPRESSED:
+                if data_file:
+                    raise CorruptImageError(
+                        f"Compressed cluster entry found in image with external data file {where}",
+                        structure="L2 table", offset=l2_offset)
+                if extended and bitmap:
+                    raise CorruptImageError(f"Invalid cluster entry found  {where}",
+                                            structure="L2 table", offset=l2_offset)
+                coffset = entry & image.cluster_offset_mask
+                nb_csectors = ((entry >> image.csize_shift) & image.csize_mask) + 1
+                csize = nb_csectors * fmt.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
+                new = Extent(pos, cluster_end - pos, ExtentKind.COMPRESSED, coffset, csize,
+                             cluster_start)
+                if pending is not None:
+                    yield pending
+                pending = None
+                yield new
+                pos = cluster_end
+                continue
+            if not extended:
+                if entry & fmt.QCOW_OFLAG_ZERO:
+                    if version < 3:
+                        raise CorruptImageError(
+                            f"Zero cluster entry found in pre-v3 image {where}",
+                            structure="L2 table", offset=l2_offset)
+                    kinds = [(cluster_end - pos, ExtentKind.ZERO)]
+                elif host_cluster or (data_file and entry & fmt.QCOW_OFLAG_COPIED):
+                    kinds = [(cluster_end - pos, ExtentKind.DATA)]
+                else:
+                    kinds = [(cluster_end - pos, ExtentKind.UNALLOCATED)]
+            else:
+                if host_cluster == 0 and not (data_file and entry & fmt.QCOW_OFLAG_COPIED):
+                    if bitmap & fmt.QCOW_L2_BITMAP_ALL_ALLOC:
+                        raise CorruptImageError(f"Invalid cluster entry found  {where}",
+                                                structure="L2 table", offset=l2_offset)
+                    allocated = False
+                else:
+                    if (bitmap >> 32) & bitmap:
+                        raise CorruptImageError(f"Invalid cluster entry found  {where}",
+                                                structure="L2 table", offset=l2_offset)
+                    allocated = True
+                kinds = []
+                sc_pos = pos
+                while sc_pos < cluster_end:
+                    sc_index = (sc_pos >> sc_bits) & (sc_count - 1)
+                    sc_end = min(cluster_start + ((sc_index + 1) << sc_bits), cluster_end)
+                    if allocated and bitmap & (1 << sc_index):
+                        kind = ExtentKind.DATA
+                    elif bitmap & (1 << (32 + sc_index)):
+                        kind = ExtentKind.ZERO
+                    else:
+                        kind = ExtentKind.UNALLOCATED
+                    if kinds and kinds[-1][1] is kind:
+                        kinds[-1] = (kinds[-1][0] + sc_end - sc_pos, kind)
+                    else:
+                        kinds.append((sc_end - sc_pos, kind))
+                    sc_pos = sc_end
+            if (host_cluster & (cs - 1)) and any(k is ExtentKind.DATA for _, k in kinds):
+                raise CorruptImageError(
+                    f"Cluster allocation offset {host_cluster:#x} unaligned {where}",
+                    structure="L2 table", offset=l2_offset)
+            if data_file and host_cluster != cluster_start and any(
+                    k is ExtentKind.DATA for _, k in kinds):
+                raise CorruptImageError(
+                    f"External data file host cluster offset {host_cluster:#x} does not match "
+                    f"guest cluster offset: {cluster_start:#x}, L2 index: {l2_index:#x})",
+                    structure="L2 table", offset=l2_offset)
+            for run_length, kind in kinds:
+                if kind is ExtentKind.DATA:
+                    new = Extent(pos, run_length, kind, host_cluster + (pos - cluster_start),
+                                 in_data_file=data_file)
+                else:
+                    new = Extent(pos, run_length, kind)
+                emit, pending = _merge(pending, new)
+                if emit:
+                    yield emit
+                pos += run_length
+    if pending is not None:
+        yield pending
+
+
+# ---------------------------------------------------------------------------
+# Compressed clusters
+# ---------------------------------------------------------------------------
+
+def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
+                       host_offset: int = 0) -> bytes:
+    """Decompress one compressed cluster the way QEMU does.
+
+    deflate: raw deflate (no zlib header), window bits -12, trailing input
+    ignored; zstd: frames until ``cluster_size`` bytes.  The output must be
+    exactly one cluster; memory is bounded by ``cluster_size``.
+    """
+    try:
+        if compression_type == fmt.QCOW2_COMPRESSION_TYPE_ZLIB:
+            out = zlib.decompressobj(-12).decompress(data, cluster_size)
+        elif compression_type == fmt.QCOW2_COMPRESSION_TYPE_ZSTD:
+            import zstandard
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(data), read_across_frames=True)
+            parts = []
+            got = 0
+            while got < cluster_size:
+                chunk = reader.read(cluster_size - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            out = b"".join(parts)
+        else:  # pragma: no cover - rejected at open
+            raise UnsupportedImageError(f"unknown compression type {compression_type}")
+    except (zlib.error, ValueError, RuntimeError, MemoryError, OSError) as exc:
+        if isinstance(exc, UnsupportedImageError):
+            raise
+        raise CorruptImageError(
+            f"compressed cluster at host offset {host_offset:#x} does not decompress: {exc}",
+            structure="compressed cluster", offset=host_offset) from exc
+    except Exception as exc:  # zstandard.ZstdError and relatives
+        raise CorruptImageError(
+            f"compressed cluster at host offset {host_offset:#x} does not decompress: {exc}",
+            structure="compressed cluster", offset=host_offset) from exc
+    if len(out) != cluster_size:
+        raise CorruptImageError(
+            f"compressed cluster at host offset {host_offset:#x} decompresses to "
+            f"{len(out)} bytes, not {cluster_size}", structure="compressed cluster",
+            offset=host_offset)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# File-like reader
+# ---------------------------------------------------------------------------
+
+class DiskReader(io.RawIOBase):
+    """A read-only, seekable binary file over a layer's guest space.
+
+    ``size`` is the layer's virtual size, or ``length`` for a window such as
+    the VM state (which starts at ``start`` in the layer's guest space).
+    """
+
+    _DECOMPRESSED_CACHE = 8
+
+    def __init__(self, image: Qcow2Image, layer: Layer, *, start: int = 0,
+                 length: int | None = None, backing: bool = True) -> None:
+        super().__init__()
+        if image.encrypted:
+            raise UnsupportedImageError(
+                f"{image.path}: the image is encrypted ({'LUKS' if image.header.crypt_method == 2 else 'AES'}); "
+                "reading encrypted data is not supported (metadata can be listed)",
+                feature="encryption")
+        if layer.snapshot is not None and image.has_data_file:
+            raise UnsupportedImageError(
+                f"{image.path}: internal snapshots are not supported with an external data file",
+                feature="external data file")
+        self.image = image
+        self.layer = layer
+        self._start = start
+        self.size = layer.size if length is None else length
+        self._pos = 0
+        self._use_backing = backing
+        self._clusters: OrderedDict[int, bytes] = OrderedDict()
+        self._backing_reader: DiskReader | None = None
+
+    # io.RawIOBase protocol ------------------------------------------------
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == io.SEEK_SET:
+            new = offset
+        elif whence == io.SEEK_CUR:
+            new = self._pos + offset
+        elif whence == io.SEEK_END:
+            new = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if new < 0:
+            raise OSError(22, "negative seek position")
+        self._pos = new
+        return new
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        self._checkClosed()
+        view = memoryview(buffer).cast("B")
+        if self._pos >= self.size:
+            return 0
+        length = min(len(view), self.size - self._pos)
+        self.read_at(self._pos, view[:length])
+        self._pos += length
+        return length
+
+    def readall(self) -> bytes:
+        self._checkClosed()
+        if self._pos >= self.size:
+            return b""
+        out = bytearray(self.size - self._pos)
+        n = self.readinto(out)
+        return bytes(out[:n])
+
+    # positional access ------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (clipped to the size) without
+        moving the file position."""
+        if offset >= self.size or length <= 0:
+            return b""
+        length = min(length, self.size - offset)
+        out = bytearray(length)
+        self.read_at(offset, memoryview(out))
+        return bytes(out)
+
+    def read_at(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at ``offset`` (within the size)."""
+        image = self.image
+        base = self._start
+        for ext in iter_extents(image, self.layer, base + offset, len(out)):
+            lo = ext.guest_offset - base - offset
+            hi = lo + ext.length
+            kind = ext.kind
+            if kind is ExtentKind.DATA:
+                assert ext.host_offset is not None
+                source = image.data_file() if ext.in_data_file else image._file
+                out[lo:hi] = source.pread(ext.host_offset, ext.length)
+            elif kind is ExtentKind.ZERO:
+                out[lo:hi] = bytes(ext.length)
+            elif kind is ExtentKind.UNALLOCATED:
+                out[lo:hi] = self._backing_read(ext.guest_offset, ext.length)
+            else:
+                cluster = self._decompressed(ext)
+                inner = ext.guest_offset - ext.cluster_guest_offset
+                out[lo:hi] = cluster[inner:inner + ext.length]
+
+    def _backing_read(self, guest_offset: int, length: int) -> bytes:
+        backing = self.image.backing if self._use_backing else None
+        if backing is None:
+            return bytes(length)
+        bsize = backing.size
+        if guest_offset >= bsize:
+            return bytes(length)
+        n = min(length, bsize - guest_offset)
+        if isinstance(backing, type(self.image)):
+            if self._backing_reader is None:
+                self._backing_reader = backing.open_disk()
+            data = self._backing_reader.pread(guest_offset, n)
+        else:
+            data = backing.read(guest_offset, n)  # type: ignore[union-attr]
+        return data + bytes(length - n)
+
+    def _decompressed(self, ext: Extent) -> bytes:
+        assert ext.host_offset is not None
+        key = ext.host_offset
+        cached = self._clusters.get(key)
+        if cached is not None:
+            self._clusters.move_to_end(key)
+            return cached
+        image = self.image
+        raw = image.pread(ext.host_offset, ext.compressed_length)
+        data = decompress_cluster(raw, image.header.effective_compression_type,
+                                  image.cluster_size, ext.host_offset)
+        self._clusters[key] = data
+        if len(self._clusters) > self._DECOMPRESSED_CACHE:
+            self._clusters.popitem(last=False)
+        return data
