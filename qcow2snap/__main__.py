@@ -1,0 +1,5 @@
+"""``python -m qcow2snap``: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,284 @@
+"""Presentation: turn image facts into qemu-img-compatible JSON objects and
+text tables (layer below the CLI; no click, no I/O).
+
+JSON objects carry ``qemu-img info --output=json``'s keys with the same
+values, plus qcow2snap's own keys beside them (documented in docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from . import format as fmt
+from .image import Qcow2Image, RawImage
+from .model import Snapshot
+
+__all__ = [
+    "size_to_str",
+    "snapshot_json",
+    "image_info_json",
+    "snapshot_table_text",
+    "info_text",
+    "compare_snapshot_sets",
+]
+
+
+def size_to_str(value: int) -> str:
+    """QEMU's ``size_to_str``: "0 B", "999 B", "0.977 KiB", "1 KiB", "423 KiB"."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    # frexp(value / (1000/1024)): the binary exponent, then the unit below it
+    exponent = math.frexp(value / (1000.0 / 1024.0))[1]
+    i = int((exponent - 1) / 10) * 10  # C division truncates toward zero
+    if i < 0:
+        i = 0
+    number = value / float(1 << i)
+    return f"{_format_g3(number)} {suffixes[i // 10]}B"
+
+
+def _format_g3(number: float) -> str:
+    return "%0.3g" % number
+
+
+def _path_combine(base: str, name: str) -> str:
+    """QEMU's ``path_combine``: a relative name is relative to the directory
+    part of ``base`` (as given, not made absolute)."""
+    if os.path.isabs(name) or not base or "/" not in base:
+        return name
+    return base[:base.rfind("/") + 1] + name
+
+
+def snapshot_json(snapshot: Snapshot, image: Qcow2Image | None = None) -> dict[str, Any]:
+    """One snapshot as ``qemu-img info``'s SnapshotInfo, plus our keys."""
+    obj: dict[str, Any] = {
+        "id": _qemu_string(snapshot.id_bytes, 127),
+        "name": _qemu_string(snapshot.name_bytes, 255),
+        "date-sec": snapshot.date_sec,
+        "date-nsec": snapshot.date_nsec,
+        "vm-clock-sec": snapshot.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": snapshot.vm_clock_nsec % 1_000_000_000,
+        "vm-state-size": snapshot.vm_state_size,
+    }
+    if snapshot.icount is not None:
+        obj["icount"] = snapshot.icount
+    # qcow2snap's own keys
+    obj["disk-size"] = snapshot.disk_size
+    obj["date"] = snapshot.date.isoformat()
+    obj["l1-table-offset"] = snapshot.l1_table_offset
+    obj["l1-size"] = snapshot.l1_size
+    obj["extra-data-size"] = snapshot.extra_data_size
+    if snapshot.unknown_extra:
+        obj["unknown-extra-data"] = snapshot.unknown_extra.hex()
+    if snapshot.id_bytes != obj["id"].encode() or snapshot.name_bytes != obj["name"].encode():
+        obj["raw-id"] = snapshot.id_bytes.hex()
+        obj["raw-name"] = snapshot.name_bytes.hex()
+    if image is not None and snapshot.has_vm_state:
+        obj["vm-state-offset"] = image.vm_state_offset(snapshot)
+    return obj
+
+
+def _qemu_string(raw: bytes, limit: int) -> str:
+    """How QEMU's tools show a stored string: up to the first NUL, at most
+    ``limit`` bytes (``id_str[128]`` / ``name[256]``)."""
+    return raw.split(b"\0", 1)[0][:limit].decode("utf-8", "replace")
+
+
+def _format_specific(image: Qcow2Image) -> dict[str, Any]:
+    h = image.header
+    data: dict[str, Any]
+    if h.version == fmt.QCOW_VERSION_2:
+        data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": h.refcount_bits}
+    else:
+        data = {
+            "compat": "1.1",
+            "compression-type": image.compression_type_name,
+            "lazy-refcounts": image.lazy_refcounts,
+            "refcount-bits": h.refcount_bits,
+            "corrupt": image.corrupt,
+            "extended-l2": image.extended_l2,
+        }
+        if image.data_file_name is not None:
+            data["data-file"] = image.data_file_name
+        if image.has_data_file:
+            data["data-file-raw"] = bool(h.autoclear_features & fmt.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+    if image.encrypted:
+        data["encrypt"] = {"format": fmt.CRYPT_METHOD_NAMES.get(h.crypt_method, "unknown")}
+    return {"type": "qcow2", "data": data}
+
+
+def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str, Any]:
+    """``qemu-img info --output=json`` for one image, plus our keys."""
+    h = image.header
+    filename = filename if filename is not None else image.path
+    obj: dict[str, Any] = {}
+    if image.snapshots:
+        obj["snapshots"] = [snapshot_json(s, image) for s in image.snapshots]
+    obj["virtual-size"] = h.size
+    obj["filename"] = filename
+    obj["cluster-size"] = image.cluster_size
+    obj["format"] = "qcow2"
+    try:
+        obj["actual-size"] = os.stat(image.path).st_blocks * 512
+    except OSError:  # pragma: no cover - file vanished
+        pass
+    if image.encrypted:
+        obj["encrypted"] = True
+    obj["format-specific"] = _format_specific(image)
+    if image.backing_file_name is not None:
+        obj["backing-filename"] = image.backing_file_name
+        obj["full-backing-filename"] = _path_combine(filename, image.backing_file_name)
+        if image.backing_format is not None:
+            obj["backing-filename-format"] = image.backing_format
+    obj["dirty-flag"] = image.dirty
+    # qcow2snap's own keys
+    obj["version"] = h.version
+    obj["header-length"] = h.header_length
+    obj["l1-table-offset"] = h.l1_table_offset
+    obj["l1-size"] = h.l1_size
+    obj["refcount-table-offset"] = h.refcount_table_offset
+    obj["refcount-table-clusters"] = h.refcount_table_clusters
+    obj["snapshot-table-offset"] = h.snapshots_offset
+    obj["snapshot-table-size"] = image.snapshot_table.size
+    obj["nb-snapshots"] = h.nb_snapshots
+    obj["file-length"] = image.file_size
+    obj["features"] = {
+        "incompatible": image.describe_features(fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE,
+                                                h.incompatible_features),
+        "compatible": image.describe_features(fmt.QCOW2_FEAT_TYPE_COMPATIBLE,
+                                              h.compatible_features),
+        "autoclear": image.describe_features(fmt.QCOW2_FEAT_TYPE_AUTOCLEAR,
+                                             h.autoclear_features),
+    }
+    obj["extensions"] = [
+        {"type": f"{e.type:#010x}", "kind": e.kind, "length": e.declared_length,
+         "offset": e.offset}
+        for e in image.extensions if e.type != fmt.QCOW2_EXT_MAGIC_END]
+    chain = []
+    node: Qcow2Image | RawImage | None = image
+    try:
+        for node in image.chain()[1:]:
+            chain.append({"filename": node.path,
+                          "format": "qcow2" if isinstance(node, Qcow2Image) else "raw",
+                          "virtual-size": node.size})
+        obj["backing-chain"] = chain
+    except Exception as exc:  # noqa: BLE001 - report, don't fail info
+        obj["backing-chain"] = chain
+        obj["backing-chain-error"] = str(exc)
+    if image.lock_state is not None:
+        obj["in-use"] = image.lock_state.in_use
+        if image.lock_state.in_use:
+            obj["qemu-locks"] = image.lock_state.describe()
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# Text tables
+# ---------------------------------------------------------------------------
+
+_ROW = "%-7s %-16s %8s %10s %19s %15s %10s"
+
+
+def _clock(vm_clock_nsec: int) -> str:
+    secs = vm_clock_nsec // 1_000_000_000
+    return "%04d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,
+                                    (vm_clock_nsec // 1_000_000) % 1000)
+
+
+def _date(date_sec: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(date_sec))
+
+
+def snapshot_row(snapshot: Snapshot, *, show_id: bool = True) -> str:
+    icount = snapshot.icount
+    return _ROW % (
+        _qemu_string(snapshot.id_bytes, 127) if show_id else "--",
+        _qemu_string(snapshot.name_bytes, 255),
+        size_to_str(snapshot.vm_state_size),
+        size_to_str(snapshot.disk_size),
+        _date(snapshot.date_sec),
+        _clock(snapshot.vm_clock_nsec),
+        "--" if icount is None else str(icount),
+    )
+
+
+def snapshot_table_text(snapshots: Sequence[Snapshot], *, show_id: bool = True) -> str:
+    """The snapshot list in the layout of ``qemu-img snapshot -l`` (QEMU >= 9
+    columns) with a DISK_SIZE column after VM_SIZE."""
+    lines = [_ROW % ("ID", "TAG", "VM_SIZE", "DISK_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
+    lines += [snapshot_row(s, show_id=show_id) for s in snapshots]
+    return "\n".join(lines)
+
+
+def info_text(image: Qcow2Image, filename: str | None = None) -> str:
+    """Human ``info`` output, in the spirit of ``qemu-img info``."""
+    h = image.header
+    filename = filename if filename is not None else image.path
+    lines = [
+        f"image: {filename}",
+        "file format: qcow2",
+        f"virtual size: {size_to_str(h.size)} ({h.size} bytes)",
+        f"disk size: {size_to_str(os.stat(image.path).st_blocks * 512)}",
+        f"cluster_size: {image.cluster_size}",
+    ]
+    if image.backing_file_name is not None:
+        lines.append(f"backing file: {image.backing_file_name}")
+        if image.backing_format:
+            lines.append(f"backing file format: {image.backing_format}")
+    if image.snapshots:
+        lines.append("Snapshot list:")
+        lines.append(snapshot_table_text(image.snapshots))
+    spec = _format_specific(image)["data"]
+    lines.append("Format specific information:")
+    for key, value in spec.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        lines.append(f"    {key.replace('-', ' ')}: {value}")
+    lines.append("qcow2snap details:")
+    lines.append(f"    version: {h.version}")
+    lines.append(f"    dirty: {'yes' if image.dirty else 'no'}")
+    lines.append(f"    active L1: {h.l1_size} entries at {h.l1_table_offset:#x}")
+    lines.append(f"    refcount table: {h.refcount_table_clusters} cluster(s) at "
+                 f"{h.refcount_table_offset:#x}")
+    lines.append(f"    snapshot table: {h.nb_snapshots} entries, "
+                 f"{image.snapshot_table.size} bytes at {h.snapshots_offset:#x}")
+    for kind, word in (("incompatible", h.incompatible_features),
+                       ("compatible", h.compatible_features),
+                       ("autoclear", h.autoclear_features)):
+        ftype = {"incompatible": 0, "compatible": 1, "autoclear": 2}[kind]
+        names = image.describe_features(ftype, word)
+        if names:
+            lines.append(f"    {kind} features: {', '.join(names)}")
+    for ext in image.unknown_extensions:
+        lines.append(f"    unknown header extension {ext.type:#010x}: "
+                     f"{ext.declared_length} bytes (kept)")
+    if image.lock_state is not None and image.lock_state.in_use:
+        lines.append(f"    in use by QEMU: {image.lock_state.describe()}")
+    return "\n".join(lines)
+
+
+def compare_snapshot_sets(names_by_image: Sequence[tuple[str, Iterable[str]]]
+                          ) -> tuple[list[str], list[dict[str, Any]]]:
+    """For several images (one VM's disks): the snapshot names present on
+    all of them (in the first image's order), and for every other name where
+    it is present and where it is missing."""
+    images = [(path, list(names)) for path, names in names_by_image]
+    order: list[str] = []
+    for _, names in images:
+        for name in names:
+            if name not in order:
+                order.append(name)
+    common = []
+    partial = []
+    for name in order:
+        present = [path for path, names in images if name in names]
+        if len(present) == len(images):
+            common.append(name)
+        else:
+            partial.append({"name": name, "present": present,
+                            "missing": [p for p, _ in images if p not in present]})
+    return common, partial

@@ -1,0 +1,440 @@
+"""Extraction (operations layer): a snapshot, the active layer or a VM
+state out of an image, into a raw file, a standalone qcow2 image or the raw
+QEVM stream.
+
+The output is written under a temporary name in the destination directory,
+fsynced, and renamed into place only when complete: an interrupt, a full
+disk or an error leaves nothing under the final name (and no temporary file
+either).  The source image is only read.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from .. import format as fmt
+from ..copier import ClusterCopier, is_zero
+from ..errors import Qcow2Error, UnsupportedImageError
+from ..image import Layer, Qcow2Image
+from ..model import Header, Snapshot
+from ..reader import DiskReader, ExtentKind, decompress_cluster, iter_extents
+from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
+
+__all__ = ["extract", "dump_vm_state", "ExtractResult", "OutputExistsError", "atomic_output"]
+
+ProgressCallback = Callable[[int, int], None]
+
+#: Bytes of decompressed clusters allowed in flight in the thread pool.
+INFLIGHT_BYTES = 32 << 20
+
+
+class OutputExistsError(Qcow2Error):
+    """The output file exists and overwriting was not allowed."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractResult:
+    """What an extraction wrote."""
+
+    output: str
+    format: str
+    virtual_size: int
+    bytes_written: int
+    snapshot: Snapshot | None
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
+                  source: str | None = None) -> Iterator[int]:
+    """Yield an fd of a temporary file beside ``path``; on success fsync it
+    and rename it to ``path`` (then fsync the directory).  On any exception,
+    including KeyboardInterrupt, the temporary file is removed."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(path):
+        if source is not None and os.path.exists(path) and os.path.samefile(path, source):
+            raise OutputExistsError(f"{path}: refusing to write over the source image")
+        if not overwrite:
+            raise OutputExistsError(f"{path}: output exists; pass overwrite=True (CLI: --force) "
+                                    f"to replace it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".qcow2snap-tmp",
+                               dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; behave like open()
+        yield fd
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        tmp = ""
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:  # pragma: no cover
+                pass
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _Progress:
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self.callback = callback
+        if callback:
+            callback(0, total)
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.callback:
+            self.callback(min(self.done, self.total), self.total)
+
+
+def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
+                    copier: ClusterCopier, *, backing: bool, progress: _Progress) -> None:
+    """Write guest range ``[start, start+length)`` of ``layer`` to the copier's
+    destination at offset ``guest - start``, leaving holes for zeros."""
+    cs = image.cluster_size
+    compression_type = image.header.effective_compression_type
+    max_inflight = max(2 * (os.cpu_count() or 1), INFLIGHT_BYTES // cs)
+    backing_reader: DiskReader | None = None
+
+    def inflate(raw: bytes, host_offset: int) -> bytes:
+        return decompress_cluster(raw, compression_type, cs, host_offset)
+
+    for ext in iter_extents(image, layer, start, length):
+        dst = ext.guest_offset - start
+        kind = ext.kind
+        if kind is ExtentKind.DATA:
+            if ext.in_data_file:
+                data_file = image.data_file()
+                done = 0
+                while done < ext.length:
+                    n = min(4 << 20, ext.length - done)
+                    copier.write(dst + done, data_file.pread(ext.host_offset + done, n))
+                    progress(n)
+                    done += n
+            else:
+                assert ext.host_offset is not None
+                copier.copy(ext.host_offset, dst, ext.length)
+        elif kind is ExtentKind.COMPRESSED:
+            assert ext.host_offset is not None
+            raw = bytes(copier.source_view(ext.host_offset, ext.compressed_length))
+            if len(raw) < ext.compressed_length:
+                raw += bytes(ext.compressed_length - len(raw))
+            inner = ext.guest_offset - ext.cluster_guest_offset
+            host = ext.host_offset
+            copier.submit_decompress(lambda r, h=host: inflate(r, h), raw, dst, inner,
+                                     ext.length, max_inflight)
+        elif kind is ExtentKind.UNALLOCATED and backing and image.backing is not None:
+            if backing_reader is None:
+                backing_reader = _backing_reader(image)
+            done = 0
+            while done < ext.length:
+                n = min(4 << 20, ext.length - done)
+                data = _read_backing(image, backing_reader, ext.guest_offset + done, n)
+                if data is not None:
+                    copier.write(dst + done, data)
+                progress(n)
+                done += n
+        else:
+            progress(ext.length)
+    copier.drain()
+
+
+def _backing_reader(image: Qcow2Image) -> DiskReader | None:
+    backing = image.backing
+    if isinstance(backing, Qcow2Image):
+        return backing.open_disk()
+    return None
+
+
+def _read_backing(image: Qcow2Image, reader: DiskReader | None, offset: int,
+                  length: int) -> bytes | None:
+    backing = image.backing
+    assert backing is not None
+    if offset >= backing.size:
+        return None
+    n = min(length, backing.size - offset)
+    if reader is not None:
+        return reader.pread(offset, n)
+    return backing.read(offset, n)  # type: ignore[union-attr]
+
+
+def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os.PathLike[str],
+            *, format: Literal["raw", "qcow2"] = "raw",  # noqa: A002
+            compress: Literal["zlib", "zstd"] | None = None,
+            progress: ProgressCallback | None = None, overwrite: bool = False,
+            backing: bool = True) -> ExtractResult:
+    """Write the guest disk of ``snapshot`` (``None`` = the active layer) to
+    ``output``.
+
+    ``format="raw"`` gives exactly what ``qemu-img convert -l
+    snapshot.id=ID -O raw`` gives for a snapshot of the current size: the
+    snapshot's own ``disk_size`` bytes, sparse (zero ranges are holes).
+    ``format="qcow2"`` writes a standalone qcow2 v3 image (no backing file,
+    no snapshots) with the same guest content; ``compress`` compresses its
+    data clusters with deflate ("zlib") or zstd.
+
+    ``progress(done, total)`` is called as guest bytes are handled.
+    """
+    layer = image.layer(snapshot)
+    if image.encrypted:
+        raise UnsupportedImageError(
+            f"{image.path}: the image is encrypted; extracting encrypted data is not supported",
+            feature="encryption")
+    if layer.snapshot is not None and image.has_data_file:
+        raise UnsupportedImageError(
+            f"{image.path}: internal snapshots are not supported with an external data file",
+            feature="external data file")
+    if format == "raw" and compress:
+        raise ValueError("compression applies to qcow2 output only")
+    tracker = _Progress(layer.size, progress)
+    with atomic_output(output, overwrite=overwrite, source=image.path) as fd:
+        if format == "raw":
+            os.ftruncate(fd, layer.size)
+            copier = ClusterCopier(image._file.fd, fd, progress=tracker)
+            try:
+                _copy_range_raw(image, layer, 0, layer.size, copier, backing=backing,
+                                progress=tracker)
+            finally:
+                copier.close()
+            written = copier.bytes_written
+        elif format == "qcow2":
+            written = _write_qcow2(image, layer, fd, compress=compress, progress=tracker,
+                                   backing=backing)
+        else:
+            raise ValueError(f"unknown output format {format!r}")
+    return ExtractResult(os.fspath(output), format, layer.size, written, layer.snapshot)
+
+
+def dump_vm_state(image: Qcow2Image, snapshot: str | Snapshot, output: str | os.PathLike[str],
+                  *, progress: ProgressCallback | None = None,
+                  overwrite: bool = False) -> ExtractResult:
+    """Write a snapshot's saved VM state (exactly ``vm_state_size`` bytes of
+    the QEMU migration stream) to ``output``."""
+    reader = image.open_vm_state(snapshot)  # validates: raises for disk-only snapshots
+    sn = reader.layer.snapshot
+    assert sn is not None
+    start = image.vm_state_offset(sn)
+    tracker = _Progress(sn.vm_state_size, progress)
+    with atomic_output(output, overwrite=overwrite, source=image.path) as fd:
+        os.ftruncate(fd, sn.vm_state_size)
+        copier = ClusterCopier(image._file.fd, fd, progress=tracker)
+        try:
+            _copy_range_raw(image, reader.layer, start, sn.vm_state_size, copier,
+                            backing=True, progress=tracker)
+        finally:
+            copier.close()
+    return ExtractResult(os.fspath(output), "vmstate", sn.vm_state_size, copier.bytes_written, sn)
+
+
+# ---------------------------------------------------------------------------
+# Standalone qcow2 output
+# ---------------------------------------------------------------------------
+
+def _compressor(kind: str) -> Callable[[bytes], bytes]:
+    if kind == "zlib":
+        def deflate(data: bytes) -> bytes:
+            c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+            return c.compress(data) + c.flush()
+        return deflate
+    if kind == "zstd":
+        import zstandard
+        return lambda data: zstandard.ZstdCompressor().compress(data)
+    raise ValueError(f"unknown compression {kind!r} (zlib or zstd)")
+
+
+def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | None,
+                 progress: _Progress, backing: bool) -> int:
+    """Write a standalone qcow2 v3 image of ``layer``'s guest content.
+
+    Layout: header cluster; data clusters (compressed ones packed at byte
+    granularity, as QEMU packs them); L2 tables; the L1 table; refcount
+    blocks and table sized to describe the whole file including themselves.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cs = image.cluster_size
+    cluster_bits = image.cluster_bits
+    l2_bits = cluster_bits - 3
+    l2_entries = 1 << l2_bits
+    size = layer.size
+    nb_clusters = (size + cs - 1) >> cluster_bits
+    l1_size = (size + (cs << l2_bits) - 1) >> (cluster_bits + l2_bits)
+    csize_shift = 62 - (cluster_bits - 8)
+    csize_mask = (1 << (cluster_bits - 8)) - 1
+    reader = DiskReader(image, layer, backing=backing)
+    compressor = _compressor(compress) if compress else None
+
+    l2_tables: dict[int, list[int]] = {}
+    refcounts: dict[int, int] = {0: 1}     # host cluster index -> refcount
+    write_offset = cs                      # next free byte (data area)
+    written = 0
+
+    def pwrite(data: bytes | memoryview, offset: int) -> None:
+        nonlocal written
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            written += n
+            offset += n
+            view = view[n:]
+
+    def set_l2(guest_cluster: int, entry: int) -> None:
+        table = l2_tables.setdefault(guest_cluster >> l2_bits, [0] * l2_entries)
+        table[guest_cluster & (l2_entries - 1)] = entry
+
+    def store(guest_cluster: int, data: bytes, packed: bytes | None) -> None:
+        nonlocal write_offset
+        if packed is not None and len(packed) < cs:
+            offset = write_offset
+            pwrite(packed, offset)
+            end = offset + len(packed)
+            for host_cluster in range(offset >> cluster_bits, ((end - 1) >> cluster_bits) + 1):
+                refcounts[host_cluster] = refcounts.get(host_cluster, 0) + 1
+            nb_sectors = ((end - 1) >> 9) - (offset >> 9)  # additional sectors
+            set_l2(guest_cluster, fmt.QCOW_OFLAG_COMPRESSED | (nb_sectors << csize_shift)
+                   | offset)
+            assert nb_sectors <= csize_mask
+            write_offset = end
+            return
+        offset = fmt.align_up(write_offset, cs)
+        pwrite(data, offset)
+        refcounts[offset >> cluster_bits] = 1
+        set_l2(guest_cluster, fmt.QCOW_OFLAG_COPIED | offset)
+        write_offset = offset + cs
+
+    def clusters() -> Iterator[tuple[int, bytes]]:
+        """Non-zero guest clusters, in order, with their content."""
+        hole_kinds = {ExtentKind.ZERO}
+        if not backing or image.backing is None:
+            hole_kinds.add(ExtentKind.UNALLOCATED)
+        pending: set[int] = set()
+        for ext in iter_extents(image, layer, 0, size):
+            first = ext.guest_offset >> cluster_bits
+            last = (ext.guest_end - 1) >> cluster_bits
+            if ext.kind in hole_kinds:
+                continue
+            pending.update(range(first, last + 1))
+            # emit clusters that lie wholly before this extent's last cluster
+            ready = sorted(c for c in pending if c < last)
+            for c in ready:
+                pending.discard(c)
+                yield c, _cluster_bytes(reader, c, cs, size)
+        for c in sorted(pending):
+            yield c, _cluster_bytes(reader, c, cs, size)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if compressor else None
+    try:
+        window: list[tuple[int, bytes, object]] = []
+        window_max = max(4, INFLIGHT_BYTES // cs)
+
+        def flush_window() -> None:
+            for guest_cluster, data, fut in window:
+                packed = fut.result() if fut is not None else None  # type: ignore[attr-defined]
+                store(guest_cluster, data, packed)
+            window.clear()
+
+        last_done = 0
+        for guest_cluster, data in clusters():
+            progress(guest_cluster * cs - last_done)
+            last_done = guest_cluster * cs
+            if is_zero(data):
+                continue
+            fut = pool.submit(compressor, data) if pool is not None and compressor else None
+            window.append((guest_cluster, data, fut))
+            if len(window) >= window_max:
+                flush_window()
+        flush_window()
+        progress(size - last_done)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # Metadata after the data: L2 tables, L1, refcount blocks, refcount table
+    next_cluster = (fmt.align_up(write_offset, cs)) >> cluster_bits
+    l1 = [0] * l1_size
+    for l1_index in sorted(l2_tables):
+        offset = next_cluster << cluster_bits
+        pwrite(encode_u64_table(l2_tables[l1_index]), offset)
+        refcounts[next_cluster] = 1
+        l1[l1_index] = fmt.QCOW_OFLAG_COPIED | offset
+        next_cluster += 1
+    l1_offset = next_cluster << cluster_bits
+    l1_clusters = (l1_size * 8 + cs - 1) >> cluster_bits
+    if l1_size:
+        pwrite(encode_u64_table(l1), l1_offset)
+    for i in range(l1_clusters):
+        refcounts[next_cluster + i] = 1
+    next_cluster += l1_clusters
+
+    entries_per_block = refcount_block_entries(cluster_bits, 4)
+    nb_blocks = 1
+    nb_table_clusters = 1
+    while True:  # find sizes that describe everything, themselves included
+        total = next_cluster + nb_blocks + nb_table_clusters
+        need_blocks = (total + entries_per_block - 1) // entries_per_block
+        need_table = (need_blocks * 8 + cs - 1) >> cluster_bits
+        if need_blocks <= nb_blocks and need_table <= nb_table_clusters:
+            break
+        nb_blocks, nb_table_clusters = max(nb_blocks, need_blocks), max(nb_table_clusters,
+                                                                        need_table)
+    blocks_start = next_cluster
+    table_start = blocks_start + nb_blocks
+    for i in range(nb_blocks + nb_table_clusters):
+        refcounts[blocks_start + i] = 1
+    reftable = [0] * (nb_table_clusters * cs // 8)
+    blocks = [[0] * entries_per_block for _ in range(nb_blocks)]
+    for cluster, count in refcounts.items():
+        blocks[cluster // entries_per_block][cluster % entries_per_block] = count
+    for b, block in enumerate(blocks):
+        pwrite(encode_refcount_block(block, 4), (blocks_start + b) << cluster_bits)
+        reftable[b] = (blocks_start + b) << cluster_bits
+    pwrite(encode_u64_table(reftable), table_start << cluster_bits)
+
+    incompatible = 0
+    compression_type = fmt.QCOW2_COMPRESSION_TYPE_ZLIB
+    if compress == "zstd":
+        incompatible |= fmt.QCOW2_INCOMPAT_COMPRESSION
+        compression_type = fmt.QCOW2_COMPRESSION_TYPE_ZSTD
+    header = Header(
+        version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
+        size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=l1_offset,
+        refcount_table_offset=table_start << cluster_bits,
+        refcount_table_clusters=nb_table_clusters, nb_snapshots=0, snapshots_offset=0,
+        incompatible_features=incompatible, compatible_features=0, autoclear_features=0,
+        refcount_order=4, header_length=fmt.QCOW_HEADER_FULL_SIZE,
+        compression_type=compression_type, compression_padding=bytes(7), tail=b"")
+    end_marker = bytes(8)
+    pwrite(header.to_bytes() + end_marker, 0)
+    os.ftruncate(fd, (table_start + nb_table_clusters) << cluster_bits)
+    return written
+
+
+def _cluster_bytes(reader: DiskReader, guest_cluster: int, cs: int, size: int) -> bytes:
+    start = guest_cluster * cs
+    data = reader.pread(start, min(cs, size - start))
+    if len(data) < cs:
+        data += bytes(cs - len(data))
+    return data

@@ -1,0 +1,178 @@
+"""Layer 2: header, extensions and snapshot entries parse and rebuild
+byte for byte, keep unknown parts, and refuse what cannot be parsed."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qcow2snap import format as fmt
+from qcow2snap.errors import CorruptImageError, NotQcow2Error, UnsupportedImageError
+from qcow2snap.model import Header, Snapshot, parse_extensions, parse_snapshot_table
+
+u32 = st.integers(0, 2**32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+
+
+def _v2(**kw: int) -> bytes:
+    f = dict(version=2, backing_file_offset=0, backing_file_size=0, cluster_bits=16,
+             size=1 << 26, crypt_method=0, l1_size=1, l1_table_offset=0x30000,
+             refcount_table_offset=0x10000, refcount_table_clusters=1, nb_snapshots=0,
+             snapshots_offset=0)
+    f.update(kw)
+    return fmt.QCowHeaderV2.build(f)
+
+
+@given(size=u64, l1_size=u32, nb=u32, soff=u64, inc=u64, comp=u64, auto=u64,
+       order=st.integers(0, 6), tail=st.binary(max_size=64).map(lambda b: b[: len(b) // 8 * 8]),
+       ctype=st.integers(0, 255), pad=st.binary(min_size=7, max_size=7))
+def test_v3_header_round_trip(size: int, l1_size: int, nb: int, soff: int, inc: int, comp: int,
+                              auto: int, order: int, tail: bytes, ctype: int, pad: bytes) -> None:
+    raw = (_v2(version=3, size=size, l1_size=l1_size, nb_snapshots=nb, snapshots_offset=soff)
+           + struct.pack(">QQQII", inc, comp, auto, order, 112 + len(tail))
+           + bytes([ctype]) + pad + tail)
+    header = Header.from_bytes(raw + bytes(64))
+    assert header.to_bytes() == raw
+    assert header.tail == tail and header.compression_padding == pad
+    assert header.compression_type == ctype
+
+
+def test_v3_header_without_compression_field() -> None:
+    raw = _v2(version=3) + struct.pack(">QQQII", 0, 0, 0, 4, 104)
+    header = Header.from_bytes(raw + bytes(100))
+    assert header.compression_type is None
+    assert header.effective_compression_type == 0
+    assert header.to_bytes() == raw
+
+
+def test_v2_header_round_trip_and_implied_fields() -> None:
+    raw = _v2()
+    header = Header.from_bytes(raw + bytes(100))
+    assert header.to_bytes() == raw
+    assert (header.refcount_order, header.header_length, header.incompatible_features) == (4, 72, 0)
+
+
+@pytest.mark.parametrize("data,error,message", [
+    (b"", NotQcow2Error, "not in qcow2 format"),
+    (b"QFI\xfa" + bytes(100), NotQcow2Error, "not in qcow2 format"),
+    (b"QFI\xfb\x00\x00\x00\x04" + bytes(100), UnsupportedImageError, "Unsupported qcow2 version 4"),
+    (b"QFI\xfb\x00\x00\x00\x02" + bytes(20), NotQcow2Error, "too short"),
+])
+def test_header_refusals(data: bytes, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        Header.from_bytes(data)
+
+
+def test_header_length_limits() -> None:
+    short = _v2(version=3) + struct.pack(">QQQII", 0, 0, 0, 4, 96)
+    with pytest.raises(CorruptImageError, match="qcow2 header too short"):
+        Header.from_bytes(short + bytes(100))
+    huge = _v2(version=3) + struct.pack(">QQQII", 0, 0, 0, 4, 0xFFFFFFFF)
+    with pytest.raises(CorruptImageError, match="qcow2 header exceeds cluster size"):
+        Header.from_bytes(huge + bytes(100))
+
+
+def _ext(etype: int, data: bytes, pad: bytes | None = None) -> bytes:
+    if pad is None:
+        pad = bytes(fmt.align_up(len(data), 8) - len(data))
+    return struct.pack(">II", etype, len(data)) + data + pad
+
+
+def test_extensions_keep_unknown_and_padding_bytes() -> None:
+    area = (_ext(fmt.QCOW2_EXT_MAGIC_BACKING_FORMAT, b"qcow2", b"XYZ")
+            + _ext(0x12345678, b"\x01\x02\x03")
+            + _ext(0, b""))
+    data = bytes(112) + area + bytes(100)
+    exts = parse_extensions(data, 112, len(data))
+    assert [e.kind for e in exts] == ["backing format", "unknown", "end"]
+    assert exts[0].text() == "qcow2" and exts[0].padding == b"XYZ"
+    assert b"".join(e.to_bytes() for e in exts) == area
+
+
+def test_extension_too_large() -> None:
+    data = bytes(112) + struct.pack(">II", 0x1234, 1000) + bytes(16)
+    with pytest.raises(CorruptImageError, match="Header extension too large"):
+        parse_extensions(data, 112, len(data))
+
+
+def _entry(extra: bytes, id_: bytes = b"1", name: bytes = b"snap", **kw: int) -> bytes:
+    h = dict(l1_table_offset=0x50000, l1_size=1, id_str_size=len(id_), name_size=len(name),
+             date_sec=1, date_nsec=2000, vm_clock_nsec=3, vm_state_size=0,
+             extra_data_size=len(extra))
+    h.update(kw)
+    return fmt.QCowSnapshotHeader.build(h) + extra + id_ + name
+
+
+def _table(*entries: bytes, pad: bytes = b"\0") -> bytes:
+    out = b""
+    for e in entries:
+        if len(out) % 8:
+            out += pad * (8 - len(out) % 8)
+        out += e
+    return out
+
+
+def _parse(table: bytes, nb: int, current_size: int = 1 << 20):
+    return parse_snapshot_table(lambda off, n: (table + bytes(n))[off - 0x10000:off - 0x10000 + n],
+                                0x10000, nb, current_size)
+
+
+@given(extra=st.binary(max_size=80), id_=st.binary(max_size=20), name=st.binary(max_size=40),
+       pad=st.sampled_from([b"\0", b"\xaa"]))
+def test_snapshot_table_round_trip(extra: bytes, id_: bytes, name: bytes, pad: bytes) -> None:
+    table = _table(_entry(extra, id_, name), _entry(extra[:5], b"22", b"x"), pad=pad)
+    parsed = _parse(table, 2)
+    assert parsed.to_bytes() == table
+    assert parsed.size == len(table)
+    first = parsed.snapshots[0]
+    assert first.id_bytes == id_ and first.name_bytes == name
+    assert len(first.unknown_extra) == max(0, len(extra) - 24) or len(extra) < 24
+
+
+def test_snapshot_extra_data_semantics() -> None:
+    big = 5 << 32
+    extra = struct.pack(">QQQ", big, 1 << 30, 2**64 - 1) + b"unknown!"
+    sn = _parse(_table(_entry(extra, vm_state_size=0)), 1).snapshots[0]
+    assert sn.vm_state_size == big and sn.disk_size == 1 << 30
+    assert sn.icount is None and sn.unknown_extra == b"unknown!"
+    # no extra data: v2 defaults (current size, 32-bit VM state, no icount)
+    sn = _parse(_table(_entry(b"", vm_state_size=1234)), 1, current_size=777).snapshots[0]
+    assert (sn.vm_state_size, sn.disk_size, sn.icount, sn.icount_field) == (1234, 777, None, None)
+    # qemu-img snapshot -c stores icount 0, which QEMU shows
+    sn = _parse(_table(_entry(struct.pack(">QQQ", 0, 1, 0))), 1).snapshots[0]
+    assert sn.icount == 0
+
+
+def test_snapshot_too_much_extra_data() -> None:
+    table = _table(_entry(b"", extra_data_size=1025))
+    with pytest.raises(CorruptImageError, match="Too much extra metadata in snapshot table entry 0"):
+        _parse(table, 1)
+
+
+def test_snapshot_table_too_big() -> None:
+    # 1000 entries claiming 64 KiB id and name each push the table past 64 MiB
+    entry = _entry(b"", b"", b"", id_str_size=65535, name_size=65535)
+
+    def reader(off: int, n: int) -> bytes:
+        # every entry header reads the same; return headers at each aligned entry start
+        rel = off - 0x10000
+        out = bytearray(n)
+        step = fmt.align_up(40 + 65535 * 2, 8)
+        for start in range((rel // step) * step, rel + n, step):
+            for i, b in enumerate(entry[:40]):
+                if rel <= start + i < rel + n:
+                    out[start + i - rel] = b
+        return bytes(out)
+
+    with pytest.raises(CorruptImageError, match="Snapshot table is too big"):
+        parse_snapshot_table(reader, 0x10000, 1000, 1 << 20)
+
+
+def test_snapshot_to_bytes_is_identity_for_24_byte_extra() -> None:
+    raw = _entry(struct.pack(">QQQ", 7, 8, 9))
+    sn: Snapshot = _parse(raw, 1).snapshots[0]
+    assert sn.to_bytes() == raw
+    assert sn.entry_length == len(raw)
