@@ -21,6 +21,7 @@ from .errors import (
     CorruptImageError,
     ImageInUseError,
     NotQcow2Error,
+    NoVMStateError,
     Qcow2Error,
     SnapshotNotFoundError,
     UnsupportedImageError,
@@ -51,5 +52,6 @@ __all__ = [
     "ImageInUseError",
     "SnapshotNotFoundError",
     "AmbiguousSnapshotError",
+    "NoVMStateError",
     "__version__",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -130,19 +131,18 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
     --json prints an array of snapshot objects. With several IMAGES: the
     snapshots present on all of them, and which are missing where.
     """
+    if len(images) == 1:
+        with open_image(images[0]) as img:
+            if as_json:
+                _print_json([describe.snapshot_json(s, img) for s in img.snapshots])
+            elif img.snapshots:
+                click.echo("Snapshot list:\n" + describe.snapshot_table_text(img.snapshots))
+        return
     opened: list[tuple[str, Any]] = []
     for path in images:
         with open_image(path) as img:
             opened.append((path, [describe.snapshot_json(s, img) for s in img.snapshots],
                            list(img.snapshots)))
-    if len(images) == 1:
-        _, objs, snaps = opened[0]
-        if as_json:
-            _print_json(objs)
-        elif snaps:
-            click.echo("Snapshot list:")
-            click.echo(describe.snapshot_table_text(snaps))
-        return
     common, partial = describe.compare_snapshot_sets(
         [(path, [o["name"] for o in objs]) for path, objs, _ in opened])
     if as_json:
@@ -171,6 +171,146 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
         for entry in partial:
             click.echo(f"  {entry['name']}: present on {', '.join(entry['present'])}; "
                        f"missing on {', '.join(entry['missing'])}")
+
+
+def _snapshot_ref(image: Qcow2Image, ref: str, by_id: bool, by_name: bool) -> Any:
+    if by_id and by_name:
+        raise click.UsageError("--by-id and --by-name exclude each other")
+    by = "id" if by_id else "name" if by_name else None
+    return image.find_snapshot(ref, by=by)
+
+
+_snapshot_selection = [
+    click.option("--by-id", is_flag=True, help="SNAPSHOT is an ID (never a name)."),
+    click.option("--by-name", is_flag=True, help="SNAPSHOT is a name (never an ID)."),
+]
+
+
+def snapshot_selection(func: F) -> F:
+    for option in reversed(_snapshot_selection):
+        func = option(func)
+    return func
+
+
+@contextmanager
+def _progress_bar(enabled: bool | None, label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A click progress bar on stderr (bytes done/total, rate, ETA) when
+    stderr is a terminal or ``--progress`` is given."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield None
+        return
+    state: dict[str, Any] = {"bar": None, "done": 0}
+
+    def show(done: int, total: int) -> None:
+        bar = state["bar"]
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr,
+                                    show_pos=False, show_percent=True, show_eta=True,
+                                    item_show_func=lambda _: None,
+                                    info_sep="  ", width=30)
+            bar.format_progress_line = _bar_line(bar)  # type: ignore[method-assign]
+            bar.__enter__()
+            state["bar"] = bar
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    try:
+        yield show
+    finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+
+
+def _bar_line(bar: Any) -> Callable[[], str]:
+    """Extend click's line with bytes done / total and the rate."""
+    original = bar.format_progress_line
+
+    def line() -> str:
+        elapsed = time.time() - bar.start
+        rate = bar.pos / elapsed if elapsed > 0 else 0.0
+        extra = (f"  {describe.size_to_str(bar.pos)}/{describe.size_to_str(bar.length)}"
+                 f"  {describe.size_to_str(int(rate))}/s")
+        return str(original()) + extra
+
+    return line
+
+
+_progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Show a progress bar (default: when stderr is a terminal).")
+
+
+@cli.command()
+@click.argument("snapshot")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output file (written under a temporary name, renamed when complete).")
+@click.option("-O", "--format", "out_format", type=click.Choice(["raw", "qcow2"]),
+              default="raw", show_default=True, help="Output format.")
+@click.option("-c", "--compress", is_flag=False, flag_value="zlib", default=None,
+              type=click.Choice(["zlib", "zstd"]),
+              help="qcow2 output: compress data clusters (zlib=deflate, the default, or zstd).")
+@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@snapshot_selection
+@_progress_option
+@image_options
+def extract(snapshot: str, image: str, output: str, out_format: str, compress: str | None,
+            force: bool, as_json: bool, by_id: bool, by_name: bool, progress: bool | None,
+            backing_file: str | None, no_backing: bool, data_file: str | None) -> None:
+    """Write the disk of SNAPSHOT in IMAGE to OUTPUT.
+
+    SNAPSHOT is an ID or a name; '-' means the active layer (a snapshot
+    really named '-' is reached with --by-name -).
+    Raw output equals `qemu-img convert -l snapshot.id=ID -O raw` and is
+    sparse; qcow2 output is a standalone image (no backing file, no
+    snapshots).
+    """
+    from .ops.extract import extract as do_extract
+    if compress and out_format != "qcow2":
+        raise click.UsageError("--compress needs -O qcow2")
+    with _open(image, backing_file, no_backing, data_file) as img:
+        active = snapshot == "-" and not (by_id or by_name)
+        ref = None if active else _snapshot_ref(img, snapshot, by_id, by_name)
+        label = "active layer" if ref is None else f"snapshot {ref.id} ({ref.name})"
+        with _progress_bar(progress, f"extract {label}") as callback:
+            result = do_extract(img, ref, output, format=out_format,  # type: ignore[arg-type]
+                                compress=compress, progress=callback, overwrite=force,  # type: ignore[arg-type]
+                                backing=not no_backing)
+    if as_json:
+        _print_json({"output": result.output, "format": result.format,
+                     "virtual-size": result.virtual_size, "bytes-written": result.bytes_written,
+                     "snapshot": None if result.snapshot is None else result.snapshot.id})
+
+
+@cli.group()
+def vmstate() -> None:
+    """Work with the VM state saved by `savevm` in a snapshot."""
+
+
+@vmstate.command("dump")
+@click.argument("snapshot")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output file for the QEVM migration stream.")
+@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@snapshot_selection
+@_progress_option
+def vmstate_dump(snapshot: str, image: str, output: str, force: bool, as_json: bool,
+                 by_id: bool, by_name: bool, progress: bool | None) -> None:
+    """Write the saved VM state of SNAPSHOT (exactly vm-state-size bytes of
+    QEMU's migration stream, starting with QEVM) to OUTPUT."""
+    from .ops.extract import dump_vm_state
+    with open_image(image) as img:
+        ref = _snapshot_ref(img, snapshot, by_id, by_name)
+        with _progress_bar(progress, f"vmstate {ref.id} ({ref.name})") as callback:
+            result = dump_vm_state(img, ref, output, progress=callback, overwrite=force)
+    if as_json:
+        _print_json({"output": result.output, "vm-state-size": result.virtual_size,
+                     "snapshot": ref.id})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "ImageInUseError",
     "SnapshotNotFoundError",
     "AmbiguousSnapshotError",
+    "NoVMStateError",
 ]
 
 
@@ -88,3 +89,10 @@ class AmbiguousSnapshotError(Qcow2Error, LookupError):
     def __init__(self, message: str, candidates: Sequence[tuple[str, str]]) -> None:
         super().__init__(message)
         self.candidates = tuple(candidates)
+
+
+class NoVMStateError(Qcow2Error):
+    """The snapshot is disk-only (made by ``qemu-img snapshot -c`` or
+    ``qcow2snap create``): it holds no saved VM state."""
+
+    exit_code = 8

@@ -10,8 +10,11 @@ error-translating parse helper.  Bulk tables (L1, L2, refcount) are *not*
 described here: see :mod:`qcow2snap.tables`, which decodes them with
 ``array`` (construct per entry is 20-80x slower; docs/design.md).
 
-Construct is used interpreted, never ``.compile()``-d, on image data: compiled
-parsers skip checks and lose the error path, and the structures here are small.
+Construct is used interpreted on image data, with one measured exception:
+:func:`compiled` gives the compiled parser of a *fixed-size, integer-only*
+layout, used for the snapshot table (up to 65536 entries; 4x faster).
+Compiled parsers skip checks and lose the error path, so callers must hand
+them a buffer of exactly the right length, which makes the parse total.
 """
 
 from __future__ import annotations
@@ -251,6 +254,20 @@ def parse_struct(layout: construct.Construct, data: bytes, *, structure: str,
         where = f" at offset {offset:#x}" if offset is not None else ""
         raise CorruptImageError(f"cannot parse {structure}{where}: {exc}",
                                 structure=structure, offset=offset) from exc
+
+
+_COMPILED: dict[int, Any] = {}
+
+
+def compiled(layout: construct.Construct) -> Any:
+    """The compiled form of ``layout`` (cached).  Only for layouts whose
+    parse cannot fail on a buffer of the right length; see the module
+    docstring."""
+    key = id(layout)
+    parser = _COMPILED.get(key)
+    if parser is None:
+        parser = _COMPILED[key] = layout.compile()
+    return parser
 
 
 def build_struct(layout: construct.Construct, value: Any, **params: Any) -> bytes:

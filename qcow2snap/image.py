@@ -12,12 +12,12 @@ so a hostile image costs at most the 32 MiB L1 / 64 MiB snapshot-table bounds.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from . import format as fmt
@@ -25,6 +25,7 @@ from .errors import (
     AmbiguousSnapshotError,
     CorruptImageError,
     NotQcow2Error,
+    NoVMStateError,
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
@@ -537,8 +538,8 @@ class Qcow2Image:
             return None
         if override not in (None, True):
             return os.fspath(override)  # type: ignore[arg-type]
-        if self.backing_file_name is None:
-            return None
+        if not self.backing_file_name:
+            return None  # QEMU: an empty name (or one starting with NUL) means no backing file
         if ":" in self.backing_file_name.split("/", 1)[0] and not os.path.exists(
                 self._resolve_relative(self.backing_file_name)):
             raise UnsupportedImageError(
@@ -560,13 +561,21 @@ class Qcow2Image:
             raise UnsupportedImageError(
                 f"{self.path}: backing file {path!r} not found; pass backing_file= "
                 f"(CLI: --backing-file PATH) to give its location", feature="backing file")
-        if fmt_name is None:
-            with _builtin_open(path, "rb") as probe:
-                fmt_name = "qcow2" if probe.read(4) == fmt.QCOW_MAGIC else "raw"
-        if fmt_name == "qcow2":
-            return Qcow2Image(path, "r", check_locks=False, _depth=self._depth + 1)
-        if fmt_name == "raw":
-            return RawImage(path)
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            if fmt_name is None:
+                with _builtin_open(path, "rb") as probe:
+                    fmt_name = "qcow2" if probe.read(4) == fmt.QCOW_MAGIC else "raw"
+            if fmt_name == "qcow2":
+                return Qcow2Image(path, "r", check_locks=False, _depth=self._depth + 1)
+            if fmt_name == "raw":
+                return RawImage(path)
+        except OSError as exc:  # a name in a hostile image may point anywhere
+            raise UnsupportedImageError(
+                f"{self.path}: cannot open backing file {path!r}: {exc.strerror or exc}; pass "
+                f"backing_file= (CLI: --backing-file PATH) to give its location",
+                feature="backing file") from exc
         raise UnsupportedImageError(
             f"{self.path}: backing file format {fmt_name!r} is not supported (qcow2 and raw are)",
             feature="backing format")
@@ -590,7 +599,15 @@ class Qcow2Image:
                     f"{self.path}: 'data-file' is required for this image; pass data_file= "
                     f"(CLI: --data-file PATH)", feature="external data file")
             path = self._resolve_relative(os.fspath(name))
-            self._data_file = _HostFile(_open_read_only(path), path)
+            try:
+                if os.path.isdir(path):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+                self._data_file = _HostFile(_open_read_only(path), path)
+            except OSError as exc:  # a name in a hostile image may point anywhere
+                raise UnsupportedImageError(
+                    f"{self.path}: cannot open data file {path!r}: {exc.strerror or exc}; pass "
+                    f"data_file= (CLI: --data-file PATH) to give its location",
+                    feature="external data file") from exc
         return self._data_file
 
     # ------------------------------------------------------------------
@@ -611,8 +628,9 @@ class Qcow2Image:
         sn = layer.snapshot
         assert sn is not None
         if not sn.has_vm_state:
-            raise SnapshotNotFoundError(
-                f"{self.path}: snapshot {sn.id} ({sn.name}) is disk-only: it has no VM state")
+            raise NoVMStateError(
+                f"{self.path}: snapshot {sn.id} ({sn.name}) is disk-only: it has no saved VM "
+                f"state (only snapshots taken with savevm / snapshot-save have one)")
         return DiskReader(self, layer, start=self.vm_state_offset(sn), length=sn.vm_state_size,
                           backing=False)
 
@@ -668,6 +686,6 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,  
         if not isinstance(name, (str, os.PathLike)):
             raise TypeError("qcow2snap.open() needs a path (str or os.PathLike)")
         path = name
-    return Qcow2Image(Path(path), mode, backing_file=backing_file,
+    return Qcow2Image(path, mode, backing_file=backing_file,
                       backing_format=backing_format, data_file=data_file,
                       check_locks=check_locks)

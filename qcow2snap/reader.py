@@ -65,6 +65,13 @@ class Extent:
         return self.guest_offset + self.length
 
 
+#: bits that must be clear for an L2 entry to be a "plain" one: everything
+#: but COPIED and the host offset (so: not compressed, not zero, no reserved bit)
+_PLAIN_MASK = ((1 << 64) - 1) & ~(fmt.QCOW_OFLAG_COPIED | fmt.L2E_OFFSET_MASK)
+#: an unallocated plain entry: nothing set but perhaps COPIED
+_UNALLOC_MASK = ((1 << 64) - 1) & ~fmt.QCOW_OFLAG_COPIED
+
+
 def _merge(prev: Extent | None, new: Extent) -> tuple[Extent | None, Extent]:
     """Coalesce ``new`` into ``prev`` when contiguous; returns
     (extent to emit or None, new pending extent)."""
@@ -122,6 +129,39 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
             l2_index = (pos >> cluster_bits) & l2_mask
             cluster_start = (pos >> cluster_bits) << cluster_bits
             cluster_end = min(cluster_start + cs, span_end)
+            if not extended and not data_file:
+                # Fast path: a run of plain entries (no flag but COPIED, no
+                # reserved bit), either unallocated or host-contiguous data,
+                # is measured in one tight loop.
+                entry = l2[l2_index]
+                if entry & _PLAIN_MASK == 0:
+                    host = entry & fmt.L2E_OFFSET_MASK
+                    if host & (cs - 1) == 0:
+                        last_index = min(((span_end - 1) >> cluster_bits) & l2_mask,
+                                         image.l2_entries - 1)
+                        j = l2_index + 1
+                        if host:
+                            expect = host + cs
+                            while j <= last_index:
+                                e = l2[j]
+                                if e & _PLAIN_MASK or e & fmt.L2E_OFFSET_MASK != expect:
+                                    break
+                                expect += cs
+                                j += 1
+                        else:
+                            while j <= last_index and l2[j] & _UNALLOC_MASK == 0:
+                                j += 1
+                        run_end = min(cluster_start + ((j - l2_index) << cluster_bits), span_end)
+                        if host:
+                            new = Extent(pos, run_end - pos, ExtentKind.DATA,
+                                         host + (pos - cluster_start))
+                        else:
+                            new = Extent(pos, run_end - pos, ExtentKind.UNALLOCATED)
+                        emit, pending = _merge(pending, new)
+                        if emit:
+                            yield emit
+                        pos = run_end
+                        continue
             if extended:
                 entry = l2[2 * l2_index]
                 bitmap = l2[2 * l2_index + 1]

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures"
+FIXTURES = Path(os.environ.get("QCOW2SNAP_FIXTURES_DIR", ROOT / "fixtures"))
 MANIFEST_PATH = FIXTURES / "manifest.json"
 
 

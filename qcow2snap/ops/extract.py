@@ -53,10 +53,16 @@ class ExtractResult:
 
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
-                  source: str | None = None) -> Iterator[int]:
-    """Yield an fd of a temporary file beside ``path``; on success fsync it
-    and rename it to ``path`` (then fsync the directory).  On any exception,
-    including KeyboardInterrupt, the temporary file is removed."""
+                  source: str | None = None, sync: bool = False) -> Iterator[int]:
+    """Yield an fd of a temporary file beside ``path``; on success rename it
+    to ``path``.  On any exception, including KeyboardInterrupt, the
+    temporary file is removed, so nothing appears under ``path`` unless it
+    is complete.
+
+    ``sync=True`` also makes the result durable against power loss: the data
+    is fsynced before the rename and the directory after it.  Like
+    ``qemu-img convert`` and ``cp``, the default leaves flushing to the
+    kernel."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.lexists(path):
@@ -70,16 +76,18 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; behave like open()
         yield fd
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
         tmp = ""
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if sync:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -185,7 +193,7 @@ def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os
             *, format: Literal["raw", "qcow2"] = "raw",  # noqa: A002
             compress: Literal["zlib", "zstd"] | None = None,
             progress: ProgressCallback | None = None, overwrite: bool = False,
-            backing: bool = True) -> ExtractResult:
+            backing: bool = True, sync: bool = False) -> ExtractResult:
     """Write the guest disk of ``snapshot`` (``None`` = the active layer) to
     ``output``.
 
@@ -197,6 +205,7 @@ def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os
     data clusters with deflate ("zlib") or zstd.
 
     ``progress(done, total)`` is called as guest bytes are handled.
+    ``sync=True`` fsyncs the output before it is renamed into place.
     """
     layer = image.layer(snapshot)
     if image.encrypted:
@@ -210,7 +219,7 @@ def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os
     if format == "raw" and compress:
         raise ValueError("compression applies to qcow2 output only")
     tracker = _Progress(layer.size, progress)
-    with atomic_output(output, overwrite=overwrite, source=image.path) as fd:
+    with atomic_output(output, overwrite=overwrite, source=image.path, sync=sync) as fd:
         if format == "raw":
             os.ftruncate(fd, layer.size)
             copier = ClusterCopier(image._file.fd, fd, progress=tracker)
@@ -230,7 +239,7 @@ def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os
 
 def dump_vm_state(image: Qcow2Image, snapshot: str | Snapshot, output: str | os.PathLike[str],
                   *, progress: ProgressCallback | None = None,
-                  overwrite: bool = False) -> ExtractResult:
+                  overwrite: bool = False, sync: bool = False) -> ExtractResult:
     """Write a snapshot's saved VM state (exactly ``vm_state_size`` bytes of
     the QEMU migration stream) to ``output``."""
     reader = image.open_vm_state(snapshot)  # validates: raises for disk-only snapshots
@@ -238,7 +247,7 @@ def dump_vm_state(image: Qcow2Image, snapshot: str | Snapshot, output: str | os.
     assert sn is not None
     start = image.vm_state_offset(sn)
     tracker = _Progress(sn.vm_state_size, progress)
-    with atomic_output(output, overwrite=overwrite, source=image.path) as fd:
+    with atomic_output(output, overwrite=overwrite, source=image.path, sync=sync) as fd:
         os.ftruncate(fd, sn.vm_state_size)
         copier = ClusterCopier(image._file.fd, fd, progress=tracker)
         try:

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Benchmarks of qcow2snap against qemu-img, side by side in one run.
+
+Every case builds its own image with qemu-img / qemu-io in --workdir (kept
+between runs, so the slow set-up happens once), warms the page cache, then
+times the two tools alternately, N rounds each, and prints the median wall
+time of each, their ratio (qcow2snap / qemu-img; below 1.0 = faster) and
+the peak RSS of each child process (from wait4's rusage).
+
+    python tools/bench.py extract     # issue 3 cases (a)-(d)
+    python tools/bench.py list        # 10,000-snapshot listing
+    python tools/bench.py all
+
+This is a benchmark, not a test: nothing here runs in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QCOW2SNAP = [sys.executable, "-m", "qcow2snap"]
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def sh(*args: str, cwd: Path | None = None, quiet: bool = True) -> None:
+    subprocess.run(list(args), cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL if quiet else None)
+
+
+def timed(cmd: Sequence[str], cwd: Path | None = None) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS in bytes of that child)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL)
+    _, status, rusage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return elapsed, rusage.ru_maxrss * 1024
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 * MiB):
+            pass
+
+
+def compare(name: str, ours: Callable[[], Sequence[str]], theirs: Callable[[], Sequence[str]],
+            rounds: int, cleanup: Callable[[], None], cwd: Path) -> dict[str, float | str]:
+    """Alternate the two commands; return medians, ratio and peak RSS."""
+    ours_t: list[float] = []
+    theirs_t: list[float] = []
+    ours_rss = theirs_rss = 0
+    # one untimed run of each first: warms caches and imports
+    for cmd in (ours(), theirs()):
+        timed(cmd, cwd)
+        cleanup()
+    for _ in range(rounds):
+        for cmd, times, is_ours in ((ours(), ours_t, True), (theirs(), theirs_t, False)):
+            t, rss = timed(cmd, cwd)
+            times.append(t)
+            if is_ours:
+                ours_rss = max(ours_rss, rss)
+            else:
+                theirs_rss = max(theirs_rss, rss)
+            cleanup()
+    result = {
+        "case": name,
+        "qcow2snap_s": statistics.median(ours_t),
+        "other_s": statistics.median(theirs_t),
+        "ratio": statistics.median(ours_t) / statistics.median(theirs_t),
+        "qcow2snap_rss_mib": ours_rss / MiB,
+        "other_rss_mib": theirs_rss / MiB,
+    }
+    print(f"{name:<44} qcow2snap {result['qcow2snap_s']:7.3f}s  other {result['other_s']:7.3f}s"
+          f"  ratio {result['ratio']:5.2f}  RSS {result['qcow2snap_rss_mib']:6.1f} MiB"
+          f" vs {result['other_rss_mib']:6.1f} MiB", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+def build_uncompressed(work: Path) -> Path:
+    """(a) 4 GiB virtual, ~1.5 GiB allocated in 24 scattered 64 MiB writes,
+    snapshot 1, then 6 overwrites so the active layer differs."""
+    img = work / "a-uncompressed.qcow2"
+    if img.exists():
+        return img
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "4G")
+    script = "\n".join(f"write -P {i + 1} {i * 160}M 64M" for i in range(24)) + "\n"
+    subprocess.run(["qemu-io", str(tmp)], input=script.encode(), check=True,
+                   stdout=subprocess.DEVNULL)
+    sh("qemu-img", "snapshot", "-c", "s1", str(tmp))
+    script = "\n".join(f"write -P {i + 100} {i * 640 + 8}M 16M" for i in range(6)) + "\n"
+    subprocess.run(["qemu-io", str(tmp)], input=script.encode(), check=True,
+                   stdout=subprocess.DEVNULL)
+    tmp.rename(img)
+    return img
+
+
+def _compressible_raw(work: Path) -> Path:
+    """1 GiB of compressible, non-repeating data (text-like lines)."""
+    raw = work / "compressible.raw"
+    if raw.exists():
+        return raw
+    tmp = raw.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        line = 0
+        written = 0
+        while written < GiB:
+            chunk = "".join(f"{line + i:012d} the quick brown fox {((line + i) * 2654435761) % 1000003:07d} "
+                            f"jumps over the lazy dog\n" for i in range(20000)).encode()
+            chunk = chunk[:GiB - written]
+            f.write(chunk)
+            written += len(chunk)
+            line += 20000
+    tmp.rename(raw)
+    return raw
+
+
+def build_compressed(work: Path, ctype: str) -> Path:
+    """(b)/(c) ~1 GiB compressible data, compressed clusters, one snapshot."""
+    img = work / f"b-compressed-{ctype}.qcow2"
+    if img.exists():
+        return img
+    raw = _compressible_raw(work)
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
+       str(raw), str(tmp))
+    sh("qemu-img", "snapshot", "-c", "s1", str(tmp))
+    sh("qemu-io", "-c", "write -P 7 0 16M", str(tmp))
+    tmp.rename(img)
+    return img
+
+
+def build_many_snapshots(work: Path, count: int = 10000) -> Path:
+    """An image whose snapshot table has ``count`` entries.
+
+    QEMU made the image and its first snapshot; the other entries are copies
+    of that entry with fresh IDs and names, written as one table (making
+    10,000 snapshots one qemu-img call at a time takes tens of minutes).
+    Listing reads only the table, so this measures exactly the listing cost.
+    """
+    img = work / f"many-{count}.qcow2"
+    if img.exists():
+        return img
+    sys.path.insert(0, str(ROOT))
+    import qcow2snap
+    from qcow2snap import format as fmt
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "1G")
+    sh("qemu-io", "-c", "write -P 1 0 1M", str(tmp))
+    sh("qemu-img", "snapshot", "-c", "seed", str(tmp))
+    with qcow2snap.open(tmp) as image:
+        seed = image.snapshots[0]
+        cs = image.cluster_size
+        end = image.file_size
+    table = bytearray()
+    for i in range(count):
+        entry = seed.to_bytes()
+        header_len = fmt.QCOW_SNAPSHOT_HEADER_SIZE + seed.extra_data_size
+        id_ = str(i + 1).encode()
+        name = f"snapshot-{i + 1:05d}".encode()
+        head = bytearray(entry[:header_len])
+        head[12:14] = len(id_).to_bytes(2, "big")
+        head[14:16] = len(name).to_bytes(2, "big")
+        table += bytes(fmt.align_up(len(table), 8) - len(table))
+        table += head + id_ + name
+    offset = fmt.align_up(end, cs)
+    with open(tmp, "r+b") as f:
+        f.seek(offset)
+        f.write(table)
+        f.seek(fmt.HEADER_OFFSET_NB_SNAPSHOTS)
+        f.write(count.to_bytes(4, "big") + offset.to_bytes(8, "big"))
+    tmp.rename(img)
+    return img
+
+
+# ---------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------
+
+def suite_extract(work: Path, rounds: int) -> list[dict[str, float | str]]:
+    out = work / "out.raw"
+
+    def cleanup() -> None:
+        if out.exists():
+            out.unlink()
+
+    results = []
+    cases = [
+        ("(a) 4 GiB virtual, 1.5 GiB uncompressed", build_uncompressed(work)),
+        ("(b) 1 GiB compressible, zlib", build_compressed(work, "zlib")),
+        ("(c) 1 GiB compressible, zstd", build_compressed(work, "zstd")),
+    ]
+    for name, img in cases:
+        warm(img)
+        results.append(compare(
+            name,
+            lambda img=img: [*QCOW2SNAP, "extract", "--no-progress", "1", str(img), "-o", str(out)],
+            lambda img=img: ["qemu-img", "convert", "-l", "snapshot.id=1", "-O", "raw",
+                             str(img), str(out)],
+            rounds, cleanup, work))
+    img = cases[0][1]
+    copy = work / "copy.qcow2"
+
+    def cleanup_copy() -> None:
+        cleanup()
+        if copy.exists():
+            copy.unlink()
+
+    results.append(compare(
+        "(d) floor: (a) vs cp --sparse=always of its file",
+        lambda: [*QCOW2SNAP, "extract", "--no-progress", "1", str(img), "-o", str(out)],
+        lambda: ["cp", "--sparse=always", str(img), str(copy)],
+        rounds, cleanup_copy, work))
+    return results
+
+
+def suite_list(work: Path, rounds: int) -> list[dict[str, float | str]]:
+    img = build_many_snapshots(work)
+    warm(img)
+    return [
+        compare("list, 10,000 snapshots (text)",
+                lambda: [*QCOW2SNAP, "list", str(img)],
+                lambda: ["qemu-img", "snapshot", "-l", str(img)],
+                rounds, lambda: None, work),
+        compare("list --json, 10,000 snapshots vs qemu-img info --output=json",
+                lambda: [*QCOW2SNAP, "list", "--json", str(img)],
+                lambda: ["qemu-img", "info", "--output=json", str(img)],
+                rounds, lambda: None, work),
+    ]
+
+
+SUITES = {"extract": suite_extract, "list": suite_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=[*SUITES, "all"])
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/qcow2snap-bench"),
+                        help="where images are built and kept (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per tool")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    for tool in ("qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is needed (apt-get install qemu-utils)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    version = subprocess.run(["qemu-img", "--version"], capture_output=True,
+                             text=True).stdout.splitlines()[0]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}, {version}", flush=True)
+    results = []
+    for name in SUITES if args.suite == "all" else [args.suite]:
+        results += SUITES[name](args.workdir, args.rounds)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
