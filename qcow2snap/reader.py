@@ -65,6 +65,22 @@ class Extent:
         return self.guest_offset + self.length
 
 
+class _Where:
+    """QEMU's "(L2 offset: ..., L2 index: ...)" suffix, formatted only when
+    an error message needs it."""
+
+    __slots__ = ("l2_offset", "l2_index")
+
+    def __init__(self, l2_offset: int, l2_index: int) -> None:
+        self.l2_offset = l2_offset
+        self.l2_index = l2_index
+
+    def __str__(self) -> str:
+        return f"(L2 offset: {self.l2_offset:#x}, L2 index: {self.l2_index:#x})"
+
+    __format__ = lambda self, spec: str(self)  # noqa: E731
+
+
 #: bits that must be clear for an L2 entry to be a "plain" one: everything
 #: but COPIED and the host offset (so: not compressed, not zero, no reserved bit)
 _PLAIN_MASK = ((1 << 64) - 1) & ~(fmt.QCOW_OFLAG_COPIED | fmt.L2E_OFFSET_MASK)
@@ -168,7 +184,7 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
             else:
                 entry = l2[l2_index]
                 bitmap = 0
-            where = f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
+            where = _Where(l2_offset, l2_index)
             host_cluster = entry & fmt.L2E_OFFSET_MASK
             if entry & fmt.QCOW_OFLAG_COMPRESSED:
                 if data_file:

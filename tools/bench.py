@@ -39,16 +39,27 @@ def sh(*args: str, cwd: Path | None = None, quiet: bool = True) -> None:
                    stdout=subprocess.DEVNULL if quiet else None)
 
 
+TIME = shutil.which("time") or "/usr/bin/time"
+
+
 def timed(cmd: Sequence[str], cwd: Path | None = None) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS in bytes of that child)."""
+    """Run ``cmd``; return (wall seconds, peak RSS in bytes of that command).
+
+    Dirty pages left by the previous run are flushed first (untimed), so no
+    run pays for another's writeback.  Peak RSS comes from GNU time: the
+    rusage of a child forked straight from this (bigger) Python process
+    would include our own RSS, since ru_maxrss survives exec."""
+    os.sync()
+    rss_file = Path(cwd or ".") / ".bench-rss"
+    use_time = os.path.exists(TIME)
+    full = [TIME, "-f", "%M", "-o", str(rss_file), *cmd] if use_time else list(cmd)
     start = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL)
-    _, status, rusage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(full, cwd=cwd, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return elapsed, rusage.ru_maxrss * 1024
+    rss = int(rss_file.read_text().split()[-1]) * 1024 if use_time else 0
+    return elapsed, rss
 
 
 def warm(path: Path) -> None:

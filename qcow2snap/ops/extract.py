@@ -30,8 +30,8 @@ __all__ = ["extract", "dump_vm_state", "ExtractResult", "OutputExistsError", "at
 
 ProgressCallback = Callable[[int, int], None]
 
-#: Bytes of decompressed clusters allowed in flight in the thread pool.
-INFLIGHT_BYTES = 32 << 20
+#: Bytes of clusters allowed in flight in qcow2 output's compression pool.
+INFLIGHT_BYTES = 16 << 20
 
 
 class OutputExistsError(Qcow2Error):
@@ -124,11 +124,12 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
     destination at offset ``guest - start``, leaving holes for zeros."""
     cs = image.cluster_size
     compression_type = image.header.effective_compression_type
-    max_inflight = max(2 * (os.cpu_count() or 1), INFLIGHT_BYTES // cs)
     backing_reader: DiskReader | None = None
 
     def inflate(raw: bytes, host_offset: int) -> bytes:
         return decompress_cluster(raw, compression_type, cs, host_offset)
+
+    copier.set_decompressor(inflate, cs)
 
     for ext in iter_extents(image, layer, start, length):
         dst = ext.guest_offset - start
@@ -147,13 +148,11 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
                 copier.copy(ext.host_offset, dst, ext.length)
         elif kind is ExtentKind.COMPRESSED:
             assert ext.host_offset is not None
-            raw = bytes(copier.source_view(ext.host_offset, ext.compressed_length))
-            if len(raw) < ext.compressed_length:
-                raw += bytes(ext.compressed_length - len(raw))
-            inner = ext.guest_offset - ext.cluster_guest_offset
-            host = ext.host_offset
-            copier.submit_decompress(lambda r, h=host: inflate(r, h), raw, dst, inner,
-                                     ext.length, max_inflight)
+            # pread, not the mapping: these reads are small and scattered, and
+            # mapped pages would stay in our RSS
+            raw = image.pread(ext.host_offset, ext.compressed_length)
+            copier.add_compressed(raw, ext.host_offset, dst,
+                                  ext.guest_offset - ext.cluster_guest_offset, ext.length)
         elif kind is ExtentKind.UNALLOCATED and backing and image.backing is not None:
             if backing_reader is None:
                 backing_reader = _backing_reader(image)
