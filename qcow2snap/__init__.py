@@ -16,6 +16,8 @@ Layers (one direction of imports): :mod:`.format` and :mod:`.tables`
 operations, and :mod:`.cli` on top.
 """
 
+import os
+
 from .errors import (
     AmbiguousSnapshotError,
     CorruptImageError,
@@ -26,11 +28,36 @@ from .errors import (
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
-from .image import ImageInUseWarning, Layer, Qcow2Image, RawImage, open
+from .image import ImageInUseWarning, Layer, Qcow2Image, RawImage
+from .image import open as _open_read_only
 from .model import Extension, FeatureName, Header, Snapshot
 from .reader import DiskReader, Extent, ExtentKind
 
 __version__ = "0.1.0"
+
+
+def open(path, mode="r", **kwargs):  # type: ignore[no-untyped-def]  # noqa: A001
+    """Open a qcow2 image; use as a context manager.
+
+    ``mode="r"`` (default) never writes: see :class:`Qcow2Image`.
+    ``mode="r+"`` opens for editing and returns an
+    :class:`~qcow2snap.ops.edit.EditableImage` with ``create_snapshot``,
+    ``delete_snapshot``, ``revert_to_snapshot`` and ``rename_snapshot``; it
+    refuses an image that a running QEMU holds.
+
+    Keyword arguments: ``backing_file`` (a path, or ``False`` to read
+    unallocated clusters as zeros), ``backing_format``, ``data_file``,
+    ``check_locks``.
+    """
+    if mode == "r":
+        return _open_read_only(path, "r", **kwargs)
+    if mode == "r+":
+        from .ops.edit import EditableImage
+        if not isinstance(path, (str, os.PathLike)):
+            path = getattr(path, "name", path)
+        kwargs.pop("check_locks", None)
+        return EditableImage(path, **kwargs)
+    raise ValueError(f"unsupported mode {mode!r} ('r' or 'r+')")
 
 __all__ = [
     "open",

@@ -24,12 +24,13 @@ from . import format as fmt
 from .errors import (
     AmbiguousSnapshotError,
     CorruptImageError,
+    ImageInUseError,
     NotQcow2Error,
     NoVMStateError,
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
-from .locks import LockState, probe_qemu_locks
+from .locks import LockState, probe_qemu_locks, take_editor_locks
 from .model import Extension, FeatureName, Header, Snapshot, SnapshotTable, parse_extensions
 from .model import parse_snapshot_table
 from .tables import decode_u64_table
@@ -142,14 +143,14 @@ class Qcow2Image:
     :attr:`lock_state`, :attr:`dirty`, :attr:`corrupt`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], mode: Literal["r"] = "r", *,
+    def __init__(self, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r", *,
                  backing_file: str | os.PathLike[str] | bool | None = None,
                  backing_format: str | None = None,
                  data_file: str | os.PathLike[str] | None = None,
                  check_locks: bool = True,
                  _depth: int = 0) -> None:
-        if mode != "r":
-            raise ValueError(f"unsupported mode {mode!r} (only 'r' is available)")
+        if mode not in ("r", "r+"):
+            raise ValueError(f"unsupported mode {mode!r} ('r' or 'r+')")
         self.path = os.fspath(path)
         self.mode = mode
         self._depth = _depth
@@ -161,11 +162,24 @@ class Qcow2Image:
         self._data_file: _HostFile | None = None
         self._l1_cache: dict[tuple[int, int], array[int]] = {}
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
-        fd = _open_read_only(self.path)
+        fd = (_open_read_only(self.path) if mode == "r"
+              else os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
         self._file = _HostFile(fd, self.path)
         try:
+            self.lock_state: LockState | None = None
+            if mode == "r+":
+                # never edit what a running QEMU holds; then hold QEMU-style
+                # locks ourselves so a QEMU started meanwhile refuses the image
+                self.lock_state = probe_qemu_locks(fd)
+                if self.lock_state.in_use:
+                    raise ImageInUseError(
+                        f"{self.path} is in use by a running QEMU process "
+                        f"({self.lock_state.describe()}); shut the VM down (or close the "
+                        f"qemu-img/qemu-io holding it) before editing")
+                take_editor_locks(fd)
             self._load()
-            self.lock_state: LockState | None = probe_qemu_locks(fd) if check_locks else None
+            if mode == "r" and check_locks:
+                self.lock_state = probe_qemu_locks(fd)
         except BaseException:
             self._file.close()
             raise
@@ -644,6 +658,13 @@ class Qcow2Image:
         return iter_extents(self, layer, start, length)
 
     # ------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the metadata from the file (after it was edited)."""
+        self._l2_cache.clear()
+        self._l1_cache.clear()
+        self._file.size = os.fstat(self._file.fd).st_size
+        self._load()
 
     def close(self) -> None:
         if self._backing is not None:

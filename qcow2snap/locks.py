@@ -85,3 +85,27 @@ def probe_qemu_locks(fd: int) -> LockState:
             return LockState(frozenset(), frozenset(), supported=False)
         raise
     return LockState(frozenset(held), frozenset(unshared))
+
+
+#: What an offline editor holds, like a QEMU writer that shares nothing
+#: important: consistent read and write held, write and resize not shared.
+EDITOR_LOCK_BYTES = (QEMU_LOCK_PERM_BASE + 0, QEMU_LOCK_PERM_BASE + 1,
+                     QEMU_LOCK_SHARED_BASE + 1, QEMU_LOCK_SHARED_BASE + 3)
+
+
+def take_editor_locks(fd: int) -> bool:
+    """Take QEMU-style shared OFD locks on ``fd`` (opened read-write) so that
+    a QEMU started while we edit sees the image as in use and refuses to
+    write it.  Returns False where OFD locks are unavailable.  The locks go
+    away when ``fd`` is closed."""
+    try:
+        for offset in EDITOR_LOCK_BYTES:
+            request = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0)
+            fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37), request)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True

@@ -1,0 +1,480 @@
+"""Snapshot editing (operations layer): create, delete, revert, rename.
+
+The semantics are QEMU's (``block/qcow2-snapshot.c``, reference §4-5):
+
+* new IDs are the largest numeric ID plus one (so IDs get reused);
+* refcounts count paths: an L2 table reachable from k L1 tables gives each
+  of its data clusters k references;
+* a new snapshot's L1 is the active L1 as it was, COPIED bits included;
+* COPIED flags are recomputed on the active L1 and the L2 tables it
+  reaches, exactly as QEMU's ``qcow2_update_snapshot_refcount(..., 0)``;
+* the snapshot table is rewritten the way ``qcow2_write_snapshots`` writes
+  it (at least 24 bytes of extra data per entry, unknown extra data kept);
+* revert to a snapshot of another disk size resizes the image first.
+
+What differs is *where* things are written, never what they mean: QEMU
+updates L1/L2 tables and refcount blocks in place, which is what leaves its
+images corrupt after a crash.  Here every changed table is a fresh copy and
+all L1 tables that shared the old one are pointed at the copy, so sharing
+(and hence refcounts) stays exactly what QEMU's in-place update gives; the
+whole new state is published by one header write
+(:mod:`qcow2snap.ops.transaction`).
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from dataclasses import dataclass, field
+
+from .. import format as fmt
+from ..errors import Qcow2Error, SnapshotNotFoundError, UnsupportedImageError
+from ..image import Qcow2Image
+from ..model import Snapshot
+from ..refcount import decode_l1, l2_references
+from ..tables import encode_u64_table
+from .transaction import CommitResult, Transaction
+
+__all__ = ["SnapshotEditor", "SnapshotExistsError", "ImageNeedsRepairError", "next_snapshot_id",
+           "QEMU_MAX_NAME_BYTES", "QEMU_MAX_ID_BYTES"]
+
+#: QEMU's tools hold names in char[256] and IDs in char[128]
+QEMU_MAX_NAME_BYTES = 255
+QEMU_MAX_ID_BYTES = 127
+
+
+class SnapshotExistsError(Qcow2Error):
+    """A snapshot of that name exists (create without ``overwrite``)."""
+
+    exit_code = 9
+
+
+class ImageNeedsRepairError(Qcow2Error):
+    """The image carries the dirty or corrupt bit: refcounts cannot be
+    trusted, so it must be checked and repaired before it is edited."""
+
+    exit_code = 10
+
+
+def _strtoul_prefix(text: bytes) -> int:
+    """C ``strtoul(s, NULL, 10)``: leading blanks, optional sign, digits."""
+    s = text.split(b"\0", 1)[0].lstrip(b" \t\n\r\f\v")
+    negative = False
+    if s[:1] in (b"+", b"-"):
+        negative = s[:1] == b"-"
+        s = s[1:]
+    digits = b""
+    for ch in s:
+        if 48 <= ch <= 57:
+            digits += bytes([ch])
+        else:
+            break
+    if not digits:
+        return 0
+    value = min(int(digits), (1 << 64) - 1)
+    return ((1 << 64) - value) % (1 << 64) if negative else value
+
+
+def next_snapshot_id(snapshots: list[Snapshot] | list[_Record]) -> str:
+    """QEMU's ``find_new_snapshot_id``: max(strtoul(id)) + 1."""
+    highest = max((_strtoul_prefix(s.id_bytes) for s in snapshots), default=0)
+    return str((highest + 1) % (1 << 64))
+
+
+@dataclass
+class _L1:
+    """An L1 table of the new state."""
+
+    offset: int           # where it lives in the old state (0 = nowhere yet)
+    size: int             # entries
+    entries: array[int]
+    moved: bool = False   # must be written to new clusters
+
+    def byte_length(self) -> int:
+        return self.size * fmt.L1E_SIZE
+
+
+@dataclass
+class _Record:
+    """A snapshot table entry of the new state."""
+
+    id_bytes: bytes
+    name_bytes: bytes
+    l1_table_offset: int
+    l1_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int
+    icount: int
+    extra_data_size: int
+    unknown_extra: bytes
+    original: Snapshot | None = None
+    l1: _L1 | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_snapshot(cls, sn: Snapshot) -> _Record:
+        return cls(
+            id_bytes=sn.id_bytes, name_bytes=sn.name_bytes,
+            l1_table_offset=sn.l1_table_offset, l1_size=sn.l1_size,
+            date_sec=sn.date_sec, date_nsec=sn.date_nsec, vm_clock_nsec=sn.vm_clock_nsec,
+            vm_state_size=sn.vm_state_size, disk_size=sn.disk_size,
+            icount=sn.icount_field if sn.icount_field is not None else fmt.QCOW_ICOUNT_NONE,
+            extra_data_size=sn.extra_data_size,
+            unknown_extra=sn.unknown_extra if sn.extra_data_size > 24 else b"",
+            original=sn)
+
+    def to_bytes(self) -> bytes:
+        """The entry as ``qcow2_write_snapshots`` writes it."""
+        extra_size = max(fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE,
+                         fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE + len(self.unknown_extra))
+        extra = fmt.build_struct(fmt.QCowSnapshotExtraData, {
+            "vm_state_size_large": self.vm_state_size,
+            "disk_size": self.disk_size,
+            "icount": self.icount,
+            "unknown": self.unknown_extra,
+        }, extra_data_size=extra_size)
+        return fmt.build_struct(fmt.QCowSnapshotEntry, {
+            "header": {
+                "l1_table_offset": self.l1_table_offset,
+                "l1_size": self.l1_size,
+                "id_str_size": len(self.id_bytes),
+                "name_size": len(self.name_bytes),
+                "date_sec": self.date_sec,
+                "date_nsec": self.date_nsec,
+                "vm_clock_nsec": self.vm_clock_nsec,
+                "vm_state_size": self.vm_state_size if self.vm_state_size <= 0xFFFFFFFF else 0,
+                "extra_data_size": extra_size,
+            },
+            "extra_data": extra,
+            "id_str": self.id_bytes,
+            "name": self.name_bytes,
+        })
+
+    @property
+    def label(self) -> str:
+        return (f"{self.id_bytes.decode('utf-8', 'replace')} "
+                f"({self.name_bytes.decode('utf-8', 'replace')})")
+
+
+def serialize_snapshot_table(records: list[_Record]) -> bytes:
+    """Entries back to back, each starting 8-byte aligned (padding before an
+    entry, none after the last), as QEMU lays the table out."""
+    out = bytearray()
+    for record in records:
+        out += bytes(fmt.align_up(len(out), 8) - len(out))
+        out += record.to_bytes()
+    return bytes(out)
+
+
+class SnapshotEditor:
+    """Plans snapshot operations on one image into a :class:`Transaction`.
+
+    Use one editor per commit: call one or more operations, then
+    :meth:`commit`.
+    """
+
+    def __init__(self, image: Qcow2Image, txn: Transaction) -> None:
+        self.image = image
+        self.txn = txn
+        self.cluster_bits = image.cluster_bits
+        self.cluster_size = image.cluster_size
+        h = image.header
+        self.size = h.size
+        self.records = [_Record.from_snapshot(s) for s in image.snapshots]
+        self.table_dirty = False
+        self.active = _L1(h.l1_table_offset, h.l1_size,
+                          array(image.read_l1(image.layer()).typecode, image.read_l1(image.layer())))
+        self._l2_content: dict[int, array[int]] = {}   # new L2 offset -> content
+        self._remap: dict[int, int] = {}               # old L2 offset -> new offset
+        self.check_editable()
+        txn.mark_in_use([0])
+        txn.mark_in_use(txn.clusters_of(h.l1_table_offset, h.l1_size * 8))
+        txn.mark_in_use(txn.clusters_of(h.snapshots_offset, image.snapshot_table.size))
+
+    # ------------------------------------------------------------------
+    # gates
+
+    def check_editable(self) -> None:
+        image = self.image
+        if image.dirty:
+            raise ImageNeedsRepairError(
+                f"{image.path}: the dirty bit is set (it was not closed cleanly; refcounts may "
+                f"be stale): run 'qcow2snap check --repair all' or 'qemu-img check -r all' first")
+        if image.corrupt:
+            raise ImageNeedsRepairError(
+                f"{image.path}: the corrupt bit is set: run 'qcow2snap check --repair all' or "
+                f"'qemu-img check -r all' first")
+        if image.has_data_file:
+            raise UnsupportedImageError(
+                f"{image.path}: internal snapshots are not supported with an external data "
+                f"file (QEMU refuses them too)", feature="external data file")
+
+    # ------------------------------------------------------------------
+    # helpers
+
+    def _find(self, ref: str | Snapshot) -> _Record:
+        sn = self.image.find_snapshot(ref)
+        for record in self.records:
+            if record.original is sn:
+                return record
+        raise SnapshotNotFoundError(f"{self.image.path}: snapshot {ref!r} is being removed")
+
+    def _snapshot_l1(self, record: _Record) -> _L1:
+        if record.l1 is None:
+            structure = f"snapshot {record.label}"
+            if record.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
+                raise Qcow2Error(f"{self.image.path}: Snapshot L1 table too large: {structure}")
+            if record.l1_table_offset & (self.cluster_size - 1):
+                raise Qcow2Error(f"{self.image.path}: Snapshot L1 table offset invalid: "
+                                 f"{structure}")
+            entries = decode_l1(self.image, record.l1_table_offset, record.l1_size)
+            record.l1 = _L1(record.l1_table_offset, record.l1_size, entries)
+            self.txn.mark_in_use(self.txn.clusters_of(record.l1_table_offset,
+                                                      record.l1_size * 8))
+        return record.l1
+
+    def _l2_offset(self, l1_entry: int, where: str) -> int:
+        offset = l1_entry & fmt.L1E_OFFSET_MASK
+        if offset & (self.cluster_size - 1):
+            raise Qcow2Error(f"{self.image.path}: L2 table offset {offset:#x} unaligned in "
+                             f"{where}; run 'qcow2snap check'")
+        return offset
+
+    def _refupdate(self, l1: _L1, addend: int, where: str) -> None:
+        """+/-1 on every L2 table of ``l1`` and every cluster they reference
+        (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass)."""
+        txn = self.txn
+        bits = self.cluster_bits
+        for entry in l1.entries:
+            l2 = self._l2_offset(entry, where)
+            if not l2:
+                continue
+            refs = l2_references(self.image, l2)
+            txn.mark_in_use([l2 >> bits])
+            txn.mark_in_use(refs)
+            txn.add_refcount(l2 >> bits, addend)
+            txn.add_refcounts(refs, addend)
+
+    def _l2_table(self, offset: int) -> array[int]:
+        content = self._l2_content.get(offset)
+        if content is not None:
+            return content
+        return self.image.read_l2(offset)
+
+    def _all_l1s(self) -> list[_L1]:
+        return [self.active, *(self._snapshot_l1(r) for r in self.records)]
+
+    def _fix_active_copied(self) -> None:
+        """Recompute COPIED on the active L1 and its L2 tables from the new
+        refcounts; an L2 table whose flags change is copied, and every L1
+        table that shared it is pointed at the copy."""
+        txn = self.txn
+        bits = self.cluster_bits
+        extended = self.image.extended_l2
+        step = 2 if extended else 1
+        copied = fmt.QCOW_OFLAG_COPIED
+        compressed = fmt.QCOW_OFLAG_COMPRESSED
+        zero = fmt.QCOW_OFLAG_ZERO
+        mask = fmt.L2E_OFFSET_MASK
+        referrers: dict[int, list[tuple[_L1, int]]] | None = None
+        active = self.active
+        for i, entry in enumerate(active.entries):
+            l2 = self._l2_offset(entry, "the active L1 table")
+            if not l2:
+                continue
+            table = self._l2_table(l2)
+            desired = array(table.typecode, table)
+            for j in range(0, len(desired), step):
+                e = desired[j]
+                new = e & ~copied
+                if not (e & compressed):
+                    host = e & mask
+                    # NORMAL and ZERO_ALLOC are refcounted; ZERO_PLAIN and
+                    # UNALLOCATED count as 0, compressed as 2: no COPIED
+                    if host and txn.refcount(host >> bits) == 1:
+                        new |= copied
+                    elif not host and not extended and e & zero:
+                        pass
+                desired[j] = new
+            if desired != table:
+                if referrers is None:
+                    referrers = self._referrers()
+                l2 = self._move_l2(l2, desired, referrers)
+            flags = copied if txn.refcount(l2 >> bits) == 1 else 0
+            new_entry = (entry & ~(copied | fmt.L1E_OFFSET_MASK)) | l2 | flags
+            if new_entry != entry:
+                active.entries[i] = new_entry
+                active.moved = True
+
+    def _referrers(self) -> dict[int, list[tuple[_L1, int]]]:
+        out: dict[int, list[tuple[_L1, int]]] = {}
+        for l1 in self._all_l1s():
+            for i, entry in enumerate(l1.entries):
+                offset = entry & fmt.L1E_OFFSET_MASK
+                if offset:
+                    out.setdefault(offset, []).append((l1, i))
+        return out
+
+    def _move_l2(self, old: int, content: array[int],
+                 referrers: dict[int, list[tuple[_L1, int]]]) -> int:
+        txn = self.txn
+        bits = self.cluster_bits
+        paths = txn.refcount(old >> bits)
+        new = txn.allocate(self.cluster_size)
+        txn.add_refcount(new >> bits, paths - 1)
+        txn.add_refcount(old >> bits, -paths)
+        txn.write_new(new, encode_u64_table(content))
+        self._l2_content[new] = content
+        self._remap[old] = new
+        for l1, index in referrers.pop(old, []):
+            entry = l1.entries[index]
+            l1.entries[index] = (entry & ~fmt.L1E_OFFSET_MASK) | new
+            l1.moved = True
+            referrers.setdefault(new, []).append((l1, index))
+        return new
+
+    # ------------------------------------------------------------------
+    # operations
+
+    def create(self, name: str | bytes, *, overwrite: bool = False,
+               date: float | None = None) -> str:
+        """A disk-only snapshot of the active layer, as ``qemu-img snapshot -c``
+        makes it (icount 0, vm clock 0, date now).  With ``overwrite``, the
+        first snapshot of that name is deleted first, in the same commit."""
+        name_bytes = name.encode() if isinstance(name, str) else name
+        if not name_bytes:
+            raise ValueError("a snapshot name must not be empty")
+        if len(name_bytes) > QEMU_MAX_NAME_BYTES or b"\0" in name_bytes:
+            raise ValueError(f"snapshot names are at most {QEMU_MAX_NAME_BYTES} bytes without "
+                             f"NUL (QEMU would truncate longer ones)")
+        existing = [r for r in self.records if r.name_bytes == name_bytes]
+        if existing:
+            if not overwrite:
+                raise SnapshotExistsError(
+                    f"{self.image.path}: a snapshot named {name_bytes.decode('utf-8', 'replace')!r}"
+                    f" exists (ID {existing[0].id_bytes.decode()}); pass overwrite=True "
+                    f"(CLI: --overwrite) to replace it")
+            self._delete_record(existing[0])
+        if len(self.records) >= fmt.QCOW_MAX_SNAPSHOTS:
+            raise UnsupportedImageError(
+                f"{self.image.path}: the image already holds {fmt.QCOW_MAX_SNAPSHOTS} snapshots, "
+                f"QEMU's limit (File too large)", feature="snapshot count")
+        now = time.time() if date is None else date
+        micros = int(round(now * 1_000_000))
+        snapshot_l1 = _L1(0, self.active.size, array(self.active.entries.typecode,
+                                                      self.active.entries), moved=True)
+        self._refupdate(self.active, +1, "the active L1 table")
+        new_id = next_snapshot_id(self.records).encode()
+        record = _Record(
+            id_bytes=new_id, name_bytes=name_bytes, l1_table_offset=0,
+            l1_size=self.active.size, date_sec=micros // 1_000_000 & 0xFFFFFFFF,
+            date_nsec=(micros % 1_000_000) * 1000, vm_clock_nsec=0, vm_state_size=0,
+            disk_size=self.size, icount=0, extra_data_size=24, unknown_extra=b"",
+            l1=snapshot_l1)
+        self.records.append(record)
+        self.table_dirty = True
+        self._fix_active_copied()
+        return new_id.decode()
+
+    def delete(self, ref: str | Snapshot) -> _Record:
+        record = self._find(ref)
+        self._delete_record(record)
+        self._fix_active_copied()
+        return record
+
+    def _delete_record(self, record: _Record) -> None:
+        l1 = self._snapshot_l1(record)
+        self.records.remove(record)
+        self._refupdate(l1, -1, f"snapshot {record.label}")
+        if record.original is not None and l1.size:
+            self.txn.add_refcounts(self.txn.clusters_of(l1.offset, l1.byte_length()), -1)
+        self.table_dirty = True
+
+    def revert(self, ref: str | Snapshot) -> _Record:
+        """Make the active layer the snapshot's content (``qemu-img snapshot -a``),
+        resizing the image to the snapshot's disk size."""
+        record = self._find(ref)
+        sn_l1 = self._snapshot_l1(record)
+        image = self.image
+        if record.disk_size != self.size:
+            if image.header.version < 3 and self.records:
+                raise UnsupportedImageError(
+                    f"{image.path}: Can't resize a v2 image which has snapshots (snapshot "
+                    f"{record.label} has disk size {record.disk_size}, the image "
+                    f"{self.size})", feature="resize of v2 image with snapshots")
+            self.size = record.disk_size
+            self.txn.set_header(size=record.disk_size)
+        new_size = max(self.active.size, sn_l1.size, image.size_to_l1(record.disk_size))
+        if new_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
+            raise UnsupportedImageError("Active L1 table too large", feature="L1 size")
+        entries = array(sn_l1.entries.typecode, sn_l1.entries)
+        entries.extend([0] * (new_size - sn_l1.size))
+        self._refupdate(sn_l1, +1, f"snapshot {record.label}")
+        self._refupdate(self.active, -1, "the active L1 table")
+        old = self.active
+        if old.size:
+            self.txn.add_refcounts(self.txn.clusters_of(old.offset, old.byte_length()), -1)
+        self.active = _L1(0, new_size, entries, moved=True)
+        self._fix_active_copied()
+        return record
+
+    def rename(self, ref: str | Snapshot, new_name: str | bytes) -> _Record:
+        record = self._find(ref)
+        name_bytes = new_name.encode() if isinstance(new_name, str) else new_name
+        if not name_bytes or len(name_bytes) > QEMU_MAX_NAME_BYTES or b"\0" in name_bytes:
+            raise ValueError(f"snapshot names are 1 to {QEMU_MAX_NAME_BYTES} bytes without NUL")
+        record.name_bytes = name_bytes
+        self.table_dirty = True
+        return record
+
+    # ------------------------------------------------------------------
+
+    def commit(self, *, dry_run: bool = False) -> CommitResult:
+        txn = self.txn
+        image = self.image
+        h = image.header
+        bits = self.cluster_bits
+        # L1 tables that changed go to new clusters
+        if self.active.moved:
+            l1 = self.active
+            if l1.offset:
+                # old location freed (revert already released it)
+                txn.add_refcounts(txn.clusters_of(l1.offset, l1.byte_length()), -1)
+            l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
+            if l1.size:
+                txn.write_new(l1.offset, encode_u64_table(l1.entries))
+        for record in self.records:
+            l1 = record.l1
+            if l1 is None or not l1.moved:
+                continue
+            if record.original is not None and l1.offset:
+                txn.add_refcounts(txn.clusters_of(l1.offset, l1.byte_length()), -1)
+            l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
+            if l1.size:
+                txn.write_new(l1.offset, encode_u64_table(l1.entries))
+            record.l1_table_offset = l1.offset
+            record.l1_size = l1.size
+            self.table_dirty = True
+        fields: dict[str, int] = {}
+        if self.active.offset != h.l1_table_offset or self.active.size != h.l1_size:
+            fields.update(l1_table_offset=self.active.offset, l1_size=self.active.size)
+        if self.table_dirty:
+            table = serialize_snapshot_table(self.records)
+            if len(table) > fmt.QCOW_MAX_SNAPSHOTS_SIZE:
+                raise UnsupportedImageError(
+                    f"{image.path}: the snapshot table would exceed QEMU's 64 MiB limit "
+                    f"(File too large)", feature="snapshot table size")
+            if self.records:
+                offset = txn.allocate(len(table))
+                txn.write_new(offset, table)
+            else:
+                offset = 0
+            if h.nb_snapshots:
+                txn.add_refcounts(txn.clusters_of(h.snapshots_offset, image.snapshot_table.size),
+                                  -1)
+            fields.update(nb_snapshots=len(self.records), snapshots_offset=offset)
+        txn.set_header(**fields)
+        del bits
+        return txn.commit(dry_run=dry_run)
