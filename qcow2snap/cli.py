@@ -56,6 +56,11 @@ class _Group(click.Group):
                     traceback.print_exc()
                 click.echo(f"qcow2snap: error: {_one_line(str(exc))}", err=True)
                 ctx.exit(exc.exit_code)
+            except ValueError as exc:
+                if debug:
+                    traceback.print_exc()
+                click.echo(f"qcow2snap: error: {_one_line(str(exc))}", err=True)
+                ctx.exit(EXIT_USAGE)
             except OSError as exc:
                 if debug:
                     traceback.print_exc()
@@ -311,6 +316,142 @@ def vmstate_dump(snapshot: str, image: str, output: str, force: bool, as_json: b
     if as_json:
         _print_json({"output": result.output, "vm-state-size": result.virtual_size,
                      "snapshot": ref.id})
+
+
+def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
+    """Print one line (or one JSON object) per image; exit non-zero if any failed."""
+    objs = []
+    failed = 0
+    for r in results:
+        obj: dict[str, Any] = {"filename": r.path, "operation": r.operation,
+                               "snapshot-id": r.snapshot_id, "snapshot-name": r.snapshot_name,
+                               "ok": r.ok, "dry-run": dry_run}
+        if r.commit is not None:
+            c = r.commit
+            obj.update({
+                "clusters-allocated": len(c.clusters_allocated),
+                "clusters-freed": len(c.clusters_freed),
+                "bytes-allocated": c.bytes_allocated,
+                "bytes-freed": c.bytes_freed,
+                "metadata-bytes-written": c.metadata_bytes_written,
+                "file-size-before": c.file_size_before,
+                "file-size-after": c.file_size_after,
+                "header-changes": {k: {"before": v[0], "after": v[1]}
+                                   for k, v in c.header_changes.items()},
+            })
+        if r.error is not None:
+            failed += 1
+            obj["error"] = _one_line(str(r.error))
+        objs.append(obj)
+        if as_json:
+            continue
+        if r.error is not None:
+            click.echo(f"qcow2snap: error: {_one_line(str(r.error))}", err=True)
+            continue
+        verb = {"create": "created", "delete": "deleted", "revert": "reverted to",
+                "rename": "renamed"}[r.operation]
+        if dry_run:
+            verb = f"would have {verb}"
+        c = r.commit
+        line = f"{r.path}: {verb} snapshot {r.snapshot_id} ({r.snapshot_name})"
+        if c is not None:
+            line += (f"; {len(c.clusters_allocated)} cluster(s) allocated, "
+                     f"{len(c.clusters_freed)} freed ({describe.size_to_str(c.bytes_freed)} "
+                     f"reclaimed), file {describe.size_to_str(c.file_size_before)} -> "
+                     f"{describe.size_to_str(c.file_size_after)}")
+        click.echo(line)
+        if dry_run and c is not None:
+            for field_name, (before, after) in c.header_changes.items():
+                click.echo(f"    header {field_name}: {before:#x} -> {after:#x}")
+    if as_json:
+        _print_json(objs)
+    if failed:
+        raise SystemExit(1)
+
+
+_edit_options = [
+    click.option("--dry-run", is_flag=True,
+                 help="Show the planned changes (clusters to allocate and free, bytes "
+                      "reclaimed, header fields) and write nothing."),
+    click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
+]
+
+
+def edit_options(func: F) -> F:
+    for option in reversed(_edit_options):
+        func = option(func)
+    return func
+
+
+def _by(by_id: bool, by_name: bool) -> Any:
+    if by_id and by_name:
+        raise click.UsageError("--by-id and --by-name exclude each other")
+    return "id" if by_id else "name" if by_name else None
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing snapshot of that name (as QEMU's savevm does).")
+@edit_options
+def create(name: str, images: tuple[str, ...], overwrite: bool, dry_run: bool,
+           as_json: bool) -> None:
+    """Create a disk-only snapshot NAME in each IMAGE (like `qemu-img snapshot -c`).
+
+    Several IMAGES are one VM's disks: all are checked first, and if any
+    check fails none is changed.
+    """
+    from .ops.edit import edit_images
+    _edit_report(edit_images(images, "create", name=name, overwrite=overwrite,
+                             dry_run=dry_run), as_json, dry_run)
+
+
+@cli.command()
+@click.argument("snapshot")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@snapshot_selection
+@edit_options
+def delete(snapshot: str, images: tuple[str, ...], by_id: bool, by_name: bool, dry_run: bool,
+           as_json: bool) -> None:
+    """Delete SNAPSHOT from each IMAGE and reclaim its space.
+
+    Freed clusters at the end of the file are truncated away, others are
+    punched out, so disk usage really drops.
+    """
+    from .ops.edit import edit_images
+    _edit_report(edit_images(images, "delete", snapshot=snapshot, by=_by(by_id, by_name),
+                             dry_run=dry_run), as_json, dry_run)
+
+
+@cli.command()
+@click.argument("snapshot")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@snapshot_selection
+@edit_options
+def revert(snapshot: str, images: tuple[str, ...], by_id: bool, by_name: bool, dry_run: bool,
+           as_json: bool) -> None:
+    """Revert each IMAGE's disk to SNAPSHOT (like `qemu-img snapshot -a`).
+
+    The image takes the snapshot's disk size when it differs.
+    """
+    from .ops.edit import edit_images
+    _edit_report(edit_images(images, "revert", snapshot=snapshot, by=_by(by_id, by_name),
+                             dry_run=dry_run), as_json, dry_run)
+
+
+@cli.command()
+@click.argument("snapshot")
+@click.argument("new_name")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@snapshot_selection
+@edit_options
+def rename(snapshot: str, new_name: str, images: tuple[str, ...], by_id: bool, by_name: bool,
+           dry_run: bool, as_json: bool) -> None:
+    """Rename SNAPSHOT to NEW_NAME in each IMAGE (the ID stays)."""
+    from .ops.edit import edit_images
+    _edit_report(edit_images(images, "rename", snapshot=snapshot, name=new_name,
+                             by=_by(by_id, by_name), dry_run=dry_run), as_json, dry_run)
 
 
 def main(argv: list[str] | None = None) -> None:
