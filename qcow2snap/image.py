@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -64,6 +65,17 @@ def _open_read_only(path: str) -> int:
         except PermissionError:
             pass  # O_NOATIME needs ownership; fall back
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _require_file(path: str) -> None:
+    """A companion file named by an image (backing file, data file) must be a
+    regular file or a block device: opening or reading a directory, FIFO or
+    terminal would fail with a raw OSError or block forever."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise OSError(errno.EINVAL, "not a regular file or block device", path)
 
 
 class _HostFile:
@@ -576,8 +588,7 @@ class Qcow2Image:
                 f"{self.path}: backing file {path!r} not found; pass backing_file= "
                 f"(CLI: --backing-file PATH) to give its location", feature="backing file")
         try:
-            if os.path.isdir(path):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            _require_file(path)
             if fmt_name is None:
                 with _builtin_open(path, "rb") as probe:
                     fmt_name = "qcow2" if probe.read(4) == fmt.QCOW_MAGIC else "raw"
@@ -614,8 +625,7 @@ class Qcow2Image:
                     f"(CLI: --data-file PATH)", feature="external data file")
             path = self._resolve_relative(os.fspath(name))
             try:
-                if os.path.isdir(path):
-                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+                _require_file(path)
                 self._data_file = _HostFile(_open_read_only(path), path)
             except OSError as exc:  # a name in a hostile image may point anywhere
                 raise UnsupportedImageError(

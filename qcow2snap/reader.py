@@ -127,15 +127,23 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
     pos = start
     while pos < end:
         l1_index = pos >> l1_shift
-        span_end = min(end, (l1_index + 1) << l1_shift)
         l1_entry = l1[l1_index] if (l1 is not None and l1_index < layer.l1_size) else 0
         l2_offset = l1_entry & fmt.L1E_OFFSET_MASK
         if not l2_offset:
+            # One step for a whole run of unmapped L1 entries, and for all of
+            # the range past the L1 table (a hostile image may have 4M empty
+            # L1 entries, or a snapshot disk_size of petabytes).
+            j = l1_index + 1
+            while (l1 is not None and j < layer.l1_size and (j << l1_shift) < end
+                   and not l1[j] & fmt.L1E_OFFSET_MASK):
+                j += 1
+            span_end = end if j >= layer.l1_size else min(end, j << l1_shift)
             emit, pending = _merge(pending, Extent(pos, span_end - pos, ExtentKind.UNALLOCATED))
             if emit:
                 yield emit
             pos = span_end
             continue
+        span_end = min(end, (l1_index + 1) << l1_shift)
         if l2_offset & (cs - 1):
             raise CorruptImageError(
                 f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x}) "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable
+from itertools import compress
 from typing import TYPE_CHECKING
 
 from . import format as fmt
@@ -103,17 +104,14 @@ def l2_references(image: Qcow2Image, l2_offset: int) -> list[int]:
     (with repetitions: one per referencing entry)."""
     table = image.read_l2(l2_offset)
     entries = table[0::2] if image.extended_l2 else table
-    out: list[int] = []
     mask = fmt.L2E_OFFSET_MASK
     compressed = fmt.QCOW_OFLAG_COMPRESSED
     bits = image.cluster_bits
-    for entry in entries:
+    live = list(compress(entries, entries))  # drop unallocated entries at C speed
+    out = [(e & mask) >> bits for e in live if e & mask and not e & compressed]
+    for entry in live:
         if entry & compressed:
             out.extend(l2_entry_references(image, entry))
-        else:
-            host = entry & mask
-            if host:
-                out.append(host >> bits)
     return out
 
 

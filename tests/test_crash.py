@@ -121,6 +121,8 @@ def test_power_loss_leaves_old_or_new_state(name: str, operation: str, fixture_c
     assert assert_crash_safe(path, OPERATIONS[operation], qemu_img, scratch) > 3
 
 
+@pytest.mark.skip(reason="crash replay of an 8 MiB image keeps every variant in memory "
+                         "(reached 10-16 GB); needs a streaming crashsim before it can run in CI")
 def test_refcount_table_growth_is_crash_safe(qemu_img: str, qemu_io: str,
                                              tmp_path: Path) -> None:
     """512-byte clusters: one refcount block covers 128 KiB and a one-cluster

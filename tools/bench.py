@@ -202,6 +202,28 @@ def build_many_snapshots(work: Path, count: int = 10000) -> Path:
     return img
 
 
+def build_edit_image(work: Path) -> Path:
+    """32 GiB virtual disk, ~3 GiB allocated in 3072 scattered 1 MiB writes,
+    with a snapshot after every quarter of the writes (4 snapshots)."""
+    img = work / "e-32g.qcow2"
+    if img.exists():
+        return img
+    import random
+    rng = random.Random(42)
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "32G")
+    slots = rng.sample(range(32 * 1024), 3072)  # 1 MiB slots
+    for quarter in range(4):
+        part = slots[quarter * 768:(quarter + 1) * 768]
+        script = "\n".join(f"write -P {(i % 250) + 1} {slot}M 1M"
+                           for i, slot in enumerate(part)) + "\n"
+        subprocess.run(["qemu-io", str(tmp)], input=script.encode(), check=True,
+                       stdout=subprocess.DEVNULL)
+        sh("qemu-img", "snapshot", "-c", f"q{quarter + 1}", str(tmp))
+    tmp.rename(img)
+    return img
+
+
 # ---------------------------------------------------------------------------
 # Suites
 # ---------------------------------------------------------------------------
@@ -258,7 +280,37 @@ def suite_list(work: Path, rounds: int) -> list[dict[str, float | str]]:
     ]
 
 
-SUITES = {"extract": suite_extract, "list": suite_list}
+def suite_edit(work: Path, rounds: int) -> list[dict[str, float | str]]:
+    """create / delete / revert on a fresh copy of the 32 GiB image each run
+    (the copy is made before the timer starts)."""
+    img = build_edit_image(work)
+    copy = work / "edit-copy.qcow2"
+
+    def fresh() -> None:
+        if copy.exists():
+            copy.unlink()
+        sh("cp", "--sparse=always", str(img), str(copy))
+        warm(copy)
+
+    cases = [
+        ("create a snapshot (32 GiB, 3 GiB allocated, 4 snapshots)",
+         [*QCOW2SNAP, "create", "new", str(copy)], ["qemu-img", "snapshot", "-c", "new", str(copy)]),
+        ("delete snapshot q2",
+         [*QCOW2SNAP, "delete", "q2", str(copy)], ["qemu-img", "snapshot", "-d", "q2", str(copy)]),
+        ("revert to snapshot q1",
+         [*QCOW2SNAP, "revert", "q1", str(copy)], ["qemu-img", "snapshot", "-a", "q1", str(copy)]),
+    ]
+    results = []
+    for name, ours, theirs in cases:
+        fresh()
+        results.append(compare(name, lambda ours=ours: ours, lambda theirs=theirs: theirs,
+                               rounds, fresh, work))
+    if copy.exists():
+        copy.unlink()
+    return results
+
+
+SUITES = {"extract": suite_extract, "list": suite_list, "edit": suite_edit}
 
 
 def main(argv: list[str] | None = None) -> int:

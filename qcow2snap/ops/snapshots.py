@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from itertools import compress
 from dataclasses import dataclass, field
 
 from .. import format as fmt
@@ -268,41 +269,51 @@ class SnapshotEditor:
 
     def _fix_active_copied(self) -> None:
         """Recompute COPIED on the active L1 and its L2 tables from the new
-        refcounts; an L2 table whose flags change is copied, and every L1
-        table that shared it is pointed at the copy."""
+        refcounts, as QEMU's ``qcow2_update_snapshot_refcount(active, 0)``
+        does: set iff the refcount is exactly 1; NORMAL and ZERO_ALLOC
+        entries are refcounted, ZERO_PLAIN/UNALLOCATED count as 0 and
+        compressed as 2, so those never carry it.  An L2 table whose flags
+        change is copied, and every L1 table that shared it is pointed at the
+        copy."""
         txn = self.txn
         bits = self.cluster_bits
-        extended = self.image.extended_l2
-        step = 2 if extended else 1
+        step = 2 if self.image.extended_l2 else 1
         copied = fmt.QCOW_OFLAG_COPIED
+        not_copied = ~copied & ((1 << 64) - 1)
         compressed = fmt.QCOW_OFLAG_COMPRESSED
-        zero = fmt.QCOW_OFLAG_ZERO
         mask = fmt.L2E_OFFSET_MASK
         referrers: dict[int, list[tuple[_L1, int]]] | None = None
         active = self.active
-        for i, entry in enumerate(active.entries):
-            l2 = self._l2_offset(entry, "the active L1 table")
+        l2_offsets = [self._l2_offset(e, "the active L1 table") for e in active.entries]
+        l2_counts = txn.refcounts_of([o >> bits for o in l2_offsets if o])
+        l2_count = iter(l2_counts)
+        for i, (entry, l2) in enumerate(zip(active.entries, l2_offsets)):
             if not l2:
                 continue
+            paths = next(l2_count)
             table = self._l2_table(l2)
-            desired = array(table.typecode, table)
-            for j in range(0, len(desired), step):
-                e = desired[j]
-                new = e & ~copied
-                if not (e & compressed):
-                    host = e & mask
-                    # NORMAL and ZERO_ALLOC are refcounted; ZERO_PLAIN and
-                    # UNALLOCATED count as 0, compressed as 2: no COPIED
-                    if host and txn.refcount(host >> bits) == 1:
-                        new |= copied
-                    elif not host and not extended and e & zero:
-                        pass
-                desired[j] = new
-            if desired != table:
+            entries = table[0::step] if step == 2 else table
+            # only entries that are not all-zero can change
+            indexes = list(compress(range(len(entries)), entries))  # nonzero, at C speed
+            live = [(j, entries[j]) for j in indexes]
+            hosts = [(e & mask) >> bits if not e & compressed else 0 for _, e in live]
+            counts = txn.refcounts_of([h for h in hosts if h])
+            count_iter = iter(counts)
+            changes: list[tuple[int, int]] = []
+            for (j, e), h in zip(live, hosts):
+                want = e & not_copied
+                if h and next(count_iter) == 1:
+                    want |= copied
+                if want != e:
+                    changes.append((j * step, want))
+            if changes:
+                desired = array(table.typecode, table)
+                for index, value in changes:
+                    desired[index] = value
                 if referrers is None:
                     referrers = self._referrers()
                 l2 = self._move_l2(l2, desired, referrers)
-            flags = copied if txn.refcount(l2 >> bits) == 1 else 0
+            flags = copied if paths == 1 else 0
             new_entry = (entry & ~(copied | fmt.L1E_OFFSET_MASK)) | l2 | flags
             if new_entry != entry:
                 active.entries[i] = new_entry

@@ -78,7 +78,7 @@ class FileIO:
             offset += n
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
+        os.fdatasync(self.fd)  # data and the file size; mtime need not be durable
 
     def truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
@@ -87,21 +87,22 @@ class FileIO:
         _punch_hole(self.fd, offset, length)
 
 
+_FALLOCATE = None
+
+
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); silently
     skipped where the file system cannot (space is then not returned, but
     nothing is wrong)."""
-    import ctypes
-    import ctypes.util
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:  # pragma: no cover
-        return
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fallocate = libc.fallocate
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    FALLOC_FL_KEEP_SIZE = 0x01
-    FALLOC_FL_PUNCH_HOLE = 0x02
-    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    global _FALLOCATE
+    if _FALLOCATE is None:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _FALLOCATE = libc.fallocate
+        _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    _FALLOCATE(fd, falloc_fl_punch_hole | falloc_fl_keep_size, offset, length)
 
 
 @dataclass
@@ -178,21 +179,55 @@ class Transaction:
             return range(0)
         return range(offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1)
 
+    def refcounts_of(self, clusters: list[int]) -> list[int]:
+        """New-state refcounts of many clusters at once (the hot path of
+        COPIED recomputation: one comprehension over decoded blocks)."""
+        rc = self.refcounts
+        bits = rc.block_bits
+        mask = rc.block_entries - 1
+        blocks: dict[int, array[int] | None] = {}
+        for b in {c >> bits for c in clusters}:
+            blocks[b] = rc.block(b)
+        zero = array("B", bytes(1))
+        delta_get = self.delta.get
+        return [((blocks[c >> bits] or zero)[(c & mask) if blocks[c >> bits] else 0])
+                + delta_get(c, 0) for c in clusters]
+
+    def _next_free_candidate(self, cluster: int) -> int:
+        """The first cluster >= ``cluster`` whose old refcount is 0 (using
+        ``array.index`` on decoded blocks rather than one lookup per cluster)."""
+        rc = self.refcounts
+        bits = rc.block_bits
+        mask = rc.block_entries - 1
+        while True:
+            b = cluster >> bits
+            if b >= len(rc.table):
+                return cluster
+            block = rc.block(b)
+            if block is None:
+                return cluster
+            try:
+                return (b << bits) + block.index(0, cluster & mask)
+            except ValueError:
+                cluster = (b + 1) << bits
+
     def allocate(self, length: int) -> int:
         """First-fit allocation of ``ceil(length / cluster)`` contiguous clusters
         that are free in the old state and not yet used by this transaction;
         their new refcount is 1.  Returns the host offset."""
         count = max(1, (length + self.cluster_size - 1) >> self.cluster_bits)
-        start = self._free_cursor
+        start = self._next_free_candidate(self._free_cursor)
+        self._free_cursor = start
         run = 0
         cluster = start
         while run < count:
             if self._is_free(cluster):
                 run += 1
+                cluster += 1
             else:
                 run = 0
-                start = cluster + 1
-            cluster += 1
+                cluster = self._next_free_candidate(cluster + 1)
+                start = cluster
         for c in range(start, start + count):
             self.allocated.add(c)
             self.add_refcount(c, 1)
