@@ -373,28 +373,44 @@ class Snapshot:
 
     def to_bytes(self) -> bytes:
         """The entry exactly as stored (no padding)."""
-        extra = fmt.build_struct(fmt.QCowSnapshotExtraData, {
-            "vm_state_size_large": self.vm_state_size_large_field,
-            "disk_size": self.disk_size_field,
-            "icount": self.icount_field,
-            "unknown": self.unknown_extra,
-        }, extra_data_size=self.extra_data_size)
-        return fmt.build_struct(fmt.QCowSnapshotEntry, {
-            "header": {
-                "l1_table_offset": self.l1_table_offset,
-                "l1_size": self.l1_size,
-                "id_str_size": len(self.id_bytes),
-                "name_size": len(self.name_bytes),
-                "date_sec": self.date_sec,
-                "date_nsec": self.date_nsec,
-                "vm_clock_nsec": self.vm_clock_nsec,
-                "vm_state_size": self.vm_state_size_field,
-                "extra_data_size": self.extra_data_size,
-            },
-            "extra_data": extra,
-            "id_str": self.id_bytes,
-            "name": self.name_bytes,
-        })
+        return build_snapshot_entry(
+            l1_table_offset=self.l1_table_offset, l1_size=self.l1_size,
+            id_bytes=self.id_bytes, name_bytes=self.name_bytes, date_sec=self.date_sec,
+            date_nsec=self.date_nsec, vm_clock_nsec=self.vm_clock_nsec,
+            vm_state_size_field=self.vm_state_size_field, extra_data_size=self.extra_data_size,
+            vm_state_size_large=self.vm_state_size_large_field, disk_size=self.disk_size_field,
+            icount=self.icount_field, unknown_extra=self.unknown_extra)
+
+
+def build_snapshot_entry(*, l1_table_offset: int, l1_size: int, id_bytes: bytes,
+                         name_bytes: bytes, date_sec: int, date_nsec: int, vm_clock_nsec: int,
+                         vm_state_size_field: int, extra_data_size: int,
+                         vm_state_size_large: int | None, disk_size: int | None,
+                         icount: int | None, unknown_extra: bytes) -> bytes:
+    """One snapshot table entry (no padding); extra-data fields that
+    ``extra_data_size`` does not cover must be ``None``."""
+    extra = fmt.build_struct(fmt.QCowSnapshotExtraData, {
+        "vm_state_size_large": vm_state_size_large,
+        "disk_size": disk_size,
+        "icount": icount,
+        "unknown": unknown_extra,
+    }, extra_data_size=extra_data_size)
+    return fmt.build_struct(fmt.QCowSnapshotEntry, {
+        "header": {
+            "l1_table_offset": l1_table_offset,
+            "l1_size": l1_size,
+            "id_str_size": len(id_bytes),
+            "name_size": len(name_bytes),
+            "date_sec": date_sec,
+            "date_nsec": date_nsec,
+            "vm_clock_nsec": vm_clock_nsec,
+            "vm_state_size": vm_state_size_field,
+            "extra_data_size": extra_data_size,
+        },
+        "extra_data": extra,
+        "id_str": id_bytes,
+        "name": name_bytes,
+    })
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from .. import format as fmt
 from ..errors import Qcow2Error, SnapshotNotFoundError, UnsupportedImageError
 from ..image import Qcow2Image
-from ..model import Snapshot
+from ..model import Snapshot, build_snapshot_entry
 from ..refcount import decode_l1, l2_references
 from ..tables import encode_u64_table
 from .transaction import CommitResult, Transaction
@@ -130,28 +130,14 @@ class _Record:
         """The entry as ``qcow2_write_snapshots`` writes it."""
         extra_size = max(fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE,
                          fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE + len(self.unknown_extra))
-        extra = fmt.build_struct(fmt.QCowSnapshotExtraData, {
-            "vm_state_size_large": self.vm_state_size,
-            "disk_size": self.disk_size,
-            "icount": self.icount,
-            "unknown": self.unknown_extra,
-        }, extra_data_size=extra_size)
-        return fmt.build_struct(fmt.QCowSnapshotEntry, {
-            "header": {
-                "l1_table_offset": self.l1_table_offset,
-                "l1_size": self.l1_size,
-                "id_str_size": len(self.id_bytes),
-                "name_size": len(self.name_bytes),
-                "date_sec": self.date_sec,
-                "date_nsec": self.date_nsec,
-                "vm_clock_nsec": self.vm_clock_nsec,
-                "vm_state_size": self.vm_state_size if self.vm_state_size <= 0xFFFFFFFF else 0,
-                "extra_data_size": extra_size,
-            },
-            "extra_data": extra,
-            "id_str": self.id_bytes,
-            "name": self.name_bytes,
-        })
+        return build_snapshot_entry(
+            l1_table_offset=self.l1_table_offset, l1_size=self.l1_size,
+            id_bytes=self.id_bytes, name_bytes=self.name_bytes, date_sec=self.date_sec,
+            date_nsec=self.date_nsec, vm_clock_nsec=self.vm_clock_nsec,
+            # > 4 GiB: old readers see a disk-only snapshot rather than a truncated state
+            vm_state_size_field=self.vm_state_size if self.vm_state_size <= 0xFFFFFFFF else 0,
+            extra_data_size=extra_size, vm_state_size_large=self.vm_state_size,
+            disk_size=self.disk_size, icount=self.icount, unknown_extra=self.unknown_extra)
 
     @property
     def label(self) -> str:
