@@ -10,7 +10,6 @@ shows the traceback instead).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
@@ -61,6 +60,8 @@ class _Group(click.Group):
                     traceback.print_exc()
                 click.echo(f"qcow2snap: error: {_one_line(str(exc))}", err=True)
                 ctx.exit(EXIT_USAGE)
+            except BrokenPipeError:
+                raise  # stdout's reader left: click ends quietly (exit 1)
             except OSError as exc:
                 if debug:
                     traceback.print_exc()
@@ -197,10 +198,29 @@ def snapshot_selection(func: F) -> F:
     return func
 
 
+class _TerminalLike:
+    """stderr as click's bar sees it under an explicit --progress: a
+    terminal, so that the bar is drawn (with carriage returns) even into a
+    pipe or a log file, where click would print only the label."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return int(self._stream.write(text))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 @contextmanager
 def _progress_bar(enabled: bool | None, label: str) -> Iterator[Callable[[int, int], None] | None]:
     """A click progress bar on stderr (bytes done/total, rate, ETA) when
     stderr is a terminal or ``--progress`` is given."""
+    forced = enabled is True
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -211,7 +231,8 @@ def _progress_bar(enabled: bool | None, label: str) -> Iterator[Callable[[int, i
     def show(done: int, total: int) -> None:
         bar = state["bar"]
         if bar is None:
-            bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr,
+            stream = _TerminalLike(sys.stderr) if forced else sys.stderr
+            bar = click.progressbar(length=max(total, 1), label=label, file=stream,
                                     show_pos=False, show_percent=True, show_eta=True,
                                     item_show_func=lambda _: None,
                                     info_sep="  ", width=30)
@@ -254,16 +275,17 @@ _progress_option = click.option(
               help="Output file (written under a temporary name, renamed when complete).")
 @click.option("-O", "--format", "out_format", type=click.Choice(["raw", "qcow2"]),
               default="raw", show_default=True, help="Output format.")
-@click.option("-c", "--compress", is_flag=False, flag_value="zlib", default=None,
-              type=click.Choice(["zlib", "zstd"]),
-              help="qcow2 output: compress data clusters (zlib=deflate, the default, or zstd).")
+@click.option("-c", "--compress", is_flag=True,
+              help="qcow2 output: compress data clusters (deflate, as qemu-img convert -c).")
+@click.option("--compression-type", type=click.Choice(["zlib", "zstd"]), default=None,
+              help="Compression for -c: zlib (deflate, the default) or zstd. Implies -c.")
 @click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @snapshot_selection
 @_progress_option
 @image_options
-def extract(snapshot: str, image: str, output: str, out_format: str, compress: str | None,
-            force: bool, as_json: bool, by_id: bool, by_name: bool, progress: bool | None,
+def extract(snapshot: str, image: str, output: str, out_format: str, compress: bool,
+            compression_type: str | None, force: bool, as_json: bool, by_id: bool, by_name: bool, progress: bool | None,
             backing_file: str | None, no_backing: bool, data_file: str | None) -> None:
     """Write the disk of SNAPSHOT in IMAGE to OUTPUT.
 
@@ -274,7 +296,8 @@ def extract(snapshot: str, image: str, output: str, out_format: str, compress: s
     snapshots).
     """
     from .ops.extract import extract as do_extract
-    if compress and out_format != "qcow2":
+    compression = compression_type or ("zlib" if compress else None)
+    if compression and out_format != "qcow2":
         raise click.UsageError("--compress needs -O qcow2")
     with _open(image, backing_file, no_backing, data_file) as img:
         active = snapshot == "-" and not (by_id or by_name)
@@ -282,7 +305,7 @@ def extract(snapshot: str, image: str, output: str, out_format: str, compress: s
         label = "active layer" if ref is None else f"snapshot {ref.id} ({ref.name})"
         with _progress_bar(progress, f"extract {label}") as callback:
             result = do_extract(img, ref, output, format=out_format,  # type: ignore[arg-type]
-                                compress=compress, progress=callback, overwrite=force,  # type: ignore[arg-type]
+                                compress=compression, progress=callback, overwrite=force,  # type: ignore[arg-type]
                                 backing=not no_backing)
     if as_json:
         _print_json({"output": result.output, "format": result.format,

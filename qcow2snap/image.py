@@ -498,6 +498,13 @@ class Qcow2Image:
                 or sn.l1_table_offset > 0x7FFFFFFFFFFFFFFF - sn.l1_size * 8):
             raise CorruptImageError(f"Snapshot L1 table offset invalid: {structure}",
                                     structure=structure, offset=sn.entry_offset)
+        # QEMU never makes a disk whose L1 table would exceed QCOW_MAX_L1_SIZE
+        # (qcow2_grow_l1_table refuses it on revert); a larger disk_size is
+        # damage, and would otherwise ask extraction for petabytes of holes.
+        if self.size_to_l1(sn.disk_size) > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
+            raise CorruptImageError(
+                f"Snapshot disk size too large: {structure} claims {sn.disk_size} bytes",
+                structure=structure, offset=sn.entry_offset + 48)  # extra data: disk_size
 
     def vm_state_offset(self, snapshot: Snapshot) -> int:
         """Guest offset (in the snapshot's mapping) where its VM state starts

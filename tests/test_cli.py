@@ -514,12 +514,24 @@ def test_extract_usage_errors(fixture_dir: Path, tmp_path: Path) -> None:
     result = invoke("extract", "first", path)                # -o is required
     assert result.exit_code == 2
     assert "'-o' / '--output'" in result.stderr
-    result = invoke("extract", "first", path, "-o", tmp_path / "o", "-c", "zlib")
-    assert result.exit_code == 2
-    assert "--compress needs -O qcow2" in result.stderr
+    for compress in (["-c"], ["--compression-type", "zstd"]):
+        result = invoke("extract", "first", path, "-o", tmp_path / "o", *compress)
+        assert result.exit_code == 2
+        assert "--compress needs -O qcow2" in result.stderr
     result = invoke("extract", "first", path, "-o", tmp_path / "o", "-O", "vmdk")
     assert result.exit_code == 2
     assert os.listdir(tmp_path) == []
+
+
+def test_extract_compress_flag_takes_no_value(fixture_dir: Path, tmp_path: Path) -> None:
+    """-c is a plain flag: the word after it stays an argument."""
+    path = image(fixture_dir, "v3-basic")
+    out = tmp_path / "o.qcow2"
+    data = json.loads(ok("extract", "-O", "qcow2", "-c", "first", path, "-o", out,
+                         "--json").stdout)
+    assert data["format"] == "qcow2" and out.exists()
+    with qcow2snap.open(out) as extracted:
+        assert extracted.compression_type_name == "zlib"
 
 
 def test_extract_snapshot_named_dash(fixture_copy: Any, tmp_path: Path, qemu_img: str) -> None:
@@ -549,7 +561,7 @@ def test_extract_qcow2_passes_check_and_compare(fixture_dir: Path, tmp_path: Pat
     ok("extract", "--by-id", snap["id"], src, "-o", raw)
     args = ["extract", "--by-id", snap["id"], src, "-o", q2, "-O", "qcow2", "--json"]
     if compress:
-        args += ["-c", compress]
+        args += ["-c", "--compression-type", compress]
     data = json.loads(ok(*args).stdout)
     assert data["format"] == "qcow2"
     assert data["virtual-size"] == snap["disk_size"]
@@ -600,6 +612,8 @@ def test_extract_progress_bar(fixture_dir: Path, tmp_path: Path) -> None:
                 "--progress", "--json")
     assert json.loads(result.stdout)["snapshot"] == "1"
     assert "extract snapshot 1 (first)" in result.stderr
+    # drawn even though stderr is a pipe: the finished bar with bytes done/total
+    assert "100%" in result.stderr and "64 MiB/64 MiB" in result.stderr
     result = ok("extract", "first", image(fixture_dir, "v3-basic"), "-o", tmp_path / "o.raw",
                 "-f", "--no-progress")
     assert result.stderr == ""

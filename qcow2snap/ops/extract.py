@@ -34,10 +34,14 @@ ProgressCallback = Callable[[int, int], None]
 INFLIGHT_BYTES = 16 << 20
 
 
-class OutputExistsError(Qcow2Error):
-    """The output file exists and overwriting was not allowed."""
+class OutputError(Qcow2Error):
+    """The output file cannot be created."""
 
     exit_code = 1
+
+
+class OutputExistsError(OutputError):
+    """The output file exists and overwriting was not allowed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +75,12 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
         if not overwrite:
             raise OutputExistsError(f"{path}: output exists; pass overwrite=True (CLI: --force) "
                                     f"to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".qcow2snap-tmp",
-                               dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                                   suffix=".qcow2snap-tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the output in {directory}: "
+                          f"{exc.strerror or exc}") from exc
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; behave like open()
         yield fd

@@ -1,0 +1,215 @@
+"""Extraction never leaves a half-written file under the final name.
+
+Interrupts (Ctrl-C), a full disk (a file-size limit stands in for it, so the
+test needs no small filesystem), damaged source images and a closed stdout
+must all end in one clean error with no output file, no temporary file left
+behind, an existing output untouched, and the source image unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FIXTURES_BY_NAME
+
+import qcow2snap
+from qcow2snap.errors import CorruptImageError
+from qcow2snap.ops.extract import OutputError, extract
+from qcow2snap.reader import ExtentKind
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Interrupt:
+    """A progress callback that presses Ctrl-C half-way."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.calls += 1
+        if done >= total // 2:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("name", "out_format", "compress"), [
+    ("v3-basic", "raw", None),
+    ("compressed-zlib", "raw", None),
+    ("v3-basic", "qcow2", None),
+    ("v3-basic", "qcow2", "zstd"),
+])
+def test_ctrl_c_leaves_no_output(fixture_copy: Any, tmp_path: Path, name: str,
+                                 out_format: str, compress: str | None) -> None:
+    path = fixture_copy(name)
+    before = _sha256(path)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    out = outdir / "disk.img"
+    interrupt = _Interrupt()
+    with qcow2snap.open(path) as image, pytest.raises(KeyboardInterrupt):
+        extract(image, image.snapshots[0], out, format=out_format,  # type: ignore[arg-type]
+                compress=compress, progress=interrupt)  # type: ignore[arg-type]
+    assert interrupt.calls > 0
+    assert os.listdir(outdir) == []          # neither the output nor its temporary file
+    assert _sha256(path) == before
+
+
+def test_ctrl_c_keeps_an_existing_output(fixture_copy: Any, tmp_path: Path) -> None:
+    path = fixture_copy("v3-basic")
+    out = tmp_path / "disk.raw"
+    out.write_bytes(b"the previous extraction")
+    with qcow2snap.open(path) as image, pytest.raises(KeyboardInterrupt):
+        extract(image, "first", out, overwrite=True, progress=_Interrupt())
+    assert out.read_bytes() == b"the previous extraction"
+    assert sorted(os.listdir(tmp_path)) == ["disk.raw", path.name]
+
+
+def test_sigint_to_the_cli_leaves_no_output(fixture_copy: Any, tmp_path: Path) -> None:
+    """A real SIGINT, delivered by the kernel while the CLI copies: the
+    progress bar's first update stops the process and waits for the signal."""
+    path = fixture_copy("v3-basic")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    script = (
+        "import os, signal, sys\n"
+        "import qcow2snap.ops.extract as ex\n"
+        "real = ex.extract\n"
+        "def extract(*a, progress=None, **k):\n"
+        "    def hook(done, total):\n"
+        "        if done:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(*a, progress=hook, **k)\n"
+        "ex.extract = extract\n"
+        "from qcow2snap.cli import main\n"
+        "main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", script, "extract", "first", os.fspath(path),
+                           "-o", os.fspath(outdir / "disk.raw")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "qcow2snap: interrupted\n"
+    assert os.listdir(outdir) == []
+
+
+def _limit_file_size() -> None:
+    # Stand-in for a full disk: writes past 256 KiB fail with EFBIG.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+
+
+@pytest.mark.parametrize("out_format", ["raw", "qcow2"])
+def test_full_disk_leaves_no_output(fixture_copy: Any, tmp_path: Path, out_format: str) -> None:
+    path = fixture_copy("v3-basic")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "qcow2snap", "extract", "first",
+                           os.fspath(path), "-o", os.fspath(outdir / "disk.img"),
+                           "-O", out_format],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=_limit_file_size)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("qcow2snap: error: File too large"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(outdir) == []
+
+
+def test_missing_output_directory_is_a_clean_error(fixture_dir: Path, tmp_path: Path) -> None:
+    source = fixture_dir / FIXTURES_BY_NAME["v3-basic"]["file"][:-3]
+    with qcow2snap.open(source) as image, pytest.raises(OutputError) as info:
+        extract(image, "first", tmp_path / "no" / "such" / "dir" / "disk.raw")
+    assert str(info.value) == (f"{tmp_path}/no/such/dir/disk.raw: cannot create the output in "
+                               f"{tmp_path}/no/such/dir: No such file or directory")
+
+
+def _compressed_extent(path: Path) -> tuple[str, int]:
+    with qcow2snap.open(path) as image:
+        for snapshot in image.snapshots:
+            for extent in image.extents(snapshot):
+                if extent.kind is ExtentKind.COMPRESSED:
+                    assert extent.host_offset is not None
+                    return snapshot.id, extent.host_offset
+    raise AssertionError("no compressed cluster")
+
+
+@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
+@pytest.mark.parametrize("out_format", ["raw", "qcow2"])
+def test_damaged_compressed_cluster_leaves_no_output(fixture_copy: Any, tmp_path: Path,
+                                                     name: str, out_format: str) -> None:
+    path = fixture_copy(name)
+    snapshot_id, host_offset = _compressed_extent(path)
+    with open(path, "r+b") as f:
+        f.seek(host_offset)
+        f.write(b"\xff" * 64)                 # neither a deflate nor a zstd stream
+    before = _sha256(path)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    with qcow2snap.open(path) as image, pytest.raises(CorruptImageError) as info:
+        extract(image, image.find_snapshot(snapshot_id, by="id"), outdir / "disk.img",
+                format=out_format)  # type: ignore[arg-type]
+    assert "compressed cluster" in str(info.value)
+    assert os.listdir(outdir) == []
+    assert _sha256(path) == before
+
+
+def test_damaged_l2_pointer_leaves_no_output(fixture_copy: Any, tmp_path: Path) -> None:
+    """An L2 table offset that is not cluster-aligned: QEMU's 'L2 table offset
+    ... unaligned' corruption, found half-way through the copy."""
+    path = fixture_copy("v3-basic")
+    with qcow2snap.open(path) as image:
+        snapshot = image.snapshots[0]
+        l1_offset = snapshot.l1_table_offset
+        entry = int.from_bytes(image.pread(l1_offset, 8), "big")
+    assert entry
+    with open(path, "r+b") as f:
+        f.seek(l1_offset)
+        f.write((entry + 512).to_bytes(8, "big"))
+    before = _sha256(path)
+    out = tmp_path / "disk.raw"
+    with qcow2snap.open(path) as image, pytest.raises(CorruptImageError):
+        extract(image, image.snapshots[0], out)
+    assert sorted(os.listdir(tmp_path)) == [path.name]
+    assert _sha256(path) == before
+
+
+def test_damaged_disk_size_is_refused(fixture_copy: Any, tmp_path: Path) -> None:
+    """A snapshot whose extra data claims an absurd disk size (an L1 table
+    beyond QEMU's 32 MiB limit) is refused, not extracted into petabytes."""
+    path = fixture_copy("v3-basic")
+    with qcow2snap.open(path) as image:
+        snapshot = image.snapshots[0]
+        assert snapshot.extra_data_size >= 16
+        disk_size_offset = snapshot.entry_offset + 48
+    with open(path, "r+b") as f:
+        f.seek(disk_size_offset)
+        f.write((1 << 62).to_bytes(8, "big"))
+    out = tmp_path / "disk.raw"
+    with qcow2snap.open(path) as image, pytest.raises(CorruptImageError) as info:
+        extract(image, image.snapshots[0], out)
+    assert str(info.value) == (f"Snapshot disk size too large: snapshot 1 (first) claims "
+                               f"{1 << 62} bytes")
+    assert not out.exists()
+
+
+def test_closed_stdout_is_not_a_traceback(fixture_dir: Path) -> None:
+    """`qcow2snap list ... | head`: the reader goes away; click's EPIPE
+    handling ends the run with status 1 and nothing on stderr."""
+    source = fixture_dir / FIXTURES_BY_NAME["many-snapshots"]["file"][:-3]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qcow2snap", "list", os.fspath(source)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=120, check=False)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert proc.stderr == ""
