@@ -42,7 +42,7 @@ import pytest
 
 import qcow2snap
 from qcow2snap import Qcow2Error
-from qcow2snap.ops.transaction import CommitResult
+from qcow2snap.ops.transaction import CommitResult, RefcountOverflowError
 
 from conftest import FIXTURES_BY_NAME, fixtures_with
 
@@ -95,10 +95,7 @@ class RefusalDivergence(AssertionError):
 #: Known disagreements on refusals, each pinned by a focused xfail(strict)
 #: test below: (fixture, operation prefix, qemu-img error text).  The
 #: random runs note them in the step log and go on from the state before.
-KNOWN_REFUSAL_DIVERGENCES = [
-    # test_revert_refused_like_qemu_when_refcounts_overflow
-    ("refcount-2", "revert", "Failed to load snapshot: Invalid argument"),
-]
+KNOWN_REFUSAL_DIVERGENCES: list[tuple[str, str, str]] = []
 
 
 def _case(name: str, seed: int, steps: int) -> Any:
@@ -774,16 +771,14 @@ def test_plan_covers_every_fixture_with_snapshots() -> None:
     assert expected <= set(PLAN)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="divergence: qcow2snap reverts refcount-2 where qemu-img refuses")
 def test_revert_refused_like_qemu_when_refcounts_overflow(fixture_copy: Any,
                                                          qemu_img: str) -> None:
     """QEMU's goto adds the snapshot's references before it drops the active
     layer's, so with 2-bit refcounts (max 3) reverting refcount-2 (clusters
     shared by the active layer and both snapshots: refcount 3) overflows and
     qemu-img refuses ("Failed to load snapshot: Invalid argument").
-    qcow2snap nets the two updates and succeeds.  The brief: where qemu-img
-    refuses, qcow2snap refuses too, with B unchanged."""
+    qcow2snap checks that intermediate state too, so it refuses as well,
+    leaving the image unchanged."""
     path = fixture_copy("refcount-2")
     workdir = path.parent
     shutil.copyfile(path, workdir / "A.qcow2")
@@ -791,14 +786,9 @@ def test_revert_refused_like_qemu_when_refcounts_overflow(fixture_copy: Any,
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "Failed to load snapshot" in proc.stderr, proc.stderr
     before = path.read_bytes()
-    with qcow2snap.open(path, "r+") as image:
-        try:
-            image.revert_to_snapshot(image.find_snapshot("1", by="id"))
-        except Qcow2Error:
-            refused = True
-        else:
-            refused = False
-    assert refused, "qcow2snap reverted refcount-2 to ID 1 where qemu-img refuses"
+    with qcow2snap.open(path, "r+") as image, pytest.raises(RefcountOverflowError) as info:
+        image.revert_to_snapshot(image.find_snapshot("1", by="id"))
+    assert "reverting to snapshot" in str(info.value) and "2-bit refcounts" in str(info.value)
     assert path.read_bytes() == before
 
 

@@ -10,6 +10,7 @@ the peak RSS of each child process (from wait4's rusage).
     python tools/bench.py extract     # issue 3 cases (a)-(d)
     python tools/bench.py list        # 10,000-snapshot listing
     python tools/bench.py all
+    python tools/bench.py build       # only build the images (do it ahead)
 
 This is a benchmark, not a test: nothing here runs in CI.
 """
@@ -310,13 +311,23 @@ def suite_edit(work: Path, rounds: int) -> list[dict[str, float | str]]:
     return results
 
 
+def suite_build(work: Path, rounds: int) -> list[dict[str, float | str]]:
+    """Only build every suite's images (slow, once), timing nothing: run it
+    ahead, then time on a quiet machine."""
+    for build in (build_uncompressed, lambda w: build_compressed(w, "zlib"),
+                  lambda w: build_compressed(w, "zstd"), build_many_snapshots,
+                  build_edit_image):
+        print(f"built {build(work)}", flush=True)
+    return []
+
+
 SUITES = {"extract": suite_extract, "list": suite_list, "edit": suite_edit}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=[*SUITES, "all"])
+    parser.add_argument("suite", choices=[*SUITES, "all", "build"])
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/qcow2snap-bench"),
                         help="where images are built and kept (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per tool")
@@ -331,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, {version}", flush=True)
     results = []
-    for name in SUITES if args.suite == "all" else [args.suite]:
+    if args.suite == "build":
+        suite_build(args.workdir, args.rounds)
+    for name in SUITES if args.suite == "all" else [] if args.suite == "build" else [args.suite]:
         results += SUITES[name](args.workdir, args.rounds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

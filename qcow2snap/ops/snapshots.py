@@ -409,6 +409,7 @@ class SnapshotEditor:
         entries = array(sn_l1.entries.typecode, sn_l1.entries)
         entries.extend([0] * (new_size - sn_l1.size))
         self._refupdate(sn_l1, +1, f"snapshot {record.label}")
+        self.txn.check_increments_fit(f"reverting to snapshot {record.label}")
         self._refupdate(self.active, -1, "the active L1 table")
         old = self.active
         if old.size:

@@ -169,6 +169,26 @@ class Transaction:
             else:
                 delta.pop(cluster, None)
 
+    def check_increments_fit(self, what: str) -> None:
+        """Refuse when the increases planned so far take a refcount past the
+        width's maximum, even if later decreases would bring it back.
+
+        QEMU applies an operation's increments before its decrements (revert
+        adds the snapshot's references, then drops the active layer's), so
+        it refuses any operation whose intermediate state overflows; a
+        netted plan would succeed where QEMU fails.  Call this where QEMU's
+        increments end."""
+        refcount_max = self.refcount_max
+        get = self.refcounts.get
+        for cluster, amount in self.delta.items():
+            if amount > 0 and get(cluster) + amount > refcount_max:
+                order = self.old_header.refcount_order
+                raise RefcountOverflowError(
+                    f"{what}: the refcount of cluster {cluster} would exceed the maximum of "
+                    f"{refcount_max} for {1 << order}-bit refcounts on the way (QEMU refuses "
+                    f"this too); widen the refcounts with 'qemu-img amend -o "
+                    f"refcount_bits=16' first", feature="refcount width")
+
     def mark_in_use(self, clusters: Iterable[int]) -> None:
         """Record clusters the old state references (never allocated over)."""
         self.in_use_hint.update(clusters)
