@@ -160,11 +160,16 @@ class Qcow2Image:
                  backing_format: str | None = None,
                  data_file: str | os.PathLike[str] | None = None,
                  check_locks: bool = True,
+                 check_mode: bool = False,
                  _depth: int = 0) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"unsupported mode {mode!r} ('r' or 'r+')")
         self.path = os.fspath(path)
         self.mode = mode
+        #: QEMU's BDRV_O_CHECK open (used by qcow2snap.ops.check): the snapshot
+        #: table is not read (``snapshots`` is empty; the checker salvages the
+        #: table itself) and a zero-cluster refcount table is allowed.
+        self.check_mode = check_mode
         self._depth = _depth
         self._backing_override = backing_file
         self._backing_format_override = backing_format
@@ -284,7 +289,7 @@ class Qcow2Image:
                              fmt.QCOW_MAX_L1_SIZE, "Active L1 table", 40)
 
         # Refcount table
-        if header.refcount_table_clusters == 0:
+        if header.refcount_table_clusters == 0 and not self.check_mode:
             raise self._corrupt("Image does not contain a reference count table", "header", 56)
         reftable_entries = (header.refcount_table_clusters << self.cluster_bits) // 8
         self._validate_table(header.refcount_table_offset, reftable_entries,
@@ -292,10 +297,11 @@ class Qcow2Image:
                              "Reference count table", 48)
 
         # Snapshot table location
-        self._validate_table(header.snapshots_offset, header.nb_snapshots,
-                             fmt.QCOW_SNAPSHOT_HEADER_SIZE,
-                             fmt.QCOW_SNAPSHOT_HEADER_SIZE * fmt.QCOW_MAX_SNAPSHOTS,
-                             "Snapshot table", 64)
+        if not self.check_mode:
+            self._validate_table(header.snapshots_offset, header.nb_snapshots,
+                                 fmt.QCOW_SNAPSHOT_HEADER_SIZE,
+                                 fmt.QCOW_SNAPSHOT_HEADER_SIZE * fmt.QCOW_MAX_SNAPSHOTS,
+                                 "Snapshot table", 64)
 
         # Backing file name
         self.backing_file_name: str | None = None
@@ -314,8 +320,11 @@ class Qcow2Image:
             raise self._corrupt("data-file-raw requires a data file", "header", 88)
 
         # Snapshot table
-        self.snapshot_table: SnapshotTable = parse_snapshot_table(
-            self._file.pread, header.snapshots_offset, header.nb_snapshots, header.size)
+        if self.check_mode:
+            self.snapshot_table: SnapshotTable = SnapshotTable(header.snapshots_offset, (), 0, ())
+        else:
+            self.snapshot_table = parse_snapshot_table(
+                self._file.pread, header.snapshots_offset, header.nb_snapshots, header.size)
         self.snapshots: tuple[Snapshot, ...] = self.snapshot_table.snapshots
 
     def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,

@@ -2,17 +2,25 @@
 the new state, with no ``qemu-img check`` finding at all (no corruption, no
 COPIED mismatch, no leak).
 
-Each operation runs once through a recording I/O layer; then, from the
-image as it was before, every state a power loss could leave is rebuilt
-(see tests/crashsim.py: each cut point; writes after the last fsync lost,
-kept, or torn per sector in random subsets) and checked with qemu-img and
-with qcow2snap's reader (whose output the oracle tests tie to qemu-img).
+Each operation runs once through a recording I/O layer (the public ``io=``
+of ``qcow2snap.open(path, "r+")``); then, from the image as it was before,
+the states a power loss could leave are rebuilt one at a time on a scratch
+file (tests/crashsim.py: per fsync segment, every subset of the pending
+sector writes when there are at most 10, else a seeded sample with all
+lost, all kept, each write / sector lost or kept alone, clean cuts, torn
+writes and random subsets) and checked with qemu-img and with qcow2snap's
+reader (whose output the oracle tests tie to qemu-img).  A variant whose
+first sector is the old header must be exactly the old state, one with the
+new header exactly the new state.  Separately, every recorded write (not a
+sample) is checked against the shadow-paging protocol with an independent
+refcount parser.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,27 +29,48 @@ from typing import Any
 import pytest
 
 import qcow2snap
+from qcow2snap import ExtentKind
 from qcow2snap.ops.edit import EditableImage
 
 from conftest import run
-from crashsim import RecordingIO, crash_images, write_image
+from crashsim import CrashReplay, Op, RecordingIO, Refcounts, shadow_paging_violations
 
 pytestmark = pytest.mark.qemu
 
 
 def state_of(path: Path) -> tuple[Any, ...]:
-    """Everything a user can observe: snapshot list, sizes, every layer's content."""
+    """Everything a user can observe: the snapshot list, the virtual size, and
+    per layer the mapping (runs of data / zero / unallocated) and a hash of
+    every byte that is not plain zero or backing-file content; plus each
+    saved VM state.  (The backing file is never written, so an unallocated
+    run reads the same in every state.)"""
     with qcow2snap.open(path) as image:
         snaps = tuple((s.id, s.name, s.disk_size, s.vm_state_size, s.icount)
                       for s in image.snapshots)
-        hashes = []
+        layers = []
         for sn in (None, *image.snapshots):
             h = hashlib.sha256()
-            reader = image.open_disk(sn)
-            while chunk := reader.read(1 << 22):
-                h.update(chunk)
-            hashes.append(h.hexdigest())
-        return snaps, image.size, tuple(hashes)
+            runs: list[tuple[str, int, int]] = []
+            with image.open_disk(sn) as reader:
+                for ext in image.extents(sn):
+                    kind = {ExtentKind.ZERO: "zero",
+                            ExtentKind.UNALLOCATED: "unallocated"}.get(ext.kind, "data")
+                    if kind == "data":
+                        pos = ext.guest_offset
+                        while pos < ext.guest_end:
+                            n = min(ext.guest_end - pos, 1 << 22)
+                            h.update(reader.pread(pos, n))
+                            pos += n
+                    if runs and runs[-1][0] == kind and runs[-1][2] == ext.guest_offset:
+                        runs[-1] = (kind, runs[-1][1], ext.guest_end)
+                    else:
+                        runs.append((kind, ext.guest_offset, ext.guest_end))
+            vm = ""
+            if sn is not None and sn.has_vm_state:
+                with image.open_vm_state(sn) as vm_reader:
+                    vm = hashlib.sha256(vm_reader.read()).hexdigest()
+            layers.append((h.hexdigest(), tuple(runs), vm))
+        return snaps, image.size, tuple(layers)
 
 
 def qemu_check(qemu_img: str, path: Path) -> tuple[int, dict[str, Any]]:
@@ -54,39 +83,60 @@ def qemu_check(qemu_img: str, path: Path) -> tuple[int, dict[str, Any]]:
     return proc.returncode, report
 
 
-def record(path: Path, operation: Callable[[EditableImage], object]) -> list[Any]:
-    with qcow2snap.open(path, "r+") as image:
-        recorder = RecordingIO(image._file.fd)
-        image._io = recorder
-        operation(image)
+def clean(code: int, report: dict[str, Any]) -> bool:
+    """No corruption, no leak, nothing else qemu-img check counts."""
+    return (code == 0 and not report.get("leaks") and not report.get("corruptions")
+            and not report.get("check-errors") and not report.get("leaks-fixed")
+            and "stderr" not in report)
+
+
+def record(path: Path, operation: Callable[[EditableImage], object]) -> list[Op]:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        recorder = RecordingIO(fd)
+        with qcow2snap.open(path, "r+", io=recorder) as image:
+            operation(image)
+    finally:
+        os.close(fd)
     return recorder.ops
 
 
 def assert_crash_safe(path: Path, operation: Callable[[EditableImage], object],
-                      qemu_img: str, tmp_path: Path) -> int:
-    before_bytes = path.read_bytes()
+                      qemu_img: str, tmp_path: Path, **replay: int) -> CrashReplay:
+    """Run ``operation`` on ``path`` recorded, then replay its power losses in
+    ``tmp_path``; returns the replay (``.stats`` counts the variants)."""
+    before_copy = tmp_path / ("before-" + path.name)
+    before_copy.write_bytes(path.read_bytes())
     before = state_of(path)
+    with open(path, "rb") as f:
+        old_head = f.read(512)
     ops = record(path, operation)
     after = state_of(path)
+    with open(path, "rb") as f:
+        new_head = f.read(512)
     assert before != after, "the operation changed nothing observable"
-    code, report = qemu_check(qemu_img, path)
-    assert code == 0 and not report.get("leaks") and not report.get("corruptions"), report
+    assert clean(*qemu_check(qemu_img, path)), qemu_check(qemu_img, path)
     assert any(op.kind == "fsync" for op in ops)
+    assert shadow_paging_violations(before_copy, path, ops) == []
     crashed = tmp_path / path.name
     # companions (backing files) sit beside the original
     for companion in path.parent.iterdir():
         if companion != path and not (tmp_path / companion.name).exists():
             (tmp_path / companion.name).symlink_to(companion)
-    count = 0
-    for label, data in crash_images(before_bytes, ops):
-        write_image(crashed, data)
+    replayer = CrashReplay(before_copy, ops, crashed)
+    seen = set()
+    for label in replayer.variants(**replay):
         code, report = qemu_check(qemu_img, crashed)
-        assert code == 0 and not report.get("leaks") and not report.get("corruptions"), (
-            label, report)
-        state = state_of(crashed)
-        assert state in (before, after), f"{label}: neither the old nor the new state"
-        count += 1
-    return count
+        assert clean(code, report), (label, report)
+        with open(crashed, "rb") as f:
+            head = f.read(512)
+        expected = {old_head: ("old", before), new_head: ("new", after)}.get(head)
+        assert expected is not None, f"{label}: the header sector is neither old nor new"
+        assert state_of(crashed) == expected[1], f"{label}: not exactly the {expected[0]} state"
+        seen.add(expected[0])
+    assert seen == {"old", "new"}, seen
+    assert replayer.stats.variants == replayer.stats.subsets - replayer.stats.duplicates
+    return replayer
 
 
 OPERATIONS: dict[str, Callable[[EditableImage], object]] = {
@@ -118,29 +168,119 @@ def test_power_loss_leaves_old_or_new_state(name: str, operation: str, fixture_c
     path = fixture_copy(name)
     scratch = tmp_path / "crash"
     scratch.mkdir()
-    assert assert_crash_safe(path, OPERATIONS[operation], qemu_img, scratch) > 3
+    replay = assert_crash_safe(path, OPERATIONS[operation], qemu_img, scratch)
+    assert replay.stats.variants > 3
 
 
-@pytest.mark.skip(reason="crash replay of an 8 MiB image keeps every variant in memory "
-                         "(reached 10-16 GB); needs a streaming crashsim before it can run in CI")
-def test_refcount_table_growth_is_crash_safe(qemu_img: str, qemu_io: str,
-                                             tmp_path: Path) -> None:
-    """512-byte clusters: one refcount block covers 128 KiB and a one-cluster
-    refcount table 8 MiB of file.  Fill the image up to that edge, so that a
-    snapshot needs new refcount blocks *and* a bigger refcount table."""
-    path = tmp_path / "edge.qcow2"
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(path), "16M")
-    run(qemu_io, "-c", "write -P 0x5a 0 7400k", str(path))
+# ---------------------------------------------------------------------------
+# refcount structures at their edges (512-byte clusters keep them small)
+
+
+def free_and_end(path: Path) -> tuple[int, int]:
+    """(first cluster with refcount 0, one past the last with refcount > 0)."""
+    refcounts = Refcounts(path)
+    clusters = (path.stat().st_size + 511) // 512
+    used = [bool(refcounts.get(c)) for c in range(clusters)]
+    end = max(c for c in range(clusters) if used[c]) + 1
+    return (used + [False]).index(False), end
+
+
+def build_edge_image(path: Path, qemu_img: str, qemu_io: str, refcount_bits: int,
+                     end: int, snapshots: int = 1) -> None:
+    """A 512-byte-cluster image with ``snapshots`` snapshots (taken by
+    qemu-img) whose clusters ``[0, end)`` are all in use and nothing beyond.
+
+    ``write -z`` over the whole disk after the snapshots allocates every L2
+    table up front (and fills the holes the snapshots left), so each guest
+    cluster written later allocates exactly one host cluster, plus one
+    refcount block (qemu puts it at the start of its own range) whenever the
+    end enters a range no block covers yet; the writes are sized for that.
+    """
+    virtual = (end * 512 * 17 // 16 // 32768 + 2) * 32768   # just enough guest space
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o",
+        f"cluster_size=512,refcount_bits={refcount_bits}", str(path), str(virtual))
+    guest = 0
+    for n in range(snapshots):
+        run(qemu_io, "-c", f"write -P {0x30 + n} {guest} 8k", str(path))
+        guest += 8 << 10
+        run(qemu_img, "snapshot", "-c", f"base{n}", str(path))
+    run(qemu_io, "-c", f"write -z {guest} {virtual - guest}", str(path))
+    entries = (512 * 8) >> (refcount_bits.bit_length() - 1)
+    for _ in range(50):
+        free, top = free_and_end(path)
+        if free < top:      # fill a hole one cluster at a time
+            run(qemu_io, *[a for i in range(top - free)
+                           for a in ("-c", f"write -P 0x2f {guest + i * 512} 512")], str(path))
+            guest += (top - free) * 512
+            continue
+        if top >= end:
+            break
+        new_blocks = (end - 1) // entries - (top - 1) // entries
+        count = max(1, end - top - new_blocks)
+        run(qemu_io, "-c", f"write -P 0x{0x41 + top % 40:x} {guest} {count * 512}", str(path))
+        guest += count * 512
+    assert free_and_end(path) == (end, end), "could not place the image end exactly"
+    assert guest <= virtual
+
+
+def table_location(path: Path) -> tuple[int, int]:
     with qcow2snap.open(path) as image:
-        table_clusters = image.header.refcount_table_clusters
-        assert image.file_size > 7 << 20
+        return image.header.refcount_table_offset, image.header.refcount_table_clusters
+
+
+@pytest.mark.parametrize("refcount_bits,end,singles", [(16, 16384 - 96, 24), (64, 4096 - 48, 64)])
+def test_refcount_table_growth_is_crash_safe(refcount_bits: int, end: int, singles: int,
+                                             qemu_img: str, qemu_io: str,
+                                             tmp_path: Path) -> None:
+    """512-byte clusters: a one-cluster refcount table holds 64 blocks, which
+    cover 8 MiB of file at refcount_bits=16 and 2 MiB at 64.  The image ends
+    just below that, so a snapshot create (new L1, a copy of every L2 table
+    whose COPIED flags change, new refcount blocks) runs past it: it needs
+    refcount blocks for clusters no block covers yet, which describe
+    themselves, and a bigger refcount table somewhere else.
+
+    The create writes a few hundred sectors before its commit, so subsets
+    are sampled (seed 0): each single write and sector lost / kept alone, and
+    the clean cut before each write, for ``singles`` of them (64 at
+    refcount_bits=64, 24 at 16 where each check reads an 8 MiB image), plus
+    16 random subsets.  The protocol check covers every write."""
+    path = tmp_path / "edge.qcow2"
+    build_edge_image(path, qemu_img, qemu_io, refcount_bits, end)
+    assert clean(*qemu_check(qemu_img, path))
+    old_table = table_location(path)
+    assert old_table[1] == 1
     scratch = tmp_path / "crash"
     scratch.mkdir()
+    replay = assert_crash_safe(path, lambda im: im.create_snapshot("edge"), qemu_img,
+                               scratch, max_singles=singles, random_subsets=16)
+    new_table = table_location(path)
+    assert new_table[1] > old_table[1] and new_table[0] != old_table[0], (old_table, new_table)
+    # the new table lies beyond what the old one could describe
+    entries = (512 * 8) >> Refcounts(path).order
+    assert new_table[0] // 512 >= 64 * entries
+    assert replay.stats.variants > 100, replay.stats
 
-    def two_snapshots(im: EditableImage) -> None:
-        im.create_snapshot("edge")
 
-    count = assert_crash_safe(path, two_snapshots, qemu_img, scratch)
-    assert count > 3
-    with qcow2snap.open(path) as image:
-        assert image.header.refcount_table_clusters > table_clusters
+BLOCK_64 = 64   # clusters one refcount block describes at 512-byte clusters, 64-bit refcounts
+
+
+@pytest.mark.parametrize("operation", ["create", "rename", "delete-first"])
+@pytest.mark.parametrize("offset", [-2, -1, 0, 2])
+def test_refcount_block_boundary_is_crash_safe(offset: int, operation: str, qemu_img: str,
+                                               qemu_io: str, tmp_path: Path) -> None:
+    """The first free cluster sits ``offset`` clusters from a refcount-block
+    boundary (64-bit refcounts, 512-byte clusters: 64 clusters per block), so
+    the clusters the edit allocates straddle it: the new block for the next
+    range is allocated inside that range and counts itself (offset -2 .. 0),
+    or the self-describing block qemu made is itself shadowed (offset 2)."""
+    path = tmp_path / "boundary.qcow2"
+    build_edge_image(path, qemu_img, qemu_io, 64, 12 * BLOCK_64 + offset, snapshots=2)
+    old_blocks = Refcounts(path).blocks.keys()
+    scratch = tmp_path / "crash"
+    scratch.mkdir()
+    replay = assert_crash_safe(path, OPERATIONS[operation], qemu_img, scratch)
+    assert replay.stats.variants > 3
+    if offset <= 0:
+        new = Refcounts(path)
+        assert 12 in new.blocks and 12 not in old_blocks
+        assert new.table[12] // 512 // BLOCK_64 == 12, "the new block does not describe itself"

@@ -79,6 +79,7 @@ PLAN: dict[str, tuple[tuple[int, ...], int]] = {
     "ambiguous": ((1, 2), 22),
     "many-snapshots": ((1,), 6),
     "savevm-seabios": ((1,), 10),
+    "savevm-suspended": ((1,), 10),
     "luks": ((1,), 14),
 }
 

@@ -249,7 +249,7 @@ def test_lock_of_a_running_qemu_is_detected(fixture_copy, qemu_io: str) -> None:
             assert image.lock_state is not None and not image.lock_state.in_use
 
 
-LAYERS = [("errors",), ("format", "tables"), ("model",), ("locks", "image", "reader", "copier"),
+LAYERS = [("errors",), ("format", "tables", "vmstate"), ("model",), ("locks", "image", "reader", "copier"),
           ("ops",), ("describe",), ("cli",)]
 
 

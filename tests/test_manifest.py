@@ -99,7 +99,7 @@ def test_entry_fields(entry: dict) -> None:
         assert (s["how"] == "convert-l") == (s["disk_size"] == info["virtual-size"])
         assert s["sha256"] is None or len(s["sha256"]) == 64
         if "savevm" in entry:
-            assert s["runstate"] in ("prelaunch", "running", "paused")
+            assert s["runstate"] in ("prelaunch", "running", "paused", "suspended")
     if "vmstate" in entry["tags"]:
         assert any(s["vm_state_size"] > 0 for s in snaps)
     if "data-file" in entry["tags"]:

@@ -473,9 +473,9 @@ def _monitor_feeder(lines: list[str]) -> str:
     return "(" + "; ".join(chunks) + ")"
 
 
-def _run_qemu_system(b: Builder, monitor: list[str], bios: str | None) -> None:
+def _run_qemu_system(b: Builder, monitor: list[str], bios: str | None) -> str:
     bios_opt = f" -bios {bios}" if bios else ""
-    b.run(
+    return b.run(
         f"{_monitor_feeder(monitor)} | timeout 120 qemu-system-x86_64 -machine pc,accel=tcg "
         f"-nodefaults -display none -m 16{bios_opt} "
         f"-drive file={q(b.image)},format=qcow2,if=ide -monitor stdio -S",
@@ -518,6 +518,53 @@ def build_savevm_seabios(b: Builder) -> None:
     b.io("write -P 0x11 0 1M", "write -P 0x12 0x800000 0x3000")
     _run_qemu_system(b, SEABIOS_MONITOR, None)
     b.io("write -P 0x21 0x10000 4k")
+
+
+# A 512-byte boot sector (SeaBIOS boots it from the IDE disk) that fills
+# 0x20000..0x2FFFF with the word 0xC35A, enables the PIIX4 PM I/O space at
+# 0xB000 (PMBA 0x40, PMREGMISC 0x80 bit 0, as SeaBIOS does), then writes
+# SLP_EN (bit 13) | SLP_TYP=1 (bits 10-12; QEMU's _S3 value) to PM1a_CNT
+# (0xB004): QEMU's acpi_pm1_cnt_write puts the guest into S3.
+S3_BOOT_HEX = ("fa" "b80020" "8ec0" "31ff" "b85ac3" "b90080" "fc" "f3ab"
+               "baf80c" "66b8400b0080" "66ef" "bafc0c" "66b801b00000" "66ef"
+               "baf80c" "66b8800b0080" "66ef" "bafc0c" "b001" "ee"
+               "ba04b0" "b80024" "ef" "f4" "ebfd")
+S3_BOOT_NAME = "s3boot.bin"
+SUSPENDED_MONITOR = [
+    "savevm pre",
+    "dump-guest-memory savevm-suspended.pre.elf",
+    'qemu-io ide0-hd0 "write -P 0x31 0x20000 4k"',
+    "cont",
+    "#sleep 5",
+    "info status",
+    "savevm susp",
+    "dump-guest-memory savevm-suspended.susp.elf",
+    "info status",
+    "quit",
+]
+
+
+def build_savevm_suspended(b: Builder) -> None:
+    b.run(
+        "python3 -c " + q(
+            f'b = bytearray(512); c = bytes.fromhex("{S3_BOOT_HEX}"); b[:len(c)] = c; '
+            f'b[510:] = b"\\x55\\xaa"; open("{S3_BOOT_NAME}", "wb").write(b)'
+        )
+    )
+    b.create("16M")
+    b.io(f"write -s {S3_BOOT_NAME} 0 512", "write -P 0x12 0x800000 0x3000")
+    out = _run_qemu_system(b, SUSPENDED_MONITOR, None).replace("\x1b", "")
+    if out.count("VM status: paused (suspended)") != 2:
+        raise FixtureError("savevm-suspended: the guest did not reach S3 "
+                           "(info status never said 'paused (suspended)')")
+    b.io("write -P 0x21 0x10000 4k")
+
+
+def check_s3_boot_ram(snap_name: str, stream: bytes) -> None:
+    """The boot sector fills guest RAM 0x20000..0x2FFFF before suspending."""
+    page = bytes.fromhex("5ac3") * 2048
+    if (page in stream) != (snap_name == "susp"):
+        raise FixtureError(f"savevm-suspended: unexpected RAM fill in snapshot {snap_name!r}")
 
 
 def build_lazy_refcounts(b: Builder) -> None:
@@ -618,6 +665,40 @@ FIXTURES: list[Fixture] = [
                 "monitor": SEABIOS_MONITOR,
             },
             runstates={"run": "running"}),
+    Fixture("savevm-suspended", "Two HMP savevm snapshots with VM state from "
+            "qemu-system-x86_64 (pc, TCG, 16 MiB RAM, SeaBIOS booting a 512-byte boot sector "
+            "that puts the guest into ACPI S3): 'pre' in prelaunch state and 'susp' while "
+            "suspended; each with QEMU's own dump-guest-memory (ELF) of the VM right after "
+            "its savevm as companion (the memory-export oracle).",
+            ["v3", "savevm", "vmstate", "refcount-16"], build_savevm_suspended,
+            expect_snapshots=2,
+            companions=["savevm-suspended.pre.elf", "savevm-suspended.susp.elf"],
+            savevm={
+                "runstate": "suspended",
+                "machine": "pc",
+                "accel": "tcg",
+                "memory_mib": 16,
+                "bios": None,
+                "boot_sector_hex": S3_BOOT_HEX,
+                "monitor": SUSPENDED_MONITOR,
+                "ram_fill": {"address": 0x20000, "length": 0x10000, "bytes_hex": "5ac3"},
+                "oracles": {
+                    "pre": {
+                        "file": "savevm-suspended.pre.elf.gz",
+                        "how": "HMP 'dump-guest-memory savevm-suspended.pre.elf' (ELF, paging "
+                               "off, no filter) right after 'savevm pre', VM still in "
+                               "prelaunch",
+                    },
+                    "susp": {
+                        "file": "savevm-suspended.susp.elf.gz",
+                        "how": "HMP 'dump-guest-memory savevm-suspended.susp.elf' (ELF, paging "
+                               "off, no filter) right after 'savevm susp', VM still "
+                               "suspended (info status: paused (suspended))",
+                    },
+                },
+            },
+            runstates={"pre": "prelaunch", "susp": "suspended"},
+            check_vmstate=check_s3_boot_ram),
     Fixture("lazy-refcounts", "lazy_refcounts=on image that was closed cleanly (dirty bit "
             "clear), one snapshot.", ["v3", "refcount-16"], build_lazy_refcounts,
             expect_snapshots=1),
