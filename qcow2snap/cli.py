@@ -344,7 +344,7 @@ def vmstate_dump(snapshot: str, image: str, output: str, force: bool, as_json: b
 def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
     """Print one line (or one JSON object) per image; exit non-zero if any failed."""
     objs = []
-    failed = 0
+    exit_codes: list[int] = []
     for r in results:
         obj: dict[str, Any] = {"filename": r.path, "operation": r.operation,
                                "snapshot-id": r.snapshot_id, "snapshot-name": r.snapshot_name,
@@ -363,7 +363,7 @@ def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
                                    for k, v in c.header_changes.items()},
             })
         if r.error is not None:
-            failed += 1
+            exit_codes.append(getattr(r.error, "exit_code", 1))
             obj["error"] = _one_line(str(r.error))
         objs.append(obj)
         if as_json:
@@ -374,7 +374,8 @@ def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
         verb = {"create": "created", "delete": "deleted", "revert": "reverted to",
                 "rename": "renamed"}[r.operation]
         if dry_run:
-            verb = f"would have {verb}"
+            verb = "would " + {"create": "create", "delete": "delete",
+                               "revert": "revert to", "rename": "rename"}[r.operation]
         c = r.commit
         line = f"{r.path}: {verb} snapshot {r.snapshot_id} ({r.snapshot_name})"
         if c is not None:
@@ -388,8 +389,9 @@ def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
                 click.echo(f"    header {field_name}: {before:#x} -> {after:#x}")
     if as_json:
         _print_json(objs)
-    if failed:
-        raise SystemExit(1)
+    if exit_codes:
+        # the error's own status when every failure agrees, else 1
+        raise SystemExit(exit_codes[0] if len(set(exit_codes)) == 1 else 1)
 
 
 _edit_options = [
