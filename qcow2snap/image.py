@@ -31,7 +31,7 @@ from .errors import (
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
-from .locks import LockState, probe_qemu_locks, take_editor_locks
+from .locks import LockState, probe_qemu_locks, release_editor_locks, take_editor_locks
 from .model import Extension, FeatureName, Header, Snapshot, SnapshotTable, parse_extensions
 from .model import parse_snapshot_table
 from .tables import decode_u64_table
@@ -181,6 +181,7 @@ class Qcow2Image:
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         fd = (_open_read_only(self.path) if mode == "r"
               else os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+        self._editor_locked = False
         self._file = _HostFile(fd, self.path)
         try:
             self.lock_state: LockState | None = None
@@ -188,16 +189,21 @@ class Qcow2Image:
                 # never edit what a running QEMU holds; then hold QEMU-style
                 # locks ourselves so a QEMU started meanwhile refuses the image
                 self.lock_state = probe_qemu_locks(fd)
+                if self.lock_state.edited_by_this_process:
+                    raise ImageInUseError(
+                        f"{self.path} is already open for editing (mode 'r+') in this "
+                        f"process; close that handle before opening another for editing")
                 if self.lock_state.in_use:
                     raise ImageInUseError(
                         f"{self.path} is in use by a running QEMU process "
                         f"({self.lock_state.describe()}); shut the VM down (or close the "
                         f"qemu-img/qemu-io holding it) before editing")
-                take_editor_locks(fd)
+                self._editor_locked = take_editor_locks(fd)
             self._load()
             if mode == "r" and check_locks:
                 self.lock_state = probe_qemu_locks(fd)
         except BaseException:
+            self._release_locks()
             self._file.close()
             raise
         if self.lock_state is not None and self.lock_state.has_writer:
@@ -699,7 +705,13 @@ class Qcow2Image:
         if self._data_file is not None:
             self._data_file.close()
             self._data_file = None
+        self._release_locks()
         self._file.close()
+
+    def _release_locks(self) -> None:
+        if self._editor_locked and self._file.fd >= 0:
+            release_editor_locks(self._file.fd)
+            self._editor_locked = False
         self._l2_cache.clear()
         self._l1_cache.clear()
 

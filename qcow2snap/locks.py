@@ -34,6 +34,10 @@ class LockState:
     held_permissions: frozenset[int]
     unshared_permissions: frozenset[int]
     supported: bool = True
+    #: this process holds qcow2snap's editor locks on the file (through
+    #: another handle): the lock bytes are its own, and since they refuse
+    #: writers to QEMU, no QEMU writer can hold the image besides.
+    edited_by_this_process: bool = False
 
     @property
     def in_use(self) -> bool:
@@ -69,9 +73,23 @@ def _byte_locked(fd: int, offset: int) -> bool:
     return l_type != fcntl.F_UNLCK
 
 
+#: Files (st_dev, st_ino) on which this process holds editor locks, with the
+#: number of handles holding them.  OFD locks carry no owner a test could
+#: see (l_pid is -1), so without this a second handle would take our own
+#: locks for a running QEMU.
+_EDITOR_LOCKED: dict[tuple[int, int], int] = {}
+
+
+def _file_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def probe_qemu_locks(fd: int) -> LockState:
     """Test QEMU's lock bytes on ``fd``.  Returns ``supported=False`` when the
     platform or file system has no OFD locks (then nothing can be told)."""
+    if _EDITOR_LOCKED.get(_file_key(fd)):
+        return LockState(frozenset(), frozenset(), edited_by_this_process=True)
     held: set[int] = set()
     unshared: set[int] = set()
     try:
@@ -108,4 +126,17 @@ def take_editor_locks(fd: int) -> bool:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return False
         raise
+    key = _file_key(fd)
+    _EDITOR_LOCKED[key] = _EDITOR_LOCKED.get(key, 0) + 1
     return True
+
+
+def release_editor_locks(fd: int) -> None:
+    """Forget the editor locks of ``fd`` just before it is closed (closing
+    releases the locks themselves)."""
+    key = _file_key(fd)
+    count = _EDITOR_LOCKED.get(key, 0) - 1
+    if count > 0:
+        _EDITOR_LOCKED[key] = count
+    else:
+        _EDITOR_LOCKED.pop(key, None)

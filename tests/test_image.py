@@ -17,6 +17,7 @@ import qcow2snap
 from qcow2snap import (
     AmbiguousSnapshotError,
     ExtentKind,
+    ImageInUseError,
     ImageInUseWarning,
     NoVMStateError,
     SnapshotNotFoundError,
@@ -247,6 +248,27 @@ def test_lock_of_a_running_qemu_is_detected(fixture_copy, qemu_io: str) -> None:
         warnings.simplefilter("error")
         with qcow2snap.open(path) as image:
             assert image.lock_state is not None and not image.lock_state.in_use
+
+
+def test_own_editor_locks_are_not_taken_for_qemu(fixture_copy) -> None:  # type: ignore[no-untyped-def]
+    """While this process edits an image, a second handle reads it without a
+    'running QEMU' warning, and a second editor is refused by name."""
+    path = fixture_copy("v3-basic")
+    with qcow2snap.open(path, "r+") as editor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with qcow2snap.open(path) as reader:
+                assert reader.lock_state is not None
+                assert reader.lock_state.edited_by_this_process
+                assert not reader.lock_state.in_use
+                assert [s.name for s in reader.snapshots] == [s.name for s in editor.snapshots]
+        with pytest.raises(ImageInUseError) as info:
+            qcow2snap.open(path, "r+")
+        assert str(info.value) == (f"{path} is already open for editing (mode 'r+') in this "
+                                   f"process; close that handle before opening another for "
+                                   f"editing")
+    with qcow2snap.open(path, "r+") as editor:  # released on close
+        assert editor.lock_state is not None and not editor.lock_state.edited_by_this_process
 
 
 LAYERS = [("errors",), ("format", "tables", "vmstate"), ("model",), ("locks", "image", "reader", "copier"),
