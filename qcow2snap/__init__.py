@@ -17,6 +17,7 @@ operations, and :mod:`.cli` on top.
 """
 
 import os
+from typing import TYPE_CHECKING, BinaryIO, Literal, overload
 
 from .errors import (
     AmbiguousSnapshotError,
@@ -33,10 +34,35 @@ from .image import open as _open_read_only
 from .model import Extension, FeatureName, Header, Snapshot
 from .reader import DiskReader, Extent, ExtentKind
 
+if TYPE_CHECKING:  # the editing layer loads only when an image is opened "r+"
+    from .ops.edit import EditableImage
+    from .ops.transaction import MetadataIO
+
 __version__ = "0.1.0"
 
 
-def open(path, mode="r", **kwargs):  # type: ignore[no-untyped-def]  # noqa: A001
+@overload
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,  # noqa: A001
+         backing_file: str | os.PathLike[str] | bool | None = None,
+         backing_format: str | None = None,
+         data_file: str | os.PathLike[str] | None = None,
+         check_locks: bool = True) -> Qcow2Image: ...
+
+
+@overload
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r+"], *,  # noqa: A001
+         backing_file: str | os.PathLike[str] | bool | None = None,
+         backing_format: str | None = None,
+         data_file: str | os.PathLike[str] | None = None,
+         check_locks: bool = True, io: "MetadataIO | None" = None) -> "EditableImage": ...
+
+
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r", *,  # noqa: A001
+         backing_file: str | os.PathLike[str] | bool | None = None,
+         backing_format: str | None = None,
+         data_file: str | os.PathLike[str] | None = None,
+         check_locks: bool = True, io: "MetadataIO | None" = None,
+         ) -> "Qcow2Image | EditableImage":
     """Open a qcow2 image; use as a context manager.
 
     ``mode="r"`` (default) never writes: see :class:`Qcow2Image`.
@@ -47,17 +73,30 @@ def open(path, mode="r", **kwargs):  # type: ignore[no-untyped-def]  # noqa: A00
 
     Keyword arguments: ``backing_file`` (a path, or ``False`` to read
     unallocated clusters as zeros), ``backing_format``, ``data_file``,
-    ``check_locks``.
+    ``check_locks`` (reading only: an editor always checks), and for
+    ``"r+"`` ``io``, an object with ``pwrite``/``fsync``/``truncate``/
+    ``punch_hole`` that receives every metadata write instead of the file
+    (the crash tests record and replay through it).
     """
+    if io is not None and mode != "r+":
+        raise ValueError("io= is for mode='r+' (it carries the editor's metadata writes)")
     if mode == "r":
-        return _open_read_only(path, "r", **kwargs)
+        return _open_read_only(path, "r", backing_file=backing_file,
+                               backing_format=backing_format, data_file=data_file,
+                               check_locks=check_locks)
     if mode == "r+":
         from .ops.edit import EditableImage
         if not isinstance(path, (str, os.PathLike)):
-            path = getattr(path, "name", path)
-        kwargs.pop("check_locks", None)
-        return EditableImage(path, **kwargs)
+            name = getattr(path, "name", None)  # an open file: edit it by its path
+            if not isinstance(name, str):
+                raise ValueError("mode 'r+' needs a path (or a file object with a name)")
+            path = name
+        # an editor always checks QEMU's locks (and holds its own): check_locks
+        # cannot turn that off
+        return EditableImage(path, io=io, backing_file=backing_file,
+                             backing_format=backing_format, data_file=data_file)
     raise ValueError(f"unsupported mode {mode!r} ('r' or 'r+')")
+
 
 __all__ = [
     "open",

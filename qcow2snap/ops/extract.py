@@ -143,6 +143,7 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
         dst = ext.guest_offset - start
         kind = ext.kind
         if kind is ExtentKind.DATA:
+            assert ext.host_offset is not None  # DATA extents always carry one
             if ext.in_data_file:
                 data_file = image.data_file()
                 done = 0

@@ -444,9 +444,9 @@ class SnapshotEditor:
             if l1.size:
                 txn.write_new(l1.offset, encode_u64_table(l1.entries))
         for record in self.records:
-            l1 = record.l1
-            if l1 is None or not l1.moved:
+            if record.l1 is None or not record.l1.moved:
                 continue
+            l1 = record.l1
             if record.original is not None and l1.offset:
                 txn.add_refcounts(txn.clusters_of(l1.offset, l1.byte_length()), -1)
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0

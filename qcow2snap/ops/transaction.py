@@ -31,7 +31,7 @@ import os
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import format as fmt
 from ..errors import CorruptImageError, Qcow2Error, UnsupportedImageError
@@ -359,7 +359,7 @@ class Transaction:
 
     def _new_header(self, table_offset: int, table_clusters: int) -> Header:
         from dataclasses import replace
-        fields = dict(self.header_fields)
+        fields: dict[str, Any] = dict(self.header_fields)
         fields["refcount_table_offset"] = table_offset
         fields["refcount_table_clusters"] = table_clusters
         # A writer must clear autoclear bits it does not know (qcow2.txt)
