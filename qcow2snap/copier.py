@@ -5,9 +5,15 @@ The source image is mapped read-only with ``mmap`` and host runs arrive
 already coalesced by :func:`qcow2snap.reader.iter_extents`.  Runs are cut
 into pieces of at most :data:`PIECE_BYTES`; inside a piece every aligned
 4 KiB block of zeros is skipped, so it stays a hole in the (sparse)
-destination, like qemu-img's ``-S 4k`` zero detection.  Everything else is written with ``os.pwrite``
-straight from a memoryview of the mapping (no intermediate copy), and copied
-pages are dropped from the mapping (``MADV_DONTNEED``) so RSS stays bounded.
+destination, like qemu-img's ``-S 4k`` zero detection (the mapping makes
+that check one strided gather of each block's first byte).  Everything else
+goes out with ``os.copy_file_range`` from the image file, so the kernel
+copies page cache to page cache (or shares extents on a reflink file
+system) and no byte passes through Python; where the kernel or file system
+cannot, with ``os.pwrite`` straight from a memoryview of the mapping.
+Copied pages are dropped from the mapping (``MADV_DONTNEED``) so RSS stays
+bounded.  ``copy_file_range`` measured ~25% faster than ``pwrite`` from the
+mapping on a warm page cache (docs/performance.md).
 
 Why not write through an mmap of the destination: writing into a freshly
 truncated sparse file through a mapping takes a page fault and a zero fill
@@ -17,6 +23,7 @@ docs/performance.md for the numbers behind the choice.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -31,6 +38,9 @@ PIECE_BYTES = 4 << 20
 #: Granularity of zero detection inside data runs (qemu-img convert's -S 4k).
 ZERO_CHECK_BYTES = 4 << 10
 _ZEROS = bytes(PIECE_BYTES)
+#: copy_file_range errors meaning "not between these files": fall back to pwrite
+_NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                                 errno.EBADF, errno.ETXTBSY, errno.EPERM})
 
 
 def is_zero(buf: memoryview | bytes) -> bool:
@@ -56,6 +66,8 @@ class ClusterCopier:
     def __init__(self, src_fd: int, dst_fd: int, *, zero_granularity: int = ZERO_CHECK_BYTES,
                  progress: Callable[[int], None] | None = None, workers: int | None = None) -> None:
         self.src_size = os.fstat(src_fd).st_size
+        self._src_fd = src_fd
+        self._copy_file_range = hasattr(os, "copy_file_range")
         self._map = (mmap.mmap(src_fd, 0, prot=mmap.PROT_READ)
                      if self.src_size > 0 else None)
         if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
@@ -131,6 +143,27 @@ class ClusterCopier:
             self._write_range(pos, end, shift)
 
     def _write_range(self, start: int, end: int, shift: int) -> None:
+        """Source ``[start, end)`` to ``start + shift``: in the kernel with
+        ``copy_file_range`` (page cache to page cache, or a reflink where the
+        file system shares extents), else ``pwrite`` from the mapping."""
+        if self._copy_file_range:
+            offset = start
+            try:
+                while offset < end:
+                    copied = os.copy_file_range(self._src_fd, self.dst_fd, end - offset,
+                                                offset, offset + shift)
+                    if copied <= 0:  # source shorter than it was: let pwrite say so
+                        break
+                    with self._lock:
+                        self.bytes_written += copied
+                    offset += copied
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_FILE_RANGE:
+                    raise
+                self._copy_file_range = False  # another file system or kernel: pwrite
+            start = offset
+            if start >= end:
+                return
         self._pwrite_all(start + shift, self._view[start:end])
 
     def _release(self, offset: int, length: int) -> None:

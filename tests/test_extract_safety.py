@@ -8,6 +8,7 @@ behind, an existing output untouched, and the source image unchanged.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import resource
@@ -213,3 +214,25 @@ def test_closed_stdout_is_not_a_traceback(fixture_dir: Path) -> None:
         os.close(write_end)
     assert proc.returncode == 1
     assert proc.stderr == ""
+
+
+def test_copy_falls_back_to_pwrite_where_copy_file_range_cannot(
+        fixture_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """copy_file_range between file systems (EXDEV on older kernels) or on
+    file systems without it: the copier switches to pwrite, same output."""
+    calls: list[int] = []
+
+    def refuse(*args: Any) -> int:
+        calls.append(1)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    entry = FIXTURES_BY_NAME["v3-basic"]
+    source = fixture_dir / entry["file"][:-3]
+    out = tmp_path / "disk.raw"
+    with qcow2snap.open(source) as image:
+        extract(image, "first", out)
+    assert len(calls) == 1                   # tried once, then pwrite for the rest
+    snapshot = next(s for s in entry["snapshots"] if s["name"] == "first")
+    assert _sha256(out) == snapshot["sha256"]
+    assert out.stat().st_blocks * 512 < out.stat().st_size   # still sparse
