@@ -258,6 +258,16 @@ def suite_extract(work: Path, rounds: int) -> list[dict[str, float | str]]:
         if copy.exists():
             copy.unlink()
 
+    # the data-path choice: copy_file_range (default) against pwrite from the
+    # mapping (the copier's fallback, forced by hiding os.copy_file_range)
+    pwrite_only = [sys.executable, "-c",
+                   "import os, sys; del os.copy_file_range; from qcow2snap.cli import main; "
+                   "main(sys.argv[1:])"]
+    results.append(compare(
+        "(a) data path: copy_file_range vs pwrite",
+        lambda: [*QCOW2SNAP, "extract", "--no-progress", "1", str(img), "-o", str(out)],
+        lambda: [*pwrite_only, "extract", "--no-progress", "1", str(img), "-o", str(out)],
+        rounds, cleanup, work))
     results.append(compare(
         "(d) floor: (a) vs cp --sparse=always of its file",
         lambda: [*QCOW2SNAP, "extract", "--no-progress", "1", str(img), "-o", str(out)],
