@@ -794,10 +794,20 @@ CASES: list[Case] = [
          CorruptImageError, rf"L2 table offset {OFFSET_RE} unaligned .*snapshot 2 \(second\)",
          opens=True, qemu="L2 table offset 0x[0-9a-f]+ unaligned", qemu_cmd="convert-sn2"),
     # A snapshot's disk_size is not bounded by its L1 table: walking the
-    # unmapped petabytes must take one step, not one per L1 entry.
-    Case("snapshot-disk-size-huge", "v3-basic", snapshot_field(1, 48, ">Q", 1 << 60), None),
+    # unmapped petabytes must take one step, not one per L1 entry.  Up to
+    # the largest disk QEMU's L1 limit allows (32 MiB of L1: 2 PiB with
+    # 64 KiB clusters, 128 GiB with 512-byte ones) that is a valid image ...
+    Case("snapshot-disk-size-huge", "v3-basic", snapshot_field(1, 48, ">Q", 1 << 51), None),
     Case("snapshot-disk-size-huge-small-clusters", "clusters-512",
-         snapshot_field(0, 48, ">Q", (1 << 50) + 512), None),
+         snapshot_field(0, 48, ">Q", 1 << 37), None),
+    # ... beyond it, damage: refused rather than extracted as petabytes of holes
+    Case("snapshot-disk-size-too-large", "v3-basic",
+         snapshot_field(1, 48, ">Q", (1 << 51) + 1), CorruptImageError,
+         r"Snapshot disk size too large: snapshot 2 \(second\) claims 2251799813685249 bytes",
+         opens=True),
+    Case("snapshot-disk-size-too-large-small-clusters", "clusters-512",
+         snapshot_field(0, 48, ">Q", (1 << 50) + 512), CorruptImageError,
+         r"Snapshot disk size too large: snapshot 1 ", opens=True),
     Case("snapshot-id-not-utf8", "v3-basic", snapshot_field(0, 40 + 24, ">H", 0xFFFE),
          None, qemu_cmd="info"),
     Case("snapshot-table-past-eof", "v3-basic", with_layout(lambda lay: u64(64, _past_eof(lay))),
