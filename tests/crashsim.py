@@ -139,7 +139,7 @@ def subsets(op_of_piece: list[int], rng: random.Random, *, exhaustive_max: int =
     def sample(items: list[int]) -> list[int]:
         if len(items) <= max_singles:
             return items
-        return sorted({items[0], items[-1], *rng.sample(items, max_singles - 2)})
+        return [items[0], *sorted(rng.sample(items[1:-1], max_singles - 2)), items[-1]]
 
     if len(writes) > 1:
         for w in sample(writes):
@@ -212,8 +212,7 @@ class CrashReplay:
         for lo, hi in self.touched:
             pos = lo
             while pos < min(hi, size):
-                chunk = os.pread(fd, min(hi, size) - pos if min(hi, size) - pos < 1 << 22
-                                 else 1 << 22, pos)
+                chunk = os.pread(fd, min(1 << 22, min(hi, size) - pos), pos)
                 h.update(chunk)
                 pos += len(chunk)
         return h.digest()
@@ -358,5 +357,13 @@ def shadow_paging_violations(before: str | os.PathLike[str], after: str | os.Pat
     return sorted(set(problems))
 
 
-__all__ = ["Op", "RecordingIO", "CrashReplay", "Refcounts", "shadow_paging_violations",
-           "segments", "subsets", "SECTOR"]
+__all__ = [
+    "SECTOR",
+    "CrashReplay",
+    "Op",
+    "RecordingIO",
+    "Refcounts",
+    "segments",
+    "shadow_paging_violations",
+    "subsets",
+]

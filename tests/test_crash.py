@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run
+from crashsim import CrashReplay, Op, RecordingIO, Refcounts, shadow_paging_violations
 
 import qcow2snap
 from qcow2snap import ExtentKind
 from qcow2snap.ops.edit import EditableImage
-
-from conftest import run
-from crashsim import CrashReplay, Op, RecordingIO, Refcounts, shadow_paging_violations
 
 pytestmark = pytest.mark.qemu
 
@@ -75,7 +74,7 @@ def state_of(path: Path) -> tuple[Any, ...]:
 
 def qemu_check(qemu_img: str, path: Path) -> tuple[int, dict[str, Any]]:
     proc = subprocess.run([qemu_img, "check", "--output=json", str(path)],
-                          capture_output=True, text=True, cwd=path.parent)
+                          check=False, capture_output=True, text=True, cwd=path.parent)
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -95,6 +94,7 @@ def record(path: Path, operation: Callable[[EditableImage], object]) -> list[Op]
     try:
         recorder = RecordingIO(fd)
         with qcow2snap.open(path, "r+", io=recorder) as image:
+            assert isinstance(image, EditableImage)
             operation(image)
     finally:
         os.close(fd)
@@ -249,15 +249,21 @@ def test_refcount_table_growth_is_crash_safe(refcount_bits: int, end: int, singl
     assert clean(*qemu_check(qemu_img, path))
     old_table = table_location(path)
     assert old_table[1] == 1
+    old_blocks = set(Refcounts(path).blocks)
+    assert len(old_blocks) == 64, "the old table is not full"
     scratch = tmp_path / "crash"
     scratch.mkdir()
     replay = assert_crash_safe(path, lambda im: im.create_snapshot("edge"), qemu_img,
                                scratch, max_singles=singles, random_subsets=16)
     new_table = table_location(path)
     assert new_table[1] > old_table[1] and new_table[0] != old_table[0], (old_table, new_table)
-    # the new table lies beyond what the old one could describe
-    entries = (512 * 8) >> Refcounts(path).order
-    assert new_table[0] // 512 >= 64 * entries
+    # the new table lies beyond what the old one could describe, and so do
+    # new refcount blocks, at least one of them inside the range it describes
+    refcounts = Refcounts(path)
+    assert new_table[0] // 512 >= 64 * refcounts.entries
+    added = [i for i in refcounts.blocks if i not in old_blocks]
+    assert added and min(added) >= 64
+    assert any(refcounts.table[i] // 512 // refcounts.entries == i for i in added), added
     assert replay.stats.variants > 100, replay.stats
 
 
@@ -284,3 +290,64 @@ def test_refcount_block_boundary_is_crash_safe(offset: int, operation: str, qemu
         new = Refcounts(path)
         assert 12 in new.blocks and 12 not in old_blocks
         assert new.table[12] // 512 // BLOCK_64 == 12, "the new block does not describe itself"
+
+
+# ---------------------------------------------------------------------------
+# the simulator itself must be able to fail
+
+
+def test_subsets_exhaustive_and_sampled() -> None:
+    import random
+
+    from crashsim import subsets
+    small = list(subsets([0, 0, 1, 2], random.Random(0)))
+    assert len({kept for _, kept in small}) == 16
+    big = [kept for _, kept in subsets([0] * 20 + [1] * 20, random.Random(0), max_singles=8)]
+    everything = tuple(range(40))
+    assert () in big and everything in big
+    assert tuple(range(20)) in big and tuple(range(20, 40)) in big   # each write alone
+    singles_lost = {k for k in big if len(k) == 39}
+    singles_kept = {k for k in big if len(k) == 1}
+    assert len(singles_lost) == len(singles_kept) == 8
+    assert (0,) in singles_kept and (39,) in singles_kept
+
+
+def test_replay_catches_a_commit_before_its_clusters(fixture_copy: Any, qemu_img: str,
+                                                     tmp_path: Path) -> None:
+    """Move the header write in front of the fsync that makes the new
+    clusters durable: the replay must find states that are neither old nor
+    new, and the protocol check must object."""
+    path = fixture_copy("clusters-512")
+    before = tmp_path / "before.qcow2"
+    before.write_bytes(path.read_bytes())
+    ops = record(path, OPERATIONS["create"])
+    commit = next(i for i, op in enumerate(ops) if op.kind == "pwrite" and op.offset < 512)
+    broken = [ops[commit]] + ops[:commit] + ops[commit + 1:]
+    assert shadow_paging_violations(before, path, broken)
+    old, new = state_of(before), state_of(path)
+    replay = CrashReplay(before, broken, tmp_path / "crashed.qcow2")
+    bad = 0
+    for _ in replay.variants():
+        ok = clean(*qemu_check(qemu_img, tmp_path / "crashed.qcow2"))
+        try:
+            ok = ok and state_of(tmp_path / "crashed.qcow2") in (old, new)
+        except qcow2snap.Qcow2Error:
+            ok = False
+        bad += not ok
+    assert bad > 0
+
+
+def test_protocol_check_catches_in_place_writes(fixture_copy: Any, tmp_path: Path) -> None:
+    path = fixture_copy("v3-basic")
+    before = tmp_path / "before.qcow2"
+    before.write_bytes(path.read_bytes())
+    with qcow2snap.open(path) as image:
+        l1 = image.header.l1_table_offset
+    ops = record(path, OPERATIONS["delete-first"])
+    assert shadow_paging_violations(before, path, ops) == []
+    in_place = [Op("pwrite", l1, bytes(8)), *ops]
+    assert any("in use" in p for p in shadow_paging_violations(before, path, in_place))
+    punch_live = [*ops, Op("punch", l1, length=512)]
+    assert any("punch" in p for p in shadow_paging_violations(before, path, punch_live))
+    no_sync = [op for op in ops if op.kind != "fsync"]
+    assert shadow_paging_violations(before, path, no_sync)
