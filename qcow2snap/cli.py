@@ -16,7 +16,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -142,9 +142,10 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
             if as_json:
                 _print_json([describe.snapshot_json(s, img) for s in img.snapshots])
             elif img.snapshots:
-                click.echo("Snapshot list:\n" + describe.snapshot_table_text(img.snapshots))
+                click.echo("Snapshot list:\n"
+                           + describe.snapshot_table_text(img.snapshots, image=img))
         return
-    opened: list[tuple[str, Any]] = []
+    opened: list[tuple[str, list[dict[str, Any]], list[Any]]] = []
     for path in images:
         with open_image(path) as img:
             opened.append((path, [describe.snapshot_json(s, img) for s in img.snapshots],
@@ -182,7 +183,7 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
 def _snapshot_ref(image: Qcow2Image, ref: str, by_id: bool, by_name: bool) -> Any:
     if by_id and by_name:
         raise click.UsageError("--by-id and --by-name exclude each other")
-    by = "id" if by_id else "name" if by_name else None
+    by: Literal["id", "name"] | None = "id" if by_id else "name" if by_name else None
     return image.find_snapshot(ref, by=by)
 
 
@@ -231,7 +232,7 @@ def _progress_bar(enabled: bool | None, label: str) -> Iterator[Callable[[int, i
     def show(done: int, total: int) -> None:
         bar = state["bar"]
         if bar is None:
-            stream = _TerminalLike(sys.stderr) if forced else sys.stderr
+            stream: Any = _TerminalLike(sys.stderr) if forced else sys.stderr
             bar = click.progressbar(length=max(total, 1), label=label, file=stream,
                                     show_pos=False, show_percent=True, show_eta=True,
                                     item_show_func=lambda _: None,
@@ -339,6 +340,83 @@ def vmstate_dump(snapshot: str, image: str, output: str, force: bool, as_json: b
     if as_json:
         _print_json({"output": result.output, "vm-state-size": result.virtual_size,
                      "snapshot": ref.id})
+
+
+@vmstate.command("info")
+@click.argument("snapshot")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@snapshot_selection
+@_progress_option
+def vmstate_info(snapshot: str, image: str, as_json: bool, by_id: bool, by_name: bool,
+                 progress: bool | None) -> None:
+    """Show what the VM state of SNAPSHOT holds: machine type, run state at
+    save time (prelaunch, running, paused, suspended, ...), RAM blocks,
+    devices, page size and whether the stream is complete.
+
+    A damaged or truncated stream is reported (complete: NO), not refused.
+    """
+    from .ops.memory import vm_state_info
+    with open_image(image) as img:
+        ref = _snapshot_ref(img, snapshot, by_id, by_name)
+        with _progress_bar(progress, f"vmstate {ref.id} ({ref.name})") as callback:
+            state = vm_state_info(img, ref, progress=callback)
+    if as_json:
+        _print_json(describe.vm_state_json(state, ref))
+    else:
+        click.echo(describe.vm_state_text(state, ref))
+
+
+def _size_option(value: str | None) -> int | None:
+    if value is None:
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = value.strip().lower().removesuffix("b").removesuffix("i")
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        return int(float(number) * factor)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 2G, 3072M)") from None
+
+
+@vmstate.command("memory")
+@click.argument("snapshot")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output file (written under a temporary name, renamed when complete).")
+@click.option("--format", "out_format", type=click.Choice(["raw", "elf"]), default="raw",
+              show_default=True,
+              help="raw: guest-physical image (file offset = address); elf: ELF core like "
+                   "QEMU's dump-guest-memory.")
+@click.option("--block", "block", metavar="NAME",
+              help="Write only this RAM block, as it is (see `vmstate info`).")
+@click.option("--max-ram-below-4g", "max_ram_below_4g", metavar="SIZE",
+              help="The machine option of that name, if the VM was started with it.")
+@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@snapshot_selection
+@_progress_option
+def vmstate_memory(snapshot: str, image: str, output: str, out_format: str, block: str | None,
+                   max_ram_below_4g: str | None, force: bool, as_json: bool, by_id: bool,
+                   by_name: bool, progress: bool | None) -> None:
+    """Write the guest RAM saved in SNAPSHOT to OUTPUT, without QEMU.
+
+    Zero pages become holes (the output is sparse). raw and elf need an x86
+    pc or q35 machine; --block works for any machine.
+    """
+    from .ops.memory import export_memory
+    if block is not None and out_format != "raw":
+        raise click.UsageError("--block writes the block as it is; it excludes --format elf")
+    below = _size_option(max_ram_below_4g)
+    with open_image(image) as img:
+        ref = _snapshot_ref(img, snapshot, by_id, by_name)
+        with _progress_bar(progress, f"memory {ref.id} ({ref.name})") as callback:
+            result = export_memory(img, ref, output, format=out_format,  # type: ignore[arg-type]
+                                   block=block, max_ram_below_4g=below, progress=callback,
+                                   overwrite=force)
+    if as_json:
+        _print_json(describe.memory_result_json(result))
 
 
 def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
@@ -479,8 +557,59 @@ def rename(snapshot: str, new_name: str, images: tuple[str, ...], by_id: bool, b
                              by=_by(by_id, by_name), dry_run=dry_run), as_json, dry_run)
 
 
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-r", "--repair", type=click.Choice(["leaks", "all"]), default=None,
+              help="leaks: lower refcounts that are too high. all: also raise refcounts that "
+                   "are too low (rebuilding the refcount structures if needed), fix COPIED "
+                   "flags and rewrite the snapshot table from the salvaged entries.")
+@click.option("--dry-run", is_flag=True,
+              help="With --repair: show what would change (snapshots kept, fixed, dropped; "
+                   "clusters; header fields) and write nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: qemu-img check's keys plus findings and snapshot verdicts.")
+@_progress_option
+def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
+          progress: bool | None) -> None:
+    """Check IMAGE's metadata like `qemu-img check`, and repair it.
+
+    Without --repair the image is opened read-only and never written.
+    Every reference is recomputed (header, refcount structures, active and
+    snapshot L1/L2 tables and data, VM state, the snapshot table) and
+    compared with the stored refcounts; COPIED flags and the snapshot table
+    are checked too. A damaged snapshot table is salvaged: snapshots whose
+    own metadata is sound are kept, IDs and names are recovered, and the L1
+    table of a snapshot whose pointer is broken is searched for.
+
+    Exit status as qemu-img check: 0 clean, 2 corruptions remain, 3 only
+    leaks remain, 1 the check could not be completed (including a snapshot
+    table QEMU cannot read without -r all). A repair refuses an image a
+    running QEMU holds.
+    """
+    from .errors import ImageInUseError
+    from .ops.check import CheckFailedError
+    from .ops.repair import check_or_repair
+    if dry_run and repair is None:
+        raise click.UsageError("--dry-run needs --repair leaks or --repair all")
+    try:
+        with _progress_bar(progress, "check") as callback:
+            report = check_or_repair(image, repair, dry_run=dry_run,  # type: ignore[arg-type]
+                                     progress=callback)
+    except ImageInUseError as exc:
+        raise CheckFailedError(f"{exc} (repair refused)") from exc
+    except Qcow2Error as exc:
+        raise CheckFailedError(f"Could not check {image!r}: {exc}") from exc
+    if as_json:
+        _print_json(describe.check_json(report))
+    else:
+        click.echo(describe.check_text(report))
+    raise SystemExit(report.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    from .copier import prefer_heap_reuse
+    prefer_heap_reuse()  # this process is ours: tune the allocator for bulk copies
     cli.main(args=argv, prog_name="qcow2snap")
 
 

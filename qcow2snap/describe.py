@@ -11,11 +11,23 @@ import math
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
 from .image import Qcow2Image, RawImage
 from .model import Snapshot
+
+if TYPE_CHECKING:
+    from .ops.memory import MemoryResult
+    from .vmstate import VMState
+
+
+def snapshot_runstate(image: Qcow2Image, snapshot: Snapshot) -> str | None:
+    """The run state a VM-state snapshot was saved in (loaded on first use:
+    the memory-export module and what it imports cost start-up time every
+    other command would pay)."""
+    from .ops.memory import snapshot_runstate as read_runstate
+    return read_runstate(image, snapshot)
 
 __all__ = [
     "size_to_str",
@@ -24,6 +36,11 @@ __all__ = [
     "snapshot_table_text",
     "info_text",
     "compare_snapshot_sets",
+    "check_json",
+    "check_text",
+    "vm_state_json",
+    "vm_state_text",
+    "memory_result_json",
 ]
 
 
@@ -77,6 +94,7 @@ def snapshot_json(snapshot: Snapshot, image: Qcow2Image | None = None) -> dict[s
         obj["raw-name"] = snapshot.name_bytes.hex()
     if image is not None and snapshot.has_vm_state:
         obj["vm-state-offset"] = image.vm_state_offset(snapshot)
+        obj["runstate"] = snapshot_runstate(image, snapshot)
     return obj
 
 
@@ -204,11 +222,20 @@ def snapshot_row(snapshot: Snapshot, *, show_id: bool = True) -> str:
     )
 
 
-def snapshot_table_text(snapshots: Sequence[Snapshot], *, show_id: bool = True) -> str:
+def snapshot_table_text(snapshots: Sequence[Snapshot], *, show_id: bool = True,
+                        image: Qcow2Image | None = None) -> str:
     """The snapshot list in the layout of ``qemu-img snapshot -l`` (QEMU >= 9
-    columns) with a DISK_SIZE column after VM_SIZE."""
+    columns) with a DISK_SIZE column after VM_SIZE.  Given the ``image`` and
+    when a snapshot has VM state, a last RUNSTATE column shows the run state
+    it was saved in ("--" for disk-only snapshots, "?" when unreadable)."""
     lines = [_ROW % ("ID", "TAG", "VM_SIZE", "DISK_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
-    lines += [snapshot_row(s, show_id=show_id) for s in snapshots]
+    rows = [snapshot_row(s, show_id=show_id) for s in snapshots]
+    if image is not None and any(s.has_vm_state for s in snapshots):
+        lines[0] += " RUNSTATE"
+        for i, s in enumerate(snapshots):
+            state = snapshot_runstate(image, s) if s.has_vm_state else "--"
+            rows[i] += f" {state or '?'}"
+    lines += rows
     return "\n".join(lines)
 
 
@@ -229,7 +256,7 @@ def info_text(image: Qcow2Image, filename: str | None = None) -> str:
             lines.append(f"backing file format: {image.backing_format}")
     if image.snapshots:
         lines.append("Snapshot list:")
-        lines.append(snapshot_table_text(image.snapshots))
+        lines.append(snapshot_table_text(image.snapshots, image=image))
     spec = _format_specific(image)["data"]
     lines.append("Format specific information:")
     for key, value in spec.items():
@@ -282,3 +309,178 @@ def compare_snapshot_sets(names_by_image: Sequence[tuple[str, Iterable[str]]]
             partial.append({"name": name, "present": present,
                             "missing": [p for p, _ in images if p not in present]})
     return common, partial
+
+
+# ---------------------------------------------------------------------------
+# VM state (vmstate info / vmstate memory)
+# ---------------------------------------------------------------------------
+
+def vm_state_json(state: VMState, snapshot: Snapshot) -> dict[str, Any]:
+    """``vmstate info --json``."""
+    return {
+        "snapshot": {"id": snapshot.id, "name": snapshot.name},
+        "vm-state-size": state.size,
+        "machine-type": state.machine_type,
+        "runstate": state.runstate,
+        "saved-runstate": state.saved_runstate,
+        "vm-was-suspended": state.vm_was_suspended,
+        "globalstate-layout": state.globalstate_layout,
+        "page-size": state.page_size,
+        "page-size-source": state.page_size_source,
+        "ram-size": state.ram_total_size,
+        "ram-blocks": [{"name": b.name, "size": b.size} for b in state.ram_blocks],
+        "normal-pages": state.normal_pages,
+        "zero-pages": state.zero_pages,
+        "devices": [{"name": d.name, "instance-id": d.instance_id, "vmsd-name": d.vmsd_name,
+                     "version": d.version, "size": d.size} for d in state.devices],
+        "capabilities": list(state.capabilities),
+        "uuid": state.uuid,
+        "stream-version": state.file_version,
+        "sections": len(state.sections),
+        "has-vm-description": state.vm_description is not None,
+        "complete": state.complete,
+        "problem": state.problem,
+    }
+
+
+def vm_state_text(state: VMState, snapshot: Snapshot) -> str:
+    """``vmstate info`` for people."""
+    complete = {True: "yes", False: "NO", None: "unknown"}[state.complete]
+    runstate = state.runstate or "unknown (no globalstate section)"
+    if state.saved_runstate is not None and state.runstate != state.saved_runstate:
+        runstate += f" (globalstate says {state.saved_runstate!r})"
+    lines = [
+        f"snapshot: {snapshot.id} ({snapshot.name})",
+        f"vm state size: {size_to_str(state.size)} ({state.size} bytes)",
+        f"machine type: {state.machine_type or 'unknown (no configuration section)'}",
+        f"run state: {runstate}",
+        f"page size: {state.page_size}",
+        (f"RAM: {size_to_str(state.ram_total_size)} in {len(state.ram_blocks)} block(s), "
+         f"{state.normal_pages} page(s) with data, {state.zero_pages} zero page(s)"),
+    ]
+    width = max((len(b.name) for b in state.ram_blocks), default=0)
+    for block in state.ram_blocks:
+        lines.append(f"    {block.name:<{width}}  {size_to_str(block.size):>10} "
+                     f"({block.size} bytes)")
+    lines.append(f"devices: {len(state.devices)}"
+                 + ("" if state.vm_description is not None else " (no VM description)"))
+    for dev in state.devices:
+        lines.append(f"    {dev.name} (instance {dev.instance_id}, version {dev.version}, "
+                     f"{dev.size} bytes)")
+    lines.append(f"complete: {complete}" + (f" ({state.problem})" if state.problem else ""))
+    return "\n".join(lines)
+
+
+def memory_result_json(result: MemoryResult) -> dict[str, Any]:
+    """``vmstate memory --json``."""
+    return {
+        "output": result.output,
+        "format": result.format,
+        "size": result.size,
+        "bytes-written": result.bytes_written,
+        "snapshot": result.snapshot.id,
+        "machine-type": result.state.machine_type,
+        "ranges": [{"phys-start": r.phys_start, "size": r.size, "block": r.block,
+                    "block-offset": r.block_offset} for r in result.ranges],
+        "unmapped-blocks": list(result.unmapped_blocks),
+    }
+
+
+# ---------------------------------------------------------------------------
+# check / repair reports
+# ---------------------------------------------------------------------------
+
+def check_json(report: Any) -> dict[str, Any]:
+    """``qemu-img check --output=json``'s object (its optional keys only
+    when non-zero, as QEMU prints them) plus qcow2snap's: ``findings``,
+    ``snapshots`` (verdict per table entry), ``dirty-flag``, ``corrupt``,
+    ``exit-code`` and, for a repair, ``repair``, ``dry-run``, ``changes``
+    and ``rebuilt-refcounts``."""
+    obj: dict[str, Any] = {"filename": report.filename, "format": report.format,
+                           "check-errors": report.check_errors}
+    for key, value in (("image-end-offset", report.image_end_offset),
+                       ("corruptions", report.corruptions),
+                       ("leaks", report.leaks),
+                       ("corruptions-fixed", report.corruptions_fixed),
+                       ("leaks-fixed", report.leaks_fixed),
+                       ("total-clusters", report.total_clusters),
+                       ("allocated-clusters", report.allocated_clusters),
+                       ("fragmented-clusters", report.fragmented_clusters),
+                       ("compressed-clusters", report.compressed_clusters)):
+        if value:
+            obj[key] = value
+    obj["findings"] = [f.to_json() for f in report.findings]
+    if report.findings_omitted:
+        obj["findings-omitted"] = report.findings_omitted
+    obj["snapshots"] = [v.to_json() for v in report.snapshots]
+    obj["dirty-flag"] = report.dirty
+    obj["corrupt"] = report.corrupt_bit
+    if report.repair is not None:
+        obj["repair"] = report.repair
+        obj["dry-run"] = report.dry_run
+        obj["rebuilt-refcounts"] = report.rebuilt_refcounts
+        obj["changes"] = list(report.changes)
+    obj["exit-code"] = report.exit_code
+    return obj
+
+
+def _check_summary(report: Any) -> list[str]:
+    """qemu-img check's human summary."""
+    lines: list[str] = []
+    if not (report.corruptions or report.leaks or report.check_errors):
+        lines.append("No errors were found on the image.")
+    else:
+        if report.corruptions:
+            lines += ["", f"{report.corruptions} errors were found on the image.",
+                      "Data may be corrupted, or further writes to the image may corrupt it."]
+        if report.leaks:
+            lines += ["", f"{report.leaks} leaked clusters were found on the image.",
+                      "This means waste of disk space, but no harm to data."]
+        if report.check_errors:
+            lines += ["", (f"{report.check_errors} internal errors have occurred during "
+                           f"the check.")]
+    if report.total_clusters and report.allocated_clusters is not None:
+        total = report.total_clusters
+        lines.append(f"{report.allocated_clusters}/{total} = "
+                     f"{report.allocated_clusters * 100.0 / total:.2f}% allocated, "
+                     f"{report.fragmented_clusters * 100.0 / max(report.allocated_clusters, 1):.2f}"
+                     f"% fragmented, "
+                     f"{report.compressed_clusters * 100.0 / max(report.allocated_clusters, 1):.2f}"
+                     f"% compressed clusters")
+    if report.image_end_offset:
+        lines.append(f"Image end offset: {report.image_end_offset}")
+    return lines
+
+
+def check_text(report: Any) -> str:
+    """The human report: QEMU's per-problem lines (first pass), what
+    qcow2snap makes of each snapshot that is not simply ok, the repair's
+    changes, then qemu-img check's summary (of the re-check after a
+    repair)."""
+    first = report.before if report.before is not None else report
+    lines = [f.message for f in first.findings if f.severity != "info"]
+    if first.findings_omitted:
+        lines.append(f"... and {first.findings_omitted} more problems of the same kinds")
+    lines += [f"Note: {f.message}" for f in first.findings if f.severity == "info"]
+    odd = [v for v in report.snapshots if v.status != "ok"]
+    if odd:
+        lines += ["", "Snapshots:"]
+        for v in odd:
+            label = f"entry {v.index}: ID {v.id!r} name {v.name!r}"
+            lines.append(f"    {label}: {v.status}" + (f" ({v.detail})" if v.detail else ""))
+    if report.repair is not None:
+        title = ("Dry run, nothing was written. A repair would make these changes:"
+                 if report.dry_run else f"Repair ({report.repair}):")
+        lines += ["", title] if lines else [title]
+        lines += [f"    {c}" for c in report.changes] or ["    nothing"]
+        if not report.dry_run and (report.leaks_fixed or report.corruptions_fixed):
+            lines += ["", "The following inconsistencies were found and repaired:", "",
+                      f"    {report.leaks_fixed} leaked clusters",
+                      f"    {report.corruptions_fixed} corruptions", "",
+                      "Double checking the fixed image now..."]
+            lines += [f.message for f in report.findings if f.severity != "info"]
+    summary = _check_summary(report)
+    if lines and summary[:1] != [""]:
+        lines.append("")
+    lines += summary
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ from . import format as fmt
 from .errors import CorruptImageError, NotQcow2Error, UnsupportedImageError
 
 __all__ = [
+    "snapshot_id_number",
     "Header",
     "Extension",
     "FeatureName",
@@ -505,3 +506,28 @@ def parse_snapshot_table(pread: Callable[[int, int], bytes], snapshots_offset: i
         paddings.append(bytes(buf[pos:entry_start]))
         pos = entry_end
     return SnapshotTable(snapshots_offset, tuple(snapshots), pos, tuple(paddings))
+
+
+_ULONG_MAX = (1 << 64) - 1
+
+
+def snapshot_id_number(id_bytes: bytes) -> int:
+    """C ``strtoul(id, NULL, 10)`` on a 64-bit host, as QEMU's
+    ``find_new_snapshot_id`` reads IDs: leading blanks, an optional sign,
+    then digits; a value past ULONG_MAX saturates to it (whatever the sign),
+    a negative one wraps.  IDs may be 65535 digits long, so the digits are
+    never handed whole to ``int``."""
+    s = id_bytes.split(b"\0", 1)[0].lstrip(b" \t\n\r\f\v")
+    negative = s[:1] == b"-"
+    if s[:1] in (b"+", b"-"):
+        s = s[1:]
+    n = 0
+    while n < len(s) and 48 <= s[n] <= 57:
+        n += 1
+    digits = s[:n].lstrip(b"0")
+    if not digits:
+        return 0
+    if len(digits) > 20 or int(digits) > _ULONG_MAX:
+        return _ULONG_MAX
+    value = int(digits)
+    return (-value) % (1 << 64) if negative else value

@@ -15,12 +15,13 @@ decompressed (deflate or zstd).
 from __future__ import annotations
 
 import io
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
 from .errors import CorruptImageError, UnsupportedImageError
@@ -279,6 +280,19 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
 # Compressed clusters
 # ---------------------------------------------------------------------------
 
+_THREAD = threading.local()
+
+
+def _zstd_decompressor() -> Any:
+    """This thread's zstd context (creating one per cluster cost more than
+    decompressing it; a context must not be shared between threads)."""
+    dctx = getattr(_THREAD, "zstd", None)
+    if dctx is None:
+        import zstandard
+        dctx = _THREAD.zstd = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
                        host_offset: int = 0) -> bytes:
     """Decompress one compressed cluster the way QEMU does.
@@ -291,9 +305,16 @@ def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
         if compression_type == fmt.QCOW2_COMPRESSION_TYPE_ZLIB:
             out = zlib.decompressobj(-12).decompress(data, cluster_size)
         elif compression_type == fmt.QCOW2_COMPRESSION_TYPE_ZSTD:
-            import zstandard
-            reader = zstandard.ZstdDecompressor().stream_reader(
-                io.BytesIO(data), read_across_frames=True)
+            dctx = _zstd_decompressor()
+            # QEMU writes one frame per cluster: decompress it in one call
+            # (bytes after the frame are the next cluster's and ignored) ...
+            out = dctx.decompress(data, max_output_size=cluster_size,
+                                  read_across_frames=False, allow_extra_data=True)
+            if len(out) == cluster_size:
+                return out
+            # ... else read on across frames until the cluster is full, as
+            # qcow2_zstd_decompress does
+            reader = dctx.stream_reader(io.BytesIO(data), read_across_frames=True)
             parts = []
             got = 0
             while got < cluster_size:

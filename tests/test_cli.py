@@ -186,14 +186,19 @@ def test_list_text(fixture_dir: Path, name: str) -> None:
     out = ok("list", image(fixture_dir, name)).stdout
     assert out.startswith("Snapshot list:\n")
     header, rows = parse_rows(out.split("\n", 1)[1])
-    assert header == ["ID", "TAG", "VM_SIZE", "DISK_SIZE", "DATE", "VM_CLOCK", "ICOUNT"]
     snaps = snapshot_entries(name)
+    # images with VM-state snapshots get a last RUNSTATE column
+    runstate = ["RUNSTATE"] if any(s["vm_state_size"] for s in snaps) else []
+    assert header == ["ID", "TAG", "VM_SIZE", "DISK_SIZE", "DATE", "VM_CLOCK", "ICOUNT",
+                      *runstate]
     assert len(rows) == len(snaps)
     for row, snap in zip(rows, snaps):
         assert row[0] == snap["id"]
         assert row[1] == snap["name"]
         assert " ".join(row[2:4]) == size_to_str(snap["vm_state_size"])
         assert " ".join(row[4:6]) == size_to_str(snap["disk_size"])
+        if runstate:
+            assert row[-1] == snap.get("runstate", "--")
 
 
 def test_list_disk_size_column_follows_resize(fixture_dir: Path) -> None:
@@ -207,7 +212,7 @@ def test_list_icount_column(fixture_dir: Path) -> None:
     _, rows = parse_rows(ok("list", image(fixture_dir, "v3-basic")).stdout.split("\n", 1)[1])
     assert {r[-1] for r in rows} == {"0"}
     _, rows = parse_rows(ok("list", image(fixture_dir, "savevm")).stdout.split("\n", 1)[1])
-    assert {r[-1] for r in rows} == {"--"}
+    assert {r[9] for r in rows} == {"--"}  # r[10] is RUNSTATE
 
 
 @pytest.mark.parametrize("name", ["v3-basic", "savevm", "ambiguous", "many-snapshots"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qcow2snap import format as fmt
 from qcow2snap.errors import CorruptImageError, NotQcow2Error, UnsupportedImageError
-from qcow2snap.model import Header, Snapshot, parse_extensions, parse_snapshot_table
+from qcow2snap.model import Header, Snapshot, parse_extensions, parse_snapshot_table, snapshot_id_number
 
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
@@ -176,3 +176,15 @@ def test_snapshot_to_bytes_is_identity_for_24_byte_extra() -> None:
     sn: Snapshot = _parse(raw, 1).snapshots[0]
     assert sn.to_bytes() == raw
     assert sn.entry_length == len(raw)
+
+
+@pytest.mark.parametrize(("raw", "number"), [
+    (b"", 0), (b"abc", 0), (b"7", 7), (b"  12x", 12), (b"+3", 3), (b"-1", (1 << 64) - 1),
+    (b"-5", (1 << 64) - 5), (b"18446744073709551615", (1 << 64) - 1),
+    (b"18446744073709551616", (1 << 64) - 1), (b"-18446744073709551616", (1 << 64) - 1),
+    (b"0000000000000000000000000042", 42), (b"9" * 5000, (1 << 64) - 1), (b"12\x0034", 12),
+])
+def test_snapshot_id_number_is_strtoul(raw: bytes, number: int) -> None:
+    """QEMU reads IDs with strtoul: saturating, wrapping negatives, and never
+    limited by Python's int-from-string digit cap (IDs reach 65535 bytes)."""
+    assert snapshot_id_number(raw) == number

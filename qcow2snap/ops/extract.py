@@ -157,10 +157,9 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
                 copier.copy(ext.host_offset, dst, ext.length)
         elif kind is ExtentKind.COMPRESSED:
             assert ext.host_offset is not None
-            # pread, not the mapping: these reads are small and scattered, and
-            # mapped pages would stay in our RSS
-            raw = image.pread(ext.host_offset, ext.compressed_length)
-            copier.add_compressed(raw, ext.host_offset, dst,
+            # read by the worker that inflates it (pread, not the mapping:
+            # mapped pages would stay in our RSS)
+            copier.add_compressed(ext.host_offset, ext.compressed_length, dst,
                                   ext.guest_offset - ext.cluster_guest_offset, ext.length)
         elif kind is ExtentKind.UNALLOCATED and backing and image.backing is not None:
             if backing_reader is None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from .. import format as fmt
 from ..errors import Qcow2Error, SnapshotNotFoundError, UnsupportedImageError
 from ..image import Qcow2Image
-from ..model import Snapshot, build_snapshot_entry
+from ..model import Snapshot, build_snapshot_entry, snapshot_id_number
 from ..refcount import decode_l1, l2_references
 from ..tables import encode_u64_table
 from .transaction import CommitResult, Transaction
@@ -57,28 +57,9 @@ class ImageNeedsRepairError(Qcow2Error):
     exit_code = 10
 
 
-def _strtoul_prefix(text: bytes) -> int:
-    """C ``strtoul(s, NULL, 10)``: leading blanks, optional sign, digits."""
-    s = text.split(b"\0", 1)[0].lstrip(b" \t\n\r\f\v")
-    negative = False
-    if s[:1] in (b"+", b"-"):
-        negative = s[:1] == b"-"
-        s = s[1:]
-    digits = b""
-    for ch in s:
-        if 48 <= ch <= 57:
-            digits += bytes([ch])
-        else:
-            break
-    if not digits:
-        return 0
-    value = min(int(digits), (1 << 64) - 1)
-    return ((1 << 64) - value) % (1 << 64) if negative else value
-
-
 def next_snapshot_id(snapshots: list[Snapshot] | list[_Record]) -> str:
     """QEMU's ``find_new_snapshot_id``: max(strtoul(id)) + 1."""
-    highest = max((_strtoul_prefix(s.id_bytes) for s in snapshots), default=0)
+    highest = max((snapshot_id_number(s.id_bytes) for s in snapshots), default=0)
     return str((highest + 1) % (1 << 64))
 
 
