@@ -30,6 +30,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["PIECE_BYTES", "ZERO_CHECK_BYTES", "ClusterCopier", "prefer_heap_reuse"]
 
@@ -137,6 +138,9 @@ class ClusterCopier:
             src = src_offset + done
             avail = max(0, min(n, self.src_size - src))
             if avail:
+                # in this thread: copy_file_range is bound by the kernel's
+                # page-cache copy; pieces on the pool measured within 3% and
+                # took 10 MiB more RSS
                 self._copy_sparse(src, dst_offset + done, avail)
                 self._release(src, avail)
             self._progress(n)
@@ -341,13 +345,18 @@ class ClusterCopier:
     def _submit_batch(self) -> None:
         if not self._batch:
             return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._submit(self._run_batch, batch)
+
+    def _submit(self, task: Callable[..., int], *args: Any) -> None:
+        """Run ``task(*args)`` (which returns the guest bytes it handled) on
+        the pool, with at most two tasks per worker in flight."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self._workers,
-                                            thread_name_prefix="qcow2snap-inflate")
+                                            thread_name_prefix="qcow2snap-copy")
         while len(self._inflight) >= 2 * self._workers:
             self._finish_one()
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        self._inflight.append(self._pool.submit(self._run_batch, batch))
+        self._inflight.append(self._pool.submit(task, *args))
 
     def _run_batch(self, batch: list[tuple[int, int, int, int, int]]) -> int:
         """Read, decompress and write a batch; guest-contiguous clusters go

@@ -236,3 +236,22 @@ def test_copy_falls_back_to_pwrite_where_copy_file_range_cannot(
     snapshot = next(s for s in entry["snapshots"] if s["name"] == "first")
     assert _sha256(out) == snapshot["sha256"]
     assert out.stat().st_blocks * 512 < out.stat().st_size   # still sparse
+
+
+@pytest.mark.parametrize("isal", [True, False], ids=["isal", "zlib-only"])
+def test_deflate_clusters_decode_with_and_without_isal(
+        fixture_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isal: bool) -> None:
+    """ISA-L speeds up inflate; without it (no wheel for the platform) zlib,
+    QEMU's own library, decodes the same bytes."""
+    from qcow2snap import reader
+    if not isal:
+        monkeypatch.setattr(reader, "_isal_zlib", None)
+    else:
+        assert reader._isal_zlib is not None, "isal is a dependency"
+    entry = FIXTURES_BY_NAME["compressed-zlib"]
+    source = fixture_dir / entry["file"][:-3]
+    snapshot = entry["snapshots"][0]
+    out = tmp_path / "disk.raw"
+    with qcow2snap.open(source) as image:
+        extract(image, image.find_snapshot(snapshot["id"], by="id"), out)
+    assert _sha256(out) == snapshot["sha256"]
