@@ -17,6 +17,8 @@ $Q list "$IMAGE"
 $Q info "$IMAGE"
 $Q extract --by-name run "$IMAGE" -o "$WORK/run.raw"
 $Q vmstate dump --by-name run "$IMAGE" -o "$WORK/run.vmstate"
+$Q vmstate info --by-name run "$IMAGE"
+$Q check "$IMAGE"
 set +x
 echo "snapshot 'run' disk:    $(sha256sum "$WORK/run.raw" | cut -d' ' -f1)"
 echo "snapshot 'run' vmstate: $(head -c 4 "$WORK/run.vmstate") stream, $(wc -c < "$WORK/run.vmstate") bytes"
