@@ -42,7 +42,7 @@ __version__ = "0.1.0"
 
 
 @overload
-def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,  # noqa: A001
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          backing_file: str | os.PathLike[str] | bool | None = None,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
@@ -50,14 +50,14 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,  
 
 
 @overload
-def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r+"], *,  # noqa: A001
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r+"], *,
          backing_file: str | os.PathLike[str] | bool | None = None,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
          check_locks: bool = True, io: "MetadataIO | None" = None) -> "EditableImage": ...
 
 
-def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r", *,  # noqa: A001
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r", *,
          backing_file: str | os.PathLike[str] | bool | None = None,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
@@ -99,25 +99,25 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
 
 
 __all__ = [
-    "open",
-    "Qcow2Image",
-    "RawImage",
-    "Layer",
-    "Header",
-    "Extension",
-    "FeatureName",
-    "Snapshot",
+    "AmbiguousSnapshotError",
+    "CorruptImageError",
     "DiskReader",
+    "Extension",
     "Extent",
     "ExtentKind",
-    "ImageInUseWarning",
-    "Qcow2Error",
-    "NotQcow2Error",
-    "CorruptImageError",
-    "UnsupportedImageError",
+    "FeatureName",
+    "Header",
     "ImageInUseError",
-    "SnapshotNotFoundError",
-    "AmbiguousSnapshotError",
+    "ImageInUseWarning",
+    "Layer",
     "NoVMStateError",
+    "NotQcow2Error",
+    "Qcow2Error",
+    "Qcow2Image",
+    "RawImage",
+    "Snapshot",
+    "SnapshotNotFoundError",
+    "UnsupportedImageError",
     "__version__",
+    "open",
 ]

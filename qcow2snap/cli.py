@@ -20,8 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from . import __version__
-from . import describe
+from . import __version__, describe
 from .errors import Qcow2Error
 from .image import ImageInUseWarning, Qcow2Image
 from .image import open as open_image

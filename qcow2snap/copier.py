@@ -27,9 +27,9 @@ import errno
 import mmap
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 __all__ = ["PIECE_BYTES", "ZERO_CHECK_BYTES", "ClusterCopier", "prefer_heap_reuse"]

@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
-    "Qcow2Error",
-    "NotQcow2Error",
-    "CorruptImageError",
-    "UnsupportedImageError",
-    "ImageInUseError",
-    "SnapshotNotFoundError",
     "AmbiguousSnapshotError",
+    "CorruptImageError",
+    "ImageInUseError",
     "NoVMStateError",
+    "NotQcow2Error",
+    "Qcow2Error",
+    "SnapshotNotFoundError",
+    "UnsupportedImageError",
 ]
 
 

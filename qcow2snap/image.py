@@ -32,8 +32,15 @@ from .errors import (
     UnsupportedImageError,
 )
 from .locks import LockState, probe_qemu_locks, release_editor_locks, take_editor_locks
-from .model import Extension, FeatureName, Header, Snapshot, SnapshotTable, parse_extensions
-from .model import parse_snapshot_table
+from .model import (
+    Extension,
+    FeatureName,
+    Header,
+    Snapshot,
+    SnapshotTable,
+    parse_extensions,
+    parse_snapshot_table,
+)
 from .tables import decode_u64_table
 
 if TYPE_CHECKING:
@@ -41,7 +48,7 @@ if TYPE_CHECKING:
 
     from .reader import DiskReader, Extent
 
-__all__ = ["Qcow2Image", "Layer", "RawImage", "ImageInUseWarning", "open"]
+__all__ = ["ImageInUseWarning", "Layer", "Qcow2Image", "RawImage", "open"]
 
 #: How many L2 tables (or subcluster-extended tables) a reader keeps decoded.
 #: At 64 KiB clusters this is at most 8 MiB of tables.
@@ -82,7 +89,7 @@ class _HostFile:
     """Positional reads over an fd; reads past EOF return zeros, as QEMU's
     file driver does."""
 
-    __slots__ = ("fd", "path", "size", "_owned")
+    __slots__ = ("_owned", "fd", "path", "size")
 
     def __init__(self, fd: int, path: str, owned: bool = True) -> None:
         self.fd = fd
@@ -729,7 +736,7 @@ class Qcow2Image:
 _builtin_open = open
 
 
-def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,  # noqa: A001
+def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          backing_file: str | os.PathLike[str] | bool | None = None,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,

@@ -20,16 +20,16 @@ from . import format as fmt
 from .errors import CorruptImageError, NotQcow2Error, UnsupportedImageError
 
 __all__ = [
-    "snapshot_id_number",
-    "Header",
-    "Extension",
-    "FeatureName",
     "BitmapsExtension",
     "CryptoHeaderExtension",
+    "Extension",
+    "FeatureName",
+    "Header",
     "Snapshot",
     "SnapshotTable",
     "parse_extensions",
     "parse_snapshot_table",
+    "snapshot_id_number",
 ]
 
 
@@ -297,7 +297,7 @@ def parse_extensions(data: bytes, start_offset: int, end_offset: int) -> list[Ex
 # Snapshot table
 # ---------------------------------------------------------------------------
 
-_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 
 
 def _text(raw: bytes) -> str:

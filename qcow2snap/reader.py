@@ -29,7 +29,7 @@ from .errors import CorruptImageError, UnsupportedImageError
 if TYPE_CHECKING:
     from .image import Layer, Qcow2Image
 
-__all__ = ["ExtentKind", "Extent", "iter_extents", "DiskReader", "decompress_cluster"]
+__all__ = ["DiskReader", "Extent", "ExtentKind", "decompress_cluster", "iter_extents"]
 
 
 class ExtentKind(str, Enum):
@@ -70,7 +70,7 @@ class _Where:
     """QEMU's "(L2 offset: ..., L2 index: ...)" suffix, formatted only when
     an error message needs it."""
 
-    __slots__ = ("l2_offset", "l2_index")
+    __slots__ = ("l2_index", "l2_offset")
 
     def __init__(self, l2_offset: int, l2_index: int) -> None:
         self.l2_offset = l2_offset
@@ -79,7 +79,7 @@ class _Where:
     def __str__(self) -> str:
         return f"(L2 offset: {self.l2_offset:#x}, L2 index: {self.l2_index:#x})"
 
-    __format__ = lambda self, spec: str(self)  # noqa: E731
+    __format__ = lambda self, spec: str(self)
 
 
 #: bits that must be clear for an L2 entry to be a "plain" one: everything
@@ -302,7 +302,7 @@ def _inflate(data: bytes, cluster_size: int) -> bytes:
             out: bytes = _isal_zlib.decompressobj(-12).decompress(data, cluster_size)
             if len(out) == cluster_size:
                 return out
-        except Exception:  # noqa: BLE001 - any rejection: let zlib give the verdict
+        except Exception:
             pass
     return zlib.decompressobj(-12).decompress(data, cluster_size)
 

@@ -24,7 +24,7 @@ from .tables import decode_refcount_block, decode_u64_table, refcount_block_entr
 if TYPE_CHECKING:
     from .image import Qcow2Image
 
-__all__ = ["RefcountReader", "l2_references", "l2_entry_references"]
+__all__ = ["RefcountReader", "l2_entry_references", "l2_references"]
 
 
 class RefcountReader:

@@ -149,7 +149,7 @@ def exercise(path: Path | str, *, keep_going: bool = False) -> None:
             describe.snapshot_table_text(image.snapshots)
         attempt(image.chain)  # describe reports chain errors as text: see them raised here
         for snapshot in [None, *image.snapshots[:MAX_LAYERS]]:
-            attempt(lambda: _exercise_layer(image, snapshot))  # noqa: B023 - called at once
+            attempt(lambda: _exercise_layer(image, snapshot))
     if errors:
         raise errors[0]
 

@@ -73,7 +73,7 @@ def test_library_example_runs(fixture_dir: Path, tmp_path: Path, line: int,
     namespace["tmp_path"] = work
     code = compile(source, f"{LIBRARY_MD}:{line}", "exec")
     with contextlib.redirect_stdout(io.StringIO()):
-        exec(code, namespace)  # noqa: S102 - the documentation's own examples
+        exec(code, namespace)
 
 
 # ---------------------------------------------------------------------------

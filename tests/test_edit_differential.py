@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FIXTURES_BY_NAME, fixtures_with
 
 import qcow2snap
 from qcow2snap import Qcow2Error
 from qcow2snap.ops.transaction import CommitResult, RefcountOverflowError
-
-from conftest import FIXTURES_BY_NAME, fixtures_with
 
 pytestmark = pytest.mark.qemu
 
@@ -332,7 +331,7 @@ class Pair:
             b_err = exc
         except Divergence:
             raise
-        except Exception as exc:  # noqa: BLE001 - anything else is a bug: note it, go on
+        except Exception as exc:
             b_err = exc
             self.soft_divergence(f"{what}: qcow2snap raised {type(exc).__name__} (not a "
                                  f"Qcow2Error): {exc}")
@@ -557,7 +556,7 @@ class Pair:
         try:
             with qcow2snap.open(self.path(self.B), "r+") as image:
                 image.rename_snapshot(image.find_snapshot(t.id, by="id"), new)
-        except Exception as exc:  # noqa: BLE001 - note it, go on
+        except Exception as exc:
             self.path(self.B).write_bytes(before)
             self.soft_divergence(f"rename ID {t.id} -> {new!r} failed: "
                                  f"{type(exc).__name__}: {exc}")

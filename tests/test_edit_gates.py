@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sha256_file
 
 import qcow2snap
 from qcow2snap import (
@@ -42,8 +43,6 @@ from qcow2snap.ops.snapshots import (
     serialize_snapshot_table,
 )
 from qcow2snap.ops.transaction import CommitResult
-
-from conftest import sha256_file
 
 pytestmark = pytest.mark.qemu
 

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, ROOT, fixture_path, sha256_file
 
 import qcow2snap
 from qcow2snap import (
@@ -23,8 +24,6 @@ from qcow2snap import (
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
-
-from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, ROOT, fixture_path, sha256_file
 
 
 def test_geometry_and_header(fixture_dir: Path) -> None:
@@ -205,7 +204,7 @@ def test_reading_never_writes(fixture_copy, tmp_path: Path) -> None:  # type: ig
                 image.open_disk(sn).read()
                 if sn is not None and sn.has_vm_state:
                     image.open_vm_state(sn).read()
-            mode = os.stat(f"/proc/self/fd/{image._file.fd}").st_mode  # noqa: F841
+            mode = os.stat(f"/proc/self/fd/{image._file.fd}").st_mode
             flags = int(Path(f"/proc/self/fdinfo/{image._file.fd}").read_text().split(
                 "flags:")[1].split()[0], 8)
             assert flags & os.O_ACCMODE == os.O_RDONLY

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from qcow2snap import format as fmt
 from qcow2snap.errors import CorruptImageError, NotQcow2Error, UnsupportedImageError
-from qcow2snap.model import Header, Snapshot, parse_extensions, parse_snapshot_table, snapshot_id_number
+from qcow2snap.model import (
+    Header,
+    Snapshot,
+    parse_extensions,
+    parse_snapshot_table,
+    snapshot_id_number,
+)
 
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)

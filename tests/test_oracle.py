@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path, run, sha256_file
 
 import qcow2snap
 from qcow2snap import describe
 from qcow2snap.ops.extract import extract
-
-from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path, run, sha256_file
 
 pytestmark = pytest.mark.qemu
 

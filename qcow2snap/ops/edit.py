@@ -18,7 +18,7 @@ from ..model import Snapshot
 from .snapshots import SnapshotEditor, SnapshotExistsError
 from .transaction import CommitResult, FileIO, MetadataIO, Transaction
 
-__all__ = ["EditableImage", "EditResult", "edit_images", "Operation"]
+__all__ = ["EditResult", "EditableImage", "Operation", "edit_images"]
 
 Operation = Literal["create", "delete", "revert", "rename"]
 

@@ -26,7 +26,7 @@ from ..model import Header, Snapshot
 from ..reader import DiskReader, ExtentKind, decompress_cluster, iter_extents
 from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
 
-__all__ = ["extract", "dump_vm_state", "ExtractResult", "OutputExistsError", "atomic_output"]
+__all__ = ["ExtractResult", "OutputExistsError", "atomic_output", "dump_vm_state", "extract"]
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -197,7 +197,7 @@ def _read_backing(image: Qcow2Image, reader: DiskReader | None, offset: int,
 
 
 def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os.PathLike[str],
-            *, format: Literal["raw", "qcow2"] = "raw",  # noqa: A002
+            *, format: Literal["raw", "qcow2"] = "raw",
             compress: Literal["zlib", "zstd"] | None = None,
             progress: ProgressCallback | None = None, overwrite: bool = False,
             backing: bool = True, sync: bool = False) -> ExtractResult:

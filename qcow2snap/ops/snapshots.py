@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import time
 from array import array
-from itertools import compress
 from dataclasses import dataclass, field
+from itertools import compress
 
 from .. import format as fmt
 from ..errors import Qcow2Error, SnapshotNotFoundError, UnsupportedImageError
@@ -36,8 +36,14 @@ from ..refcount import decode_l1, l2_references
 from ..tables import encode_u64_table
 from .transaction import CommitResult, Transaction
 
-__all__ = ["SnapshotEditor", "SnapshotExistsError", "ImageNeedsRepairError", "next_snapshot_id",
-           "QEMU_MAX_NAME_BYTES", "QEMU_MAX_ID_BYTES"]
+__all__ = [
+    "QEMU_MAX_ID_BYTES",
+    "QEMU_MAX_NAME_BYTES",
+    "ImageNeedsRepairError",
+    "SnapshotEditor",
+    "SnapshotExistsError",
+    "next_snapshot_id",
+]
 
 #: QEMU's tools hold names in char[256] and IDs in char[128]
 QEMU_MAX_NAME_BYTES = 255

@@ -40,8 +40,14 @@ from ..model import Header
 from ..refcount import RefcountReader
 from ..tables import encode_refcount_block, encode_u64_table, refcount_max
 
-__all__ = ["MetadataIO", "FileIO", "Transaction", "CommitResult", "TransactionPoisoned",
-           "RefcountOverflowError"]
+__all__ = [
+    "CommitResult",
+    "FileIO",
+    "MetadataIO",
+    "RefcountOverflowError",
+    "Transaction",
+    "TransactionPoisoned",
+]
 
 HEADER_COMMIT_LIMIT = 512
 
