@@ -44,19 +44,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import killsim
 import pytest
 from conftest import run
+from killsim import build_image, signature
 
 pytestmark = pytest.mark.qemu
 
 KILLS = int(os.environ.get("QCOW2SNAP_SIGKILLS", "18"))
-CLUSTER = 512
-DISK = 512 << 20
 
 OPERATIONS: dict[str, list[str]] = {
     "create": ["create", "killed-new"],
@@ -64,24 +63,6 @@ OPERATIONS: dict[str, list[str]] = {
     "revert": ["revert", "--by-name", "s0"],
 }
 SEEDS = {"create": 101, "delete": 202, "revert": 303}
-
-
-def build_image(path: Path, qemu_img: str, qemu_io: str) -> None:
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", str(path),
-        str(DISK))
-    run(qemu_io, "-t", "unsafe", "-c", "write -P 0x11 0 24M", str(path))
-    rng = random.Random(4)
-    for s in range(3):
-        run(qemu_img, "snapshot", "-c", f"s{s}", str(path))
-        commands = []
-        for _ in range(1000):
-            offset = rng.randrange(DISK // CLUSTER) * CLUSTER
-            length = CLUSTER * rng.choice((1, 1, 1, 2, 8))
-            if rng.random() < 0.1:
-                commands += ["-c", f"write -z {offset} {length}"]
-            else:
-                commands += ["-c", f"write -P {rng.randrange(1, 255)} {offset} {length}"]
-        run(qemu_io, "-t", "unsafe", *commands, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -108,25 +89,6 @@ def findings(code: int, report: dict[str, Any]) -> list[str]:
     if code != 0 or "stdout" in report:
         out.append(f"exit {code}: {report}")
     return out
-
-
-def observe(qemu_img: str, path: Path) -> tuple[Any, ...]:
-    """The snapshot list (without creation dates), the header facts qemu-img
-    shows, and the active layer: its map and the bytes at every host range
-    the map points to."""
-    info = json.loads(run(qemu_img, "info", "--output=json", str(path)).stdout)
-    snapshots = tuple(tuple(sorted((k, v) for k, v in sn.items() if not k.startswith("date")))
-                      for sn in info.get("snapshots", []))
-    facts = (info["virtual-size"], info["cluster-size"], info.get("dirty-flag"),
-             json.dumps(info.get("format-specific"), sort_keys=True))
-    mapping = json.loads(run(qemu_img, "map", "--output=json", str(path)).stdout)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for entry in mapping:
-            h.update(json.dumps(entry, sort_keys=True).encode())
-            if entry.get("data") and "offset" in entry:
-                h.update(os.pread(f.fileno(), entry["length"], entry["offset"]))
-    return snapshots, facts, h.hexdigest()
 
 
 def content_digest(qemu_img: str, path: Path, snapshot: str | None, out: Path) -> str:
@@ -160,66 +122,36 @@ def qcow2snap(*args: str) -> list[str]:
     return [sys.executable, "-m", "qcow2snap", *args]
 
 
-def signature(path: Path) -> tuple[int, int, int]:
-    """Changes as soon as the file is written (mtime alone is coarse)."""
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size, st.st_blocks
-
-
 def timed_run(operation: str, base: Path, path: Path) -> tuple[float, float, float]:
     """Run the operation to completion on a fresh copy of ``base``, watching
     the file: seconds from the start to its first write, to its last write,
     and to the exit."""
-    shutil.copyfile(base, path)
-    mtime = signature(path)
-    started = time.monotonic()
-    proc = subprocess.Popen(qcow2snap(*OPERATIONS[operation], str(path)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    writes = []
-    while proc.poll() is None:
-        now = signature(path)
-        if now != mtime:
-            writes.append(time.monotonic() - started)
-            mtime = now
-        time.sleep(0.0002)
-    duration = time.monotonic() - started
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-    if not writes:
-        writes = [duration]
-    return writes[0], writes[-1], duration
+    first, last, duration, status, stderr = killsim.timed_run(
+        qcow2snap(*OPERATIONS[operation]), base, path)
+    assert status == 0, stderr
+    return first, last, duration
 
 
 def kill_run(operation: str, path: Path, delay: float | None, after_write: float) -> int:
-    """Start the operation on ``path`` and SIGKILL it ``delay`` seconds after
-    the start, or (``delay=None``) ``after_write`` seconds after its first
-    write to the file is seen.  Returns the exit status."""
-    mtime = signature(path)
-    started = time.monotonic()
-    victim = subprocess.Popen(qcow2snap(*OPERATIONS[operation], str(path)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if delay is not None:
-        time.sleep(max(0.0, started + delay - time.monotonic()))
-    else:
-        while victim.poll() is None and signature(path) == mtime:
-            time.sleep(0.0001)
-        time.sleep(after_write)
-    victim.send_signal(signal.SIGKILL)
-    _, stderr = victim.communicate()
-    assert victim.returncode in (0, -signal.SIGKILL), stderr
-    return victim.returncode
+    """SIGKILL the operation on ``path`` (see :func:`killsim.kill_run`);
+    returns the exit status."""
+    status, stderr = killsim.kill_run(qcow2snap(*OPERATIONS[operation]), path, delay,
+                                      after_write)
+    assert status in (0, -signal.SIGKILL), stderr
+    return status
 
 
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 def test_sigkill_leaves_old_or_new_state(operation: str, base_image: Path, qemu_img: str,
                                          tmp_path: Path) -> None:
     assert not findings(*check_report(qemu_img, base_image))
-    old = observe(qemu_img, base_image)
+    old = killsim.observe(qemu_img, base_image)
     reference = tmp_path / "reference.qcow2"
     timings = sorted(timed_run(operation, base_image, reference) for _ in range(3))
     first_write, last_write, duration = timings[1]
     window = max(0.002, last_write - first_write) * 1.2
     assert not findings(*check_report(qemu_img, reference))
-    new = observe(qemu_img, reference)
+    new = killsim.observe(qemu_img, reference)
     assert old != new
     old_active = new_snapshot = None
     if operation == "create":
@@ -243,7 +175,7 @@ def test_sigkill_leaves_old_or_new_state(operation: str, base_image: Path, qemu_
         status = kill_run(operation, work, delay, after_write)
         problems = findings(*check_report(qemu_img, work))
         assert not problems, (label, problems)
-        state = observe(qemu_img, work)
+        state = killsim.observe(qemu_img, work)
         assert state in (old, new), f"{label}: neither the old nor the new state"
         which = "new" if state == new else "old"
         touched = signature(work) != mtime
@@ -302,13 +234,13 @@ def test_sigkill_at_every_phase_of_the_commit(base_image: Path, qemu_img: str,
     if subprocess.run([strace, "-qq", "-o", os.devnull, "true"], check=False,
                       capture_output=True).returncode != 0:
         pytest.skip("strace cannot trace here (ptrace not permitted)")
-    old = observe(qemu_img, base_image)
+    old = killsim.observe(qemu_img, base_image)
     work = tmp_path / "work.qcow2"
     summary = {}
     for operation in sorted(OPERATIONS):
         shutil.copyfile(base_image, work)
         calls = traced_calls(operation, work, tmp_path)
-        new = observe(qemu_img, work)
+        new = killsim.observe(qemu_img, work)
         syncs = [i for i, (name, _) in enumerate(calls) if name == "fdatasync"]
         assert len(syncs) >= 2, calls[:5]
         header = [i for i, (name, offset) in enumerate(calls)
@@ -336,7 +268,7 @@ def test_sigkill_at_every_phase_of_the_commit(base_image: Path, qemu_img: str,
                 label, proc.returncode, proc.stderr)
             problems = findings(*check_report(qemu_img, work))
             assert not problems, (label, problems)
-            state = observe(qemu_img, work)
+            state = killsim.observe(qemu_img, work)
             assert state in (old, new), f"{label}: neither the old nor the new state"
             which = "new" if state == new else "old"
             assert which == ("old" if index <= header[0] else "new"), label

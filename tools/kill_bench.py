@@ -26,24 +26,21 @@ written at once and 3000 scattered small writes around three snapshots).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
-CLUSTER = 512
-DISK = 512 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import killsim  # the image and kill loop tests/test_sigkill.py uses
 
 COMMANDS: dict[str, dict[str, list[str]]] = {
     "qemu-img": {
@@ -57,28 +54,6 @@ COMMANDS: dict[str, dict[str, list[str]]] = {
         "revert": [sys.executable, "-m", "qcow2snap", "revert", "--by-name", "s0"],
     },
 }
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), check=True, capture_output=True, text=True)
-
-
-def build_image(path: Path) -> None:
-    run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", str(path),
-        str(DISK))
-    run(QEMU_IO, "-t", "unsafe", "-c", "write -P 0x11 0 24M", str(path))
-    rng = random.Random(4)
-    for s in range(3):
-        run(QEMU_IMG, "snapshot", "-c", f"s{s}", str(path))
-        commands = []
-        for _ in range(1000):
-            offset = rng.randrange(DISK // CLUSTER) * CLUSTER
-            length = CLUSTER * rng.choice((1, 1, 1, 2, 8))
-            if rng.random() < 0.1:
-                commands += ["-c", f"write -z {offset} {length}"]
-            else:
-                commands += ["-c", f"write -P {rng.randrange(1, 255)} {offset} {length}"]
-        run(QEMU_IO, "-t", "unsafe", *commands, str(path))
 
 
 def check(path: Path) -> tuple[str, dict[str, Any]]:
@@ -97,60 +72,20 @@ def check(path: Path) -> tuple[str, dict[str, Any]]:
 
 def observe(path: Path) -> tuple[Any, ...] | None:
     try:
-        info = json.loads(run(QEMU_IMG, "info", "--output=json", str(path)).stdout)
-        mapping = json.loads(run(QEMU_IMG, "map", "--output=json", str(path)).stdout)
-    except subprocess.CalledProcessError:
+        return killsim.observe(QEMU_IMG, path)
+    except subprocess.CalledProcessError:  # qemu-img cannot even read it
         return None
-    snapshots = tuple(tuple(sorted((k, v) for k, v in sn.items() if not k.startswith("date")))
-                      for sn in info.get("snapshots", []))
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for entry in mapping:
-            h.update(json.dumps(entry, sort_keys=True).encode())
-            if entry.get("data") and "offset" in entry:
-                h.update(os.pread(f.fileno(), entry["length"], entry["offset"]))
-    return snapshots, info["virtual-size"], h.hexdigest()
-
-
-def signature(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size, st.st_blocks
 
 
 def timed_run(command: list[str], base: Path, path: Path) -> tuple[float, float, float]:
-    shutil.copyfile(base, path)
-    sig = signature(path)
-    started = time.monotonic()
-    proc = subprocess.Popen([*command, str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    writes = []
-    while proc.poll() is None:
-        now = signature(path)
-        if now != sig:
-            writes.append(time.monotonic() - started)
-            sig = now
-        time.sleep(0.0002)
-    duration = time.monotonic() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{command} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    writes = writes or [duration]
-    return writes[0], writes[-1], duration
+    first, last, duration, status, stderr = killsim.timed_run(command, base, path)
+    if status != 0:
+        raise SystemExit(f"{command} failed: {stderr}")
+    return first, last, duration
 
 
 def kill_run(command: list[str], path: Path, delay: float | None, after_write: float) -> int:
-    sig = signature(path)
-    started = time.monotonic()
-    victim = subprocess.Popen([*command, str(path)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    if delay is not None:
-        time.sleep(max(0.0, started + delay - time.monotonic()))
-    else:
-        while victim.poll() is None and signature(path) == sig:
-            time.sleep(0.0001)
-        time.sleep(after_write)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    return victim.returncode
+    return killsim.kill_run(command, path, delay, after_write)[0]
 
 
 def main() -> None:
@@ -168,7 +103,7 @@ def main() -> None:
     base = workdir / "base.qcow2"
     if not base.exists():
         print(f"building {base} ...", flush=True)
-        build_image(base)
+        killsim.build_image(base, QEMU_IMG, QEMU_IO)
     old = observe(base)
     work = workdir / "work.qcow2"
     results: list[dict[str, Any]] = []
