@@ -380,6 +380,24 @@ def _real(hashes: dict[tuple[str, str], str], original: dict[tuple[str, str], st
     return {k for k, v in hashes.items() if k[1] != "<active>" and original.get(k) == v}
 
 
+def qemu_repaired_copy(qemu_img: str, path: Path, tmp_path: Path) -> Path:
+    """A copy of ``path`` repaired by ``qemu-img check -r all``, to compare
+    what QEMU's repair keeps with ours."""
+    qcopy = tmp_path / "qemu.qcow2"
+    shutil.copyfile(path, qcopy)
+    qemu_check(qemu_img, qcopy, "-r", "all")
+    return qcopy
+
+
+def repair_all_to_clean(qemu_img: str, path: Path) -> Any:
+    """``--repair all`` on ``path``: it must end clean, for us and for
+    ``qemu-img check``."""
+    result = repair_image(path, "all")
+    assert result.exit_code == 0, [f.message for f in result.findings]
+    assert qemu_check(qemu_img, path)[0] == 0
+    return result
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_detect_and_repair(case: Case, fixture_dir: Path, tmp_path: Path, qemu_img: str) -> None:
     path, geo, original = build(case, fixture_dir, tmp_path / "damaged.qcow2")
@@ -400,9 +418,7 @@ def test_detect_and_repair(case: Case, fixture_dir: Path, tmp_path: Path, qemu_i
     # QEMU's repair on a copy
     qemu_kept: set[tuple[str, str]] = set()
     if case.qemu_opens:
-        qcopy = tmp_path / "qemu.qcow2"
-        shutil.copyfile(path, qcopy)
-        qemu_check(qemu_img, qcopy, "-r", "all")
+        qcopy = qemu_repaired_copy(qemu_img, path, tmp_path)
         try:
             qemu_kept = _real(content_hashes(qcopy), original)
         except qcow2snap.Qcow2Error:
@@ -521,12 +537,8 @@ def test_261_9_too_many_snapshots(fixture_dir: Path, tmp_path: Path, qemu_img: s
     assert report.exit_code == 1
     assert "snapshot-count" in {f.kind for f in report.findings}
     assert qemu_check(qemu_img, path)[0] == 1
-    qcopy = tmp_path / "qemu.qcow2"
-    shutil.copyfile(path, qcopy)
-    qemu_check(qemu_img, qcopy, "-r", "all")
-    result = repair_image(path, "all")
-    assert result.exit_code == 0, [f.message for f in result.findings]
-    assert qemu_check(qemu_img, path)[0] == 0
+    qcopy = qemu_repaired_copy(qemu_img, path, tmp_path)
+    result = repair_all_to_clean(qemu_img, path)
     with qcow2snap.open(path) as ours, qcow2snap.open(qcopy) as theirs:
         assert len(ours.snapshots) == fmt.QCOW_MAX_SNAPSHOTS >= len(theirs.snapshots)
     assert hashes_of(path, names) == original
@@ -562,12 +574,8 @@ def test_261_7_table_too_big(fixture_dir: Path, tmp_path: Path, qemu_img: str) -
     assert report.exit_code == 1
     assert "snapshot-table-size" in {f.kind for f in report.findings}
     assert qemu_check(qemu_img, path)[0] == 1
-    qcopy = tmp_path / "qemu.qcow2"
-    shutil.copyfile(path, qcopy)
-    qemu_check(qemu_img, qcopy, "-r", "all")
-    result = repair_image(path, "all")
-    assert result.exit_code == 0, [f.message for f in result.findings]
-    assert qemu_check(qemu_img, path)[0] == 0
+    qcopy = qemu_repaired_copy(qemu_img, path, tmp_path)
+    result = repair_all_to_clean(qemu_img, path)
     with qcow2snap.open(path) as ours, qcow2snap.open(qcopy) as theirs:
         assert len(ours.snapshots) == count - 1 >= len(theirs.snapshots)
         assert [s.id for s in ours.snapshots] == [s.id for s in theirs.snapshots]
@@ -872,11 +880,8 @@ def test_lazy_refcounts_crash_is_repaired(fixture_dir: Path, tmp_path: Path, qem
     assert report.dirty and report.exit_code == rc == 2
     assert (report.corruptions, report.leaks) == (qjson.get("corruptions", 0),
                                                   qjson.get("leaks", 0))
-    qcopy = tmp_path / "qemu.qcow2"
-    shutil.copyfile(path, qcopy)
-    qemu_check(qemu_img, qcopy, "-r", "all")
-    result = repair_image(path, "all")
-    assert result.exit_code == 0 and qemu_check(qemu_img, path)[0] == 0
+    qcopy = qemu_repaired_copy(qemu_img, path, tmp_path)
+    result = repair_all_to_clean(qemu_img, path)
     assert any("dirty" in c for c in result.changes)
     with qcow2snap.open(path) as image:
         assert not image.dirty
