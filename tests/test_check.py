@@ -575,7 +575,7 @@ def test_261_7_table_too_big(fixture_dir: Path, tmp_path: Path, qemu_img: str) -
     assert "snapshot-table-size" in {f.kind for f in report.findings}
     assert qemu_check(qemu_img, path)[0] == 1
     qcopy = qemu_repaired_copy(qemu_img, path, tmp_path)
-    result = repair_all_to_clean(qemu_img, path)
+    repair_all_to_clean(qemu_img, path)
     with qcow2snap.open(path) as ours, qcow2snap.open(qcopy) as theirs:
         assert len(ours.snapshots) == count - 1 >= len(theirs.snapshots)
         assert [s.id for s in ours.snapshots] == [s.id for s in theirs.snapshots]
