@@ -56,6 +56,7 @@ from .check import (
     Progress,
     SalvagedEntry,
     SnapshotVerdict,
+    check_image,
     refcount_differences,
 )
 from .transaction import CommitResult, FileIO, MetadataIO, RefcountOverflowError, Transaction
@@ -144,7 +145,6 @@ def repair_image(path: str | os.PathLike[str], mode: RepairMode, *, dry_run: boo
             return first
     finally:
         image.close()
-    from .check import check_image
     after = check_image(path)
     after.repair = mode
     after.before = first
