@@ -89,7 +89,6 @@ def check_or_repair(path: str | os.PathLike[str], repair: RepairMode | None = No
     """``qcow2snap check``: without ``repair`` a read-only check; otherwise
     :func:`repair_image`."""
     if repair is None:
-        from .check import check_image
         report = check_image(path, progress=progress)
         report.dry_run = dry_run
         return report
