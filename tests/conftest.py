@@ -111,5 +111,16 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def place_companion(source: Path | str, destination: Path | str) -> None:
+    """Put a companion file (backing or data file) beside an image in another
+    directory: a hard link, else a copy.  Not a symlink: qcow2snap follows a
+    companion named by an image only where its real path lies in the
+    image's directory (or an allowed one)."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
+
+
 def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), cwd=cwd, check=check, capture_output=True, text=True)

@@ -34,7 +34,7 @@ from qcow2snap import (
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
-from qcow2snap.locks import probe_qemu_locks
+from qcow2snap.locks import probe_locks
 from qcow2snap.ops.edit import Operation, edit_images
 from qcow2snap.ops.snapshots import (
     ImageNeedsRepairError,
@@ -158,7 +158,7 @@ def _wait_for_locks(path: Path, holder: subprocess.Popen[Any], timeout: float = 
     fd = os.open(path, os.O_RDONLY)
     try:
         deadline = time.monotonic() + timeout
-        while not probe_qemu_locks(fd).in_use:
+        while not probe_locks(fd).in_use:
             assert holder.poll() is None, holder.communicate()
             assert time.monotonic() < deadline, "qemu-io never took its locks"
             time.sleep(0.02)
