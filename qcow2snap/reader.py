@@ -77,7 +77,7 @@ class _Where:
         self.l2_index = l2_index
 
     def __str__(self) -> str:
-        return f"(L2 offset: {self.l2_offset:#x}, L2 index: {self.l2_index:#x})"
+        return f"(L2 offset: {fmt.c_hex(self.l2_offset)}, L2 index: {fmt.c_hex(self.l2_index)})"
 
     __format__ = lambda self, spec: str(self)
 
@@ -147,8 +147,8 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
         span_end = min(end, (l1_index + 1) << l1_shift)
         if l2_offset & (cs - 1):
             raise CorruptImageError(
-                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x}) "
-                f"in {layer.name}", structure="L1 table", offset=layer.l1_table_offset + 8 * l1_index)
+                f"L2 table offset {fmt.c_hex(l2_offset)} unaligned (L1 index: "
+                f"{fmt.c_hex(l1_index)}) in {layer.name}", structure="L1 table", offset=layer.l1_table_offset + 8 * l1_index)
         l2 = image.read_l2(l2_offset)
         while pos < span_end:
             l2_index = (pos >> cluster_bits) & l2_mask
