@@ -200,9 +200,9 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                     raise CorruptImageError(
                         f"Compressed cluster entry found in image with external data file {where}",
                         structure="L2 table", offset=l2_offset)
-                if extended and bitmap:
-                    raise CorruptImageError(f"Invalid cluster entry found  {where}",
-                                            structure="L2 table", offset=l2_offset)
+                # QCOW2_SUBCLUSTER_COMPRESSED whatever the bitmap holds: QEMU
+                # reads the cluster (only qemu-img check calls a non-zero
+                # bitmap an error, as qcow2snap.ops.check does)
                 coffset = entry & image.cluster_offset_mask
                 nb_csectors = ((entry >> image.csize_shift) & image.csize_mask) + 1
                 csize = nb_csectors * fmt.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)

@@ -724,6 +724,9 @@ class _L2Info:
     more_findings: int = 0
     #: ``hosts`` is exactly one cluster per entry with a host offset, in order
     bulk: bool = False
+    #: host clusters of compressed clusters that QEMU's check calls errors and
+    #: so does not count (a non-zero subcluster bitmap), though QEMU reads them
+    unreferenced_data: list[int] = field(default_factory=list)
 
 
 class Checker:
@@ -742,6 +745,9 @@ class Checker:
         self._counts: Counter[str] = Counter()
         self.ref: array[int] = array("Q", bytes(8 * (self.file_clusters + 1)))
         self.past_eof: set[int] = set()
+        #: host clusters holding guest data that QEMU reads but its check
+        #: does not count (see _L2Info.unreferenced_data): a repair keeps them
+        self.unreferenced_data: set[int] = set()
         self.owner: dict[int, str] = {}       # metadata cluster -> structure kind
         self.data_clusters: set[int] = set()  # only filled for overlap detection of metadata
         self._l2_info: dict[int, _L2Info] = {}
@@ -1005,18 +1011,29 @@ class Checker:
                         (f"ERROR: coffset=0x{coffset:x}: copied flag must never be set for "
                         f"compressed clusters"), "all"))
                     info.fixes[j] = e & ~fmt.QCOW_OFLAG_COPIED
+                    e &= ~fmt.QCOW_OFLAG_COPIED
+                # QEMU's check_refcounts_l2 neither counts nor references a
+                # compressed cluster it calls an error (so its host clusters
+                # may show up as leaked)
+                if data_file:
+                    info.findings.append((
+                        "compressed-data-file", l2 + j * image.l2_entry_size,
+                        f"ERROR compressed cluster {j} with data file, entry=0x{e:x}", None))
+                    continue
+                nb = ((e >> image.csize_shift) & image.csize_mask) + 1
+                csize = nb * 512 - (coffset & 511)
                 if ext and bitmap:
                     info.findings.append((
                         "subcluster-bitmap", l2 + j * 16,
                         (f"ERROR compressed cluster {j} with non-zero subcluster allocation "
                         f"bitmap, entry=0x{e:x}"), None))
-                nb = ((e >> image.csize_shift) & image.csize_mask) + 1
-                csize = nb * 512 - (coffset & 511)
+                    first = coffset >> bits
+                    info.unreferenced_data.extend(
+                        range(first, min((coffset + csize - 1) >> bits, first + 64) + 1))
+                    continue
                 info.allocated += 1
                 info.compressed += 1
                 info.fragmented += 1
-                if data_file:
-                    continue
                 first = coffset >> bits
                 last = (coffset + csize - 1) >> bits
                 if coffset + csize - self.file_size >= cs:
@@ -1094,6 +1111,7 @@ class Checker:
                      f"one cluster or more: offset {hc << self.bits:#x} size {self.cs:#x} "
                      f"(data cluster in L2 table at {l2:#x}, {label})", None)
             self.past_eof.add(hc)
+        self.unreferenced_data.update(info.unreferenced_data)
         self._pending[l2] += 1
         self._walked.add(l2)
         if active:
