@@ -208,3 +208,105 @@ def test_compressed_cluster_bitmap_check_agrees_and_repair_keeps_it(
     assert (result.corruptions, result.leaks) == (1, 1)
     assert qemu_raw(qemu_img, path) == before
     assert read_all(path) == before
+
+
+# ---------------------------------------------------------------------------
+# 16. host offsets QEMU refuses, for every subcluster type that has one
+# ---------------------------------------------------------------------------
+
+def _extl2(qemu_img: str, qemu_io: str, tmp_path: Path) -> Path:
+    return make_image(qemu_img, qemu_io, tmp_path / "x.qcow2", "1M",
+                      "extended_l2=on,cluster_size=64k", "write -P 0x11 0 64k",
+                      "write -P 0x22 256k 2k")
+
+
+def _standard(qemu_img: str, qemu_io: str, tmp_path: Path) -> Path:
+    return make_image(qemu_img, qemu_io, tmp_path / "s.qcow2", "1M", "cluster_size=64k",
+                      "write -P 0x11 0 64k", "write -P 0x22 256k 64k")
+
+
+def _data_file(extended: bool) -> Any:
+    def make(qemu_img: str, qemu_io: str, tmp_path: Path) -> Path:
+        ext = ",extended_l2=on" if extended else ""
+        return make_image(qemu_img, qemu_io, tmp_path / "d.qcow2", "1M",
+                          f"data_file=d.data,cluster_size=64k{ext}",
+                          "write -P 0x11 0 128k", "write -P 0x22 256k 64k")
+    return make
+
+
+COPIED = fmt.QCOW_OFLAG_COPIED
+ALL_ZERO = fmt.QCOW_L2_BITMAP_ALL_ZEROES
+
+#: (id, image maker, L2 index, entry, bitmap (extended L2), QEMU's message
+#: with the L2 table's offset as {l2})
+HOST_OFFSET_CASES = [
+    # extended L2: a host offset makes every subcluster NORMAL, ZERO_ALLOC or
+    # UNALLOCATED_ALLOC, and each of them has its offset checked
+    ("extl2-unallocated-alloc", _extl2, 2, 0x50200, 0,
+     "Cluster allocation offset 0x50200 unaligned (L2 offset: {l2:#x}, L2 index: 0x2)"),
+    ("extl2-zero-alloc", _extl2, 2, 0x50200, ALL_ZERO,
+     "Cluster allocation offset 0x50200 unaligned (L2 offset: {l2:#x}, L2 index: 0x2)"),
+    ("extl2-zero-alloc-index-0", _extl2, 0, 0x50200 | COPIED, ALL_ZERO,
+     "Cluster allocation offset 0x50200 unaligned (L2 offset: {l2:#x}, L2 index: 0)"),
+    ("extl2-normal-index-0", _extl2, 0, 0x50200 | COPIED, 1,
+     "Cluster allocation offset 0x50200 unaligned (L2 offset: {l2:#x}, L2 index: 0)"),
+    # standard L2: the zero flag with an offset is ZERO_ALLOC
+    ("standard-zero-alloc", _standard, 2, 0x50201, 0,
+     "Cluster allocation offset 0x50200 unaligned (L2 offset: {l2:#x}, L2 index: 0x2)"),
+    ("standard-normal-index-0", _standard, 0, 0x50200 | COPIED, 0,
+     "Cluster allocation offset 0x50200 unaligned (L2 offset: {l2:#x}, L2 index: 0)"),
+    # external data file: the host offset must be the guest offset
+    ("data-file-zero-alloc", _data_file(False), 1, 0x50001 | COPIED, 0,
+     "External data file host cluster offset 0x50000 does not match guest cluster offset: "
+     "0x10000, L2 index: 0x1)"),
+    ("data-file-host-0", _data_file(False), 3, COPIED, 0,
+     "External data file host cluster offset 0 does not match guest cluster offset: "
+     "0x30000, L2 index: 0x3)"),
+    ("data-file-guest-0", _data_file(False), 0, 0x10000 | COPIED, 0,
+     "External data file host cluster offset 0x10000 does not match guest cluster offset: "
+     "0, L2 index: 0)"),
+    ("data-file-extl2-unallocated-alloc", _data_file(True), 2, 0x50000 | COPIED, 0,
+     "External data file host cluster offset 0x50000 does not match guest cluster offset: "
+     "0x20000, L2 index: 0x2)"),
+    ("data-file-extl2-zero-alloc", _data_file(True), 2, 0x50000 | COPIED, ALL_ZERO,
+     "External data file host cluster offset 0x50000 does not match guest cluster offset: "
+     "0x20000, L2 index: 0x2)"),
+]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("maker,index,entry,bitmap,message",
+                         [pytest.param(*c[1:], id=c[0]) for c in HOST_OFFSET_CASES])
+def test_host_offset_refused_like_qemu(maker: Any, index: int, entry: int, bitmap: int,
+                                       message: str, qemu_img: str, qemu_io: str,
+                                       tmp_path: Path) -> None:
+    path = maker(qemu_img, qemu_io, tmp_path)
+    slot = l2_slot(path, index)
+    changes = [(slot, ">Q", entry)]
+    if u64_at(path, 72) & fmt.QCOW2_INCOMPAT_EXTL2:
+        changes.append((slot + 8, ">Q", bitmap))
+    patch(path, *changes)
+    message = message.format(l2=u64_at(path, u64_at(path, 40)) & fmt.L1E_OFFSET_MASK)
+    assert qemu_corruption(qemu_img, path) == message
+    with pytest.raises(CorruptImageError) as info:
+        read_all(path)
+    assert str(info.value) == message
+    assert info.value.structure == "L2 table"
+
+
+@pytest.mark.qemu
+def test_l2_table_offset_message_prints_index_0_like_qemu(qemu_img: str, qemu_io: str,
+                                                          tmp_path: Path) -> None:
+    path = _standard(qemu_img, qemu_io, tmp_path)
+    l1 = u64_at(path, 40)
+    patch(path, (l1, ">Q", u64_at(path, l1) + 0x200))
+    message = qemu_corruption(qemu_img, path)
+    assert message.endswith("(L1 index: 0)")
+    with pytest.raises(CorruptImageError) as info:
+        read_all(path)
+    assert str(info.value) == f"{message} in active layer"
+
+
+def test_c_hex() -> None:
+    assert [fmt.c_hex(v) for v in (0, 1, 0x1F, 1 << 40)] == ["0", "0x1", "0x1f",
+                                                            "0x10000000000"]
