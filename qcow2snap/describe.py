@@ -134,7 +134,7 @@ def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str,
     obj: dict[str, Any] = {}
     if image.snapshots:
         obj["snapshots"] = [snapshot_json(s, image) for s in image.snapshots]
-    obj["virtual-size"] = h.size
+    obj["virtual-size"] = image.size
     obj["filename"] = filename
     obj["cluster-size"] = image.cluster_size
     obj["format"] = "qcow2"
@@ -246,7 +246,7 @@ def info_text(image: Qcow2Image, filename: str | None = None) -> str:
     lines = [
         f"image: {filename}",
         "file format: qcow2",
-        f"virtual size: {size_to_str(h.size)} ({h.size} bytes)",
+        f"virtual size: {size_to_str(image.size)} ({image.size} bytes)",
         f"disk size: {size_to_str(os.stat(image.path).st_blocks * 512)}",
         f"cluster_size: {image.cluster_size}",
     ]

@@ -332,12 +332,13 @@ class Qcow2Image:
         if not self.has_data_file and header.autoclear_features & fmt.QCOW2_AUTOCLEAR_DATA_FILE_RAW:
             raise self._corrupt("data-file-raw requires a data file", "header", 88)
 
-        # Snapshot table
+        # Snapshot table.  An entry without a disk_size field has QEMU's
+        # bs->total_sectors * BDRV_SECTOR_SIZE (the rounded size).
         if self.check_mode:
             self.snapshot_table: SnapshotTable = SnapshotTable(header.snapshots_offset, (), 0, ())
         else:
             self.snapshot_table = parse_snapshot_table(
-                self._file.pread, header.snapshots_offset, header.nb_snapshots, header.size)
+                self._file.pread, header.snapshots_offset, header.nb_snapshots, self.size)
         self.snapshots: tuple[Snapshot, ...] = self.snapshot_table.snapshots
 
     def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,
@@ -409,8 +410,11 @@ class Qcow2Image:
 
     @property
     def size(self) -> int:
-        """Virtual size of the active layer in bytes."""
-        return self.header.size
+        """Virtual size of the active layer in bytes: the header's ``size``
+        rounded down to a multiple of 512, as QEMU opens it
+        (``bs->total_sectors = header.size / BDRV_SECTOR_SIZE``); the stored
+        field stays ``header.size``."""
+        return self.header.size & ~(fmt.BDRV_SECTOR_SIZE - 1)
 
     @property
     def dirty(self) -> bool:
@@ -504,12 +508,18 @@ class Qcow2Image:
         return matches[0]
 
     def layer(self, snapshot: str | Snapshot | None = None) -> Layer:
-        """The mapping of the active image (``None``) or of a snapshot."""
+        """The mapping of the active image (``None``) or of a snapshot.
+
+        Sizes are whole 512-byte sectors, as QEMU's block layer has them: a
+        snapshot's ``disk_size`` is rounded down like the header's size
+        (QEMU cannot revert to a snapshot whose ``disk_size`` is not a
+        multiple of 512: "The new size must be a multiple of 512")."""
         if snapshot is None:
-            return Layer(self.header.l1_table_offset, self.header.l1_size, self.header.size)
+            return Layer(self.header.l1_table_offset, self.header.l1_size, self.size)
         sn = self.find_snapshot(snapshot)
         self._check_snapshot_l1(sn)
-        return Layer(sn.l1_table_offset, sn.l1_size, sn.disk_size, sn)
+        return Layer(sn.l1_table_offset, sn.l1_size,
+                     sn.disk_size & ~(fmt.BDRV_SECTOR_SIZE - 1), sn)
 
     def _check_snapshot_l1(self, sn: Snapshot) -> None:
         structure = f"snapshot {sn.id} ({sn.name})"

@@ -310,3 +310,123 @@ def test_l2_table_offset_message_prints_index_0_like_qemu(qemu_img: str, qemu_io
 def test_c_hex() -> None:
     assert [fmt.c_hex(v) for v in (0, 1, 0x1F, 1 << 40)] == ["0", "0x1", "0x1f",
                                                             "0x10000000000"]
+
+
+# ---------------------------------------------------------------------------
+# 17. a virtual size that is not a multiple of 512
+# ---------------------------------------------------------------------------
+
+def _odd_size_copy(fixture_dir: Path, tmp_path: Path, name: str) -> tuple[Path, int]:
+    """A copy of fixture ``name`` whose header size is 212 bytes short of
+    its own: QEMU opens it as 512 bytes short."""
+    path = tmp_path / f"{name}.qcow2"
+    shutil.copyfile(fixture_path(fixture_dir, name), path)
+    path.chmod(0o644)
+    stored = u64_at(path, 24) - 212
+    patch(path, (24, ">Q", stored))
+    return path, stored
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("name", ["v3-basic", "v2"])
+def test_unaligned_size_is_rounded_down_like_qemu(name: str, fixture_dir: Path,
+                                                  tmp_path: Path, qemu_img: str) -> None:
+    path, stored = _odd_size_copy(fixture_dir, tmp_path, name)
+    rounded = stored - 300
+    theirs = json.loads(qemu(qemu_img, "info", "--output=json", path.name,
+                             cwd=tmp_path).stdout)
+    assert theirs["virtual-size"] == rounded
+    with qcow2snap.open(path) as image:
+        assert image.header.size == stored      # the stored field is kept ...
+        assert image.header.to_bytes() == path.read_bytes()[:image.header.header_length]
+        assert image.size == image.layer().size == rounded   # ... QEMU's size is used
+        assert describe.image_info_json(image)["virtual-size"] == rounded
+    data = qemu_raw(qemu_img, path)
+    assert len(data) == rounded
+    assert read_all(path) == data
+    text = qemu(qemu_img, "info", path.name, cwd=tmp_path).stdout
+    ours = invoke("info", str(path)).stdout
+    virtual = [line for line in text.splitlines() if line.startswith("virtual size:")]
+    assert virtual and virtual[0] in ours.splitlines()
+    out = tmp_path / "ours.raw"
+    assert invoke("extract", "-", str(path), "-o", str(out)).exit_code == 0
+    assert out.read_bytes() == data
+
+
+@pytest.mark.qemu
+def test_unaligned_size_check_counts_qemus_clusters(fixture_dir: Path, tmp_path: Path,
+                                                    qemu_img: str) -> None:
+    """A size 300 bytes into a new cluster: QEMU counts the clusters of the
+    rounded size."""
+    path = tmp_path / "v3.qcow2"
+    shutil.copyfile(fixture_path(fixture_dir, "v3-basic"), path)
+    path.chmod(0o644)
+    patch(path, (24, ">Q", u64_at(path, 24) + 300))
+    report = assert_check_agrees(qemu_img, path)
+    assert report.total_clusters == 1024
+
+
+@pytest.mark.qemu
+def test_unaligned_size_edits_like_qemu(fixture_dir: Path, tmp_path: Path,
+                                        qemu_img: str) -> None:
+    """A new snapshot records the rounded size, as QEMU's does; reverting
+    to it does not resize, so the stored size field is kept."""
+    ours, stored = _odd_size_copy(fixture_dir, tmp_path, "v3-basic")
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copyfile(ours, theirs)
+    qemu(qemu_img, "snapshot", "-c", "odd", theirs.name, cwd=tmp_path)
+    create_snapshot(ours, "odd")
+    for path in (ours, theirs):
+        with qcow2snap.open(path) as image:
+            assert image.find_snapshot("odd").disk_size_field == stored - 300
+    qemu(qemu_img, "snapshot", "-a", "odd", theirs.name, cwd=tmp_path)
+    revert_snapshot(ours, "odd")
+    assert u64_at(ours, 24) == u64_at(theirs, 24) == stored
+    assert read_all(ours) == qemu_raw(qemu_img, theirs)
+
+
+@pytest.mark.qemu
+def test_snapshot_disk_size_not_a_multiple_of_512(fixture_dir: Path, tmp_path: Path,
+                                                  qemu_img: str) -> None:
+    """QEMU cannot revert to it ("The new size must be a multiple of 512"),
+    nor can qcow2snap; its disk reads as whole sectors."""
+    path = tmp_path / "v3.qcow2"
+    shutil.copyfile(fixture_path(fixture_dir, "v3-basic"), path)
+    path.chmod(0o644)
+    with qcow2snap.open(path) as image:
+        sn = image.find_snapshot("second")
+        offset = sn.entry_offset + 48
+        whole = read_all(path, "second")
+    patch(path, (offset, ">Q", 48 * MiB + 300))
+    copy = tmp_path / "theirs.qcow2"
+    shutil.copyfile(path, copy)
+    result = qemu(qemu_img, "snapshot", "-a", "second", copy.name, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "The new size must be a multiple of 512" in result.stderr
+    with qcow2snap.open(path) as image:
+        assert image.layer("second").size == 48 * MiB
+    assert read_all(path, "second") == whole[:48 * MiB]
+    with pytest.raises(UnsupportedImageError, match="is not a multiple of 512"):
+        revert_snapshot(path, "second")
+
+
+def test_v2_snapshot_without_disk_size_has_the_rounded_size(fixture_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """An entry whose extra data does not hold disk_size gets QEMU's
+    bs->total_sectors * 512 (the last entry of the table is shortened to
+    8 bytes of extra data in place)."""
+    path, stored = _odd_size_copy(fixture_dir, tmp_path, "v2")
+    with qcow2snap.open(path) as image:
+        sn = image.snapshots[-1]
+    data = bytearray(path.read_bytes())
+    start = sn.entry_offset
+    entry = bytes(data[start:start + sn.entry_length])
+    extra = 8
+    shorter = (entry[:36] + struct.pack(">I", extra) + entry[40:40 + extra]
+               + entry[40 + sn.extra_data_size:])
+    data[start:start + len(entry)] = shorter.ljust(len(entry), b"\0")
+    path.write_bytes(bytes(data))
+    with qcow2snap.open(path) as image:
+        last = image.snapshots[-1]
+        assert (last.disk_size_field, last.disk_size) == (None, stored - 300)
+        assert image.layer(last).size == stored - 300

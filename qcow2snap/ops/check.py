@@ -589,7 +589,7 @@ def salvage_snapshot_table(image: Qcow2Image) -> SalvagedTable:
             extra_data_size=extra, vm_state_size_large=known[0], disk_size_field=known[1],
             icount_field=known[2], unknown_extra=extra_raw[24:] if extra > 24 else b"",
             raw=b"" if rewrite else data(start, end - start), problems=problems,
-            rewrite=rewrite, current_size=h.size)
+            rewrite=rewrite, current_size=image.size)
         if h.version >= 3 and extra < 16:
             if not id_raw and not name_raw and hh.l1_size == 0 and hh.l1_table_offset == 0:
                 remaining = nb - i
@@ -834,7 +834,8 @@ class Checker:
         r = self.report
         r.dirty = image.dirty
         r.corrupt_bit = image.corrupt
-        r.total_clusters = (h.size + self.cs - 1) >> self.bits
+        # QEMU's bfi.total_clusters: of bs->total_sectors, the rounded size
+        r.total_clusters = (image.size + self.cs - 1) >> self.bits
         if image.dirty:
             self.add("dirty-bit", "info", 72, "header",
                      "the dirty bit is set (refcounts may be stale); a repair clears it once "
@@ -1368,7 +1369,7 @@ class Checker:
 
     def expected_l1_size(self, e: SalvagedEntry) -> int:
         image = self.image
-        disk_size = e.disk_size(self.h.size)
+        disk_size = e.disk_size(image.size)
         if e.vm_state_size:
             vm_offset = image.size_to_l1(disk_size) << (self.bits + image.l2_bits)
             return image.size_to_l1(vm_offset + e.vm_state_size)
