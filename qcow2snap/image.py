@@ -333,13 +333,18 @@ class Qcow2Image:
             raise self._corrupt("data-file-raw requires a data file", "header", 88)
 
         # Snapshot table.  An entry without a disk_size field has QEMU's
-        # bs->total_sectors * BDRV_SECTOR_SIZE (the rounded size).
+        # bs->total_sectors * BDRV_SECTOR_SIZE (the rounded size).  With an
+        # external data file QEMU still reads (and validates) the table at
+        # open, but lists none of it: internal snapshots are not supported
+        # there (qcow2_snapshot_list returns -ENOTSUP; qemu-img check calls
+        # the entries an error).
         if self.check_mode:
             self.snapshot_table: SnapshotTable = SnapshotTable(header.snapshots_offset, (), 0, ())
         else:
             self.snapshot_table = parse_snapshot_table(
                 self._file.pread, header.snapshots_offset, header.nb_snapshots, self.size)
-        self.snapshots: tuple[Snapshot, ...] = self.snapshot_table.snapshots
+        self.snapshots: tuple[Snapshot, ...] = (
+            () if self.has_data_file else self.snapshot_table.snapshots)
 
     def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,
                         name: str, header_offset: int) -> None:
@@ -497,7 +502,12 @@ class Qcow2Image:
         matches.sort(key=lambda s: s.index)
         if not matches:
             what = {"id": "with ID", "name": "named"}.get(by or "", "with ID or name")
-            raise SnapshotNotFoundError(f"{self.path}: no snapshot {what} {ref!r}")
+            ignored = ""
+            if self.ignored_snapshots:
+                ignored = (f" ({len(self.ignored_snapshots)} snapshot table entries are "
+                           f"ignored: QEMU does not support internal snapshots with an "
+                           f"external data file)")
+            raise SnapshotNotFoundError(f"{self.path}: no snapshot {what} {ref!r}{ignored}")
         if len(matches) > 1:
             listed = ", ".join(f"ID {s.id!r} name {s.name!r}" for s in matches)
             hint = ("select by ID instead" if by == "name"
@@ -506,6 +516,12 @@ class Qcow2Image:
                 f"{self.path}: snapshot reference {ref!r} is ambiguous: it matches {listed}; "
                 f"{hint}", [(s.id, s.name) for s in matches])
         return matches[0]
+
+    @property
+    def ignored_snapshots(self) -> tuple[Snapshot, ...]:
+        """Snapshot table entries QEMU ignores: all of them in an image with
+        an external data file (where :attr:`snapshots` is empty)."""
+        return self.snapshot_table.snapshots if self.has_data_file else ()
 
     def layer(self, snapshot: str | Snapshot | None = None) -> Layer:
         """The mapping of the active image (``None``) or of a snapshot.

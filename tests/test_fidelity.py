@@ -430,3 +430,102 @@ def test_v2_snapshot_without_disk_size_has_the_rounded_size(fixture_dir: Path,
         last = image.snapshots[-1]
         assert (last.disk_size_field, last.disk_size) == (None, stored - 300)
         assert image.layer(last).size == stored - 300
+
+
+# ---------------------------------------------------------------------------
+# 18. snapshot table entries in an image with an external data file
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def data_file_with_snapshots(qemu_img: str, qemu_io: str, tmp_path: Path) -> Path:
+    """An image with an external data file and two snapshot table entries:
+    the snapshots are taken by qemu-img while the data-file bit is cleared
+    (nothing is allocated yet, so they are sound), then the bit is set back
+    and data is written."""
+    path = make_image(qemu_img, qemu_io, tmp_path / "df.qcow2", "4M", "data_file=df.data")
+    incompatible = u64_at(path, 72)
+    patch(path, (72, ">Q", incompatible & ~fmt.QCOW2_INCOMPAT_DATA_FILE))
+    qemu(qemu_img, "snapshot", "-c", "s1", path.name, cwd=tmp_path)
+    qemu(qemu_img, "snapshot", "-c", "s2", path.name, cwd=tmp_path)
+    patch(path, (72, ">Q", incompatible))
+    qemu(qemu_io, "-f", "qcow2", "-c", "write -P 0x11 0 128k", path.name, cwd=tmp_path)
+    return path
+
+
+IGNORED_LINE = ("2 snapshot table entries are present and ignored: QEMU does not support "
+                "internal snapshots with an external data file")
+
+
+@pytest.mark.qemu
+def test_data_file_snapshots_are_not_listed(data_file_with_snapshots: Path,
+                                            qemu_img: str) -> None:
+    path = data_file_with_snapshots
+    cwd = path.parent
+    listed = qemu(qemu_img, "snapshot", "-l", path.name, cwd=cwd)
+    assert listed.stdout == ""
+    theirs = json.loads(qemu(qemu_img, "info", "--output=json", path.name, cwd=cwd).stdout)
+    assert "snapshots" not in theirs
+    with qcow2snap.open(path) as image:
+        assert image.snapshots == ()
+        assert [(s.id, s.name) for s in image.ignored_snapshots] == [("1", "s1"), ("2", "s2")]
+        info = describe.image_info_json(image, path.name)
+    assert "snapshots" not in info
+    assert info["ignored-snapshots"] == [{"id": "1", "name": "s1"}, {"id": "2", "name": "s2"}]
+    assert info["nb-snapshots"] == 2
+    result = invoke("list", str(path))
+    assert (result.exit_code, result.stdout) == (0, "")
+    result = invoke("list", "--json", str(path))
+    assert (result.exit_code, json.loads(result.stdout)) == (0, [])
+    text = invoke("info", str(path)).stdout
+    assert "Snapshot list:" not in text
+    assert IGNORED_LINE in text.splitlines()
+    assert "Snapshot list:" not in qemu(qemu_img, "info", path.name, cwd=cwd).stdout
+
+
+@pytest.mark.qemu
+def test_data_file_snapshots_cannot_be_read_or_reverted(data_file_with_snapshots: Path,
+                                                        qemu_img: str) -> None:
+    path = data_file_with_snapshots
+    result = qemu(qemu_img, "snapshot", "-a", "s1", path.name, cwd=path.parent, check=False)
+    assert result.returncode != 0 and "Operation not supported" in result.stderr
+    message = (f"{path}: no snapshot with ID or name 's1' (2 snapshot table entries are "
+               f"ignored: QEMU does not support internal snapshots with an external data file)")
+    with qcow2snap.open(path) as image:
+        with pytest.raises(SnapshotNotFoundError) as info:
+            image.open_disk("s1")
+        assert str(info.value) == message
+    result = invoke("extract", "s1", str(path), "-o", str(path.parent / "s1.raw"))
+    assert result.exit_code == SnapshotNotFoundError.exit_code
+    assert read_all(path) == qemu_raw(qemu_img, path)
+
+
+@pytest.mark.qemu
+def test_data_file_snapshots_are_reported_by_check(data_file_with_snapshots: Path,
+                                                   qemu_img: str) -> None:
+    report = assert_check_agrees(qemu_img, data_file_with_snapshots)
+    assert [f.message for f in report.findings] == ["ERROR 2 snapshots in image with data file"]
+
+
+def test_data_file_fixture_with_a_written_snapshot_table(fixture_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """The stored data-file fixture with a snapshot table written by hand
+    (one disk-only entry without an L1 table, in a cluster appended at the
+    end of the file)."""
+    path = tmp_path / "data-file.qcow2"
+    shutil.copyfile(fixture_path(fixture_dir, "data-file"), path)
+    shutil.copyfile(fixture_path(fixture_dir, "data-file").with_name("data-file.data"),
+                    tmp_path / "data-file.data")
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    table = (len(data) + 0xFFFF) & ~0xFFFF
+    entry = struct.pack(">QIHHIIQII", 0, 0, 1, 4, 1, 0, 0, 0, 24) + struct.pack(
+        ">QQQ", 0, 8 * MiB, 0) + b"1" + b"lost"
+    data += bytes(table - len(data)) + entry
+    struct.pack_into(">IQ", data, 60, 1, table)
+    path.write_bytes(bytes(data))
+    with qcow2snap.open(path) as image:
+        assert image.snapshots == ()
+        assert [s.name for s in image.ignored_snapshots] == ["lost"]
+        with pytest.raises(SnapshotNotFoundError, match="1 snapshot table entries are ignored"):
+            image.layer("lost")
+    assert check_image(path).findings[0].message == "ERROR 1 snapshots in image with data file"
