@@ -266,9 +266,9 @@ class Qcow2Image:
         # Incompatible features (names from the image's own feature table)
         unknown = header.incompatible_features & ~fmt.QCOW2_INCOMPAT_MASK
         if unknown:
-            names = self.describe_features(fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE, unknown)
-            raise UnsupportedImageError(f"Unsupported qcow2 feature(s): {', '.join(names)}",
-                                        feature=", ".join(names))
+            features = self._report_unsupported_feature(unknown)
+            raise UnsupportedImageError(f"Unsupported qcow2 feature(s): {features}",
+                                        feature=features)
         if header.crypt_method > fmt.QCOW_CRYPT_LUKS:
             raise UnsupportedImageError(f"Unsupported encryption method: {header.crypt_method}",
                                         feature="encryption")
@@ -466,10 +466,40 @@ class Qcow2Image:
         ext = self.extension(fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE)
         return tuple(ext.feature_names()) if ext else ()
 
+    def _feature_table(self) -> list[FeatureName]:
+        """The feature-name table as QEMU walks it: in table order, up to
+        the first entry whose name starts with NUL."""
+        table = []
+        for f in self.feature_names:
+            if f.raw_name[:1] in (b"", b"\0"):
+                break
+            table.append(f)
+        return table
+
+    def _report_unsupported_feature(self, mask: int) -> str:
+        """QEMU's ``report_unsupported_feature``: the name (at most 46
+        bytes) of each incompatible-type table entry whose bit is in
+        ``mask``, in table order, each clearing its bit; then whatever is
+        left as one "Unknown incompatible feature: <hex mask>"."""
+        items = []
+        for f in self._feature_table():
+            # QEMU tests mask & (1ULL << bit) with the stored u8 bit: x86-64
+            # shifts by bit mod 64 (a C shift past 63 is undefined)
+            bit = 1 << (f.bit & 63)
+            if f.type == fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE and mask & bit:
+                items.append(f.name)
+                mask &= ~bit
+        if mask:
+            items.append(f"Unknown incompatible feature: {mask:x}")
+        return ", ".join(items)
+
     def describe_features(self, feature_type: int, bits: int) -> list[str]:
         """Names of the set ``bits`` of one feature word, from the image's
-        feature-name table, else QEMU's names, else "bit N"."""
-        table = {(f.type, f.bit): f.name for f in self.feature_names}
+        feature-name table (as QEMU reads it: up to its first unnamed
+        entry), else QEMU's names, else "bit N"."""
+        table = {}
+        for f in self._feature_table():
+            table.setdefault((f.type, f.bit), f.name)
         names = []
         for bit in range(64):
             if bits & (1 << bit):

@@ -529,3 +529,89 @@ def test_data_file_fixture_with_a_written_snapshot_table(fixture_dir: Path,
         with pytest.raises(SnapshotNotFoundError, match="1 snapshot table entries are ignored"):
             image.layer("lost")
     assert check_image(path).findings[0].message == "ERROR 1 snapshots in image with data file"
+
+
+# ---------------------------------------------------------------------------
+# QEMU's wording: unknown incompatible features and the feature-name table
+# ---------------------------------------------------------------------------
+
+def _feature(type_: int, bit: int, name: bytes) -> bytes:
+    return bytes([type_, bit]) + name.ljust(46, b"\0")
+
+
+def _with_feature_table(fixture_dir: Path, tmp_path: Path, table: bytes,
+                        incompatible: int = 0, compatible: int = 0) -> Path:
+    """v3-basic with its feature-name table (its only extension) replaced."""
+    path = tmp_path / "features.qcow2"
+    shutil.copyfile(fixture_path(fixture_dir, "v3-basic"), path)
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    start = struct.unpack_from(">I", data, 100)[0]
+    assert struct.unpack_from(">I", data, start)[0] == fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE
+    data[start:start + 8 + 2048] = bytes(8 + 2048)
+    struct.pack_into(">II", data, start, fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE, len(table))
+    data[start + 8:start + 8 + len(table)] = table
+    struct.pack_into(">QQ", data, 72, incompatible, compatible)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _qemus_table(fixture_dir: Path) -> bytes:
+    data = fixture_path(fixture_dir, "v3-basic").read_bytes()
+    start = struct.unpack_from(">I", data, 100)[0]
+    length = struct.unpack_from(">I", data, start + 4)[0]
+    return data[start + 8:start + 8 + length]
+
+
+#: (id, table (QEMU's own follows where marked), incompatible bits, QEMU's message)
+FEATURE_CASES = [
+    ("unnamed-bits", None, (1 << 21) | (1 << 40),
+     "Unknown incompatible feature: 10000200000"),
+    ("table-order", [_feature(0, 21, b"second"), _feature(0, 20, b"first"), "qemu"],
+     (1 << 20) | (1 << 21) | (1 << 40),
+     "second, first, Unknown incompatible feature: 10000000000"),
+    ("stops-at-unnamed-entry",
+     [_feature(0, 20, b"a"), _feature(0, 21, b""), _feature(0, 22, b"c")],
+     (1 << 20) | (1 << 21) | (1 << 22), "a, Unknown incompatible feature: 600000"),
+    ("only-incompatible-entries", [_feature(1, 21, b"compatible"), _feature(0, 21, b"it"),
+                                   "qemu"], 1 << 21, "it"),
+    ("first-match-wins", [_feature(0, 21, b"one"), _feature(0, 21, b"two")], 1 << 21, "one"),
+    ("name-of-46-bytes", [_feature(0, 21, b"N" * 46), "qemu"], 1 << 21, "N" * 46),
+    ("bit-modulo-64", [_feature(0, 85, b"eighty-five"), "qemu"], 1 << 21, "eighty-five"),
+    ("short-last-entry", ["qemu", _feature(0, 21, b"short")[:20]], 1 << 21, "short"),
+    ("short-last-entry-of-3-bytes", ["qemu", bytes([0, 21]) + b"y"], 1 << 21, "y"),
+    ("short-last-entry-without-name", ["qemu", bytes([0, 21])], 1 << 21,
+     "Unknown incompatible feature: 200000"),
+]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("parts,bits,message",
+                         [pytest.param(*c[1:], id=c[0]) for c in FEATURE_CASES])
+def test_unsupported_features_message_is_qemus(parts: list[Any] | None, bits: int,
+                                               message: str, fixture_dir: Path,
+                                               tmp_path: Path, qemu_img: str) -> None:
+    qemus = _qemus_table(fixture_dir)
+    table = qemus if parts is None else b"".join(
+        qemus if p == "qemu" else p for p in parts)
+    path = _with_feature_table(fixture_dir, tmp_path, table, incompatible=bits)
+    full = f"Unsupported qcow2 feature(s): {message}"
+    result = qemu(qemu_img, "info", path.name, cwd=tmp_path, check=False)
+    assert result.stderr.strip() == f"qemu-img: Could not open '{path.name}': {full}"
+    with pytest.raises(UnsupportedImageError) as info:
+        qcow2snap.open(path)
+    assert str(info.value) == full
+
+
+def test_short_last_feature_entry_names_a_feature_in_info(fixture_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """A last entry shorter than 48 bytes names its bit (zero-padded)."""
+    table = _feature(0, 0, b"dirty bit") + _feature(1, 0, b"lazy, as named here")[:10]
+    path = _with_feature_table(fixture_dir, tmp_path, table, compatible=1)
+    with qcow2snap.open(path) as image:
+        assert [(f.type, f.bit, f.name) for f in image.feature_names] == [
+            (0, 0, "dirty bit"), (1, 0, "lazy, as")]
+        assert image.describe_features(fmt.QCOW2_FEAT_TYPE_COMPATIBLE, 1) == ["lazy, as"]
+        assert describe.image_info_json(image)["features"]["compatible"] == ["lazy, as"]
+        # the extension itself is kept byte for byte
+        assert image.extension(fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE).data == table
