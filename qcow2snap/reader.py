@@ -148,7 +148,8 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
         if l2_offset & (cs - 1):
             raise CorruptImageError(
                 f"L2 table offset {fmt.c_hex(l2_offset)} unaligned (L1 index: "
-                f"{fmt.c_hex(l1_index)}) in {layer.name}", structure="L1 table", offset=layer.l1_table_offset + 8 * l1_index)
+                f"{fmt.c_hex(l1_index)}) in {layer.name}", structure="L1 table",
+                offset=layer.l1_table_offset + 8 * l1_index)
         l2 = image.read_l2(l2_offset)
         while pos < span_end:
             l2_index = (pos >> cluster_bits) & l2_mask

@@ -905,13 +905,14 @@ class Checker:
         if e.l1_table_offset & (self.cs - 1):
             e.l1_broken = "L1 table is not cluster aligned"
             self.add("snapshot-l1", "corruption", e.entry_offset, structure,
-                     f"ERROR snapshot {e.id} ({e.name}) l1_offset={e.l1_table_offset:#x}: L1 "
-                     f"table is not cluster aligned; snapshot table entry corrupted", "all")
+                     f"ERROR snapshot {e.id} ({e.name}) l1_offset="
+                     f"{fmt.c_hex(e.l1_table_offset)}: L1 table is not cluster aligned; snapshot "
+                     f"table entry corrupted", "all")
         elif e.l1_size > fmt.QCOW_MAX_L1_SIZE // 8:
             e.l1_broken = "L1 table is too large"
             self.add("snapshot-l1", "corruption", e.entry_offset, structure,
-                     f"ERROR snapshot {e.id} ({e.name}) l1_size={e.l1_size:#x}: L1 table is "
-                     f"too large; snapshot table entry corrupted", "all")
+                     f"ERROR snapshot {e.id} ({e.name}) l1_size={fmt.c_hex(e.l1_size)}: L1 "
+                     f"table is too large; snapshot table entry corrupted", "all")
         elif e.l1_size and e.l1_table_offset + e.l1_size * 8 - self.file_size >= self.cs:
             e.l1_broken = "L1 table lies past the end of the file"
             self.add("snapshot-l1", "corruption", e.entry_offset, structure,
