@@ -134,7 +134,7 @@ def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str,
     obj: dict[str, Any] = {}
     if image.snapshots:
         obj["snapshots"] = [snapshot_json(s, image) for s in image.snapshots]
-    obj["virtual-size"] = h.size
+    obj["virtual-size"] = image.size
     obj["filename"] = filename
     obj["cluster-size"] = image.cluster_size
     obj["format"] = "qcow2"
@@ -161,6 +161,11 @@ def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str,
     obj["snapshot-table-offset"] = h.snapshots_offset
     obj["snapshot-table-size"] = image.snapshot_table.size
     obj["nb-snapshots"] = h.nb_snapshots
+    if image.ignored_snapshots:
+        # entries QEMU does not list (external data file): not "snapshots"
+        obj["ignored-snapshots"] = [{"id": _qemu_string(s.id_bytes, 127),
+                                     "name": _qemu_string(s.name_bytes, 255)}
+                                    for s in image.ignored_snapshots]
     obj["file-length"] = image.file_size
     obj["features"] = {
         "incompatible": image.describe_features(fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE,
@@ -246,7 +251,7 @@ def info_text(image: Qcow2Image, filename: str | None = None) -> str:
     lines = [
         f"image: {filename}",
         "file format: qcow2",
-        f"virtual size: {size_to_str(h.size)} ({h.size} bytes)",
+        f"virtual size: {size_to_str(image.size)} ({image.size} bytes)",
         f"disk size: {size_to_str(os.stat(image.path).st_blocks * 512)}",
         f"cluster_size: {image.cluster_size}",
     ]
@@ -257,6 +262,10 @@ def info_text(image: Qcow2Image, filename: str | None = None) -> str:
     if image.snapshots:
         lines.append("Snapshot list:")
         lines.append(snapshot_table_text(image.snapshots, image=image))
+    if image.ignored_snapshots:
+        lines.append(f"{len(image.ignored_snapshots)} snapshot table entries are present and "
+                     f"ignored: QEMU does not support internal snapshots with an external "
+                     f"data file")
     spec = _format_specific(image)["data"]
     lines.append("Format specific information:")
     for key, value in spec.items():

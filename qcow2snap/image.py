@@ -295,9 +295,9 @@ class Qcow2Image:
         # Incompatible features (names from the image's own feature table)
         unknown = header.incompatible_features & ~fmt.QCOW2_INCOMPAT_MASK
         if unknown:
-            names = self.describe_features(fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE, unknown)
-            raise UnsupportedImageError(f"Unsupported qcow2 feature(s): {', '.join(names)}",
-                                        feature=", ".join(names))
+            features = self._report_unsupported_feature(unknown)
+            raise UnsupportedImageError(f"Unsupported qcow2 feature(s): {features}",
+                                        feature=features)
         if header.crypt_method > fmt.QCOW_CRYPT_LUKS:
             raise UnsupportedImageError(f"Unsupported encryption method: {header.crypt_method}",
                                         feature="encryption")
@@ -361,13 +361,19 @@ class Qcow2Image:
         if not self.has_data_file and header.autoclear_features & fmt.QCOW2_AUTOCLEAR_DATA_FILE_RAW:
             raise self._corrupt("data-file-raw requires a data file", "header", 88)
 
-        # Snapshot table
+        # Snapshot table.  An entry without a disk_size field has QEMU's
+        # bs->total_sectors * BDRV_SECTOR_SIZE (the rounded size).  With an
+        # external data file QEMU still reads (and validates) the table at
+        # open, but lists none of it: internal snapshots are not supported
+        # there (qcow2_snapshot_list returns -ENOTSUP; qemu-img check calls
+        # the entries an error).
         if self.check_mode:
             self.snapshot_table: SnapshotTable = SnapshotTable(header.snapshots_offset, (), 0, ())
         else:
             self.snapshot_table = parse_snapshot_table(
-                self._file.pread, header.snapshots_offset, header.nb_snapshots, header.size)
-        self.snapshots: tuple[Snapshot, ...] = self.snapshot_table.snapshots
+                self._file.pread, header.snapshots_offset, header.nb_snapshots, self.size)
+        self.snapshots: tuple[Snapshot, ...] = (
+            () if self.has_data_file else self.snapshot_table.snapshots)
 
     def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,
                         name: str, header_offset: int) -> None:
@@ -438,8 +444,11 @@ class Qcow2Image:
 
     @property
     def size(self) -> int:
-        """Virtual size of the active layer in bytes."""
-        return self.header.size
+        """Virtual size of the active layer in bytes: the header's ``size``
+        rounded down to a multiple of 512, as QEMU opens it
+        (``bs->total_sectors = header.size / BDRV_SECTOR_SIZE``); the stored
+        field stays ``header.size``."""
+        return self.header.size & ~(fmt.BDRV_SECTOR_SIZE - 1)
 
     @property
     def dirty(self) -> bool:
@@ -486,10 +495,40 @@ class Qcow2Image:
         ext = self.extension(fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE)
         return tuple(ext.feature_names()) if ext else ()
 
+    def _feature_table(self) -> list[FeatureName]:
+        """The feature-name table as QEMU walks it: in table order, up to
+        the first entry whose name starts with NUL."""
+        table = []
+        for f in self.feature_names:
+            if f.raw_name[:1] in (b"", b"\0"):
+                break
+            table.append(f)
+        return table
+
+    def _report_unsupported_feature(self, mask: int) -> str:
+        """QEMU's ``report_unsupported_feature``: the name (at most 46
+        bytes) of each incompatible-type table entry whose bit is in
+        ``mask``, in table order, each clearing its bit; then whatever is
+        left as one "Unknown incompatible feature: <hex mask>"."""
+        items = []
+        for f in self._feature_table():
+            # QEMU tests mask & (1ULL << bit) with the stored u8 bit: x86-64
+            # shifts by bit mod 64 (a C shift past 63 is undefined)
+            bit = 1 << (f.bit & 63)
+            if f.type == fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE and mask & bit:
+                items.append(f.name)
+                mask &= ~bit
+        if mask:
+            items.append(f"Unknown incompatible feature: {mask:x}")
+        return ", ".join(items)
+
     def describe_features(self, feature_type: int, bits: int) -> list[str]:
         """Names of the set ``bits`` of one feature word, from the image's
-        feature-name table, else QEMU's names, else "bit N"."""
-        table = {(f.type, f.bit): f.name for f in self.feature_names}
+        feature-name table (as QEMU reads it: up to its first unnamed
+        entry), else QEMU's names, else "bit N"."""
+        table = {}
+        for f in self._feature_table():
+            table.setdefault((f.type, f.bit), f.name)
         names = []
         for bit in range(64):
             if bits & (1 << bit):
@@ -522,7 +561,12 @@ class Qcow2Image:
         matches.sort(key=lambda s: s.index)
         if not matches:
             what = {"id": "with ID", "name": "named"}.get(by or "", "with ID or name")
-            raise SnapshotNotFoundError(f"{self.path}: no snapshot {what} {ref!r}")
+            ignored = ""
+            if self.ignored_snapshots:
+                ignored = (f" ({len(self.ignored_snapshots)} snapshot table entries are "
+                           f"ignored: QEMU does not support internal snapshots with an "
+                           f"external data file)")
+            raise SnapshotNotFoundError(f"{self.path}: no snapshot {what} {ref!r}{ignored}")
         if len(matches) > 1:
             listed = ", ".join(f"ID {s.id!r} name {s.name!r}" for s in matches)
             hint = ("select by ID instead" if by == "name"
@@ -532,13 +576,25 @@ class Qcow2Image:
                 f"{hint}", [(s.id, s.name) for s in matches])
         return matches[0]
 
+    @property
+    def ignored_snapshots(self) -> tuple[Snapshot, ...]:
+        """Snapshot table entries QEMU ignores: all of them in an image with
+        an external data file (where :attr:`snapshots` is empty)."""
+        return self.snapshot_table.snapshots if self.has_data_file else ()
+
     def layer(self, snapshot: str | Snapshot | None = None) -> Layer:
-        """The mapping of the active image (``None``) or of a snapshot."""
+        """The mapping of the active image (``None``) or of a snapshot.
+
+        Sizes are whole 512-byte sectors, as QEMU's block layer has them: a
+        snapshot's ``disk_size`` is rounded down like the header's size
+        (QEMU cannot revert to a snapshot whose ``disk_size`` is not a
+        multiple of 512: "The new size must be a multiple of 512")."""
         if snapshot is None:
-            return Layer(self.header.l1_table_offset, self.header.l1_size, self.header.size)
+            return Layer(self.header.l1_table_offset, self.header.l1_size, self.size)
         sn = self.find_snapshot(snapshot)
         self._check_snapshot_l1(sn)
-        return Layer(sn.l1_table_offset, sn.l1_size, sn.disk_size, sn)
+        return Layer(sn.l1_table_offset, sn.l1_size,
+                     sn.disk_size & ~(fmt.BDRV_SECTOR_SIZE - 1), sn)
 
     def _check_snapshot_l1(self, sn: Snapshot) -> None:
         structure = f"snapshot {sn.id} ({sn.name})"

@@ -77,7 +77,7 @@ class _Where:
         self.l2_index = l2_index
 
     def __str__(self) -> str:
-        return f"(L2 offset: {self.l2_offset:#x}, L2 index: {self.l2_index:#x})"
+        return f"(L2 offset: {fmt.c_hex(self.l2_offset)}, L2 index: {fmt.c_hex(self.l2_index)})"
 
     __format__ = lambda self, spec: str(self)
 
@@ -145,8 +145,9 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
         span_end = min(end, (l1_index + 1) << l1_shift)
         if l2_offset & (cs - 1):
             raise CorruptImageError(
-                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x}) "
-                f"in {layer.name}", structure="L1 table", offset=layer.l1_table_offset + 8 * l1_index)
+                f"L2 table offset {fmt.c_hex(l2_offset)} unaligned (L1 index: "
+                f"{fmt.c_hex(l1_index)}) in {layer.name}", structure="L1 table",
+                offset=layer.l1_table_offset + 8 * l1_index)
         l2 = image.read_l2(l2_offset)
         while pos < span_end:
             l2_index = (pos >> cluster_bits) & l2_mask
@@ -198,9 +199,9 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                     raise CorruptImageError(
                         f"Compressed cluster entry found in image with external data file {where}",
                         structure="L2 table", offset=l2_offset)
-                if extended and bitmap:
-                    raise CorruptImageError(f"Invalid cluster entry found  {where}",
-                                            structure="L2 table", offset=l2_offset)
+                # QCOW2_SUBCLUSTER_COMPRESSED whatever the bitmap holds: QEMU
+                # reads the cluster (only qemu-img check calls a non-zero
+                # bitmap an error, as qcow2snap.ops.check does)
                 coffset = entry & image.cluster_offset_mask
                 nb_csectors = ((entry >> image.csize_shift) & image.csize_mask) + 1
                 csize = nb_csectors * fmt.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
@@ -212,6 +213,10 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                 yield new
                 pos = cluster_end
                 continue
+            # has_host: the (sub)cluster types with a host offset, which
+            # qcow2_get_host_offset checks: NORMAL, ZERO_ALLOC and (extended
+            # L2) UNALLOCATED_ALLOC, i.e. every subcluster of an entry whose
+            # cluster type is NORMAL, whatever its bitmap says
             if not extended:
                 if entry & fmt.QCOW_OFLAG_ZERO:
                     if version < 3:
@@ -219,10 +224,13 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                             f"Zero cluster entry found in pre-v3 image {where}",
                             structure="L2 table", offset=l2_offset)
                     kinds = [(cluster_end - pos, ExtentKind.ZERO)]
+                    has_host = host_cluster != 0          # ZERO_ALLOC
                 elif host_cluster or (data_file and entry & fmt.QCOW_OFLAG_COPIED):
                     kinds = [(cluster_end - pos, ExtentKind.DATA)]
+                    has_host = True
                 else:
                     kinds = [(cluster_end - pos, ExtentKind.UNALLOCATED)]
+                    has_host = False
             else:
                 if host_cluster == 0 and not (data_file and entry & fmt.QCOW_OFLAG_COPIED):
                     if bitmap & fmt.QCOW_L2_BITMAP_ALL_ALLOC:
@@ -234,6 +242,7 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                         raise CorruptImageError(f"Invalid cluster entry found  {where}",
                                                 structure="L2 table", offset=l2_offset)
                     allocated = True
+                has_host = allocated
                 kinds = []
                 sc_pos = pos
                 while sc_pos < cluster_end:
@@ -250,16 +259,16 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                     else:
                         kinds.append((sc_end - sc_pos, kind))
                     sc_pos = sc_end
-            if (host_cluster & (cs - 1)) and any(k is ExtentKind.DATA for _, k in kinds):
-                raise CorruptImageError(
-                    f"Cluster allocation offset {host_cluster:#x} unaligned {where}",
-                    structure="L2 table", offset=l2_offset)
-            if data_file and host_cluster != cluster_start and any(
-                    k is ExtentKind.DATA for _, k in kinds):
-                raise CorruptImageError(
-                    f"External data file host cluster offset {host_cluster:#x} does not match "
-                    f"guest cluster offset: {cluster_start:#x}, L2 index: {l2_index:#x})",
-                    structure="L2 table", offset=l2_offset)
+            if has_host:
+                if host_cluster & (cs - 1):
+                    raise CorruptImageError(
+                        f"Cluster allocation offset {fmt.c_hex(host_cluster)} unaligned {where}",
+                        structure="L2 table", offset=l2_offset)
+                if data_file and host_cluster != cluster_start:
+                    raise CorruptImageError(
+                        f"External data file host cluster offset {fmt.c_hex(host_cluster)} does "
+                        f"not match guest cluster offset: {fmt.c_hex(cluster_start)}, L2 index: "
+                        f"{fmt.c_hex(l2_index)})", structure="L2 table", offset=l2_offset)
             for run_length, kind in kinds:
                 if kind is ExtentKind.DATA:
                     new = Extent(pos, run_length, kind, host_cluster + (pos - cluster_start),
