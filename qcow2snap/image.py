@@ -367,13 +367,33 @@ class Qcow2Image:
         # open, but lists none of it: internal snapshots are not supported
         # there (qcow2_snapshot_list returns -ENOTSUP; qemu-img check calls
         # the entries an error).
+        # A backing image's table is parsed only if someone asks for it:
+        # reading through a chain uses active layers only, and a hostile
+        # chain of thousands of images must not make each parse 65,536
+        # entries (QEMU parses them all at open; qcow2snap is more lenient
+        # with a backing file's snapshot table, never with the image's own).
+        self._snapshot_table: SnapshotTable | None = None
         if self.check_mode:
-            self.snapshot_table: SnapshotTable = SnapshotTable(header.snapshots_offset, (), 0, ())
-        else:
-            self.snapshot_table = parse_snapshot_table(
-                self._file.pread, header.snapshots_offset, header.nb_snapshots, self.size)
-        self.snapshots: tuple[Snapshot, ...] = (
-            () if self.has_data_file else self.snapshot_table.snapshots)
+            self._snapshot_table = SnapshotTable(header.snapshots_offset, (), 0, ())
+        elif len(self._chain) == 1:
+            self._snapshot_table = self._parse_snapshot_table()
+
+    def _parse_snapshot_table(self) -> SnapshotTable:
+        h = self.header
+        return parse_snapshot_table(self._file.pread, h.snapshots_offset, h.nb_snapshots,
+                                    self.size)
+
+    @property
+    def snapshot_table(self) -> SnapshotTable:
+        """The parsed snapshot table (every entry, also where QEMU lists none)."""
+        if self._snapshot_table is None:
+            self._snapshot_table = self._parse_snapshot_table()
+        return self._snapshot_table
+
+    @property
+    def snapshots(self) -> tuple[Snapshot, ...]:
+        """The snapshots, as QEMU lists them: none with an external data file."""
+        return () if self.has_data_file else self.snapshot_table.snapshots
 
     def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,
                         name: str, header_offset: int) -> None:
