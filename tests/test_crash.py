@@ -121,7 +121,8 @@ def assert_crash_safe(path: Path, operation: Callable[[EditableImage], object],
     crashed = tmp_path / path.name
     # companions (backing files) sit beside the original
     for companion in path.parent.iterdir():
-        if companion != path and not (tmp_path / companion.name).exists():
+        if (companion != path and companion.is_file()
+                and not (tmp_path / companion.name).exists()):
             place_companion(companion, tmp_path / companion.name)
     replayer = CrashReplay(before_copy, ops, crashed)
     seen = set()
