@@ -398,3 +398,83 @@ def test_backing_loop_is_caught_on_its_first_repeat(tmp_path: Path) -> None:
         links = image.backing_chain()
     assert [link.followed for link in links] == [True, True, False]
     assert "creates an infinite loop" in (links[-1].reason or "")
+
+
+# ---------------------------------------------------------------------------
+# the VM state: a hostile VM description
+# ---------------------------------------------------------------------------
+
+def with_vm_description(fixture_dir: Path, tmp_path: Path, description: bytes) -> Path:
+    """A savevm-like snapshot whose VM state is the savevm fixture's stream
+    with its VM description (JSON trailer) replaced by ``description``.  The
+    stream is written by qemu-io at the VM-state offset of a 64 MiB disk,
+    then ``qemu-img snapshot -c`` takes the snapshot and its entry is given
+    the stream's size and that disk size."""
+    qemu_img, qemu_io = require_tool("qemu-img"), require_tool("qemu-io")
+    with qcow2snap.open(fixture_path(fixture_dir, "savevm")) as image, \
+            image.open_vm_state(image.snapshots[0]) as state:
+        stream = state.read()
+    marker = stream.rfind(b"\x06")
+    while not (stream[marker + 5:marker + 6] == b"{"
+               and marker + 5 + struct.unpack_from(">I", stream, marker + 1)[0] == len(stream)):
+        marker = stream.rfind(b"\x06", 0, marker)
+    new = stream[:marker] + b"\x06" + struct.pack(">I", len(description)) + description
+    vm_state_offset = 512 << 20          # size_to_l1(64 MiB) << (16 + 13)
+    path, source = tmp_path / "vmdesc.qcow2", tmp_path / "stream.bin"
+    source.write_bytes(new)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", path,
+                    str(vm_state_offset + len(new) + (64 << 10))], check=True)
+    subprocess.run([qemu_io, "-c", f"write -s {source} {vm_state_offset} {len(new)}", path],
+                   check=True, capture_output=True)
+    subprocess.run([qemu_img, "snapshot", "-c", "hostile", path], check=True)
+    data = bytearray(path.read_bytes())
+    entry = Layout(bytes(data)).snapshot_entries[0]
+    struct.pack_into(">I", data, entry + 32, len(new))                    # vm_state_size
+    struct.pack_into(">QQQ", data, entry + 40, len(new), 64 << 20, (1 << 64) - 1)
+    path.write_bytes(data)
+    return path
+
+
+DESCRIPTIONS = {
+    # 1.4 million empty objects: ~25 bytes of Python objects per byte of JSON
+    "many-objects": b'{"page_size":4096,"devices":[' + b"{}," * 1_390_000 + b"{}]}",
+    # nesting that makes json.loads raise RecursionError (a traceback before)
+    "deep-nesting": b'{"page_size":4096,"devices":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("kind", sorted(DESCRIPTIONS))
+def test_hostile_vm_description(kind: str, fixture_dir: Path, tmp_path: Path) -> None:
+    path = with_vm_description(fixture_dir, tmp_path, DESCRIPTIONS[kind])
+    listed = run_bounded("list", "--json", path)
+    assert_bounded(listed)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["runstate"] is None
+    info = run_bounded("vmstate", "info", "--json", "1", path)
+    assert_bounded(info)
+    assert info.returncode == 0, info.stderr
+    state = json.loads(info.stdout)
+    assert state["machine-type"] == "pc-i440fx-7.2"
+    assert state["complete"] is None and state["ram-size"] > 0   # RAM still walked
+    assert state["problem"] == {
+        "deep-nesting": "the VM description is nested too deeply",
+        "many-objects": "VM description: device '' has no valid 'instance_id'"}[kind]
+    dump = run_bounded("vmstate", "dump", "1", path, "-o", tmp_path / "state.qevm")
+    assert_bounded(dump)
+    assert dump.returncode == 0, dump.stderr
+
+
+@pytest.mark.qemu
+def test_crafted_vm_state_reads_like_the_original(fixture_dir: Path, tmp_path: Path) -> None:
+    """The construction itself is sound: with the original description the
+    crafted snapshot reads as the fixture's does."""
+    with qcow2snap.open(fixture_path(fixture_dir, "savevm")) as image, \
+            image.open_vm_state(image.snapshots[0]) as state:
+        stream = state.read()
+    description = stream[stream.rindex(b'{"page_size"'):]
+    path = with_vm_description(fixture_dir, tmp_path, description)
+    with qcow2snap.open(path) as image, image.open_vm_state(image.snapshots[0]) as state:
+        assert state.read() == stream
+    info = json.loads(run_bounded("vmstate", "info", "--json", "1", path).stdout)
+    assert info["complete"] is True and info["runstate"] == "prelaunch"
