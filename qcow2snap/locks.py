@@ -36,6 +36,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from .errors import ImageInUseError
@@ -71,6 +72,9 @@ _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
 _FLOCK = struct.Struct("hhqqi4x")
+#: Looks again before a holder without a marker is called QEMU.
+_RELOOKS = 3
+_RELOOK_SECONDS = 0.01
 #: errors meaning "this file system or kernel has no such locks"
 _NO_LOCKS = frozenset({errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
 
@@ -231,6 +235,16 @@ class EditorLock:
             # only now look: our own OFD locks never conflict with our tests
             held, unshared = _probe_qemu_bytes(fd)
             editor = _other_editor_pid(fd) if held or unshared else None
+            for _ in range(_RELOOKS):
+                if not (held or unshared) or editor is not None:
+                    break
+                # Lock bytes but no marker: QEMU, or an editor whose exit
+                # dropped its marker first (close() releases POSIX locks
+                # before OFD locks).  We still hold our locks, so looking
+                # again is as safe as the first look; a QEMU stays.
+                time.sleep(_RELOOK_SECONDS)
+                held, unshared = _probe_qemu_bytes(fd)
+                editor = _other_editor_pid(fd) if held or unshared else None
         except OSError as exc:
             if exc.errno in _NO_LOCKS:
                 self.supported = False
