@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -150,3 +151,60 @@ def test_image_on_a_block_device_reads_as_the_file(name: str, fixture_copy: Any,
             assert extract(device, snapshot_id, out) == digest, snapshot_id
             assert convert(qemu_img, device, snapshot_id, out) == digest, snapshot_id
             assert extract(path, snapshot_id, out) == digest, snapshot_id
+
+
+def test_raw_backing_file_on_a_block_device(fixture_copy: Any, tmp_path: Path,
+                                            qemu_img: str) -> None:
+    """The overlay names a raw file beside it; the user gives a device
+    instead (--backing-file): reads fall through to the device's bytes."""
+    overlay = fixture_copy("raw-backing")
+    volume = tmp_path / "volume.raw"
+    volume.write_bytes(random.Random(7).randbytes(16 * MiB))   # not the named file's bytes
+    out = tmp_path / "out.raw"
+    snapshots: list[str | None] = [None, "1", "2"]
+    with loop_device(volume) as device:
+        # qemu-img's reference: a copy that names the device
+        reference = tmp_path / "reference.qcow2"
+        shutil.copyfile(overlay, reference)
+        qemu(qemu_img, "rebase", "-u", "-f", "qcow2", "-b", device, "-F", "raw", str(reference))
+        for snapshot_id in snapshots:
+            expected = convert(qemu_img, reference, snapshot_id, out)
+            assert extract(overlay, snapshot_id, out, "--backing-file", device) == expected, (
+                snapshot_id)
+            # the named file reads differently: the device was really read
+            assert extract(overlay, snapshot_id, out) != expected, snapshot_id
+        info = json.loads(ok(qcow2snap("info", "--json", "--backing-file", device,
+                                       str(overlay))))
+        assert [(link["filename"], link["followed"], link["format"], link["virtual-size"])
+                for link in info["backing-chain"]] == [(device, True, "raw", 16 * MiB)]
+
+
+def test_edits_on_a_block_device(fixture_copy: Any, tmp_path: Path, qemu_img: str) -> None:
+    """create and delete on an image on a device, as qemu-img does them on a
+    twin file; the device keeps its size and qemu-img check is clean."""
+    path = fixture_copy("v3-basic")
+    twin = tmp_path / "twin.qcow2"
+    shutil.copyfile(path, twin)
+    qemu(qemu_img, "snapshot", "-c", "NEW", str(twin))
+    qemu(qemu_img, "snapshot", "-d", "second", str(twin))
+    disk = disk_with(path, 16 * MiB)
+    out = tmp_path / "out.raw"
+    with loop_device(disk) as device:
+        created = ok(qcow2snap("create", "NEW", device))
+        assert created.startswith(f"{device}: created snapshot 4 (NEW); ")
+        assert created.endswith(", file 16 MiB -> 16 MiB\n")
+        deleted = json.loads(ok(qcow2snap("delete", "--json", "second", device)))
+        assert [(d["ok"], d["snapshot-id"], d["file-size-before"], d["file-size-after"])
+                for d in deleted] == [(True, "2", 16 * MiB, 16 * MiB)]
+        assert deleted[0]["clusters-freed"] > 0
+        # never truncated: the device and the file under it keep their sizes
+        assert device_size(device) == 16 * MiB
+        assert_clean(qemu_img, device)
+        assert snapshot_ids(qemu_img, device) == snapshot_ids(qemu_img, twin) == [
+            ("1", "first"), ("3", "third"), ("4", "NEW")]
+        assert ok(qcow2snap("list", device)) == ok(qcow2snap("list", str(disk)))
+        for snapshot_id in (None, "1", "3", "4"):
+            assert (convert(qemu_img, device, snapshot_id, out)
+                    == convert(qemu_img, twin, snapshot_id, out)), snapshot_id
+    assert disk.stat().st_size == 16 * MiB
+    assert_clean(qemu_img, disk)
