@@ -76,20 +76,13 @@ def test_ctrl_c_keeps_an_existing_output(fixture_copy: Any, tmp_path: Path) -> N
     assert sorted(os.listdir(tmp_path)) == ["disk.raw", path.name]
 
 
-@pytest.mark.parametrize(("signum", "status", "message"), [
-    (signal.SIGINT, 130, "qcow2snap: interrupted\n"),
-    (signal.SIGTERM, 128 + signal.SIGTERM, "qcow2snap: terminated by SIGTERM\n"),
-    (signal.SIGHUP, 128 + signal.SIGHUP, "qcow2snap: terminated by SIGHUP\n"),
-], ids=["SIGINT", "SIGTERM", "SIGHUP"])
-def test_signal_to_the_cli_leaves_no_output(fixture_copy: Any, tmp_path: Path, signum: int,
-                                            status: int, message: str) -> None:
-    """A real signal, delivered by the kernel while the CLI copies: the
-    progress hook's first update sends it to the process itself.  Ctrl-C,
-    kill (SIGTERM) and a closed terminal (SIGHUP) all unwind and clean up;
-    the status is the shell's 128 + signal number."""
-    path = fixture_copy("v3-basic")
-    outdir = tmp_path / "out"
-    outdir.mkdir()
+def _extract_signalled(path: Path, output: Path, signum: int,
+                       disposition: Any = signal.SIG_DFL) -> subprocess.CompletedProcess[str]:
+    """``qcow2snap extract first PATH -o OUTPUT`` whose progress hook sends
+    ``signum`` to the process itself at its first update (a real signal,
+    delivered by the kernel while the CLI copies).  The process starts with
+    ``disposition`` for it, whatever the test runner inherited (a shell
+    ignores SIGINT in background jobs, nohup ignores SIGHUP)."""
     script = (
         "import os, signal, sys\n"
         "import qcow2snap.ops.extract as ex\n"
@@ -102,9 +95,25 @@ def test_signal_to_the_cli_leaves_no_output(fixture_copy: Any, tmp_path: Path, s
         "ex.extract = extract\n"
         "from qcow2snap.cli import main\n"
         "main(sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-c", script, "extract", "first", os.fspath(path),
-                           "-o", os.fspath(outdir / "disk.raw")],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([sys.executable, "-c", script, "extract", "first", os.fspath(path),
+                           "-o", os.fspath(output)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=lambda: signal.signal(signum, disposition))
+
+
+@pytest.mark.parametrize(("signum", "status", "message"), [
+    (signal.SIGINT, 130, "qcow2snap: interrupted\n"),
+    (signal.SIGTERM, 128 + signal.SIGTERM, "qcow2snap: terminated by SIGTERM\n"),
+    (signal.SIGHUP, 128 + signal.SIGHUP, "qcow2snap: terminated by SIGHUP\n"),
+], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_signal_to_the_cli_leaves_no_output(fixture_copy: Any, tmp_path: Path, signum: int,
+                                            status: int, message: str) -> None:
+    """Ctrl-C, kill (SIGTERM) and a closed terminal (SIGHUP) all unwind and
+    clean up; the status is the shell's 128 + signal number."""
+    path = fixture_copy("v3-basic")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    proc = _extract_signalled(path, outdir / "disk.raw", signum)
     # exit status, one line, and neither the output nor its temporary file
     assert (proc.returncode, proc.stderr, os.listdir(outdir)) == (status, message, [])
 
