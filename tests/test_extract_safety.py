@@ -118,6 +118,21 @@ def test_signal_to_the_cli_leaves_no_output(fixture_copy: Any, tmp_path: Path, s
     assert (proc.returncode, proc.stderr, os.listdir(outdir)) == (status, message, [])
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_an_ignored_signal_stays_ignored(fixture_copy: Any, tmp_path: Path,
+                                         signum: int) -> None:
+    """``nohup qcow2snap extract ...``: a hangup the caller chose to ignore
+    does not stop the copy (the handler that cleans up on SIGHUP / SIGTERM
+    is installed only over the default disposition)."""
+    path = fixture_copy("v3-basic")
+    out = tmp_path / "disk.raw"
+    proc = _extract_signalled(path, out, signum, signal.SIG_IGN)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    first = next(s for s in FIXTURES_BY_NAME["v3-basic"]["snapshots"] if s["name"] == "first")
+    assert _sha256(out) == first["sha256"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["disk.raw", path.name])
+
+
 def _limit_file_size() -> None:
     # Stand-in for a full disk: writes past 256 KiB fail with EFBIG.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
