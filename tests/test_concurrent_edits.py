@@ -47,7 +47,7 @@ FCNTL_DELAY_US = 100_000
 #: a "spread" round: the first editor has the image to itself this long
 #: (its locking and testing take 1.5 s at 100 ms a call), the others come
 #: at random within the following window
-SPREAD_HEAD_START = 1.8
+SPREAD_HEAD_START = 2.0
 SPREAD_WINDOW = 2.2
 
 #: An editor process: everything imported first, then it prints its PID and
@@ -89,6 +89,11 @@ def in_process_refusal(path: Path | str) -> str:
 KNOWN_MISNAMED_EDITOR = re.compile(
     r"(?P<path>.+) is in use by a running QEMU process \((holds|does not share) [a-z ,;]+\); "
     r"shut the VM down \(or close the qemu-img/qemu-io holding it\) before editing")
+
+
+def known_misnaming(path: Path, message: str) -> bool:
+    found = KNOWN_MISNAMED_EDITOR.fullmatch(message)
+    return found is not None and found["path"] == str(path)
 
 
 def qemu(*args: str) -> subprocess.CompletedProcess[str]:
@@ -223,7 +228,7 @@ def editor_problems(path: Path, operation: str, name: str, pid: int, pids: list[
     message = err.removeprefix("qcow2snap: error: ").removesuffix("\n")
     if out or err != f"qcow2snap: error: {message}\n" or "\n" in message:
         return [f"refused, but printed {out!r} {err!r}"]
-    if KNOWN_MISNAMED_EDITOR.fullmatch(message):
+    if known_misnaming(path, message):
         return []              # the known bug: the refusal itself is right
     named = re.fullmatch(r".* \(process (\d+)\); wait for it to finish, then try again", message)
     holder = int(named.group(1)) if named else None
@@ -256,7 +261,7 @@ def test_editor_processes_racing_lose_no_edit(tmp_path: Path, qemu_img: str,
         applied_total += sum(applied)
         refused_total += applied.count(False)
         misnamed += sum(1 for _, status, _, err in results if status == 5
-                        and KNOWN_MISNAMED_EDITOR.fullmatch(err[len("qcow2snap: error: "):-1]))
+                        and known_misnaming(path, err[len("qcow2snap: error: "):-1]))
     # each "spread" round lets its first editor through; the races refuse
     assert applied_total >= ROUNDS.count("spread"), (applied_total, refused_total)
     assert refused_total > 0
@@ -411,4 +416,40 @@ def test_refusal_names_an_editor_that_finishes_while_it_is_tested(
             message = str(exc)
     finally:
         _finish(holder)
-    assert message in (None, editor_refusal(path, holder.pid)), message
+    # refused as another editor's (with or without its PID), or let through
+    assert message is None or "running QEMU" not in message, message
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "KNOWN BUG: EditorLock.release forgets the file in this process before it unlocks the "
+    "lock bytes; an editor opened in between sees them and blames a running QEMU process"))
+def test_an_editor_opened_while_another_closes_is_not_told_of_qemu(
+        tmp_path: Path, qemu_img: str, qemu_io: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic form of a thread race: one handle closes, another
+    thread opens the image for editing at the moment the first has left the
+    process's registry but still holds its lock bytes."""
+    import struct
+
+    from qcow2snap import locks
+    path = tmp_path / "vm.qcow2"
+    make_image(qemu_img, qemu_io, path, snapshots=1)
+    first = qcow2snap.open(path, "r+")
+    real_fcntl = fcntl.fcntl
+    messages: list[str | None] = []
+
+    def fcntl_opening_midway(fd: int, command: int, arg: Any = 0) -> Any:
+        unlocking = (command == locks._F_OFD_SETLK and isinstance(arg, bytes)
+                     and struct.unpack_from("h", arg)[0] == fcntl.F_UNLCK)
+        if unlocking and not messages:
+            messages.append("opening")
+            try:
+                qcow2snap.open(path, "r+").close()
+                messages.append(None)
+            except ImageInUseError as exc:
+                messages.append(str(exc))
+        return real_fcntl(fd, command, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", fcntl_opening_midway)
+    first.close()
+    assert messages[:1] == ["opening"], "the first handle never unlocked its bytes"
+    assert messages[1] in (None, in_process_refusal(path)), messages[1]
