@@ -660,7 +660,8 @@ def main(argv: list[str] | None = None) -> None:
     from .copier import prefer_heap_reuse
     prefer_heap_reuse()  # this process is ours: tune the allocator for bulk copies
     for signum in (signal.SIGTERM, signal.SIGHUP):  # clean up as Ctrl-C does
-        signal.signal(signum, _terminate)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays so
+            signal.signal(signum, _terminate)
     cli.main(args=argv, prog_name="qcow2snap")
 
 

@@ -97,7 +97,7 @@ class ClusterCopier:
         self.src_size = descriptor_size(src_fd)
         self._src_fd = src_fd
         self._copy_file_range = hasattr(os, "copy_file_range")
-        self._map = (mmap.mmap(src_fd, 0, prot=mmap.PROT_READ)
+        self._map = (mmap.mmap(src_fd, self.src_size, prot=mmap.PROT_READ)
                      if self.src_size > 0 else None)
         if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
             try:

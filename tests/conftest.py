@@ -57,6 +57,19 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_strace() -> str:
+    """strace, able to trace here (ptrace may be forbidden): skips like
+    :func:`require_tool` otherwise."""
+    strace = require_tool("strace")
+    if subprocess.run([strace, "-qq", "-o", os.devnull, "true"], check=False,
+                      capture_output=True).returncode != 0:
+        if os.environ.get("QCOW2SNAP_REQUIRE_QEMU") == "1":
+            pytest.fail("strace cannot trace here (ptrace not permitted), and "
+                        "QCOW2SNAP_REQUIRE_QEMU=1")
+        pytest.skip("strace cannot trace here (ptrace not permitted)")
+    return strace
+
+
 @pytest.fixture(scope="session")
 def qemu_img() -> str:
     return require_tool("qemu-img")
