@@ -93,7 +93,10 @@ class ClusterCopier:
     """
 
     def __init__(self, src_fd: int, dst_fd: int, *, zero_granularity: int = ZERO_CHECK_BYTES,
-                 progress: Callable[[int], None] | None = None, workers: int | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, workers: int | None = None,
+                 src_path: str | None = None) -> None:
+        #: named in read errors, so that they are not taken for write errors
+        self.src_path = src_path
         self.src_size = descriptor_size(src_fd)
         self._src_fd = src_fd
         self._copy_file_range = hasattr(os, "copy_file_range")
@@ -310,6 +313,14 @@ class ClusterCopier:
     def _read_source(self, offset: int, length: int) -> bytes:
         """Source bytes, zeros past EOF (as QEMU reads a compressed cluster
         whose sector count runs past the end of the file)."""
+        try:
+            return self._read_source_unnamed(offset, length)
+        except OSError as exc:
+            if exc.filename is None and self.src_path is not None:
+                raise OSError(exc.errno, exc.strerror, self.src_path) from exc
+            raise
+
+    def _read_source_unnamed(self, offset: int, length: int) -> bytes:
         data = os.pread(self._src_fd, length, offset) if offset < self.src_size else b""
         while 0 < len(data) < length and offset + len(data) < self.src_size:
             more = os.pread(self._src_fd, length - len(data), offset + len(data))

@@ -116,6 +116,16 @@ class HostFile:
         self.size = descriptor_size(self.fd)
 
     def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; an OSError names this file (an EIO
+        on the evidence must not read as a problem of the output)."""
+        try:
+            return self._pread(offset, length)
+        except OSError as exc:
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, self.path) from exc
+            raise
+
+    def _pread(self, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
         if offset >= self.size:

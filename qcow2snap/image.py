@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import count
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal, Self
 
 from . import format as fmt
 from . import cache
@@ -243,11 +243,12 @@ class Qcow2Image:
             self._release_locks()
             self._file.close()
             raise
-        if self.lock_state is not None and self.lock_state.has_writer:
+        state = self.lock_state
+        if state is not None and state.has_writer:
+            locks = "" if state.editor_pid is not None else f" ({state.describe()})"
             warnings.warn(
-                f"{self.path}: {self.lock_state.holder} holds this image open for writing "
-                f"({self.lock_state.describe()}); what is read may be inconsistent",
-                ImageInUseWarning, stacklevel=3)
+                f"{self.path}: {state.holder} holds this image open for writing{locks}; what "
+                f"is read may be inconsistent", ImageInUseWarning, stacklevel=3)
 
     # ------------------------------------------------------------------
     # Opening and validation (QEMU's qcow2_do_open)
@@ -904,7 +905,7 @@ class Qcow2Image:
             self._editor_lock = None
         self._forget_tables()
 
-    def __enter__(self) -> Qcow2Image:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -19,14 +19,14 @@ the other's locks (they were taken before the other looked), so at least one
 of them refuses; both may, which is QEMU's behaviour too.
 
 OFD locks carry no owner a test could see (``l_pid`` is -1), so an editor
-also takes a classic POSIX read lock on one byte QEMU never uses
-(:data:`QCOW2SNAP_EDITOR_MARKER`).  A classic ``F_GETLK`` on that byte
-reports another process's lock *with its PID* and ignores the calling
-process's own, which lets a refusal name the real holder: another qcow2snap
-editor, or QEMU.  (POSIX locks are dropped when the process closes any
-descriptor of the file; the marker only names holders, the OFD locks are
-what keeps editors apart.)  Within one process a registry, guarded by a
-thread lock, keeps a second editor of the same file out.
+also locks one byte far from QEMU's range whose *offset* says who it is:
+:data:`QCOW2SNAP_EDITOR_MARKER_BASE` plus its PID.  One ``F_OFD_GETLK`` over
+the whole marker range finds another editor's byte, and its offset gives the
+PID, so a refusal names the real holder: another qcow2snap editor and its
+process, or QEMU.  (Being an OFD lock too, the marker lives exactly as long
+as the editor's descriptor, whatever else the process opens and closes.)
+Within one process a registry, guarded by a thread lock, keeps a second
+editor of the same file out.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .errors import ImageInUseError
 
 __all__ = [
     "EDITOR_LOCK_BYTES",
-    "QCOW2SNAP_EDITOR_MARKER",
+    "QCOW2SNAP_EDITOR_MARKER_BASE",
     "EditorLock",
     "LockState",
     "probe_locks",
@@ -56,10 +56,10 @@ BLK_PERM_CONSISTENT_READ_INDEX = 0
 BLK_PERM_WRITE_INDEX = 1
 BLK_PERM_RESIZE_INDEX = 3
 
-#: One byte far from QEMU's lock range (100-104, 200-204) that only
-#: qcow2snap editors lock, with a classic POSIX lock whose owner a test can
-#: see.  ("q2sn" in ASCII; any offset works, the file need not be that long.)
-QCOW2SNAP_EDITOR_MARKER = 0x7132736E
+#: Editors lock byte ``QCOW2SNAP_EDITOR_MARKER_BASE + pid``: far from QEMU's
+#: lock range (100-104, 200-204); the file need not be that long.
+QCOW2SNAP_EDITOR_MARKER_BASE = 0x7132736E << 32     # "q2sn"
+_MARKER_RANGE = 1 << 32                              # any PID
 
 #: What an editor holds, like a QEMU writer that shares nothing important:
 #: consistent read and write held, write and resize not shared.
@@ -134,30 +134,34 @@ class LockState:
         return "; ".join(parts) or "no QEMU locks"
 
 
-def _conflicting_lock(fd: int, offset: int, command: int) -> tuple[int, int] | None:
-    """(type, pid) of a lock another holder has that keeps us from
-    write-locking byte ``offset``, or None."""
-    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-    answer = fcntl.fcntl(fd, command, request)
-    l_type, _, _, _, l_pid = _FLOCK.unpack(answer)
-    return None if l_type == fcntl.F_UNLCK else (l_type, l_pid)
+def _conflict_start(fd: int, offset: int, length: int = 1) -> int | None:
+    """Start of a lock another open file description holds in ``[offset,
+    offset + length)`` that keeps us from write-locking it, or None."""
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, length, 0)
+    answer = fcntl.fcntl(fd, _F_OFD_GETLK, request)
+    l_type, _, l_start, _, _ = _FLOCK.unpack(answer)
+    return None if l_type == fcntl.F_UNLCK else l_start
+
+
+def _set_lock(fd: int, l_type: int, offset: int) -> None:
+    fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(l_type, os.SEEK_SET, offset, 1, 0))
 
 
 def _other_editor_pid(fd: int) -> int | None:
-    """PID of another process's qcow2snap editor marker on the file.  A
-    classic F_GETLK ignores this process's own POSIX locks and reports the
-    owner of another's (an OFD lock on the byte reports -1)."""
-    found = _conflicting_lock(fd, QCOW2SNAP_EDITOR_MARKER, fcntl.F_GETLK)
-    return None if found is None else found[1]
+    """PID of another qcow2snap editor of the file (the offset of its
+    marker byte), or None.  Our own marker never conflicts with our own
+    descriptor's test."""
+    start = _conflict_start(fd, QCOW2SNAP_EDITOR_MARKER_BASE, _MARKER_RANGE)
+    return None if start is None else start - QCOW2SNAP_EDITOR_MARKER_BASE
 
 
 def _probe_qemu_bytes(fd: int) -> tuple[frozenset[int], frozenset[int]]:
     held: set[int] = set()
     unshared: set[int] = set()
     for i in range(len(QEMU_PERM_NAMES)):
-        if _conflicting_lock(fd, QEMU_LOCK_PERM_BASE + i, _F_OFD_GETLK):
+        if _conflict_start(fd, QEMU_LOCK_PERM_BASE + i) is not None:
             held.add(i)
-        if _conflicting_lock(fd, QEMU_LOCK_SHARED_BASE + i, _F_OFD_GETLK):
+        if _conflict_start(fd, QEMU_LOCK_SHARED_BASE + i) is not None:
             unshared.add(i)
     return frozenset(held), frozenset(unshared)
 
@@ -204,6 +208,7 @@ class EditorLock:
         self.fd = fd
         self.path = path
         self._key: tuple[int, int] | None = None
+        self._marker = QCOW2SNAP_EDITOR_MARKER_BASE + os.getpid()
         #: False where the file system has no OFD locks (nothing is held)
         self.supported = True
 
@@ -227,21 +232,18 @@ class EditorLock:
         fd = self.fd
         try:
             # the marker first: whoever sees our QEMU bytes sees it too
-            fcntl.fcntl(fd, fcntl.F_SETLK,
-                        _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, QCOW2SNAP_EDITOR_MARKER, 1, 0))
+            _set_lock(fd, fcntl.F_RDLCK, self._marker)
             for offset in EDITOR_LOCK_BYTES:
-                fcntl.fcntl(fd, _F_OFD_SETLK,
-                            _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0))
+                _set_lock(fd, fcntl.F_RDLCK, offset)
             # only now look: our own OFD locks never conflict with our tests
             held, unshared = _probe_qemu_bytes(fd)
             editor = _other_editor_pid(fd) if held or unshared else None
             for _ in range(_RELOOKS):
                 if not (held or unshared) or editor is not None:
                     break
-                # Lock bytes but no marker: QEMU, or an editor whose exit
-                # dropped its marker first (close() releases POSIX locks
-                # before OFD locks).  We still hold our locks, so looking
-                # again is as safe as the first look; a QEMU stays.
+                # Lock bytes but no marker: QEMU, or an editor that was
+                # letting go of its locks as we looked.  We still hold ours,
+                # so looking again is as safe as the first look; a QEMU stays.
                 time.sleep(_RELOOK_SECONDS)
                 held, unshared = _probe_qemu_bytes(fd)
                 editor = _other_editor_pid(fd) if held or unshared else None
@@ -267,17 +269,15 @@ class EditorLock:
         return state
 
     def release(self) -> None:
-        """Forget the file (call just before the descriptor is closed; the
-        close releases the locks themselves)."""
+        """Give the locks back (call before the descriptor is closed), then
+        forget the file: in this order, an editor opened in between still
+        sees this one by its registry entry, never by bare lock bytes."""
+        try:
+            for offset in (*EDITOR_LOCK_BYTES, self._marker):
+                _set_lock(self.fd, fcntl.F_UNLCK, offset)
+        except OSError:
+            pass  # closing the descriptor releases them anyway
         if self._key is not None:
             with _EDITED_LOCK:
                 _EDITED.discard(self._key)
             self._key = None
-        try:
-            for offset in EDITOR_LOCK_BYTES:
-                fcntl.fcntl(self.fd, _F_OFD_SETLK,
-                            _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
-            fcntl.fcntl(self.fd, fcntl.F_SETLK,
-                        _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, QCOW2SNAP_EDITOR_MARKER, 1, 0))
-        except OSError:
-            pass  # closing the descriptor releases them anyway

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FIXTURES_BY_NAME
+from conftest import FIXTURES_BY_NAME, require_strace
 
 import qcow2snap
 from qcow2snap.errors import CorruptImageError
@@ -287,3 +287,23 @@ def test_deflate_clusters_decode_with_and_without_isal(
     with qcow2snap.open(source) as image:
         extract(image, image.find_snapshot(snapshot["id"], by="id"), out)
     assert _sha256(out) == snapshot["sha256"]
+
+
+@pytest.mark.parametrize("first_failing_read", [1, 2, 3])
+def test_a_read_error_on_the_image_names_the_image(fixture_copy: Any, tmp_path: Path,
+                                                   first_failing_read: int) -> None:
+    """An EIO reading the evidence was reported as a failure to write the
+    output ("OUT: writing the output failed: Input/output error")."""
+    strace = require_strace()
+    path = fixture_copy("v3-basic")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    proc = subprocess.run(
+        [strace, "-f", "-qq", "-o", "/dev/null", "-P", os.fspath(path), "-e", "trace=pread64",
+         "-e", f"inject=pread64:error=EIO:when={first_failing_read}+",
+         sys.executable, "-m", "qcow2snap", "extract", "first", os.fspath(path),
+         "-o", os.fspath(outdir / "disk.raw")],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"qcow2snap: error: Input/output error: {path}\n"
+    assert os.listdir(outdir) == []

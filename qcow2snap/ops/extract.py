@@ -143,6 +143,8 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
             if sync:
                 os.fsync(fd)
         except OSError as exc:
+            if exc.filename is not None:
+                raise  # reading an input failed (it names the file), not writing the output
             raise OutputError(f"{path}: writing the output failed: {exc.strerror or exc}; "
                               f"nothing was left under that name") from exc
         os.close(fd)
@@ -288,7 +290,7 @@ def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os
     with atomic_output(output, overwrite=overwrite, inputs=input_files(image), sync=sync) as fd:
         if format == "raw":
             os.ftruncate(fd, layer.size)
-            copier = ClusterCopier(image._file.fd, fd, progress=tracker)
+            copier = ClusterCopier(image._file.fd, fd, progress=tracker, src_path=image.path)
             try:
                 _copy_range_raw(image, layer, 0, layer.size, copier, backing=backing,
                                 progress=tracker)
@@ -315,7 +317,7 @@ def dump_vm_state(image: Qcow2Image, snapshot: str | Snapshot, output: str | os.
     tracker = _Progress(sn.vm_state_size, progress)
     with atomic_output(output, overwrite=overwrite, inputs=input_files(image), sync=sync) as fd:
         os.ftruncate(fd, sn.vm_state_size)
-        copier = ClusterCopier(image._file.fd, fd, progress=tracker)
+        copier = ClusterCopier(image._file.fd, fd, progress=tracker, src_path=image.path)
         try:
             _copy_range_raw(image, reader.layer, start, sn.vm_state_size, copier,
                             backing=False, progress=tracker)

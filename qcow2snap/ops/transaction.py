@@ -27,6 +27,7 @@ sequence of writes and fsyncs and replay power losses at every cut point.
 
 from __future__ import annotations
 
+import errno
 import os
 from array import array
 from collections.abc import Iterable
@@ -113,9 +114,9 @@ _FALLOCATE = None
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); silently
-    skipped where the file system cannot (space is then not returned, but
-    nothing is wrong)."""
+    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); skipped where
+    the file system cannot (space is then not returned, but nothing is
+    wrong); any other failure (EIO) raises, for the caller to report."""
     global _FALLOCATE
     if _FALLOCATE is None:
         import ctypes
@@ -124,7 +125,11 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         _FALLOCATE = ctypes.CDLL(None, use_errno=True).fallocate
         _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
-    _FALLOCATE(fd, falloc_fl_punch_hole | falloc_fl_keep_size, offset, length)
+    if _FALLOCATE(fd, falloc_fl_punch_hole | falloc_fl_keep_size, offset, length) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):  # "cannot here" is not a failure
+            raise OSError(err, os.strerror(err))
 
 
 @dataclass
