@@ -1,0 +1,333 @@
+"""The listing's fast paths (``list`` / ``info`` of 65,536 savevm snapshots)
+give exactly what the plain paths give.
+
+- ``vmstate.read_runstate`` with a shared :class:`RunstateCache` (a first
+  read sized by the descriptions seen, each description decoded once)
+  against ``read_runstate`` alone: every VM-state stream of the fixtures,
+  crafted variants of them (no VM description, globalstate not last, no
+  footers, the QEMU 9.0 globalstate, damaged length fields, ...) and random
+  damage near the end of a stream;
+- ``_layout_size`` (the device list's sizes) against ``_layout``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FIXTURES_BY_NAME, fixture_path, fixtures_with
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qcow2snap
+from qcow2snap import vmstate
+from qcow2snap.vmstate import RunstateCache, parse_stream, read_runstate
+
+VM_SNAPSHOTS = [(name, s["name"]) for name in fixtures_with("vmstate")
+                for s in FIXTURES_BY_NAME[name]["snapshots"] if s["vm_state_size"]]
+
+
+# ---------------------------------------------------------------------------
+# Streams and their variants
+# ---------------------------------------------------------------------------
+
+@functools.cache
+def _streams(fixture_dir: Path) -> dict[tuple[str, str], bytes]:
+    out = {}
+    for name, snapshot in VM_SNAPSHOTS:
+        with qcow2snap.open(fixture_path(fixture_dir, name)) as image:
+            out[name, snapshot] = image.open_vm_state(snapshot).read()
+    return out
+
+
+def _marker(stream: bytes) -> int:
+    """Offset of the VM description's 0x06 marker (in a well-formed stream)."""
+    p = len(stream)
+    while True:
+        p = stream.rindex(b"\x06", 0, p)
+        if p + 5 + struct.unpack_from(">I", stream, p + 1)[0] == len(stream):
+            return p
+
+
+def _sections(stream: bytes) -> list[vmstate.Section]:
+    return list(parse_stream(io.BytesIO(stream), len(stream)).sections)
+
+
+def _globalstate_data(stream: bytes) -> int:
+    return next(s.data_offset for s in _sections(stream) if s.name == "globalstate")
+
+
+def _redescribe(stream: bytes, edit: Callable[[dict[str, Any]], None],
+                before_eof: bytes = b"") -> bytes:
+    """The stream with its VM description edited (and ``before_eof``
+    inserted before the EOF marker)."""
+    p = _marker(stream)
+    desc = json.loads(stream[p + 5:])
+    edit(desc)
+    text = json.dumps(desc, separators=(",", ":")).encode()
+    return stream[:p - 1] + before_eof + stream[p - 1:p + 1] + struct.pack(">I", len(text)) + text
+
+
+def _patch(stream: bytes, offset: int, data: bytes) -> bytes:
+    return stream[:offset] + data + stream[offset + len(data):]
+
+
+def _length(stream: bytes, delta: int) -> bytes:
+    p = _marker(stream)
+    length = struct.unpack_from(">I", stream, p + 1)[0]
+    return _patch(stream, p + 1, struct.pack(">I", (length + delta) & 0xFFFFFFFF))
+
+
+def _footers_off(stream: bytes) -> bytes:
+    out = b""
+    pos = 0
+    for section in _sections(stream):
+        if stream[section.end_offset] == vmstate.QEMU_VM_SECTION_FOOTER:
+            out += stream[pos:section.end_offset]
+            pos = section.end_offset + 5
+    return out + stream[pos:]
+
+
+def _globalstate_not_last(size: int) -> Callable[[bytes], bytes]:
+    """A device section of ``size`` bytes after globalstate."""
+    section = (b"\x04" + struct.pack(">I", 99) + b"\x02zz" + struct.pack(">II", 0, 1)
+               + b"\xaa" * size + b"\x7e" + struct.pack(">I", 99))
+    return lambda stream: _redescribe(stream, lambda d: d["devices"].append(
+        {"name": "zz", "instance_id": 0, "vmsd_name": "zz", "version": 1,
+         "fields": [{"name": "x", "type": "buffer", "size": size}]}), before_eof=section)
+
+
+GLOBALSTATE_9_0_FIELDS = [{"name": "size", "type": "uint32", "size": 4},
+                          {"name": "runstate", "type": "buffer", "size": 32},
+                          {"name": "has_vm_was_suspended", "type": "bool", "size": 1},
+                          {"name": "vm_was_suspended", "type": "bool", "size": 1},
+                          {"name": "unused", "type": "buffer", "size": 66}]
+
+
+def _qemu_9_0(suspended: bool) -> Callable[[bytes], bytes]:
+    """The 8.2 globalstate (u32 size, runstate[100]) rewritten as 9.0's."""
+    def variant(stream: bytes) -> bytes:
+        data = _globalstate_data(stream)
+        name = stream[data + 4:data + 104].split(b"\0")[0]
+        payload = (struct.pack(">I", len(name) + 1) + name.ljust(32, b"\0")
+                   + bytes([1, int(suspended)]) + bytes(66))
+
+        def edit(desc: dict[str, Any]) -> None:
+            for device in desc["devices"]:
+                if device["name"] == "globalstate":
+                    device["fields"] = GLOBALSTATE_9_0_FIELDS
+        return _redescribe(_patch(stream, data, payload), edit)
+    return variant
+
+
+def _device(index: int, key: str, value: Any) -> Callable[[bytes], bytes]:
+    def variant(stream: bytes) -> bytes:
+        def edit(desc: dict[str, Any]) -> None:
+            desc["devices"][index][key] = value
+        return _redescribe(stream, edit)
+    return variant
+
+
+VARIANTS: dict[str, Callable[[bytes], bytes]] = {
+    "as-saved": lambda s: s,
+    "no-description": lambda s: s[:_marker(s)],
+    "description-cut": lambda s: s[:-1000],
+    "length+1": lambda s: _length(s, 1),
+    "length-1": lambda s: _length(s, -1),
+    "length-huge": lambda s: _length(s, 1 << 31),
+    "json-byte": lambda s: _patch(s, _marker(s) + 5 + 50_000, b"\x00"),
+    "json-0x06": lambda s: _patch(s, len(s) - 10, b"\x06"),
+    "later-marker": lambda s: s + b"\x06" + struct.pack(">I", 2) + b"{}",
+    "eof-marker": lambda s: _patch(s, _marker(s) - 1, b"\x01"),
+    "runstate-garbage": lambda s: _patch(s, _globalstate_data(s) + 4, b"\x01"),
+    "runstate-size": lambda s: _patch(s, _globalstate_data(s), b"\xff" * 4),
+    "section-name": lambda s: _patch(s, _globalstate_data(s) - 19, b"G"),
+    "footer-id": lambda s: _patch(s, _globalstate_data(s) + 104 + 4, b"\xee"),
+    "footers-off": _footers_off,
+    "globalstate-not-last": _globalstate_not_last(7),
+    # globalstate before the bytes a first read sized by the description covers
+    "globalstate-far": _globalstate_not_last(4 * vmstate.RUNSTATE_REACH),
+    # a description longer than any seen, so the short first read misses it;
+    # then read without it, the stream would give a run state
+    "description-longer": lambda s: _redescribe(s, lambda d: (
+        d.update(pad="x" * 30_000), d["devices"][-1].update(vmsd_name="other"))),
+    "qemu-9.0": _qemu_9_0(False),
+    "qemu-9.0-suspended": _qemu_9_0(True),
+    "device-size": _device(3, "fields", [{"name": "x", "size": -1}]),
+    "device-version": _device(3, "version", "x"),   # ValueError, today as before
+    "no-globalstate": _device(-1, "vmsd_name", "other"),
+}
+
+
+def outcome(stream: bytes, cache: RunstateCache | None = None) -> Any:
+    """What read_runstate gives: a RunState, None, or (exception type, message)."""
+    try:
+        return read_runstate(io.BytesIO(stream), len(stream), label="x", cache=cache)
+    except Exception as exc:
+        return type(exc), str(exc)
+
+
+def warm_cache(fixture_dir: Path) -> RunstateCache:
+    """A cache that has seen every fixture stream (its descriptions, and the
+    longest of them sizing the first read)."""
+    cache = RunstateCache()
+    for stream in _streams(fixture_dir).values():
+        outcome(stream, cache)
+    assert cache.description_length > 90_000
+    return cache
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(("name", "snapshot"), VM_SNAPSHOTS)
+def test_cached_read_runstate_is_the_plain_one(fixture_dir: Path, name: str, snapshot: str,
+                                               variant: str) -> None:
+    stream = VARIANTS[variant](_streams(fixture_dir)[name, snapshot])
+    expected = outcome(stream)
+    cache = warm_cache(fixture_dir)
+    assert outcome(stream, cache) == expected
+    assert outcome(stream, cache) == expected      # its own description now cached
+    assert outcome(stream, RunstateCache()) == expected
+
+
+def test_variants_cover_what_they_say(fixture_dir: Path) -> None:
+    """The variants reach the outcomes they are meant to (else the test above
+    would compare trivial cases)."""
+    stream = _streams(fixture_dir)["savevm-suspended", "susp"]
+    found = {v: outcome(VARIANTS[v](stream)) for v in VARIANTS}
+    runstates = {v: r.runstate for v, r in found.items() if isinstance(r, vmstate.RunState)}
+    assert runstates == {"as-saved": "suspended", "no-description": "suspended",
+                         "description-cut": "suspended", "length+1": "suspended",
+                         "length-1": "suspended", "length-huge": "suspended",
+                         "runstate-size": "suspended", "footers-off": "suspended",
+                         "globalstate-not-last": "suspended", "globalstate-far": "suspended",
+                         "qemu-9.0": "suspended",
+                         "qemu-9.0-suspended": "suspended"}
+    assert found["qemu-9.0"].layout == "qemu>=9.0"
+    assert found["no-globalstate"] is None and found["description-longer"] is None
+    assert found["device-version"][0] is ValueError
+    for variant in ("json-byte", "json-0x06", "later-marker", "eof-marker", "runstate-garbage",
+                    "section-name", "footer-id", "device-size"):
+        assert found[variant][0] is qcow2snap.CorruptImageError, variant
+    pre = _streams(fixture_dir)["savevm-suspended", "pre"]
+    assert outcome(_qemu_9_0(True)(pre)).runstate == "suspended"
+    assert outcome(_qemu_9_0(False)(pre)).runstate == "prelaunch"
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_damage_near_the_end_reads_the_same_with_a_cache(fixture_dir: Path,
+                                                         data: st.DataObject) -> None:
+    streams = _streams(fixture_dir)
+    stream = bytearray(streams[data.draw(st.sampled_from(sorted(streams)))])
+    near_end = st.integers(max(0, len(stream) - 110_000), len(stream) - 1)
+    for offset, value in data.draw(st.lists(st.tuples(near_end, st.integers(0, 255)),
+                                            max_size=3)):
+        stream[offset] = value
+    if data.draw(st.booleans()):
+        del stream[data.draw(near_end):]
+    damaged = bytes(stream)
+    assert outcome(damaged, warm_cache(fixture_dir)) == outcome(damaged)
+
+
+class _CountingFile(io.BytesIO):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def readinto(self, buffer: Any) -> int:
+        n = super().readinto(buffer)
+        self.bytes_read += n
+        return n
+
+
+def test_a_cache_makes_the_next_stream_cheap(fixture_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    parses = []
+    parse = vmstate._parse_vm_description
+    monkeypatch.setattr(vmstate, "_parse_vm_description",
+                        lambda text: parses.append(len(text)) or parse(text))
+    streams = _streams(fixture_dir)
+    run, paused = streams["savevm", "run"], streams["savevm", "paused"]
+    cache = RunstateCache()
+    first, second = _CountingFile(run), _CountingFile(paused)
+    assert read_runstate(first, len(run), cache=cache).runstate == "running"  # type: ignore[union-attr]
+    assert read_runstate(second, len(paused), cache=cache).runstate == "paused"  # type: ignore[union-attr]
+    assert len(parses) == 1                       # the same description, decoded once
+    description = len(run) - _marker(run) - 5
+    assert first.bytes_read == len(run)           # the first MiB (here all of it)
+    assert second.bytes_read <= description + 6 + vmstate.RUNSTATE_REACH
+    # quick=False: the usual first read, the same answer
+    third = _CountingFile(paused)
+    assert read_runstate(third, len(paused), cache=cache, quick=False) == read_runstate(
+        io.BytesIO(paused), len(paused))
+    assert third.bytes_read == len(paused)
+
+
+def test_the_description_cache_is_bounded(fixture_dir: Path) -> None:
+    stream = _streams(fixture_dir)["savevm", "run"]
+    cache = RunstateCache()
+    for i in range(RunstateCache.MAX_DESCRIPTIONS + 3):
+        outcome(_device(0, "name", f"timer{i}")(stream), cache)
+    assert len(cache._known) == RunstateCache.MAX_DESCRIPTIONS
+
+
+# ---------------------------------------------------------------------------
+# The device list's sizes
+# ---------------------------------------------------------------------------
+
+def _both_layouts(desc: Any) -> tuple[Any, Any]:
+    def run(fn: Callable[[], int]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            return type(exc), str(exc)
+    return (run(lambda: vmstate._layout(desc, "", 0, {}, "device 'd'")),
+            run(lambda: vmstate._layout_size(desc, "device 'd'")))
+
+
+def test_layout_size_of_every_fixture_device(fixture_dir: Path) -> None:
+    for stream in _streams(fixture_dir).values():
+        desc = json.loads(stream[_marker(stream) + 5:])
+        for device in desc["devices"]:
+            full, size = _both_layouts(device)
+            assert isinstance(full, int) and full == size
+
+
+_names = st.sampled_from(["a", "b", "c"])
+_fields = st.fixed_dictionaries(
+    {"name": _names},
+    optional={"size": st.one_of(st.integers(-2, 40), st.just("4"), st.none(), st.just(True)),
+              "array_len": st.one_of(st.integers(-1, 5), st.just(5000), st.booleans(),
+                                     st.just("2")),
+              "type": st.sampled_from(["tmp", "uint8", "struct"])})
+
+
+def _descriptions(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    field = st.one_of(_fields, st.tuples(_fields, inner).map(lambda t: {**t[0], "struct": t[1]}),
+                      st.just(7))
+    return st.fixed_dictionaries({}, optional={
+        "fields": st.one_of(st.lists(field, max_size=4), st.just("x")),
+        "subsections": st.one_of(st.lists(inner, max_size=3), st.just({}), st.just([1])),
+        "vmsd_name": st.one_of(_names, st.integers(0, 3))})
+
+
+@settings(max_examples=400, deadline=None)
+@given(desc=st.recursive(_descriptions(st.just({})), _descriptions, max_leaves=12))
+def test_layout_size_is_layout(desc: Any) -> None:
+    full, size = _both_layouts(desc)
+    assert full == size
+
+
+def test_layout_size_nests_as_deeply() -> None:
+    desc: dict[str, Any] = {"fields": [{"name": "x", "size": 1}]}
+    for _ in range(40):
+        desc = {"fields": [{"name": "s", "size": 1, "struct": desc}], "subsections": [desc]}
+    full, size = _both_layouts(desc)
+    assert full == size and "nests too deeply" in full[1]
