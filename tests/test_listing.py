@@ -7,7 +7,9 @@ give exactly what the plain paths give.
   crafted variants of them (no VM description, globalstate not last, no
   footers, the QEMU 9.0 globalstate, damaged length fields, ...) and random
   damage near the end of a stream;
-- ``_layout_size`` (the device list's sizes) against ``_layout``.
+- ``_layout_size`` (the device list's sizes) against ``_layout``;
+- ``ops.runstate`` (one state per image for a listing) against a fresh image
+  per snapshot, on image files whose VM state or its mapping is damaged.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,9 @@ from hypothesis import strategies as st
 
 import qcow2snap
 from qcow2snap import vmstate
+from qcow2snap import format as fmt
+from qcow2snap.ops import runstate as runstate_module
+from qcow2snap.ops.runstate import snapshot_runstate
 from qcow2snap.vmstate import RunstateCache, parse_stream, read_runstate
 
 VM_SNAPSHOTS = [(name, s["name"]) for name in fixtures_with("vmstate")
@@ -331,3 +337,124 @@ def test_layout_size_nests_as_deeply() -> None:
         desc = {"fields": [{"name": "s", "size": 1, "struct": desc}], "subsections": [desc]}
     full, size = _both_layouts(desc)
     assert full == size and "nests too deeply" in full[1]
+
+
+# ---------------------------------------------------------------------------
+# One image, many snapshots (ops.runstate)
+# ---------------------------------------------------------------------------
+
+def _rewrite_stream(path: Path, snapshot: str, edit: Callable[[bytes], bytes]) -> None:
+    """Replace a snapshot's VM state in place (it must stay in its clusters)."""
+    with qcow2snap.open(path) as image:
+        sn = image.find_snapshot(snapshot)
+        start = image.vm_state_offset(sn)
+        (ext,) = image.extents(sn, start, sn.vm_state_size)
+        assert ext.host_offset is not None
+        old = image.open_vm_state(sn).read()
+    new = edit(old)
+    assert len(new) <= -(-len(old) // 65536) * 65536
+    with open(path, "r+b") as f:
+        f.seek(ext.host_offset)
+        f.write(new)
+        f.seek(sn.entry_offset + 32)
+        f.write(struct.pack(">I", len(new)))
+        assert sn.extra_data_size >= 8
+        f.seek(sn.entry_offset + 40)
+        f.write(struct.pack(">Q", len(new)))
+
+
+def _damage_vm_state_mapping(path: Path, snapshot: str) -> None:
+    """An unaligned L2 entry for the first cluster of the snapshot's VM state."""
+    with qcow2snap.open(path) as image:
+        sn = image.find_snapshot(snapshot)
+        start = image.vm_state_offset(sn)
+        l1 = image.read_l1(image.layer(sn))
+        l2_offset = l1[start >> (image.cluster_bits + image.l2_bits)] & fmt.L1E_OFFSET_MASK
+        entry = l2_offset + 8 * ((start >> image.cluster_bits) & (image.l2_entries - 1))
+    with open(path, "r+b") as f:
+        f.seek(entry)
+        value = struct.unpack(">Q", f.read(8))[0]
+        f.seek(entry)
+        f.write(struct.pack(">Q", value | 0x200))
+
+
+def listed_and_alone(path: Path) -> tuple[list[str | None], list[str | None]]:
+    """Run states as one listing reads them, and each read by a fresh image."""
+    with qcow2snap.open(path) as image:
+        listed = [snapshot_runstate(image, s) for s in image.snapshots]
+        count = len(image.snapshots)
+    alone = []
+    for i in range(count):
+        with qcow2snap.open(path) as image:
+            alone.append(snapshot_runstate(image, image.snapshots[i]))
+    return listed, alone
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("device-version",)])
+def test_listing_reads_what_each_snapshot_alone_reads(fixture_copy: Any, variant: str) -> None:
+    path = fixture_copy("savevm")
+    _rewrite_stream(path, "run", VARIANTS[variant])   # the second: read with a warm cache
+    listed, alone = listed_and_alone(path)
+    assert listed == alone
+    assert listed[0] == "prelaunch" and listed[2] == "paused"
+
+
+def test_listing_meets_damage_in_the_mapping_a_short_read_skips(
+        fixture_copy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first MiB of a stream is read whole by the plain path; a short
+    first read must still fail where that read fails."""
+    path = fixture_copy("savevm")
+    _damage_vm_state_mapping(path, "run")
+    listed, alone = listed_and_alone(path)
+    assert listed == alone == ["prelaunch", None, "paused"]
+    # without the mapping walk the short read would have answered
+    monkeypatch.setattr(runstate_module._ImageRunstates, "_quick", lambda *_: True)
+    with qcow2snap.open(path) as image:
+        assert [snapshot_runstate(image, s) for s in image.snapshots] == [
+            "prelaunch", "running", "paused"]
+
+
+def _duplicated(source: Path, dest: Path, count: int) -> Path:
+    """``source`` with a new snapshot table: ``count`` copies of its entry 1
+    (fresh IDs and names), as tools/bench_list.py builds its images."""
+    shutil.copy(source, dest)
+    with qcow2snap.open(dest) as image:
+        seed = image.snapshots[1]
+        end, cs = image.file_size, image.cluster_size
+    entry = seed.to_bytes()[:fmt.QCOW_SNAPSHOT_HEADER_SIZE + seed.extra_data_size]
+    table = b""
+    for i in range(count):
+        id_, name = str(i + 1).encode(), f"copy{i}".encode()
+        head = entry[:12] + struct.pack(">HH", len(id_), len(name)) + entry[16:]
+        table += bytes(-len(table) % 8) + head + id_ + name
+    offset = fmt.align_up(end, cs)
+    with open(dest, "r+b") as f:
+        f.seek(offset)
+        f.write(table)
+        f.seek(fmt.HEADER_OFFSET_NB_SNAPSHOTS)
+        f.write(struct.pack(">IQ", count, offset))
+    return dest
+
+
+def test_snapshots_sharing_a_vm_state_read_it_once(fixture_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _duplicated(fixture_path(fixture_dir, "savevm"), tmp_path / "dup.qcow2", 300)
+    reads = []
+    real = runstate_module.read_runstate
+    monkeypatch.setattr(runstate_module, "read_runstate",
+                        lambda *a, **k: reads.append(1) or real(*a, **k))
+    with qcow2snap.open(path) as image:
+        assert {snapshot_runstate(image, s) for s in image.snapshots} == {"running"}
+        assert len(reads) == 1
+        state = runstate_module._BY_IMAGE[image]
+        image.reload()                              # an edit: start again
+        assert snapshot_runstate(image, image.snapshots[0]) == "running"
+        assert runstate_module._BY_IMAGE[image] is not state and len(reads) == 2
+
+
+def test_answers_kept_are_bounded(fixture_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runstate_module._ImageRunstates, "MAX_ANSWERS", 2)
+    with qcow2snap.open(fixture_path(fixture_dir, "savevm")) as image:
+        assert [snapshot_runstate(image, s) for s in image.snapshots] == [
+            "prelaunch", "running", "paused"]
+        assert len(runstate_module._BY_IMAGE[image].answers) == 2
