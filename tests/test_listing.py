@@ -9,7 +9,8 @@ give exactly what the plain paths give.
   damage near the end of a stream;
 - ``_layout_size`` (the device list's sizes) against ``_layout``;
 - ``ops.runstate`` (one state per image for a listing) against a fresh image
-  per snapshot, on image files whose VM state or its mapping is damaged.
+  per snapshot, on image files whose VM state or its mapping is damaged;
+- the snapshot table unpacked with struct against construct's layouts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hypothesis import strategies as st
 import qcow2snap
 from qcow2snap import vmstate
 from qcow2snap import format as fmt
+from qcow2snap.model import parse_snapshot_table
 from qcow2snap.ops import runstate as runstate_module
 from qcow2snap.ops.runstate import snapshot_runstate
 from qcow2snap.vmstate import RunstateCache, parse_stream, read_runstate
@@ -458,3 +460,49 @@ def test_answers_kept_are_bounded(fixture_dir: Path, monkeypatch: pytest.MonkeyP
         assert [snapshot_runstate(image, s) for s in image.snapshots] == [
             "prelaunch", "running", "paused"]
         assert len(runstate_module._BY_IMAGE[image].answers) == 2
+
+
+# ---------------------------------------------------------------------------
+# The snapshot table
+# ---------------------------------------------------------------------------
+
+_entries = st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                     st.binary(max_size=12), st.binary(max_size=20),
+                     st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+                     st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                     st.binary(max_size=44))
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(_entries, min_size=1, max_size=6), current=st.integers(0, 2**40))
+def test_snapshot_table_unpacks_as_construct_parses(entries: list[Any], current: int) -> None:
+    table = b""
+    starts = []
+    for l1_offset, l1_size, id_, name, dsec, dnsec, clock, vm_size, extra in entries:
+        table += bytes(-len(table) % 8)
+        starts.append(len(table))
+        table += fmt.QCowSnapshotHeader.build(dict(
+            l1_table_offset=l1_offset, l1_size=l1_size, id_str_size=len(id_),
+            name_size=len(name), date_sec=dsec, date_nsec=dnsec, vm_clock_nsec=clock,
+            vm_state_size=vm_size, extra_data_size=len(extra))) + extra + id_ + name
+    parsed = parse_snapshot_table(lambda off, n: (table + bytes(n))[off - 4096:off - 4096 + n],
+                                  4096, len(entries), current)
+    assert parsed.to_bytes() == table
+    for sn, start, (*_, extra) in zip(parsed.snapshots, starts, entries):
+        head = fmt.QCowSnapshotHeader.parse(table[start:start + 40])
+        more = fmt.QCowSnapshotExtraData.parse(extra, extra_data_size=len(extra))
+        assert (sn.l1_table_offset, sn.l1_size, sn.date_sec, sn.date_nsec, sn.vm_clock_nsec,
+                sn.vm_state_size_field, sn.extra_data_size) == (
+            head.l1_table_offset, head.l1_size, head.date_sec, head.date_nsec,
+            head.vm_clock_nsec, head.vm_state_size, head.extra_data_size)
+        assert (sn.vm_state_size_large_field, sn.disk_size_field, sn.icount_field,
+                sn.unknown_extra) == (more.vm_state_size_large, more.disk_size, more.icount,
+                                      more.unknown)
+        assert sn.entry_offset == 4096 + start
+
+
+def test_fixed_struct_is_the_header_layout() -> None:
+    unpack = fmt.fixed_struct(fmt.QCowSnapshotHeader)
+    assert unpack.size == fmt.QCOW_SNAPSHOT_HEADER_SIZE == fmt.QCowSnapshotHeader.sizeof()
+    with pytest.raises(TypeError):
+        fmt.fixed_struct(fmt.QCowSnapshotExtraData)
