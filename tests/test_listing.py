@@ -10,7 +10,8 @@ give exactly what the plain paths give.
 - ``_layout_size`` (the device list's sizes) against ``_layout``;
 - ``ops.runstate`` (one state per image for a listing) against a fresh image
   per snapshot, on image files whose VM state or its mapping is damaged;
-- the snapshot table unpacked with struct against construct's layouts.
+- the snapshot table unpacked with struct against construct's layouts;
+- the CLI's JSON, written in parts, against ``json.dumps``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from conftest import FIXTURES_BY_NAME, fixture_path, fixtures_with
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcow2snap
-from qcow2snap import vmstate
+from qcow2snap import cli as cli_module
+from qcow2snap import describe, vmstate
 from qcow2snap import format as fmt
+from qcow2snap.cli import cli
 from qcow2snap.model import parse_snapshot_table
 from qcow2snap.ops import runstate as runstate_module
 from qcow2snap.ops.runstate import snapshot_runstate
@@ -506,3 +510,47 @@ def test_fixed_struct_is_the_header_layout() -> None:
     assert unpack.size == fmt.QCOW_SNAPSHOT_HEADER_SIZE == fmt.QCowSnapshotHeader.sizeof()
     with pytest.raises(TypeError):
         fmt.fixed_struct(fmt.QCowSnapshotExtraData)
+
+
+# ---------------------------------------------------------------------------
+# JSON written in parts
+# ---------------------------------------------------------------------------
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                     st.floats(allow_nan=True), st.text(max_size=6))
+_keys = st.one_of(st.text(max_size=4), st.integers(-3, 3), st.booleans(), st.none(),
+                  st.floats(allow_nan=False, allow_infinity=False))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.lists(inner, max_size=3).map(tuple),
+    st.dictionaries(_keys, inner, max_size=5)), max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_values)
+def test_json_parts_are_json_dumps(value: Any) -> None:
+    parts = cli_module._json_parts(value, cli_module._json_encoder())
+    assert "".join(parts) == json.dumps(value, indent=4, ensure_ascii=False)
+
+
+def test_json_lists_in_batches_and_flat_objects() -> None:
+    flat = [{"id": str(i), "n": i, "x": None, "t": i % 2 == 0, "s": "é\n\"\x01"}
+            for i in range(2 * cli_module._JSON_BATCH + 3)]
+    mixed = [*flat[:5], {"nested": [1]}, {"f": 1.5}, {1: "int key"}, {}, [], 3]
+    for value in (flat, mixed, {"a": flat, "b": {"c": flat[:2]}}, []):
+        parts = cli_module._json_parts(value, cli_module._json_encoder())
+        assert "".join(parts) == json.dumps(value, indent=4, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("name", ["savevm", "savevm-suspended", "many-snapshots", "v3-basic",
+                                  "empty-snapshot"])
+def test_cli_json_is_json_dumps(fixture_dir: Path, name: str) -> None:
+    path = fixture_path(fixture_dir, name)
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["list", "--json", str(path)])
+    info = runner.invoke(cli, ["info", "--json", str(path)])
+    assert listed.exit_code == info.exit_code == 0
+    with qcow2snap.open(path) as image:
+        objs = [describe.snapshot_json(s, image) for s in image.snapshots]
+        info_obj = describe.image_info_json(image, str(path))
+    assert listed.stdout == json.dumps(objs, indent=4, ensure_ascii=False) + "\n"
+    assert info.stdout == json.dumps(info_obj, indent=4, ensure_ascii=False) + "\n"
