@@ -1001,6 +1001,13 @@ class RunstateCache:
         self.description_length = 0
         self._known: list[tuple[bytes, _Description]] = []
 
+    def first_span(self) -> int | None:
+        """How much of a stream's end :func:`read_runstate` reads first
+        with this cache (``None``: the usual first span)."""
+        if not self.description_length:
+            return None
+        return self.description_length + 6 + RUNSTATE_REACH
+
     def description(self, text: bytes) -> _Description:
         known = self._known
         for i, (seen, found) in enumerate(known):
@@ -1028,9 +1035,7 @@ def read_runstate(f: StreamFile, size: int, *, label: str = "VM state",
     read first, whatever the description's length)."""
     cur = _Cursor(f, size, label)
     walker = _Walker(cur, None, None)
-    first_span = None
-    if cache is not None and quick and cache.description_length:
-        first_span = cache.description_length + 6 + RUNSTATE_REACH
+    first_span = cache.first_span() if cache is not None and quick else None
     desc_offset, tail_start, tail = _locate_vm_description(cur, first_span)
     tail_end = tail_start + len(tail)
 

@@ -369,11 +369,11 @@ def _rewrite_stream(path: Path, snapshot: str, edit: Callable[[bytes], bytes]) -
         f.write(struct.pack(">Q", len(new)))
 
 
-def _damage_vm_state_mapping(path: Path, snapshot: str) -> None:
-    """An unaligned L2 entry for the first cluster of the snapshot's VM state."""
+def _damage_vm_state_mapping(path: Path, snapshot: str, cluster: int) -> None:
+    """An unaligned L2 entry for a cluster of the snapshot's VM state."""
     with qcow2snap.open(path) as image:
         sn = image.find_snapshot(snapshot)
-        start = image.vm_state_offset(sn)
+        start = image.vm_state_offset(sn) + cluster * image.cluster_size
         l1 = image.read_l1(image.layer(sn))
         l2_offset = l1[start >> (image.cluster_bits + image.l2_bits)] & fmt.L1E_OFFSET_MASK
         entry = l2_offset + 8 * ((start >> image.cluster_bits) & (image.l2_entries - 1))
@@ -405,14 +405,21 @@ def test_listing_reads_what_each_snapshot_alone_reads(fixture_copy: Any, variant
     assert listed[0] == "prelaunch" and listed[2] == "paused"
 
 
-def test_listing_meets_damage_in_the_mapping_a_short_read_skips(
-        fixture_copy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cluster", [0, 3])
+def test_listing_meets_damage_in_the_mapping(fixture_copy: Any, cluster: int) -> None:
     """The first MiB of a stream is read whole by the plain path; a short
-    first read must still fail where that read fails."""
+    first read must fail where that read fails: in the clusters the short
+    read leaves out (0) and in those it reads (3, the last)."""
     path = fixture_copy("savevm")
-    _damage_vm_state_mapping(path, "run")
+    _damage_vm_state_mapping(path, "run", cluster)
     listed, alone = listed_and_alone(path)
     assert listed == alone == ["prelaunch", None, "paused"]
+
+
+def test_the_mapping_walk_is_what_meets_it(fixture_copy: Any,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = fixture_copy("savevm")
+    _damage_vm_state_mapping(path, "run", 0)
     # without the mapping walk the short read would have answered
     monkeypatch.setattr(runstate_module._ImageRunstates, "_quick", lambda *_: True)
     with qcow2snap.open(path) as image:

@@ -11,10 +11,10 @@ snapshot's stream alone; what one answer learns makes the next cheap:
   description's length (~100 KB instead of 1 MiB).
 
 Reading less than the first MiB of the stream must not hide damage that
-reading it would have met: before a short first read, the mapping of that
-MiB is walked (L1/L2 entries only, no data), which raises what the long
-read would raise, and a compressed cluster there (which only reading can
-check) keeps the long read.
+reading it would have met: before a short first read, the mapping of the
+rest of that MiB is walked (L1/L2 entries only, no data), which raises what
+the long read would raise there, and a compressed cluster there (which
+only reading can check) keeps the long read.
 
 The state lives with the image and is dropped when the image is reloaded
 (an edit), like the image's own L1/L2 caches.  Memory is bounded.
@@ -27,7 +27,7 @@ import weakref
 from ..errors import Qcow2Error
 from ..image import Qcow2Image
 from ..model import Snapshot
-from ..reader import ExtentKind
+from ..reader import DiskReader, ExtentKind, iter_extents
 from ..vmstate import VM_DESCRIPTION_FIRST_SPAN, RunstateCache, read_runstate
 
 __all__ = ["snapshot_runstate", "vm_state_label"]
@@ -57,25 +57,27 @@ class _ImageRunstates:
         return answer
 
     def _read(self, image: Qcow2Image, snapshot: Snapshot) -> str | None:
-        size = snapshot.vm_state_size
         try:
             reader = image.open_vm_state(snapshot)
-            found = read_runstate(reader, size, label=vm_state_label(image, snapshot),
-                                  cache=self.cache, quick=self._quick(image, snapshot))
+            found = read_runstate(reader, snapshot.vm_state_size,
+                                  label=vm_state_label(image, snapshot), cache=self.cache,
+                                  quick=self._quick(image, snapshot, reader))
         except Qcow2Error:
             return None
         return None if found is None else found.runstate
 
-    def _quick(self, image: Qcow2Image, snapshot: Snapshot) -> bool:
-        """May read_runstate start with less than the stream's first span?
-        Walks that span's mapping, raising what reading it would raise; a
-        compressed cluster in it says no."""
-        if not self.cache.description_length:
-            return False  # nothing to size a short read with yet
+    def _quick(self, image: Qcow2Image, snapshot: Snapshot, reader: DiskReader) -> bool:
+        """May read_runstate read less than the stream's usual first span?
+        Walks the mapping of the part of that span the short read leaves
+        out, raising what reading it would raise; a compressed cluster there
+        says no."""
+        short = self.cache.first_span()
         span = min(snapshot.vm_state_size, VM_DESCRIPTION_FIRST_SPAN)
+        if short is None or short >= span:
+            return True     # the short read is the usual one
         end = image.vm_state_offset(snapshot) + snapshot.vm_state_size
         return all(ext.kind is not ExtentKind.COMPRESSED
-                   for ext in image.extents(snapshot, end - span, span))
+                   for ext in iter_extents(image, reader.layer, end - span, span - short))
 
 
 _BY_IMAGE: weakref.WeakKeyDictionary[Qcow2Image, _ImageRunstates] = weakref.WeakKeyDictionary()
