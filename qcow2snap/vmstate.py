@@ -281,7 +281,7 @@ class _Cursor:
             if not n:
                 break
             got += n
-        return bytes(out[:got])
+        return bytes(out) if got == length else bytes(out[:got])
 
     def _need(self, n: int, what: str) -> int:
         """Make ``n`` bytes at pos available; return their index in buf."""
