@@ -1008,13 +1008,18 @@ class RunstateCache:
             return None
         return self.description_length + 6 + RUNSTATE_REACH
 
-    def description(self, text: bytes) -> _Description:
+    def description(self, tail: bytes, start: int) -> _Description:
+        """The description whose text is ``tail[start:]`` (compared in
+        place: no copy of the text unless it is new)."""
         known = self._known
+        length = len(tail) - start
+        self.description_length = max(self.description_length, length)
         for i, (seen, found) in enumerate(known):
-            if seen == text:
+            if len(seen) == length and tail.startswith(seen, start):
                 if i:
                     known.insert(0, known.pop(i))
                 return found
+        text = tail[start:]
         found = _Description(text)
         known.insert(0, (text, found))
         del known[self.MAX_DESCRIPTIONS:]
@@ -1047,12 +1052,11 @@ def read_runstate(f: StreamFile, size: int, *, label: str = "VM state",
     if desc_offset < 0:
         walker.search_globalstate(max(0, size - RUNSTATE_SEARCH_SPAN))
     else:
-        text = tail[desc_offset - tail_start + 5:]
+        text_start = desc_offset - tail_start + 5
         if cache is None:
-            described = _Description(text)
+            described = _Description(tail[text_start:])
         else:
-            described = cache.description(text)
-            cache.description_length = max(cache.description_length, len(text))
+            described = cache.description(tail, text_start)
         if described.problem is not None:
             raise walker.corrupt(described.problem)
         end = desc_offset - 1
