@@ -17,10 +17,12 @@ operations, and :mod:`.cli` on top.
 """
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, BinaryIO, Literal, overload
 
 from .errors import (
     AmbiguousSnapshotError,
+    CompanionRefusedError,
     CorruptImageError,
     ImageInUseError,
     NotQcow2Error,
@@ -46,7 +48,8 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          backing_file: str | os.PathLike[str] | bool | None = None,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
-         check_locks: bool = True) -> Qcow2Image: ...
+         check_locks: bool = True,
+         allow_dirs: Iterable[str | os.PathLike[str]] = ()) -> Qcow2Image: ...
 
 
 @overload
@@ -54,7 +57,8 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r+"], *,
          backing_file: str | os.PathLike[str] | bool | None = None,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
-         check_locks: bool = True, io: "MetadataIO | None" = None) -> "EditableImage": ...
+         check_locks: bool = True, io: "MetadataIO | None" = None,
+         allow_dirs: Iterable[str | os.PathLike[str]] = ()) -> "EditableImage": ...
 
 
 def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r", *,
@@ -62,6 +66,7 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
          check_locks: bool = True, io: "MetadataIO | None" = None,
+         allow_dirs: Iterable[str | os.PathLike[str]] = (),
          ) -> "Qcow2Image | EditableImage":
     """Open a qcow2 image; use as a context manager.
 
@@ -73,6 +78,9 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
 
     Keyword arguments: ``backing_file`` (a path, or ``False`` to read
     unallocated clusters as zeros), ``backing_format``, ``data_file``,
+    ``allow_dirs`` (directories besides the image's own from which
+    backing and data files named by the image may be read: a name that
+    leads elsewhere raises :class:`CompanionRefusedError`),
     ``check_locks`` (reading only: an editor always checks), and for
     ``"r+"`` ``io``, an object with ``pwrite``/``fsync``/``truncate``/
     ``punch_hole`` that receives every metadata write instead of the file
@@ -83,7 +91,7 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
     if mode == "r":
         return _open_read_only(path, "r", backing_file=backing_file,
                                backing_format=backing_format, data_file=data_file,
-                               check_locks=check_locks)
+                               check_locks=check_locks, allow_dirs=allow_dirs)
     if mode == "r+":
         from .ops.edit import EditableImage
         if not isinstance(path, (str, os.PathLike)):
@@ -94,12 +102,14 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
         # an editor always checks QEMU's locks (and holds its own): check_locks
         # cannot turn that off
         return EditableImage(path, io=io, backing_file=backing_file,
-                             backing_format=backing_format, data_file=data_file)
+                             backing_format=backing_format, data_file=data_file,
+                             allow_dirs=allow_dirs)
     raise ValueError(f"unsupported mode {mode!r} ('r' or 'r+')")
 
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "CompanionRefusedError",
     "CorruptImageError",
     "DiskReader",
     "Extension",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import sys
 import time
 import traceback
@@ -27,6 +28,19 @@ from .image import ImageInUseWarning, Qcow2Image
 from .image import open as open_image
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C does, so that every
+    cleanup runs (a half-written output's temporary file is removed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
 
 EXIT_USAGE = 2
 EXIT_OS_ERROR = 1
@@ -149,7 +163,15 @@ def _echo_parts(parts: Iterable[str]) -> None:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(str(message).split("\n"))
+    """An error or warning as one terminal-safe line (messages may quote
+    names from the image)."""
+    return describe.escape_controls(" ".join(str(message).split("\n")))
+
+
+def _echo_text(text: str) -> None:
+    """Text output for people: names from the image may hold terminal
+    control sequences, which are shown escaped (JSON output is exact)."""
+    click.echo(describe.escape_controls(text))
 
 
 class _Group(click.Group):
@@ -178,11 +200,16 @@ class _Group(click.Group):
                 if debug:
                     traceback.print_exc()
                 name = f": {exc.filename}" if exc.filename else ""
-                click.echo(f"qcow2snap: error: {exc.strerror or exc}{name}", err=True)
+                click.echo(f"qcow2snap: error: {_one_line(f'{exc.strerror or exc}{name}')}",
+                           err=True)
                 ctx.exit(EXIT_OS_ERROR)
             except KeyboardInterrupt:
                 click.echo("qcow2snap: interrupted", err=True)
                 ctx.exit(130)
+            except _Terminated as exc:
+                click.echo(f"qcow2snap: terminated by {signal.Signals(exc.signum).name}",
+                           err=True)
+                ctx.exit(128 + exc.signum)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -201,6 +228,8 @@ def cli(debug: bool) -> None:
     """
 
 
+ALLOW_DIR_ENVVAR = "QCOW2SNAP_ALLOW_DIR"
+
 _image_options = [
     click.option("--backing-file", "backing_file", type=click.Path(dir_okay=False),
                  help="Path of the backing file (overrides the one named in the image)."),
@@ -208,6 +237,11 @@ _image_options = [
                  help="Read unallocated clusters as zeros instead of from the backing file."),
     click.option("--data-file", type=click.Path(dir_okay=False),
                  help="Path of the external data file (overrides the one named in the image)."),
+    click.option("--allow-dir", "allow_dirs", multiple=True, metavar="DIR",
+                 type=click.Path(file_okay=False), envvar=ALLOW_DIR_ENVVAR,
+                 help="Also follow backing and data files that the image names in DIR "
+                      "(repeatable; or a list in $" + ALLOW_DIR_ENVVAR + ", separated by ':'). "
+                      "By default only files in the image's own directory are followed."),
 ]
 
 
@@ -219,9 +253,11 @@ def image_options(func: F) -> F:
 
 @contextmanager
 def _open(path: str, backing_file: str | None = None, no_backing: bool = False,
-          data_file: str | None = None) -> Iterator[Qcow2Image]:
+          data_file: str | None = None, allow_dirs: tuple[str, ...] = ()
+          ) -> Iterator[Qcow2Image]:
     backing: str | bool | None = False if no_backing else backing_file
-    with open_image(path, backing_file=backing, data_file=data_file) as image:
+    with open_image(path, backing_file=backing, data_file=data_file,
+                    allow_dirs=allow_dirs) as image:
         yield image
 
 
@@ -230,13 +266,14 @@ def _open(path: str, backing_file: str | None = None, no_backing: bool = False,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qemu-img info's keys and more).")
 @image_options
 def info(image: str, as_json: bool, backing_file: str | None, no_backing: bool,
-         data_file: str | None) -> None:
-    """Show an image's header, features and snapshots."""
-    with _open(image, backing_file, no_backing, data_file) as img:
+         data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
+    """Show an image's header, features, snapshots and backing chain (each
+    link resolved, and which are not followed, and why)."""
+    with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
         if as_json:
             _print_json(describe.image_info_json(img, image))
         else:
-            click.echo(describe.info_text(img, image))
+            _echo_text(describe.info_text(img, image))
 
 
 @cli.command(name="list")
@@ -254,7 +291,7 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
             if as_json:
                 _print_json_list(describe.snapshot_json(s, img) for s in img.snapshots)
             elif img.snapshots:
-                click.echo("Snapshot list:\n"
+                _echo_text("Snapshot list:\n"
                            + describe.snapshot_table_text(img.snapshots, image=img))
         return
     opened: list[tuple[str, list[dict[str, Any]], list[Any]]] = []
@@ -281,14 +318,14 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
             if s.name not in seen:
                 seen.add(s.name)
                 unique.append(s)
-        click.echo(describe.snapshot_table_text(unique, show_id=False))
+        _echo_text(describe.snapshot_table_text(unique, show_id=False))
     else:
         click.echo(f"No snapshot is present on all {len(images)} images.")
     if partial:
         click.echo("")
         click.echo("Snapshots missing on some images:")
         for entry in partial:
-            click.echo(f"  {entry['name']}: present on {', '.join(entry['present'])}; "
+            _echo_text(f"  {entry['name']}: present on {', '.join(entry['present'])}; "
                        f"missing on {', '.join(entry['missing'])}")
 
 
@@ -398,8 +435,9 @@ _progress_option = click.option(
 @_progress_option
 @image_options
 def extract(snapshot: str, image: str, output: str, out_format: str, compress: bool,
-            compression_type: str | None, force: bool, as_json: bool, by_id: bool, by_name: bool, progress: bool | None,
-            backing_file: str | None, no_backing: bool, data_file: str | None) -> None:
+            compression_type: str | None, force: bool, as_json: bool, by_id: bool,
+            by_name: bool, progress: bool | None, backing_file: str | None, no_backing: bool,
+            data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
     """Write the disk of SNAPSHOT in IMAGE to OUTPUT.
 
     SNAPSHOT is an ID or a name; '-' means the active layer (a snapshot
@@ -412,7 +450,7 @@ def extract(snapshot: str, image: str, output: str, out_format: str, compress: b
     compression = compression_type or ("zlib" if compress else None)
     if compression and out_format != "qcow2":
         raise click.UsageError("--compress needs -O qcow2")
-    with _open(image, backing_file, no_backing, data_file) as img:
+    with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
         active = snapshot == "-" and not (by_id or by_name)
         ref = None if active else _snapshot_ref(img, snapshot, by_id, by_name)
         label = "active layer" if ref is None else f"snapshot {ref.id} ({ref.name})"
@@ -440,12 +478,18 @@ def vmstate() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @snapshot_selection
 @_progress_option
+@image_options
 def vmstate_dump(snapshot: str, image: str, output: str, force: bool, as_json: bool,
-                 by_id: bool, by_name: bool, progress: bool | None) -> None:
+                 by_id: bool, by_name: bool, progress: bool | None, backing_file: str | None,
+                 no_backing: bool, data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
     """Write the saved VM state of SNAPSHOT (exactly vm-state-size bytes of
-    QEMU's migration stream, starting with QEVM) to OUTPUT."""
+    QEMU's migration stream, starting with QEVM) to OUTPUT.
+
+    The VM state is read from IMAGE only, never from a backing file (QEMU
+    keeps no VM state there); the backing options are accepted for symmetry
+    with extract."""
     from .ops.extract import dump_vm_state
-    with open_image(image) as img:
+    with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
         ref = _snapshot_ref(img, snapshot, by_id, by_name)
         with _progress_bar(progress, f"vmstate {ref.id} ({ref.name})") as callback:
             result = dump_vm_state(img, ref, output, progress=callback, overwrite=force)
@@ -460,8 +504,10 @@ def vmstate_dump(snapshot: str, image: str, output: str, force: bool, as_json: b
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @snapshot_selection
 @_progress_option
+@image_options
 def vmstate_info(snapshot: str, image: str, as_json: bool, by_id: bool, by_name: bool,
-                 progress: bool | None) -> None:
+                 progress: bool | None, backing_file: str | None, no_backing: bool,
+                 data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
     """Show what the VM state of SNAPSHOT holds: machine type, run state at
     save time (prelaunch, running, paused, suspended, ...), RAM blocks,
     devices, page size and whether the stream is complete.
@@ -469,14 +515,14 @@ def vmstate_info(snapshot: str, image: str, as_json: bool, by_id: bool, by_name:
     A damaged or truncated stream is reported (complete: NO), not refused.
     """
     from .ops.memory import vm_state_info
-    with open_image(image) as img:
+    with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
         ref = _snapshot_ref(img, snapshot, by_id, by_name)
         with _progress_bar(progress, f"vmstate {ref.id} ({ref.name})") as callback:
             state = vm_state_info(img, ref, progress=callback)
     if as_json:
         _print_json(describe.vm_state_json(state, ref))
     else:
-        click.echo(describe.vm_state_text(state, ref))
+        _echo_text(describe.vm_state_text(state, ref))
 
 
 def _size_option(value: str | None) -> int | None:
@@ -509,9 +555,11 @@ def _size_option(value: str | None) -> int | None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @snapshot_selection
 @_progress_option
+@image_options
 def vmstate_memory(snapshot: str, image: str, output: str, out_format: str, block: str | None,
                    max_ram_below_4g: str | None, force: bool, as_json: bool, by_id: bool,
-                   by_name: bool, progress: bool | None) -> None:
+                   by_name: bool, progress: bool | None, backing_file: str | None,
+                   no_backing: bool, data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
     """Write the guest RAM saved in SNAPSHOT to OUTPUT, without QEMU.
 
     Zero pages become holes (the output is sparse). raw and elf need an x86
@@ -521,7 +569,7 @@ def vmstate_memory(snapshot: str, image: str, output: str, out_format: str, bloc
     if block is not None and out_format != "raw":
         raise click.UsageError("--block writes the block as it is; it excludes --format elf")
     below = _size_option(max_ram_below_4g)
-    with open_image(image) as img:
+    with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
         ref = _snapshot_ref(img, snapshot, by_id, by_name)
         with _progress_bar(progress, f"memory {ref.id} ({ref.name})") as callback:
             result = export_memory(img, ref, output, format=out_format,  # type: ignore[arg-type]
@@ -573,7 +621,9 @@ def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
                      f"{len(c.clusters_freed)} freed ({describe.size_to_str(c.bytes_freed)} "
                      f"reclaimed), file {describe.size_to_str(c.file_size_before)} -> "
                      f"{describe.size_to_str(c.file_size_after)}")
-        click.echo(line)
+        _echo_text(line)
+        if c is not None and c.reclaim_error:
+            click.echo(f"qcow2snap: warning: {r.path}: {_one_line(c.reclaim_error)}", err=True)
         if dry_run and c is not None:
             for field_name, (before, after) in c.header_changes.items():
                 click.echo(f"    header {field_name}: {before:#x} -> {after:#x}")
@@ -714,7 +764,7 @@ def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
     if as_json:
         _print_json(describe.check_json(report))
     else:
-        click.echo(describe.check_text(report))
+        _echo_text(describe.check_text(report))
     raise SystemExit(report.exit_code)
 
 
@@ -722,6 +772,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse
     prefer_heap_reuse()  # this process is ours: tune the allocator for bulk copies
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # clean up as Ctrl-C does
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays so
+            signal.signal(signum, _terminate)
     cli.main(args=argv, prog_name="qcow2snap")
 
 

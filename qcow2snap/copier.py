@@ -32,6 +32,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .hostfile import descriptor_size
+
 __all__ = ["PIECE_BYTES", "ZERO_CHECK_BYTES", "ClusterCopier", "prefer_heap_reuse"]
 
 #: Largest single pwrite; also the unit of progress reporting.
@@ -92,10 +94,10 @@ class ClusterCopier:
 
     def __init__(self, src_fd: int, dst_fd: int, *, zero_granularity: int = ZERO_CHECK_BYTES,
                  progress: Callable[[int], None] | None = None, workers: int | None = None) -> None:
-        self.src_size = os.fstat(src_fd).st_size
+        self.src_size = descriptor_size(src_fd)
         self._src_fd = src_fd
         self._copy_file_range = hasattr(os, "copy_file_range")
-        self._map = (mmap.mmap(src_fd, 0, prot=mmap.PROT_READ)
+        self._map = (mmap.mmap(src_fd, self.src_size, prot=mmap.PROT_READ)
                      if self.src_size > 0 else None)
         if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
             try:
@@ -391,7 +393,14 @@ class ClusterCopier:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        self._view.release()
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        # After an error (ENOSPC, EIO ...) the traceback's frames may still
+        # hold slices of the mapping; closing it would then fail with a
+        # BufferError that hides the real error.  The mapping is read-only:
+        # leave it to the garbage collector in that case.
+        try:
+            self._view.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:
+            pass
+        self._map = None

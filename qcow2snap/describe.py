@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
-from .image import Qcow2Image, RawImage
+from .image import Qcow2Image
 from .model import Snapshot
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ def snapshot_runstate(image: Qcow2Image, snapshot: Snapshot) -> str | None:
     return read_runstate(image, snapshot)
 
 __all__ = [
+    "escape_controls",
     "check_json",
     "check_text",
     "compare_snapshot_sets",
@@ -42,6 +43,28 @@ __all__ = [
     "vm_state_json",
     "vm_state_text",
 ]
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape_controls(text: str, *, keep_newlines: bool = True) -> str:
+    """``text`` fit for a terminal: every character that is not printable
+    (C0 and C1 controls such as ESC, which start CSI and OSC sequences; DEL;
+    format characters such as bidirectional overrides; line separators) is
+    shown as a Python-style escape (``\\x1b``, ``\\u202e``).  Names from an
+    image are attacker-controlled and must never drive the terminal; JSON
+    output escapes them by itself and keeps the exact text."""
+    if text.isprintable():
+        return text
+    if keep_newlines and "\n" in text:
+        return "\n".join(escape_controls(line, keep_newlines=False)
+                         for line in text.split("\n"))
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
 
 
 def size_to_str(value: int) -> str:
@@ -134,7 +157,7 @@ def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str,
     obj: dict[str, Any] = {}
     if image.snapshots:
         obj["snapshots"] = [snapshot_json(s, image) for s in image.snapshots]
-    obj["virtual-size"] = h.size
+    obj["virtual-size"] = image.size
     obj["filename"] = filename
     obj["cluster-size"] = image.cluster_size
     obj["format"] = "qcow2"
@@ -161,6 +184,11 @@ def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str,
     obj["snapshot-table-offset"] = h.snapshots_offset
     obj["snapshot-table-size"] = image.snapshot_table.size
     obj["nb-snapshots"] = h.nb_snapshots
+    if image.ignored_snapshots:
+        # entries QEMU does not list (external data file): not "snapshots"
+        obj["ignored-snapshots"] = [{"id": _qemu_string(s.id_bytes, 127),
+                                     "name": _qemu_string(s.name_bytes, 255)}
+                                    for s in image.ignored_snapshots]
     obj["file-length"] = image.file_size
     obj["features"] = {
         "incompatible": image.describe_features(fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE,
@@ -175,16 +203,18 @@ def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str,
          "offset": e.offset}
         for e in image.extensions if e.type != fmt.QCOW2_EXT_MAGIC_END]
     chain = []
-    node: Qcow2Image | RawImage | None = image
-    try:
-        for node in image.chain()[1:]:
-            chain.append({"filename": node.path,
-                          "format": "qcow2" if isinstance(node, Qcow2Image) else "raw",
-                          "virtual-size": node.size})
-        obj["backing-chain"] = chain
-    except Exception as exc:
-        obj["backing-chain"] = chain
-        obj["backing-chain-error"] = str(exc)
+    for link in image.backing_chain():
+        entry: dict[str, Any] = {"filename": link.path, "named": link.named,
+                                 "resolved": os.path.realpath(link.path) if link.path else None,
+                                 "followed": link.followed}
+        if link.followed:
+            entry["format"] = link.format
+            entry["virtual-size"] = link.virtual_size
+        else:
+            entry["reason"] = link.reason
+            obj["backing-chain-error"] = link.reason
+        chain.append(entry)
+    obj["backing-chain"] = chain
     if image.lock_state is not None:
         obj["in-use"] = image.lock_state.in_use
         if image.lock_state.in_use:
@@ -246,7 +276,7 @@ def info_text(image: Qcow2Image, filename: str | None = None) -> str:
     lines = [
         f"image: {filename}",
         "file format: qcow2",
-        f"virtual size: {size_to_str(h.size)} ({h.size} bytes)",
+        f"virtual size: {size_to_str(image.size)} ({image.size} bytes)",
         f"disk size: {size_to_str(os.stat(image.path).st_blocks * 512)}",
         f"cluster_size: {image.cluster_size}",
     ]
@@ -254,9 +284,24 @@ def info_text(image: Qcow2Image, filename: str | None = None) -> str:
         lines.append(f"backing file: {image.backing_file_name}")
         if image.backing_format:
             lines.append(f"backing file format: {image.backing_format}")
+    links = image.backing_chain()
+    if links:
+        lines.append("backing chain:")
+        for link in links:
+            named = "" if link.named is None else f"{link.named} -> "
+            target = os.path.realpath(link.path) if link.path else "?"
+            if link.followed:
+                size = size_to_str(link.virtual_size or 0)
+                lines.append(f"    {link.depth}: {named}{target} ({link.format}, {size})")
+            else:
+                lines.append(f"    {link.depth}: {named}{target}: NOT FOLLOWED: {link.reason}")
     if image.snapshots:
         lines.append("Snapshot list:")
         lines.append(snapshot_table_text(image.snapshots, image=image))
+    if image.ignored_snapshots:
+        lines.append(f"{len(image.ignored_snapshots)} snapshot table entries are present and "
+                     f"ignored: QEMU does not support internal snapshots with an external "
+                     f"data file")
     spec = _format_specific(image)["data"]
     lines.append("Format specific information:")
     for key, value in spec.items():

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "CompanionRefusedError",
     "CorruptImageError",
     "ImageInUseError",
     "NoVMStateError",
@@ -96,3 +97,22 @@ class NoVMStateError(Qcow2Error):
     ``qcow2snap create``): it holds no saved VM state."""
 
     exit_code = 8
+
+
+class CompanionRefusedError(Qcow2Error):
+    """The image names a companion file (backing file, external data file)
+    outside the places the user allowed: it was not opened.
+
+    ``kind`` says which companion, ``named`` is the name the image holds
+    and ``path`` the real path it resolves to.  Give the file explicitly
+    (``backing_file=``/``data_file=``) or allow its directory
+    (``allow_dirs=``; CLI ``--allow-dir``) to follow it.
+    """
+
+    exit_code = 11
+
+    def __init__(self, message: str, *, kind: str, path: str, named: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+        self.named = named

@@ -284,6 +284,13 @@ def build_struct(layout: construct.Construct, value: Any, **params: Any) -> byte
     return bytes(layout.build(value, **params))
 
 
+def c_hex(value: int) -> str:
+    """``value`` as C's ``printf("%#x")`` prints it, for reproducing QEMU's
+    messages: "0x1f", but "0" for zero (the ``#`` flag adds no prefix to
+    zero), where Python's ``f"{0:#x}"`` gives "0x0"."""
+    return f"{value:#x}" if value else "0"
+
+
 def align_up(value: int, alignment: int) -> int:
     """Round ``value`` up to a multiple of ``alignment`` (a power of two)."""
     return (value + alignment - 1) & ~(alignment - 1)

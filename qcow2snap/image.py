@@ -12,26 +12,25 @@ so a hostile image costs at most the 32 MiB L1 / 64 MiB snapshot-table bounds.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import count
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from . import format as fmt
+from . import cache
 from .errors import (
     AmbiguousSnapshotError,
     CorruptImageError,
-    ImageInUseError,
     NotQcow2Error,
     NoVMStateError,
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
-from .locks import LockState, probe_qemu_locks, release_editor_locks, take_editor_locks
+from .hostfile import CompanionPolicy, HostFile, open_read_only, open_read_write
+from .locks import EditorLock, LockState, probe_locks
 from .model import (
     Extension,
     FeatureName,
@@ -48,75 +47,28 @@ if TYPE_CHECKING:
 
     from .reader import DiskReader, Extent
 
-__all__ = ["ImageInUseWarning", "Layer", "Qcow2Image", "RawImage", "open"]
+__all__ = ["ChainLink", "ImageInUseWarning", "L1Entries", "Layer", "Qcow2Image", "RawImage",
+           "open"]
 
-#: How many L2 tables (or subcluster-extended tables) a reader keeps decoded.
-#: At 64 KiB clusters this is at most 8 MiB of tables.
-L2_CACHE_TABLES = 128
-#: Backing chains deeper than this are refused (QEMU has no hard limit, but a
-#: hostile chain must not recurse forever).
-MAX_BACKING_CHAIN_DEPTH = 64
-
-_O_NOATIME = getattr(os, "O_NOATIME", 0)
+#: L1 tables are read in chunks of this many entries, only where a read
+#: needs them (a snapshot's 32 MiB L1 table costs 64 KiB to look at), and
+#: kept in :data:`qcow2snap.cache.L1_CHUNKS`; L2 tables in
+#: :data:`qcow2snap.cache.L2_TABLES`.  Both are bounded by bytes for the
+#: whole process, so no image can make it hold more.
+L1_CHUNK_ENTRIES = 8192
+#: Backing chains deeper than this are refused.  QEMU has no fixed limit;
+#: qemu-img converts through chains of 2,000 images here, and a loop is
+#: caught on its first repeat, so this only bounds the resources a hostile
+#: chain can take (one descriptor and a few KiB per image).
+MAX_BACKING_CHAIN_DEPTH = 4096
 
 
 class ImageInUseWarning(UserWarning):
-    """Reading an image that a running QEMU holds open for writing."""
+    """Reading an image that a running QEMU (or a qcow2snap editor) holds
+    open for writing."""
 
 
-def _open_read_only(path: str) -> int:
-    """Open for reading without touching atime where permitted."""
-    if _O_NOATIME:
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_NOATIME)
-        except PermissionError:
-            pass  # O_NOATIME needs ownership; fall back
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def _require_file(path: str) -> None:
-    """A companion file named by an image (backing file, data file) must be a
-    regular file or a block device: opening or reading a directory, FIFO or
-    terminal would fail with a raw OSError or block forever."""
-    mode = os.stat(path).st_mode
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise OSError(errno.EINVAL, "not a regular file or block device", path)
-
-
-class _HostFile:
-    """Positional reads over an fd; reads past EOF return zeros, as QEMU's
-    file driver does."""
-
-    __slots__ = ("_owned", "fd", "path", "size")
-
-    def __init__(self, fd: int, path: str, owned: bool = True) -> None:
-        self.fd = fd
-        self.path = path
-        self.size = os.fstat(fd).st_size
-        self._owned = owned
-
-    def pread(self, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        if offset >= self.size:
-            return bytes(length)
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:
-            # short read at EOF: keep reading in case of a partial read, then pad
-            while len(data) < length:
-                more = os.pread(self.fd, length - len(data), offset + len(data))
-                if not more:
-                    break
-                data += more
-            data += bytes(length - len(data))
-        return data
-
-    def close(self) -> None:
-        if self._owned and self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
+_TOKENS = count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +88,85 @@ class Layer:
         return f"snapshot {self.snapshot.id} ({self.snapshot.name})"
 
 
+@dataclass(frozen=True, slots=True)
+class ChainLink:
+    """One link of a backing chain as :meth:`Qcow2Image.backing_chain`
+    reports it: the name the image holds (``None`` for a path the user
+    gave), the path it resolves to, and whether it was followed (else
+    ``reason`` says why not)."""
+
+    depth: int
+    named: str | None
+    path: str
+    followed: bool
+    format: str | None = None
+    virtual_size: int | None = None
+    reason: str | None = None
+
+
+class L1Entries:
+    """A layer's L1 table as a sequence of entries, read from the file in
+    chunks of :data:`L1_CHUNK_ENTRIES` only where a lookup needs them, so
+    that looking at a few entries of a 32 MiB table costs one chunk."""
+
+    __slots__ = ("_image", "_last", "offset", "size")
+
+    def __init__(self, image: Qcow2Image, offset: int, size: int) -> None:
+        self._image = image
+        self.offset = offset
+        self.size = size
+        self._last: tuple[int, array[int]] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _chunk(self, chunk_index: int) -> array[int]:
+        last = self._last
+        if last is not None and last[0] == chunk_index:
+            return last[1]
+        entries = min(L1_CHUNK_ENTRIES, self.size - chunk_index * L1_CHUNK_ENTRIES)
+        chunk = self._image._l1_chunk(self.offset, chunk_index, entries)
+        self._last = (chunk_index, chunk)
+        return chunk
+
+    def __getitem__(self, index: int) -> int:
+        if not 0 <= index < self.size:
+            raise IndexError("L1 index out of range")
+        return self._chunk(index // L1_CHUNK_ENTRIES)[index % L1_CHUNK_ENTRIES]
+
+    def next_mapped(self, start: int, stop: int) -> int:
+        """The first index in ``[start, stop)`` whose entry maps an L2 table
+        (offset bits set), else ``min(stop, len)``.  Runs of zero entries
+        are skipped at C speed, so a hostile table of millions of unmapped
+        entries costs one pass over its bytes."""
+        stop = min(stop, self.size)
+        mask = fmt.L1E_OFFSET_MASK
+        index = start
+        while index < stop:
+            chunk_index = index // L1_CHUNK_ENTRIES
+            chunk = self._chunk(chunk_index)
+            base = chunk_index * L1_CHUNK_ENTRIES
+            inner = index - base
+            limit = min(len(chunk), stop - base)
+            probe_end = min(limit, inner + 16)   # neighbours first, one by one
+            while inner < probe_end:
+                if chunk[inner] & mask:
+                    return base + inner
+                inner += 1
+            if inner < limit:                    # then skip zeros in bulk
+                raw = bytes(memoryview(chunk).cast("B")[inner * fmt.L1E_SIZE:
+                                                        limit * fmt.L1E_SIZE])
+                inner += (len(raw) - len(raw.lstrip(b"\0"))) // fmt.L1E_SIZE
+            index = base + inner
+        return stop
+
+
 class RawImage:
     """A raw backing file: guest offset = file offset, zeros past EOF."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, file: HostFile | None = None) -> None:
         self.path = path
-        self._file = _HostFile(_open_read_only(path), path)
+        self._file = file if file is not None else HostFile.open(path)
 
     @property
     def size(self) -> int:
@@ -160,6 +185,10 @@ class Qcow2Image:
     Attributes of interest: :attr:`header`, :attr:`extensions`,
     :attr:`snapshots`, :attr:`backing_file_name`, :attr:`backing_format`,
     :attr:`lock_state`, :attr:`dirty`, :attr:`corrupt`.
+
+    Companion files the image names are followed only inside its own
+    directory or the ``allow_dirs`` (see :mod:`qcow2snap.hostfile`); paths
+    given as ``backing_file``/``data_file`` are always used.
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r", *,
@@ -168,7 +197,10 @@ class Qcow2Image:
                  data_file: str | os.PathLike[str] | None = None,
                  check_locks: bool = True,
                  check_mode: bool = False,
-                 _depth: int = 0) -> None:
+                 allow_dirs: Iterable[str | os.PathLike[str]] = (),
+                 _policy: CompanionPolicy | None = None,
+                 _chain: tuple[tuple[int, int], ...] = (),
+                 _file: HostFile | None = None) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"unsupported mode {mode!r} ('r' or 'r+')")
         self.path = os.fspath(path)
@@ -177,45 +209,43 @@ class Qcow2Image:
         #: table is not read (``snapshots`` is empty; the checker salvages the
         #: table itself) and a zero-cluster refcount table is allowed.
         self.check_mode = check_mode
-        self._depth = _depth
         self._backing_override = backing_file
         self._backing_format_override = backing_format
         self._data_file_override = data_file
         self._backing: Qcow2Image | RawImage | None = None
         self._backing_opened = False
-        self._data_file: _HostFile | None = None
-        self._l1_cache: dict[tuple[int, int], array[int]] = {}
-        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
-        fd = (_open_read_only(self.path) if mode == "r"
-              else os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
-        self._editor_locked = False
-        self._file = _HostFile(fd, self.path)
+        self._data_file: HostFile | None = None
+        #: identifies this open image in the process-wide table caches
+        self._token = next(_TOKENS)
+        self._editor_lock: EditorLock | None = None
+        if _file is not None:
+            self._file = _file
+        else:
+            self._file = HostFile(open_read_only(self.path) if mode == "r"
+                                  else open_read_write(self.path), self.path)
         try:
+            self.policy = (_policy if _policy is not None
+                           else CompanionPolicy.for_image(self.path, allow_dirs))
+            #: (st_dev, st_ino) of this image and the images above it in a
+            #: backing chain: a repeat is a loop
+            self._chain = (*_chain, self._file.identity())
             self.lock_state: LockState | None = None
             if mode == "r+":
-                # never edit what a running QEMU holds; then hold QEMU-style
-                # locks ourselves so a QEMU started meanwhile refuses the image
-                self.lock_state = probe_qemu_locks(fd)
-                if self.lock_state.edited_by_this_process:
-                    raise ImageInUseError(
-                        f"{self.path} is already open for editing (mode 'r+') in this "
-                        f"process; close that handle before opening another for editing")
-                if self.lock_state.in_use:
-                    raise ImageInUseError(
-                        f"{self.path} is in use by a running QEMU process "
-                        f"({self.lock_state.describe()}); shut the VM down (or close the "
-                        f"qemu-img/qemu-io holding it) before editing")
-                self._editor_locked = take_editor_locks(fd)
+                # take the editor locks first, then look for other holders
+                # (QEMU's order), so two editors cannot both go ahead; the
+                # locks also make a QEMU started meanwhile refuse the image
+                self._editor_lock = EditorLock(self._file.fd, self.path)
+                self.lock_state = self._editor_lock.acquire()
             self._load()
             if mode == "r" and check_locks:
-                self.lock_state = probe_qemu_locks(fd)
+                self.lock_state = probe_locks(self._file.fd)
         except BaseException:
             self._release_locks()
             self._file.close()
             raise
         if self.lock_state is not None and self.lock_state.has_writer:
             warnings.warn(
-                f"{self.path}: a running QEMU process holds this image open for writing "
+                f"{self.path}: {self.lock_state.holder} holds this image open for writing "
                 f"({self.lock_state.describe()}); what is read may be inconsistent",
                 ImageInUseWarning, stacklevel=3)
 
@@ -242,7 +272,6 @@ class Qcow2Image:
         cluster0 = f.pread(0, 1 << cluster_bits) if version in (2, 3) else first
         header = Header.from_bytes(cluster0)
         self.header = header
-        self._cluster0 = cluster0
         cs = header.cluster_size
         self.cluster_bits = header.cluster_bits
         self.cluster_size = cs
@@ -266,9 +295,9 @@ class Qcow2Image:
         # Incompatible features (names from the image's own feature table)
         unknown = header.incompatible_features & ~fmt.QCOW2_INCOMPAT_MASK
         if unknown:
-            names = self.describe_features(fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE, unknown)
-            raise UnsupportedImageError(f"Unsupported qcow2 feature(s): {', '.join(names)}",
-                                        feature=", ".join(names))
+            features = self._report_unsupported_feature(unknown)
+            raise UnsupportedImageError(f"Unsupported qcow2 feature(s): {features}",
+                                        feature=features)
         if header.crypt_method > fmt.QCOW_CRYPT_LUKS:
             raise UnsupportedImageError(f"Unsupported encryption method: {header.crypt_method}",
                                         feature="encryption")
@@ -332,13 +361,39 @@ class Qcow2Image:
         if not self.has_data_file and header.autoclear_features & fmt.QCOW2_AUTOCLEAR_DATA_FILE_RAW:
             raise self._corrupt("data-file-raw requires a data file", "header", 88)
 
-        # Snapshot table
+        # Snapshot table.  An entry without a disk_size field has QEMU's
+        # bs->total_sectors * BDRV_SECTOR_SIZE (the rounded size).  With an
+        # external data file QEMU still reads (and validates) the table at
+        # open, but lists none of it: internal snapshots are not supported
+        # there (qcow2_snapshot_list returns -ENOTSUP; qemu-img check calls
+        # the entries an error).
+        # A backing image's table is parsed only if someone asks for it:
+        # reading through a chain uses active layers only, and a hostile
+        # chain of thousands of images must not make each parse 65,536
+        # entries (QEMU parses them all at open; qcow2snap is more lenient
+        # with a backing file's snapshot table, never with the image's own).
+        self._snapshot_table: SnapshotTable | None = None
         if self.check_mode:
-            self.snapshot_table: SnapshotTable = SnapshotTable(header.snapshots_offset, (), 0, ())
-        else:
-            self.snapshot_table = parse_snapshot_table(
-                self._file.pread, header.snapshots_offset, header.nb_snapshots, header.size)
-        self.snapshots: tuple[Snapshot, ...] = self.snapshot_table.snapshots
+            self._snapshot_table = SnapshotTable(header.snapshots_offset, (), 0, ())
+        elif len(self._chain) == 1:
+            self._snapshot_table = self._parse_snapshot_table()
+
+    def _parse_snapshot_table(self) -> SnapshotTable:
+        h = self.header
+        return parse_snapshot_table(self._file.pread, h.snapshots_offset, h.nb_snapshots,
+                                    self.size)
+
+    @property
+    def snapshot_table(self) -> SnapshotTable:
+        """The parsed snapshot table (every entry, also where QEMU lists none)."""
+        if self._snapshot_table is None:
+            self._snapshot_table = self._parse_snapshot_table()
+        return self._snapshot_table
+
+    @property
+    def snapshots(self) -> tuple[Snapshot, ...]:
+        """The snapshots, as QEMU lists them: none with an external data file."""
+        return () if self.has_data_file else self.snapshot_table.snapshots
 
     def _validate_table(self, offset: int, entries: int, entry_len: int, max_bytes: int,
                         name: str, header_offset: int) -> None:
@@ -409,8 +464,11 @@ class Qcow2Image:
 
     @property
     def size(self) -> int:
-        """Virtual size of the active layer in bytes."""
-        return self.header.size
+        """Virtual size of the active layer in bytes: the header's ``size``
+        rounded down to a multiple of 512, as QEMU opens it
+        (``bs->total_sectors = header.size / BDRV_SECTOR_SIZE``); the stored
+        field stays ``header.size``."""
+        return self.header.size & ~(fmt.BDRV_SECTOR_SIZE - 1)
 
     @property
     def dirty(self) -> bool:
@@ -457,10 +515,40 @@ class Qcow2Image:
         ext = self.extension(fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE)
         return tuple(ext.feature_names()) if ext else ()
 
+    def _feature_table(self) -> list[FeatureName]:
+        """The feature-name table as QEMU walks it: in table order, up to
+        the first entry whose name starts with NUL."""
+        table = []
+        for f in self.feature_names:
+            if f.raw_name[:1] in (b"", b"\0"):
+                break
+            table.append(f)
+        return table
+
+    def _report_unsupported_feature(self, mask: int) -> str:
+        """QEMU's ``report_unsupported_feature``: the name (at most 46
+        bytes) of each incompatible-type table entry whose bit is in
+        ``mask``, in table order, each clearing its bit; then whatever is
+        left as one "Unknown incompatible feature: <hex mask>"."""
+        items = []
+        for f in self._feature_table():
+            # QEMU tests mask & (1ULL << bit) with the stored u8 bit: x86-64
+            # shifts by bit mod 64 (a C shift past 63 is undefined)
+            bit = 1 << (f.bit & 63)
+            if f.type == fmt.QCOW2_FEAT_TYPE_INCOMPATIBLE and mask & bit:
+                items.append(f.name)
+                mask &= ~bit
+        if mask:
+            items.append(f"Unknown incompatible feature: {mask:x}")
+        return ", ".join(items)
+
     def describe_features(self, feature_type: int, bits: int) -> list[str]:
         """Names of the set ``bits`` of one feature word, from the image's
-        feature-name table, else QEMU's names, else "bit N"."""
-        table = {(f.type, f.bit): f.name for f in self.feature_names}
+        feature-name table (as QEMU reads it: up to its first unnamed
+        entry), else QEMU's names, else "bit N"."""
+        table = {}
+        for f in self._feature_table():
+            table.setdefault((f.type, f.bit), f.name)
         names = []
         for bit in range(64):
             if bits & (1 << bit):
@@ -493,7 +581,12 @@ class Qcow2Image:
         matches.sort(key=lambda s: s.index)
         if not matches:
             what = {"id": "with ID", "name": "named"}.get(by or "", "with ID or name")
-            raise SnapshotNotFoundError(f"{self.path}: no snapshot {what} {ref!r}")
+            ignored = ""
+            if self.ignored_snapshots:
+                ignored = (f" ({len(self.ignored_snapshots)} snapshot table entries are "
+                           f"ignored: QEMU does not support internal snapshots with an "
+                           f"external data file)")
+            raise SnapshotNotFoundError(f"{self.path}: no snapshot {what} {ref!r}{ignored}")
         if len(matches) > 1:
             listed = ", ".join(f"ID {s.id!r} name {s.name!r}" for s in matches)
             hint = ("select by ID instead" if by == "name"
@@ -503,13 +596,25 @@ class Qcow2Image:
                 f"{hint}", [(s.id, s.name) for s in matches])
         return matches[0]
 
+    @property
+    def ignored_snapshots(self) -> tuple[Snapshot, ...]:
+        """Snapshot table entries QEMU ignores: all of them in an image with
+        an external data file (where :attr:`snapshots` is empty)."""
+        return self.snapshot_table.snapshots if self.has_data_file else ()
+
     def layer(self, snapshot: str | Snapshot | None = None) -> Layer:
-        """The mapping of the active image (``None``) or of a snapshot."""
+        """The mapping of the active image (``None``) or of a snapshot.
+
+        Sizes are whole 512-byte sectors, as QEMU's block layer has them: a
+        snapshot's ``disk_size`` is rounded down like the header's size
+        (QEMU cannot revert to a snapshot whose ``disk_size`` is not a
+        multiple of 512: "The new size must be a multiple of 512")."""
         if snapshot is None:
-            return Layer(self.header.l1_table_offset, self.header.l1_size, self.header.size)
+            return Layer(self.header.l1_table_offset, self.header.l1_size, self.size)
         sn = self.find_snapshot(snapshot)
         self._check_snapshot_l1(sn)
-        return Layer(sn.l1_table_offset, sn.l1_size, sn.disk_size, sn)
+        return Layer(sn.l1_table_offset, sn.l1_size,
+                     sn.disk_size & ~(fmt.BDRV_SECTOR_SIZE - 1), sn)
 
     def _check_snapshot_l1(self, sn: Snapshot) -> None:
         structure = f"snapshot {sn.id} ({sn.name})"
@@ -538,28 +643,37 @@ class Qcow2Image:
     # ------------------------------------------------------------------
 
     def read_l1(self, layer: Layer) -> array[int]:
-        """The L1 table of a layer, decoded (cached per layer)."""
-        key = (layer.l1_table_offset, layer.l1_size)
-        table = self._l1_cache.get(key)
-        if table is None:
-            data = self._file.pread(layer.l1_table_offset, layer.l1_size * fmt.L1E_SIZE)
-            table = decode_u64_table(data)
-            self._l1_cache[key] = table
-        return table
+        """The whole L1 table of a layer, decoded and not cached (editing
+        and repair rewrite whole tables; QEMU's limit bounds one to 32 MiB).
+        Readers use :meth:`l1_entries`, which reads only what is looked at."""
+        return decode_u64_table(self._file.pread(layer.l1_table_offset,
+                                                 layer.l1_size * fmt.L1E_SIZE))
+
+    def l1_entries(self, layer: Layer) -> L1Entries:
+        """The L1 table of a layer, read in chunks as lookups need them."""
+        return L1Entries(self, layer.l1_table_offset, layer.l1_size)
+
+    def _l1_chunk(self, l1_table_offset: int, chunk_index: int, entries: int) -> array[int]:
+        key = (self._token, l1_table_offset, chunk_index)
+        chunk: array[int] | None = cache.L1_CHUNKS.get(key)  # type: ignore[assignment]
+        if chunk is None:
+            start = l1_table_offset + chunk_index * L1_CHUNK_ENTRIES * fmt.L1E_SIZE
+            chunk = decode_u64_table(self._file.pread(start, entries * fmt.L1E_SIZE))
+            cache.L1_CHUNKS.put(key, chunk, entries * fmt.L1E_SIZE)
+        return chunk
 
     def read_l2(self, l2_offset: int) -> array[int]:
         """One L2 table, decoded; extended tables interleave entry, bitmap.
-        Bounded LRU cache of :data:`L2_CACHE_TABLES` tables."""
-        cache = self._l2_cache
-        table = cache.get(l2_offset)
-        if table is not None:
-            cache.move_to_end(l2_offset)
-            return table
-        table = decode_u64_table(self._file.pread(l2_offset, self.cluster_size))
-        cache[l2_offset] = table
-        if len(cache) > L2_CACHE_TABLES:
-            cache.popitem(last=False)
+        Cached process-wide, bounded by bytes."""
+        key = (self._token, l2_offset)
+        table: array[int] | None = cache.L2_TABLES.get(key)  # type: ignore[assignment]
+        if table is None:
+            table = decode_u64_table(self._file.pread(l2_offset, self.cluster_size))
+            cache.L2_TABLES.put(key, table, self.cluster_size)
         return table
+
+    def _forget_tables(self) -> None:
+        cache.forget_image(self._token)
 
     def pread(self, offset: int, length: int) -> bytes:
         """Raw bytes of the image file (zeros past EOF)."""
@@ -581,58 +695,81 @@ class Qcow2Image:
     @property
     def backing(self) -> Qcow2Image | RawImage | None:
         """The opened backing image (resolved relative to this image's
-        directory, or the override given to :func:`open`), or ``None``."""
+        directory, or the override given to :func:`open`), or ``None``.
+        Opening it may raise :class:`CompanionRefusedError` (the image
+        names a file outside the allowed places), ``UnsupportedImageError``
+        (missing, not a file, unknown format) or ``CorruptImageError`` (a
+        loop)."""
         if not self._backing_opened:
             self._backing = self._open_backing()
             self._backing_opened = True
         return self._backing
 
-    def backing_path(self) -> str | None:
+    def _backing_target(self) -> tuple[str | None, str | None]:
+        """(path to open, name as the image holds it); the name is ``None``
+        when the user gave the path (or said there is no backing file)."""
         override = self._backing_override
         if override is False:
-            return None
-        if override not in (None, True):
-            return os.fspath(override)  # type: ignore[arg-type]
-        if not self.backing_file_name:
-            return None  # QEMU: an empty name (or one starting with NUL) means no backing file
-        if ":" in self.backing_file_name.split("/", 1)[0] and not os.path.exists(
-                self._resolve_relative(self.backing_file_name)):
+            return None, None
+        if override is not None and override is not True:
+            return os.fspath(override), None
+        name = self.backing_file_name
+        if not name:
+            return None, None  # QEMU: an empty name (or one starting with NUL) means none
+        if ":" in name.split("/", 1)[0] and not os.path.exists(self._resolve_relative(name)):
             raise UnsupportedImageError(
-                f"{self.path}: backing file {self.backing_file_name!r} is not a local file; "
-                f"pass backing_file= (CLI: --backing-file) to give its path",
-                feature="protocol backing file")
-        return self._resolve_relative(self.backing_file_name)
+                f"{self.path}: backing file {name!r} is not a local file; pass backing_file= "
+                f"(CLI: --backing-file) to give its path", feature="protocol backing file")
+        return self._resolve_relative(name), name
+
+    def backing_path(self) -> str | None:
+        """The path the backing file is opened from (``None``: none)."""
+        return self._backing_target()[0]
 
     def _open_backing(self) -> Qcow2Image | RawImage | None:
-        path = self.backing_path()
+        path, named = self._backing_target()
         if path is None:
             return None
-        if self._depth + 1 > MAX_BACKING_CHAIN_DEPTH:
+        if len(self._chain) >= MAX_BACKING_CHAIN_DEPTH:
             raise CorruptImageError(
-                f"{self.path}: backing chain longer than {MAX_BACKING_CHAIN_DEPTH} images "
-                f"(a loop?)", structure="backing file name", offset=self.header.backing_file_offset)
-        fmt_name = self._backing_format_override or self.backing_format
-        if not os.path.exists(path):
+                f"{self.path}: backing chain longer than {MAX_BACKING_CHAIN_DEPTH} images",
+                structure="backing file name", offset=self.header.backing_file_offset)
+        policy = self.policy
+        if named is not None:
+            policy.check(owner=self.path, kind="backing file", named=named, path=path,
+                         option="--backing-file", api_option="backing_file")
+        else:  # the user named this file: its own chain may live beside it
+            policy = policy.with_extra_dirs([os.path.dirname(os.path.realpath(path))])
+        if not os.path.lexists(path):
             raise UnsupportedImageError(
                 f"{self.path}: backing file {path!r} not found; pass backing_file= "
                 f"(CLI: --backing-file PATH) to give its location", feature="backing file")
         try:
-            _require_file(path)
-            if fmt_name is None:
-                with _builtin_open(path, "rb") as probe:
-                    fmt_name = "qcow2" if probe.read(4) == fmt.QCOW_MAGIC else "raw"
-            if fmt_name == "qcow2":
-                return Qcow2Image(path, "r", check_locks=False, _depth=self._depth + 1)
-            if fmt_name == "raw":
-                return RawImage(path)
+            file = HostFile.open(path)
         except OSError as exc:  # a name in a hostile image may point anywhere
             raise UnsupportedImageError(
                 f"{self.path}: cannot open backing file {path!r}: {exc.strerror or exc}; pass "
                 f"backing_file= (CLI: --backing-file PATH) to give its location",
                 feature="backing file") from exc
-        raise UnsupportedImageError(
-            f"{self.path}: backing file format {fmt_name!r} is not supported (qcow2 and raw are)",
-            feature="backing format")
+        try:
+            if file.identity() in self._chain:
+                raise CorruptImageError(
+                    f"{self.path}: backing file {path!r} creates an infinite loop",
+                    structure="backing file name", offset=self.header.backing_file_offset)
+            fmt_name = self._backing_format_override or self.backing_format
+            if fmt_name is None:  # probe, reading through the same O_NOATIME descriptor
+                fmt_name = "qcow2" if file.pread(0, 4) == fmt.QCOW_MAGIC else "raw"
+            if fmt_name == "qcow2":
+                return Qcow2Image(path, "r", check_locks=False, _policy=policy,
+                                  _chain=self._chain, _file=file)
+            if fmt_name == "raw":
+                return RawImage(path, file=file)
+            raise UnsupportedImageError(
+                f"{self.path}: backing file format {fmt_name!r} is not supported (qcow2 and "
+                f"raw are)", feature="backing format")
+        except BaseException:
+            file.close()
+            raise
 
     def chain(self) -> list[Qcow2Image | RawImage]:
         """This image followed by its backing images."""
@@ -644,18 +781,54 @@ class Qcow2Image:
                 out.append(node)
         return out
 
-    def data_file(self) -> _HostFile:
+    def backing_chain(self) -> list[ChainLink]:
+        """Every link of the backing chain as far as it is followed, and the
+        first one that is not (refused, missing, damaged) with the reason;
+        never raises for a link."""
+        from .errors import Qcow2Error
+        links: list[ChainLink] = []
+        node: Qcow2Image = self
+        depth = 0
+        while True:
+            depth += 1
+            try:
+                path, named = node._backing_target()
+            except Qcow2Error as exc:
+                links.append(ChainLink(depth, node.backing_file_name, "", False,
+                                       reason=str(exc)))
+                break
+            if path is None:
+                break
+            try:
+                child = node.backing
+            except Qcow2Error as exc:
+                links.append(ChainLink(depth, named, path, False, reason=str(exc)))
+                break
+            assert child is not None
+            links.append(ChainLink(
+                depth, named, path, True,
+                format="qcow2" if isinstance(child, Qcow2Image) else "raw",
+                virtual_size=child.size))
+            if not isinstance(child, Qcow2Image):
+                break
+            node = child
+        return links
+
+    def data_file(self) -> HostFile:
         """The external data file (``has_data_file`` images)."""
         if self._data_file is None:
-            name = self._data_file_override or self.data_file_name
+            override = self._data_file_override
+            name = override or self.data_file_name
             if name is None:
                 raise UnsupportedImageError(
                     f"{self.path}: 'data-file' is required for this image; pass data_file= "
                     f"(CLI: --data-file PATH)", feature="external data file")
             path = self._resolve_relative(os.fspath(name))
+            if override is None:
+                self.policy.check(owner=self.path, kind="data file", named=os.fspath(name),
+                                  path=path, option="--data-file", api_option="data_file")
             try:
-                _require_file(path)
-                self._data_file = _HostFile(_open_read_only(path), path)
+                self._data_file = HostFile.open(path)
             except OSError as exc:  # a name in a hostile image may point anywhere
                 raise UnsupportedImageError(
                     f"{self.path}: cannot open data file {path!r}: {exc.strerror or exc}; pass "
@@ -700,15 +873,25 @@ class Qcow2Image:
 
     def reload(self) -> None:
         """Re-read the metadata from the file (after it was edited)."""
-        self._l2_cache.clear()
-        self._l1_cache.clear()
-        self._file.size = os.fstat(self._file.fd).st_size
+        self._forget_tables()
+        self._file.refresh_size()
         self._load()
 
     def close(self) -> None:
-        if self._backing is not None:
-            self._backing.close()
-            self._backing = None
+        """Close the image and its backing chain (iteratively: a chain may
+        be thousands of images deep)."""
+        pending: list[Qcow2Image | RawImage] = [self]
+        while pending:
+            node = pending.pop()
+            if isinstance(node, Qcow2Image):
+                if node._backing is not None:
+                    pending.append(node._backing)
+                    node._backing = None
+                node._close_own()
+            else:
+                node.close()
+
+    def _close_own(self) -> None:
         if self._data_file is not None:
             self._data_file.close()
             self._data_file = None
@@ -716,11 +899,10 @@ class Qcow2Image:
         self._file.close()
 
     def _release_locks(self) -> None:
-        if self._editor_locked and self._file.fd >= 0:
-            release_editor_locks(self._file.fd)
-            self._editor_locked = False
-        self._l2_cache.clear()
-        self._l1_cache.clear()
+        if self._editor_lock is not None:
+            self._editor_lock.release()
+            self._editor_lock = None
+        self._forget_tables()
 
     def __enter__(self) -> Qcow2Image:
         return self
@@ -733,19 +915,20 @@ class Qcow2Image:
                 f"snapshots={len(self.snapshots)}>")
 
 
-_builtin_open = open
-
 
 def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          backing_file: str | os.PathLike[str] | bool | None = None,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
-         check_locks: bool = True) -> Qcow2Image:
+         check_locks: bool = True,
+         allow_dirs: Iterable[str | os.PathLike[str]] = ()) -> Qcow2Image:
     """Open a qcow2 image; use as a context manager.
 
     ``mode="r"`` never writes to the image.  ``backing_file`` overrides the
     backing file's path (``False`` reads unallocated clusters as zeros);
-    ``data_file`` overrides the external data file's path.
+    ``data_file`` overrides the external data file's path.  Companion files
+    the image names are followed only inside its own directory and
+    ``allow_dirs``.
     """
     if not isinstance(path, (str, os.PathLike)):
         name = getattr(path, "name", None)
@@ -754,4 +937,4 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
         path = name
     return Qcow2Image(path, mode, backing_file=backing_file,
                       backing_format=backing_format, data_file=data_file,
-                      check_locks=check_locks)
+                      check_locks=check_locks, allow_dirs=allow_dirs)

@@ -1,12 +1,32 @@
-"""Detect QEMU's image locks (QEMU >= 2.10, ``block/file-posix.c``).
+"""Image locks: QEMU's lock bytes, and qcow2snap's editor lock built on them
+(QEMU >= 2.10, ``block/file-posix.c``).
 
 QEMU takes open-file-description (OFD) byte-range read locks on the image
 file: byte ``100 + i`` for every permission it holds and ``200 + i`` for
 every permission it refuses to share with others, where ``i`` is
 0 consistent-read, 1 write, 2 write-unchanged, 3 resize, 4 graph-mod.
-We only *test* for locks with ``F_OFD_GETLK`` (asking "could I take a write
-lock on this byte?"); testing takes no lock, changes nothing and works on a
+
+Readers only *test* the bytes (``F_OFD_GETLK``: "could I take a write lock
+on this byte?"), which takes no lock, changes nothing and works on a
 read-only descriptor.
+
+An editor must never go ahead beside another writer, so testing first and
+locking afterwards is not enough: two editors could both test before either
+locks.  :class:`EditorLock` does what QEMU's ``raw_apply_lock_bytes`` then
+``raw_check_lock_bytes`` do: it *takes* its locks first and only then looks
+for conflicting holders.  Of two editors racing, whichever looks last sees
+the other's locks (they were taken before the other looked), so at least one
+of them refuses; both may, which is QEMU's behaviour too.
+
+OFD locks carry no owner a test could see (``l_pid`` is -1), so an editor
+also takes a classic POSIX read lock on one byte QEMU never uses
+(:data:`QCOW2SNAP_EDITOR_MARKER`).  A classic ``F_GETLK`` on that byte
+reports another process's lock *with its PID* and ignores the calling
+process's own, which lets a refusal name the real holder: another qcow2snap
+editor, or QEMU.  (POSIX locks are dropped when the process closes any
+descriptor of the file; the marker only names holders, the OFD locks are
+what keeps editors apart.)  Within one process a registry, guarded by a
+thread lock, keeps a second editor of the same file out.
 """
 
 from __future__ import annotations
@@ -15,47 +35,95 @@ import errno
 import fcntl
 import os
 import struct
+import threading
+import time
 from dataclasses import dataclass
+
+from .errors import ImageInUseError
+
+__all__ = [
+    "EDITOR_LOCK_BYTES",
+    "QCOW2SNAP_EDITOR_MARKER",
+    "EditorLock",
+    "LockState",
+    "probe_locks",
+]
 
 QEMU_LOCK_PERM_BASE = 100
 QEMU_LOCK_SHARED_BASE = 200
 QEMU_PERM_NAMES = ("consistent read", "write", "write unchanged", "resize", "graph modification")
+BLK_PERM_CONSISTENT_READ_INDEX = 0
 BLK_PERM_WRITE_INDEX = 1
+BLK_PERM_RESIZE_INDEX = 3
+
+#: One byte far from QEMU's lock range (100-104, 200-204) that only
+#: qcow2snap editors lock, with a classic POSIX lock whose owner a test can
+#: see.  ("q2sn" in ASCII; any offset works, the file need not be that long.)
+QCOW2SNAP_EDITOR_MARKER = 0x7132736E
+
+#: What an editor holds, like a QEMU writer that shares nothing important:
+#: consistent read and write held, write and resize not shared.
+EDITOR_LOCK_BYTES = (QEMU_LOCK_PERM_BASE + BLK_PERM_CONSISTENT_READ_INDEX,
+                     QEMU_LOCK_PERM_BASE + BLK_PERM_WRITE_INDEX,
+                     QEMU_LOCK_SHARED_BASE + BLK_PERM_WRITE_INDEX,
+                     QEMU_LOCK_SHARED_BASE + BLK_PERM_RESIZE_INDEX)
 
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
 _FLOCK = struct.Struct("hhqqi4x")
+#: Looks again before a holder without a marker is called QEMU.
+_RELOOKS = 3
+_RELOOK_SECONDS = 0.01
+#: errors meaning "this file system or kernel has no such locks"
+_NO_LOCKS = frozenset({errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 @dataclass(frozen=True, slots=True)
 class LockState:
-    """Which QEMU lock bytes another process holds on the image."""
+    """Who else holds the image: QEMU's lock bytes, and qcow2snap editors."""
 
     held_permissions: frozenset[int]
     unshared_permissions: frozenset[int]
     supported: bool = True
-    #: this process holds qcow2snap's editor locks on the file (through
-    #: another handle): the lock bytes are its own, and since they refuse
-    #: writers to QEMU, no QEMU writer can hold the image besides.
+    #: another process edits the image with qcow2snap: its PID (-1 when
+    #: the lock bytes are a qcow2snap editor's but its PID is not known)
+    editor_pid: int | None = None
+    #: this process holds qcow2snap's editor lock on the file (through
+    #: another handle): the lock bytes are its own.
     edited_by_this_process: bool = False
 
     @property
     def in_use(self) -> bool:
-        """Some QEMU process has the image open (any lock byte held)."""
-        return bool(self.held_permissions or self.unshared_permissions)
+        """Another process has the image open (any lock byte held)."""
+        return bool(self.held_permissions or self.unshared_permissions
+                    or self.editor_pid is not None)
 
     @property
     def has_writer(self) -> bool:
-        """A QEMU process holds the write permission: the image may change
-        under us (a running or paused VM, qemu-io, qemu-img commit ...)."""
-        return BLK_PERM_WRITE_INDEX in self.held_permissions
+        """Another process holds the write permission: the image may change
+        under us (a running or paused VM, qemu-io, a qcow2snap editor ...)."""
+        return BLK_PERM_WRITE_INDEX in self.held_permissions or self.editor_pid is not None
 
     @property
     def forbids_writers(self) -> bool:
-        """A QEMU process refuses to share write: editing would break it."""
+        """Another process refuses to share write: editing would break it."""
         return BLK_PERM_WRITE_INDEX in self.unshared_permissions
 
+    @property
+    def holder(self) -> str:
+        """Who holds the image, in words: "another qcow2snap editor
+        (process 1234)" or "a running QEMU process"."""
+        if self.edited_by_this_process:
+            return "a qcow2snap editor in this process"
+        if self.editor_pid is not None:
+            pid = f" (process {self.editor_pid})" if self.editor_pid > 0 else ""
+            return f"another qcow2snap editor{pid}"
+        return "a running QEMU process"
+
     def describe(self) -> str:
+        if self.editor_pid is not None or self.edited_by_this_process:
+            return f"being edited by {self.holder}"
         held = ", ".join(QEMU_PERM_NAMES[i] for i in sorted(self.held_permissions))
         unshared = ", ".join(QEMU_PERM_NAMES[i] for i in sorted(self.unshared_permissions))
         parts = []
@@ -66,18 +134,38 @@ class LockState:
         return "; ".join(parts) or "no QEMU locks"
 
 
-def _byte_locked(fd: int, offset: int) -> bool:
+def _conflicting_lock(fd: int, offset: int, command: int) -> tuple[int, int] | None:
+    """(type, pid) of a lock another holder has that keeps us from
+    write-locking byte ``offset``, or None."""
     request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-    answer = fcntl.fcntl(fd, _F_OFD_GETLK, request)
-    l_type = _FLOCK.unpack(answer)[0]
-    return l_type != fcntl.F_UNLCK
+    answer = fcntl.fcntl(fd, command, request)
+    l_type, _, _, _, l_pid = _FLOCK.unpack(answer)
+    return None if l_type == fcntl.F_UNLCK else (l_type, l_pid)
 
 
-#: Files (st_dev, st_ino) on which this process holds editor locks, with the
-#: number of handles holding them.  OFD locks carry no owner a test could
-#: see (l_pid is -1), so without this a second handle would take our own
-#: locks for a running QEMU.
-_EDITOR_LOCKED: dict[tuple[int, int], int] = {}
+def _other_editor_pid(fd: int) -> int | None:
+    """PID of another process's qcow2snap editor marker on the file.  A
+    classic F_GETLK ignores this process's own POSIX locks and reports the
+    owner of another's (an OFD lock on the byte reports -1)."""
+    found = _conflicting_lock(fd, QCOW2SNAP_EDITOR_MARKER, fcntl.F_GETLK)
+    return None if found is None else found[1]
+
+
+def _probe_qemu_bytes(fd: int) -> tuple[frozenset[int], frozenset[int]]:
+    held: set[int] = set()
+    unshared: set[int] = set()
+    for i in range(len(QEMU_PERM_NAMES)):
+        if _conflicting_lock(fd, QEMU_LOCK_PERM_BASE + i, _F_OFD_GETLK):
+            held.add(i)
+        if _conflicting_lock(fd, QEMU_LOCK_SHARED_BASE + i, _F_OFD_GETLK):
+            unshared.add(i)
+    return frozenset(held), frozenset(unshared)
+
+
+#: Files (st_dev, st_ino) this process edits, with the thread lock that
+#: makes "look up, then register" one step.
+_EDITED: set[tuple[int, int]] = set()
+_EDITED_LOCK = threading.Lock()
 
 
 def _file_key(fd: int) -> tuple[int, int]:
@@ -85,58 +173,111 @@ def _file_key(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def probe_qemu_locks(fd: int) -> LockState:
-    """Test QEMU's lock bytes on ``fd``.  Returns ``supported=False`` when the
-    platform or file system has no OFD locks (then nothing can be told)."""
-    if _EDITOR_LOCKED.get(_file_key(fd)):
-        return LockState(frozenset(), frozenset(), edited_by_this_process=True)
-    held: set[int] = set()
-    unshared: set[int] = set()
+def probe_locks(fd: int) -> LockState:
+    """Test who else holds the image open on ``fd`` (which may be
+    read-only).  Takes no lock.  ``supported=False`` when the platform or
+    file system has no OFD locks (then nothing can be told)."""
+    with _EDITED_LOCK:
+        if _file_key(fd) in _EDITED:
+            return LockState(frozenset(), frozenset(), edited_by_this_process=True)
     try:
-        for i in range(len(QEMU_PERM_NAMES)):
-            if _byte_locked(fd, QEMU_LOCK_PERM_BASE + i):
-                held.add(i)
-            if _byte_locked(fd, QEMU_LOCK_SHARED_BASE + i):
-                unshared.add(i)
+        held, unshared = _probe_qemu_bytes(fd)
+        editor = _other_editor_pid(fd) if held or unshared else None
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        if exc.errno in _NO_LOCKS:
             return LockState(frozenset(), frozenset(), supported=False)
         raise
-    return LockState(frozenset(held), frozenset(unshared))
+    return LockState(held, unshared, editor_pid=editor)
 
 
-#: What an offline editor holds, like a QEMU writer that shares nothing
-#: important: consistent read and write held, write and resize not shared.
-EDITOR_LOCK_BYTES = (QEMU_LOCK_PERM_BASE + 0, QEMU_LOCK_PERM_BASE + 1,
-                     QEMU_LOCK_SHARED_BASE + 1, QEMU_LOCK_SHARED_BASE + 3)
+class EditorLock:
+    """qcow2snap's lock for editing one image file, held while the
+    descriptor is open.
 
+    :meth:`acquire` registers the file in this process, takes the marker
+    and QEMU's lock bytes of a writer, and only then tests for other
+    holders; on a conflict it gives everything back and raises
+    :class:`ImageInUseError` naming the holder.
+    """
 
-def take_editor_locks(fd: int) -> bool:
-    """Take QEMU-style shared OFD locks on ``fd`` (opened read-write) so that
-    a QEMU started while we edit sees the image as in use and refuses to
-    write it.  Returns False where OFD locks are unavailable.  The locks go
-    away when ``fd`` is closed."""
-    try:
-        for offset in EDITOR_LOCK_BYTES:
-            request = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0)
-            fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37), request)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            return False
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    key = _file_key(fd)
-    _EDITOR_LOCKED[key] = _EDITOR_LOCKED.get(key, 0) + 1
-    return True
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self._key: tuple[int, int] | None = None
+        #: False where the file system has no OFD locks (nothing is held)
+        self.supported = True
 
+    def acquire(self) -> LockState:
+        key = _file_key(self.fd)
+        with _EDITED_LOCK:
+            if key in _EDITED:
+                raise ImageInUseError(
+                    f"{self.path} is already open for editing (mode 'r+') in this process; close "
+                    f"that handle before opening another for editing")
+            _EDITED.add(key)
+        self._key = key
+        try:
+            state = self._lock_then_test()
+        except BaseException:
+            self.release()
+            raise
+        return state
 
-def release_editor_locks(fd: int) -> None:
-    """Forget the editor locks of ``fd`` just before it is closed (closing
-    releases the locks themselves)."""
-    key = _file_key(fd)
-    count = _EDITOR_LOCKED.get(key, 0) - 1
-    if count > 0:
-        _EDITOR_LOCKED[key] = count
-    else:
-        _EDITOR_LOCKED.pop(key, None)
+    def _lock_then_test(self) -> LockState:
+        fd = self.fd
+        try:
+            # the marker first: whoever sees our QEMU bytes sees it too
+            fcntl.fcntl(fd, fcntl.F_SETLK,
+                        _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, QCOW2SNAP_EDITOR_MARKER, 1, 0))
+            for offset in EDITOR_LOCK_BYTES:
+                fcntl.fcntl(fd, _F_OFD_SETLK,
+                            _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, offset, 1, 0))
+            # only now look: our own OFD locks never conflict with our tests
+            held, unshared = _probe_qemu_bytes(fd)
+            editor = _other_editor_pid(fd) if held or unshared else None
+            for _ in range(_RELOOKS):
+                if not (held or unshared) or editor is not None:
+                    break
+                # Lock bytes but no marker: QEMU, or an editor whose exit
+                # dropped its marker first (close() releases POSIX locks
+                # before OFD locks).  We still hold our locks, so looking
+                # again is as safe as the first look; a QEMU stays.
+                time.sleep(_RELOOK_SECONDS)
+                held, unshared = _probe_qemu_bytes(fd)
+                editor = _other_editor_pid(fd) if held or unshared else None
+        except OSError as exc:
+            if exc.errno in _NO_LOCKS:
+                self.supported = False
+                return LockState(frozenset(), frozenset(), supported=False)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                # a write lock on a byte QEMU only read-locks: not QEMU's
+                raise ImageInUseError(
+                    f"{self.path} is locked by another program (a write lock on QEMU's "
+                    f"lock bytes); close it before editing") from exc
+            raise
+        state = LockState(held, unshared, editor_pid=editor)
+        if state.editor_pid is not None:
+            raise ImageInUseError(
+                f"{self.path} is being edited by {state.holder}; wait for it to finish, "
+                f"then try again")
+        if state.in_use:
+            raise ImageInUseError(
+                f"{self.path} is in use by {state.holder} ({state.describe()}); shut the VM "
+                f"down (or close the qemu-img/qemu-io holding it) before editing")
+        return state
+
+    def release(self) -> None:
+        """Forget the file (call just before the descriptor is closed; the
+        close releases the locks themselves)."""
+        if self._key is not None:
+            with _EDITED_LOCK:
+                _EDITED.discard(self._key)
+            self._key = None
+        try:
+            for offset in EDITOR_LOCK_BYTES:
+                fcntl.fcntl(self.fd, _F_OFD_SETLK,
+                            _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+            fcntl.fcntl(self.fd, fcntl.F_SETLK,
+                        _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, QCOW2SNAP_EDITOR_MARKER, 1, 0))
+        except OSError:
+            pass  # closing the descriptor releases them anyway

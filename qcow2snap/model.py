@@ -243,10 +243,14 @@ class Extension:
         return self.data.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     def feature_names(self) -> list[FeatureName]:
+        """The feature-name table's entries.  A trailing entry shorter than
+        48 bytes counts, zero-padded: QEMU reads the extension's bytes into
+        a zero-filled buffer of whole entries (qcow2_read_extensions)."""
+        size = fmt.QCOW2_FEATURE_ENTRY_SIZE
         entries = []
-        count = len(self.data) // fmt.QCOW2_FEATURE_ENTRY_SIZE
+        count = -(-len(self.data) // size)
         for i in range(count):
-            chunk = self.data[i * fmt.QCOW2_FEATURE_ENTRY_SIZE:(i + 1) * fmt.QCOW2_FEATURE_ENTRY_SIZE]
+            chunk = self.data[i * size:(i + 1) * size].ljust(size, b"\0")
             entry = fmt.parse_struct(fmt.Qcow2Feature, chunk, structure="feature name table")
             name = bytes(entry.name).split(b"\0", 1)[0].decode("utf-8", "replace")
             entries.append(FeatureName(entry.type, entry.bit, name, bytes(entry.name)))

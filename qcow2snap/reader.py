@@ -17,13 +17,13 @@ from __future__ import annotations
 import io
 import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
+from .cache import DECOMPRESSED_CLUSTERS
 from .errors import CorruptImageError, UnsupportedImageError
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class _Where:
         self.l2_index = l2_index
 
     def __str__(self) -> str:
-        return f"(L2 offset: {self.l2_offset:#x}, L2 index: {self.l2_index:#x})"
+        return f"(L2 offset: {fmt.c_hex(self.l2_offset)}, L2 index: {fmt.c_hex(self.l2_index)})"
 
     __format__ = lambda self, spec: str(self)
 
@@ -123,22 +123,20 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
     version = image.header.version
     sc_bits = image.subcluster_bits
     sc_count = image.subclusters_per_cluster
-    l1 = image.read_l1(layer) if layer.l1_size else None
+    l1 = image.l1_entries(layer)
+    l1_size = layer.l1_size
     pending: Extent | None = None
     pos = start
     while pos < end:
         l1_index = pos >> l1_shift
-        l1_entry = l1[l1_index] if (l1 is not None and l1_index < layer.l1_size) else 0
+        l1_entry = l1[l1_index] if l1_index < l1_size else 0
         l2_offset = l1_entry & fmt.L1E_OFFSET_MASK
         if not l2_offset:
             # One step for a whole run of unmapped L1 entries, and for all of
             # the range past the L1 table (a hostile image may have 4M empty
             # L1 entries, or a snapshot disk_size of petabytes).
-            j = l1_index + 1
-            while (l1 is not None and j < layer.l1_size and (j << l1_shift) < end
-                   and not l1[j] & fmt.L1E_OFFSET_MASK):
-                j += 1
-            span_end = end if j >= layer.l1_size else min(end, j << l1_shift)
+            j = l1.next_mapped(l1_index + 1, ((end - 1) >> l1_shift) + 1)
+            span_end = end if j >= l1_size else min(end, j << l1_shift)
             emit, pending = _merge(pending, Extent(pos, span_end - pos, ExtentKind.UNALLOCATED))
             if emit:
                 yield emit
@@ -147,8 +145,9 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
         span_end = min(end, (l1_index + 1) << l1_shift)
         if l2_offset & (cs - 1):
             raise CorruptImageError(
-                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x}) "
-                f"in {layer.name}", structure="L1 table", offset=layer.l1_table_offset + 8 * l1_index)
+                f"L2 table offset {fmt.c_hex(l2_offset)} unaligned (L1 index: "
+                f"{fmt.c_hex(l1_index)}) in {layer.name}", structure="L1 table",
+                offset=layer.l1_table_offset + 8 * l1_index)
         l2 = image.read_l2(l2_offset)
         while pos < span_end:
             l2_index = (pos >> cluster_bits) & l2_mask
@@ -200,9 +199,9 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                     raise CorruptImageError(
                         f"Compressed cluster entry found in image with external data file {where}",
                         structure="L2 table", offset=l2_offset)
-                if extended and bitmap:
-                    raise CorruptImageError(f"Invalid cluster entry found  {where}",
-                                            structure="L2 table", offset=l2_offset)
+                # QCOW2_SUBCLUSTER_COMPRESSED whatever the bitmap holds: QEMU
+                # reads the cluster (only qemu-img check calls a non-zero
+                # bitmap an error, as qcow2snap.ops.check does)
                 coffset = entry & image.cluster_offset_mask
                 nb_csectors = ((entry >> image.csize_shift) & image.csize_mask) + 1
                 csize = nb_csectors * fmt.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
@@ -214,6 +213,10 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                 yield new
                 pos = cluster_end
                 continue
+            # has_host: the (sub)cluster types with a host offset, which
+            # qcow2_get_host_offset checks: NORMAL, ZERO_ALLOC and (extended
+            # L2) UNALLOCATED_ALLOC, i.e. every subcluster of an entry whose
+            # cluster type is NORMAL, whatever its bitmap says
             if not extended:
                 if entry & fmt.QCOW_OFLAG_ZERO:
                     if version < 3:
@@ -221,10 +224,13 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                             f"Zero cluster entry found in pre-v3 image {where}",
                             structure="L2 table", offset=l2_offset)
                     kinds = [(cluster_end - pos, ExtentKind.ZERO)]
+                    has_host = host_cluster != 0          # ZERO_ALLOC
                 elif host_cluster or (data_file and entry & fmt.QCOW_OFLAG_COPIED):
                     kinds = [(cluster_end - pos, ExtentKind.DATA)]
+                    has_host = True
                 else:
                     kinds = [(cluster_end - pos, ExtentKind.UNALLOCATED)]
+                    has_host = False
             else:
                 if host_cluster == 0 and not (data_file and entry & fmt.QCOW_OFLAG_COPIED):
                     if bitmap & fmt.QCOW_L2_BITMAP_ALL_ALLOC:
@@ -236,6 +242,7 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                         raise CorruptImageError(f"Invalid cluster entry found  {where}",
                                                 structure="L2 table", offset=l2_offset)
                     allocated = True
+                has_host = allocated
                 kinds = []
                 sc_pos = pos
                 while sc_pos < cluster_end:
@@ -252,16 +259,16 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
                     else:
                         kinds.append((sc_end - sc_pos, kind))
                     sc_pos = sc_end
-            if (host_cluster & (cs - 1)) and any(k is ExtentKind.DATA for _, k in kinds):
-                raise CorruptImageError(
-                    f"Cluster allocation offset {host_cluster:#x} unaligned {where}",
-                    structure="L2 table", offset=l2_offset)
-            if data_file and host_cluster != cluster_start and any(
-                    k is ExtentKind.DATA for _, k in kinds):
-                raise CorruptImageError(
-                    f"External data file host cluster offset {host_cluster:#x} does not match "
-                    f"guest cluster offset: {cluster_start:#x}, L2 index: {l2_index:#x})",
-                    structure="L2 table", offset=l2_offset)
+            if has_host:
+                if host_cluster & (cs - 1):
+                    raise CorruptImageError(
+                        f"Cluster allocation offset {fmt.c_hex(host_cluster)} unaligned {where}",
+                        structure="L2 table", offset=l2_offset)
+                if data_file and host_cluster != cluster_start:
+                    raise CorruptImageError(
+                        f"External data file host cluster offset {fmt.c_hex(host_cluster)} does "
+                        f"not match guest cluster offset: {fmt.c_hex(cluster_start)}, L2 index: "
+                        f"{fmt.c_hex(l2_index)})", structure="L2 table", offset=l2_offset)
             for run_length, kind in kinds:
                 if kind is ExtentKind.DATA:
                     new = Extent(pos, run_length, kind, host_cluster + (pos - cluster_start),
@@ -282,11 +289,38 @@ def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> It
 
 _THREAD = threading.local()
 
+#: Largest zstd window a compressed cluster may ask the decoder to keep.
+#: QEMU's frames declare their content size (one cluster, at most 2 MiB) and
+#: need no more; a hostile frame must not make each decoder take the 128 MiB
+#: zstd's default limit would allow.
+ZSTD_MAX_WINDOW_BYTES = 8 << 20
+#: Input fed to a zstd decoder per step on the bounded path: a zstd block of
+#: up to 128 KiB of output can be 4 bytes long, so a step can yield at most
+#: ~2 MiB, however large a size the frame declares.
+_ZSTD_STEP_BYTES = 64
+
 _isal_zlib: Any
 try:  # ISA-L's inflate: same output, about twice zlib's speed
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - isal is a dependency; platforms without a wheel
     _isal_zlib = None
+
+
+class _ClusterOverflow(Exception):
+    """A compressed cluster holds more than one cluster of data."""
+
+
+def _inflate_with(module: Any, data: bytes, cluster_size: int) -> bytes:
+    """Raw deflate into at most one cluster (``max_length``: memory stays
+    bounded whatever the stream encodes).  QEMU's deflate writer ends each
+    stream right after one cluster; a stream that would go on producing
+    data is damage (or a bomb), not a cluster."""
+    inflater = module.decompressobj(-12)
+    out: bytes = inflater.decompress(data, cluster_size)
+    if (len(out) == cluster_size and not inflater.eof
+            and inflater.decompress(inflater.unconsumed_tail, 1)):
+        raise _ClusterOverflow("the deflate stream holds more than one cluster")
+    return out
 
 
 def _inflate(data: bytes, cluster_size: int) -> bytes:
@@ -299,12 +333,14 @@ def _inflate(data: bytes, cluster_size: int) -> bytes:
     here where QEMU refuses it.)"""
     if _isal_zlib is not None:
         try:
-            out: bytes = _isal_zlib.decompressobj(-12).decompress(data, cluster_size)
+            out = _inflate_with(_isal_zlib, data, cluster_size)
             if len(out) == cluster_size:
                 return out
+        except _ClusterOverflow:
+            raise
         except Exception:
             pass
-    return zlib.decompressobj(-12).decompress(data, cluster_size)
+    return _inflate_with(zlib, data, cluster_size)
 
 
 def _zstd_decompressor() -> Any:
@@ -313,8 +349,44 @@ def _zstd_decompressor() -> Any:
     dctx = getattr(_THREAD, "zstd", None)
     if dctx is None:
         import zstandard
-        dctx = _THREAD.zstd = zstandard.ZstdDecompressor()
+        dctx = _THREAD.zstd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_BYTES)
     return dctx
+
+
+def _zstd(data: bytes, cluster_size: int) -> bytes:
+    """zstd frames until one cluster is full, as ``qcow2_zstd_decompress``
+    reads them, in bounded memory.
+
+    QEMU writes one frame per cluster that declares its content size; such a
+    frame is decoded in one call into a buffer of exactly that size.  A frame
+    declaring more than a cluster is refused before anything is allocated
+    (one-shot decoding would allocate whatever it declares).  Anything else
+    (frames without a declared size, several frames) is decoded frame by
+    frame from small input steps, so no step yields more than ~2 MiB, and
+    refused as soon as it yields more than a cluster: QEMU refuses a frame
+    that is not fully flushed when the cluster is full."""
+    import zstandard
+    dctx = _zstd_decompressor()
+    declared = zstandard.frame_content_size(data)
+    if declared == cluster_size:
+        out: bytes = dctx.decompress(data, read_across_frames=False, allow_extra_data=True)
+        return out
+    if declared > cluster_size:
+        raise _ClusterOverflow(f"its zstd frame declares {declared} bytes")
+    out_buf = bytearray()
+    pos = 0
+    while len(out_buf) < cluster_size and pos < len(data):
+        frame = dctx.decompressobj()
+        while not frame.eof and pos < len(data):
+            step = data[pos:pos + _ZSTD_STEP_BYTES]
+            pos += len(step)
+            out_buf += frame.decompress(step)
+            if len(out_buf) > cluster_size:
+                raise _ClusterOverflow("its zstd frames hold more than one cluster")
+        pos -= len(frame.unused_data)   # input after the frame: the next frame
+        if not frame.eof:
+            break                       # input ended inside a frame
+    return bytes(out_buf)
 
 
 def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
@@ -323,48 +395,30 @@ def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
 
     deflate: raw deflate (no zlib header), window bits -12, trailing input
     ignored; zstd: frames until ``cluster_size`` bytes.  The output must be
-    exactly one cluster; memory is bounded by ``cluster_size``.
+    exactly one cluster; more is damage.  Memory is bounded by a few
+    clusters whatever sizes the compressed data declares.
     """
+    where = f"compressed cluster at host offset {host_offset:#x}"
     try:
         if compression_type == fmt.QCOW2_COMPRESSION_TYPE_ZLIB:
             out = _inflate(data, cluster_size)
         elif compression_type == fmt.QCOW2_COMPRESSION_TYPE_ZSTD:
-            dctx = _zstd_decompressor()
-            # QEMU writes one frame per cluster: decompress it in one call
-            # (bytes after the frame are the next cluster's and ignored) ...
-            out = dctx.decompress(data, max_output_size=cluster_size,
-                                  read_across_frames=False, allow_extra_data=True)
-            if len(out) == cluster_size:
-                return out
-            # ... else read on across frames until the cluster is full, as
-            # qcow2_zstd_decompress does
-            reader = dctx.stream_reader(io.BytesIO(data), read_across_frames=True)
-            parts = []
-            got = 0
-            while got < cluster_size:
-                chunk = reader.read(cluster_size - got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-            out = b"".join(parts)
+            out = _zstd(data, cluster_size)
         else:  # pragma: no cover - rejected at open
             raise UnsupportedImageError(f"unknown compression type {compression_type}")
-    except (zlib.error, ValueError, RuntimeError, MemoryError, OSError) as exc:
-        if isinstance(exc, UnsupportedImageError):
-            raise
+    except _ClusterOverflow as exc:
         raise CorruptImageError(
-            f"compressed cluster at host offset {host_offset:#x} does not decompress: {exc}",
-            structure="compressed cluster", offset=host_offset) from exc
-    except Exception as exc:  # zstandard.ZstdError and relatives
-        raise CorruptImageError(
-            f"compressed cluster at host offset {host_offset:#x} does not decompress: {exc}",
-            structure="compressed cluster", offset=host_offset) from exc
+            f"{where} decompresses to more than one cluster ({cluster_size} bytes): {exc}",
+            structure="compressed cluster", offset=host_offset) from None
+    except UnsupportedImageError:
+        raise
+    except Exception as exc:  # zlib.error, zstandard.ZstdError and relatives
+        raise CorruptImageError(f"{where} does not decompress: {exc}",
+                                structure="compressed cluster", offset=host_offset) from exc
     if len(out) != cluster_size:
         raise CorruptImageError(
-            f"compressed cluster at host offset {host_offset:#x} decompresses to "
-            f"{len(out)} bytes, not {cluster_size}", structure="compressed cluster",
-            offset=host_offset)
+            f"{where} decompresses to {len(out)} bytes, not {cluster_size}",
+            structure="compressed cluster", offset=host_offset)
     return out
 
 
@@ -378,8 +432,6 @@ class DiskReader(io.RawIOBase):
     ``size`` is the layer's virtual size, or ``length`` for a window such as
     the VM state (which starts at ``start`` in the layer's guest space).
     """
-
-    _DECOMPRESSED_CACHE = 8
 
     def __init__(self, image: Qcow2Image, layer: Layer, *, start: int = 0,
                  length: int | None = None, backing: bool = True) -> None:
@@ -399,8 +451,10 @@ class DiskReader(io.RawIOBase):
         self.size = layer.size if length is None else length
         self._pos = 0
         self._use_backing = backing
-        self._clusters: OrderedDict[int, bytes] = OrderedDict()
-        self._backing_reader: DiskReader | None = None
+        #: what unallocated ranges read from: the backing image's reader, a
+        #: raw backing file (``read(offset, length)``), or None (zeros)
+        self._below: DiskReader | Any | None = None
+        self._below_known = False
 
     # io.RawIOBase protocol ------------------------------------------------
 
@@ -459,54 +513,61 @@ class DiskReader(io.RawIOBase):
         return bytes(out)
 
     def read_at(self, offset: int, out: memoryview) -> None:
-        """Fill ``out`` with the bytes at ``offset`` (within the size)."""
-        image = self.image
-        base = self._start
-        for ext in iter_extents(image, self.layer, base + offset, len(out)):
-            lo = ext.guest_offset - base - offset
-            hi = lo + ext.length
-            kind = ext.kind
-            if kind is ExtentKind.DATA:
-                assert ext.host_offset is not None
-                source = image.data_file() if ext.in_data_file else image._file
-                out[lo:hi] = source.pread(ext.host_offset, ext.length)
-            elif kind is ExtentKind.ZERO:
-                out[lo:hi] = bytes(ext.length)
-            elif kind is ExtentKind.UNALLOCATED:
-                out[lo:hi] = self._backing_read(ext.guest_offset, ext.length)
-            else:
-                cluster = self._decompressed(ext)
-                inner = ext.guest_offset - ext.cluster_guest_offset
-                out[lo:hi] = cluster[inner:inner + ext.length]
+        """Fill ``out`` with the bytes at ``offset`` (within the size).
 
-    def _backing_read(self, guest_offset: int, length: int) -> bytes:
-        backing = self.image.backing if self._use_backing else None
-        if backing is None:
-            return bytes(length)
-        bsize = backing.size
-        if guest_offset >= bsize:
-            return bytes(length)
-        n = min(length, bsize - guest_offset)
-        if isinstance(backing, type(self.image)):
-            if self._backing_reader is None:
-                self._backing_reader = backing.open_disk()
-            data = self._backing_reader.pread(guest_offset, n)
-        else:
-            data = backing.read(guest_offset, n)  # type: ignore[union-attr]
-        return data + bytes(length - n)
+        Unallocated ranges are read from the backing chain with a work list,
+        not by recursion: a chain may be thousands of images deep."""
+        work: list[tuple[DiskReader, int, memoryview]] = [(self, self._start + offset, out)]
+        while work:
+            reader, guest, view = work.pop()
+            image = reader.image
+            for ext in iter_extents(image, reader.layer, guest, len(view)):
+                lo = ext.guest_offset - guest
+                hi = lo + ext.length
+                kind = ext.kind
+                if kind is ExtentKind.DATA:
+                    assert ext.host_offset is not None
+                    source = image.data_file() if ext.in_data_file else image._file
+                    view[lo:hi] = source.pread(ext.host_offset, ext.length)
+                elif kind is ExtentKind.ZERO:
+                    view[lo:hi] = bytes(ext.length)
+                elif kind is ExtentKind.UNALLOCATED:
+                    below = reader._backing()
+                    inside = 0 if below is None else max(0, min(ext.length,
+                                                                below.size - ext.guest_offset))
+                    if inside < ext.length:     # past the backing file's end: zeros
+                        view[lo + inside:hi] = bytes(ext.length - inside)
+                    if inside:
+                        if isinstance(below, DiskReader):
+                            work.append((below, ext.guest_offset, view[lo:lo + inside]))
+                        else:
+                            view[lo:lo + inside] = below.read(ext.guest_offset, inside)
+                else:
+                    cluster = reader._decompressed(ext)
+                    inner = ext.guest_offset - ext.cluster_guest_offset
+                    view[lo:hi] = cluster[inner:inner + ext.length]
+
+    def _backing(self) -> DiskReader | Any | None:
+        """The backing layer as something to read from (opened on first use)."""
+        if not self._below_known:
+            backing = self.image.backing if self._use_backing else None
+            if backing is not None and hasattr(backing, "open_disk"):
+                self._below = backing.open_disk()   # a qcow2 image: its active layer
+            else:
+                self._below = backing               # a raw file, or None
+            self._below_known = True
+        return self._below
 
     def _decompressed(self, ext: Extent) -> bytes:
         assert ext.host_offset is not None
-        key = ext.host_offset
-        cached = self._clusters.get(key)
-        if cached is not None:
-            self._clusters.move_to_end(key)
-            return cached
         image = self.image
+        key = (image._token, ext.host_offset)
+        cached = DECOMPRESSED_CLUSTERS.get(key)
+        if cached is not None:
+            return cached
         raw = image.pread(ext.host_offset, ext.compressed_length)
         data = decompress_cluster(raw, image.header.effective_compression_type,
                                   image.cluster_size, ext.host_offset)
-        self._clusters[key] = data
-        if len(self._clusters) > self._DECOMPRESSED_CACHE:
-            self._clusters.popitem(last=False)
+        DECOMPRESSED_CLUSTERS.put(key, data, len(data))
         return data
+

@@ -57,6 +57,19 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_strace() -> str:
+    """strace, able to trace here (ptrace may be forbidden): skips like
+    :func:`require_tool` otherwise."""
+    strace = require_tool("strace")
+    if subprocess.run([strace, "-qq", "-o", os.devnull, "true"], check=False,
+                      capture_output=True).returncode != 0:
+        if os.environ.get("QCOW2SNAP_REQUIRE_QEMU") == "1":
+            pytest.fail("strace cannot trace here (ptrace not permitted), and "
+                        "QCOW2SNAP_REQUIRE_QEMU=1")
+        pytest.skip("strace cannot trace here (ptrace not permitted)")
+    return strace
+
+
 @pytest.fixture(scope="session")
 def qemu_img() -> str:
     return require_tool("qemu-img")
@@ -109,6 +122,17 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def place_companion(source: Path | str, destination: Path | str) -> None:
+    """Put a companion file (backing or data file) beside an image in another
+    directory: a hard link, else a copy.  Not a symlink: qcow2snap follows a
+    companion named by an image only where its real path lies in the
+    image's directory (or an allowed one)."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
 
 
 def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path
+from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path, place_companion
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -692,7 +692,7 @@ def test_repair_refuses_an_image_qemu_holds(fixture_dir: Path, tmp_path: Path,
                                             qemu_io: str) -> None:
     import time
 
-    from qcow2snap.locks import probe_qemu_locks
+    from qcow2snap.locks import probe_locks
     path, _, _ = build(CASES_BY_ID["leak-data"], fixture_dir, tmp_path / "held.qcow2")
     before = file_state(path)
     holder = subprocess.Popen([qemu_io, "-f", "qcow2", "-c", "sleep 5000", str(path)],
@@ -701,7 +701,7 @@ def test_repair_refuses_an_image_qemu_holds(fixture_dir: Path, tmp_path: Path,
         fd = os.open(path, os.O_RDONLY)
         try:
             deadline = time.monotonic() + 10
-            while not probe_qemu_locks(fd).in_use:
+            while not probe_locks(fd).in_use:
                 assert holder.poll() is None and time.monotonic() < deadline
                 time.sleep(0.02)
         finally:
@@ -915,7 +915,7 @@ def test_mutated_images_check_and_repair_cleanly(name: str, examples: int, fixtu
     def run_one(changes: list[tuple[int, str, int]]) -> None:
         work = tmp_path_factory.mktemp("mutated")
         for companion in companions:
-            os.symlink(companion, work / companion.name)
+            place_companion(companion, work / companion.name)
         path = work / "damaged.qcow2"
         path.write_bytes(bytes(apply_mutations(prof.data, changes)))
         before = file_state(path)

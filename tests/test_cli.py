@@ -841,7 +841,7 @@ def test_edit_failure_on_apply_exits_with_its_status(fixture_copy: Any) -> None:
 @pytest.fixture
 def held_image(fixture_copy: Any, qemu_io: str) -> Iterator[Path]:
     """A copy of v3-basic opened read-write by a qemu-io process."""
-    from qcow2snap.locks import probe_qemu_locks
+    from qcow2snap.locks import probe_locks
 
     path = fixture_copy("v3-basic")
     proc = subprocess.Popen([qemu_io, "-c", "sleep 30000", os.fspath(path)],
@@ -851,7 +851,7 @@ def held_image(fixture_copy: Any, qemu_io: str) -> Iterator[Path]:
         while True:
             fd = os.open(path, os.O_RDONLY)
             try:
-                if probe_qemu_locks(fd).has_writer:
+                if probe_locks(fd).has_writer:
                     break
             finally:
                 os.close(fd)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run
+from conftest import place_companion, run
 from crashsim import CrashReplay, Op, RecordingIO, Refcounts, shadow_paging_violations
 
 import qcow2snap
@@ -121,8 +121,9 @@ def assert_crash_safe(path: Path, operation: Callable[[EditableImage], object],
     crashed = tmp_path / path.name
     # companions (backing files) sit beside the original
     for companion in path.parent.iterdir():
-        if companion != path and not (tmp_path / companion.name).exists():
-            (tmp_path / companion.name).symlink_to(companion)
+        if (companion != path and companion.is_file()
+                and not (tmp_path / companion.name).exists()):
+            place_companion(companion, tmp_path / companion.name)
     replayer = CrashReplay(before_copy, ops, crashed)
     seen = set()
     for label in replayer.variants(**replay):

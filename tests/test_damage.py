@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURES_BY_NAME, fixture_path
+from conftest import FIXTURES_BY_NAME, fixture_path, place_companion
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -392,7 +392,7 @@ def damaged_image(data: bytes | bytearray, companions: tuple[Path, ...] = ()) ->
     """A fresh directory holding the damaged image and links to its companions."""
     with tempfile.TemporaryDirectory(prefix="qcow2snap-damage-") as tmp:
         for companion in companions:
-            os.symlink(companion, Path(tmp) / companion.name)
+            place_companion(companion, Path(tmp) / companion.name)
         path = Path(tmp) / DAMAGED_NAME
         path.write_bytes(data)
         yield path
@@ -615,8 +615,9 @@ def _first_alloc_subcluster(bitmap: int) -> int:
 
 
 OFFSET_RE = "0x[0-9a-f]+"
-#: QEMU prints indexes with %#x, which gives "0" for zero (Python's #x gives "0x0")
-QEMU_HEX = "(0x[0-9a-f]+|0)"
+#: QEMU prints indexes with %#x, which gives "0" for zero (Python's #x gives
+#: "0x0", which this does not match): qcow2snap must print them the same way
+QEMU_HEX = "(0x[1-9a-f][0-9a-f]*|0)"
 
 CASES: list[Case] = [
     # --- header: magic, version, geometry ---------------------------------
@@ -649,7 +650,7 @@ CASES: list[Case] = [
          qemu="Unsupported subcluster size: 16"),
     # --- feature bits -------------------------------------------------------
     Case("unknown-incompatible-bit", "v3-basic", u64(72, 1 << 21), UnsupportedImageError,
-         r"Unsupported qcow2 feature\(s\): Unknown incompatible feature: bit 21",
+         r"Unsupported qcow2 feature\(s\): Unknown incompatible feature: 200000$",
          qemu=r"Unsupported qcow2 feature\(s\): Unknown incompatible feature: 200000"),
     Case("unknown-incompatible-bit-named", "v3-basic",
          name_unknown_feature(20, b"hostile feature"), UnsupportedImageError,
@@ -714,7 +715,7 @@ CASES: list[Case] = [
          "backing file format 'vmdk0' is not supported", opens=True,
          qemu="Unknown driver 'vmdk0'", qemu_cmd="convert"),
     Case("backing-chain-loop", "backing-chain", set_backing_name(DAMAGED_NAME.encode()),
-         CorruptImageError, "backing chain longer than 64 images", opens=True,
+         CorruptImageError, "creates an infinite loop", opens=True,
          # qemu-img convert never ends on this image (QEMU 7.2: > 10 min, 2.5 GB)
          qemu="Backing file '.*' creates an infinite loop", qemu_cmd="info-chain"),
     # --- L1 table --------------------------------------------------------------
@@ -743,8 +744,8 @@ CASES: list[Case] = [
     Case("l1-entry-unaligned-l2", "v3-basic",
          with_layout(lambda lay: u64(lay.l1_table_offset,
                                      lay.u64(lay.l1_table_offset) + 0x1000)),
-         CorruptImageError, rf"L2 table offset {OFFSET_RE} unaligned \(L1 index: 0x0\)",
-         opens=True, qemu=rf"L2 table offset {OFFSET_RE} unaligned \(L1 index: {QEMU_HEX}\)",
+         CorruptImageError, rf"L2 table offset {OFFSET_RE} unaligned \(L1 index: 0\)",
+         opens=True, qemu=rf"L2 table offset {OFFSET_RE} unaligned \(L1 index: 0\)",
          qemu_cmd="convert"),
     Case("l1-entry-past-eof", "v3-basic",
          with_layout(lambda lay: u64(lay.l1_table_offset, 1 << 50)), None,
@@ -816,7 +817,7 @@ CASES: list[Case] = [
     Case("l2-data-offset-unaligned", "v3-basic",
          l2_entry(Layout.first_data_entry, lambda e, b: (e + 0x1000, b)), CorruptImageError,
          rf"Cluster allocation offset {OFFSET_RE} unaligned \(L2 offset: {OFFSET_RE}, "
-         rf"L2 index: {OFFSET_RE}\)", opens=True,
+         rf"L2 index: {QEMU_HEX}\)", opens=True,
          qemu=rf"Cluster allocation offset {OFFSET_RE} unaligned \(L2 offset: {OFFSET_RE}, "
               rf"L2 index: {QEMU_HEX}\)", qemu_cmd="convert"),
     Case("l2-reserved-bits", "v3-basic",
@@ -828,22 +829,26 @@ CASES: list[Case] = [
     Case("zero-flag-in-v2", "v2",
          l2_entry(Layout.first_data_entry, lambda e, b: (e | 1, b)), CorruptImageError,
          rf"Zero cluster entry found in pre-v3 image \(L2 offset: {OFFSET_RE}, "
-         rf"L2 index: {OFFSET_RE}\)", opens=True,
+         rf"L2 index: {QEMU_HEX}\)", opens=True,
          qemu="Zero cluster entry found in pre-v3 image", qemu_cmd="convert"),
     Case("extended-l2-alloc-and-zero", "extended-l2",
          l2_entry(Layout.first_data_entry,
                   lambda e, b: (e, b | (1 << (32 + _first_alloc_subcluster(b))))),
          CorruptImageError, rf"Invalid cluster entry found +\(L2 offset: {OFFSET_RE}, "
-         rf"L2 index: {OFFSET_RE}\)", opens=True, qemu="Invalid cluster entry found",
+         rf"L2 index: {QEMU_HEX}\)", opens=True, qemu="Invalid cluster entry found",
          qemu_cmd="convert"),
     Case("extended-l2-alloc-without-offset", "extended-l2",
          l2_entry(Layout.first_data_entry, lambda e, b: (0, b)), CorruptImageError,
          "Invalid cluster entry found", opens=True, qemu="Invalid cluster entry found",
          qemu_cmd="convert"),
+    # QEMU ignores the bitmap of a compressed cluster (QCOW2_SUBCLUSTER_COMPRESSED)
+    # and decompresses what the entry points at: here plain data, so both fail
+    # there (the iotest-271 case, real compressed data, reads: test_fidelity.py)
     Case("extended-l2-compressed-with-bitmap", "extended-l2",
          l2_entry(Layout.first_data_entry, lambda e, b: ((1 << 62) | _offset_bits(e), 1)),
-         CorruptImageError, "Invalid cluster entry found", opens=True,
-         qemu="Invalid cluster entry found|Input/output error", qemu_cmd="convert"),
+         CorruptImageError,
+         rf"compressed cluster at host offset {OFFSET_RE} (does not decompress|decompresses "
+         r"to \d+ bytes)", opens=True, qemu="Input/output error", qemu_cmd="convert"),
     Case("compressed-zlib-garbage", "compressed-zlib", garble_compressed, CorruptImageError,
          rf"compressed cluster at host offset {OFFSET_RE} (does not decompress|decompresses "
          r"to \d+ bytes)", opens=True, qemu="Input/output error", qemu_cmd="convert"),

@@ -270,7 +270,8 @@ def test_own_editor_locks_are_not_taken_for_qemu(fixture_copy) -> None:  # type:
         assert editor.lock_state is not None and not editor.lock_state.edited_by_this_process
 
 
-LAYERS = [("errors",), ("format", "tables", "vmstate"), ("model",), ("locks", "image", "reader", "copier"),
+LAYERS = [("errors",), ("format", "tables", "vmstate"), ("model",),
+          ("cache", "hostfile", "locks", "image", "reader", "copier", "refcount"),
           ("ops",), ("describe",), ("cli",)]
 
 

@@ -589,7 +589,7 @@ def salvage_snapshot_table(image: Qcow2Image) -> SalvagedTable:
             extra_data_size=extra, vm_state_size_large=known[0], disk_size_field=known[1],
             icount_field=known[2], unknown_extra=extra_raw[24:] if extra > 24 else b"",
             raw=b"" if rewrite else data(start, end - start), problems=problems,
-            rewrite=rewrite, current_size=h.size)
+            rewrite=rewrite, current_size=image.size)
         if h.version >= 3 and extra < 16:
             if not id_raw and not name_raw and hh.l1_size == 0 and hh.l1_table_offset == 0:
                 remaining = nb - i
@@ -724,6 +724,9 @@ class _L2Info:
     more_findings: int = 0
     #: ``hosts`` is exactly one cluster per entry with a host offset, in order
     bulk: bool = False
+    #: host clusters of compressed clusters that QEMU's check calls errors and
+    #: so does not count (a non-zero subcluster bitmap), though QEMU reads them
+    unreferenced_data: list[int] = field(default_factory=list)
 
 
 class Checker:
@@ -742,6 +745,9 @@ class Checker:
         self._counts: Counter[str] = Counter()
         self.ref: array[int] = array("Q", bytes(8 * (self.file_clusters + 1)))
         self.past_eof: set[int] = set()
+        #: host clusters holding guest data that QEMU reads but its check
+        #: does not count (see _L2Info.unreferenced_data): a repair keeps them
+        self.unreferenced_data: set[int] = set()
         self.owner: dict[int, str] = {}       # metadata cluster -> structure kind
         self.data_clusters: set[int] = set()  # only filled for overlap detection of metadata
         self._l2_info: dict[int, _L2Info] = {}
@@ -828,7 +834,8 @@ class Checker:
         r = self.report
         r.dirty = image.dirty
         r.corrupt_bit = image.corrupt
-        r.total_clusters = (h.size + self.cs - 1) >> self.bits
+        # QEMU's bfi.total_clusters: of bs->total_sectors, the rounded size
+        r.total_clusters = (image.size + self.cs - 1) >> self.bits
         if image.dirty:
             self.add("dirty-bit", "info", 72, "header",
                      "the dirty bit is set (refcounts may be stale); a repair clears it once "
@@ -898,13 +905,14 @@ class Checker:
         if e.l1_table_offset & (self.cs - 1):
             e.l1_broken = "L1 table is not cluster aligned"
             self.add("snapshot-l1", "corruption", e.entry_offset, structure,
-                     f"ERROR snapshot {e.id} ({e.name}) l1_offset={e.l1_table_offset:#x}: L1 "
-                     f"table is not cluster aligned; snapshot table entry corrupted", "all")
+                     f"ERROR snapshot {e.id} ({e.name}) l1_offset="
+                     f"{fmt.c_hex(e.l1_table_offset)}: L1 table is not cluster aligned; snapshot "
+                     f"table entry corrupted", "all")
         elif e.l1_size > fmt.QCOW_MAX_L1_SIZE // 8:
             e.l1_broken = "L1 table is too large"
             self.add("snapshot-l1", "corruption", e.entry_offset, structure,
-                     f"ERROR snapshot {e.id} ({e.name}) l1_size={e.l1_size:#x}: L1 table is "
-                     f"too large; snapshot table entry corrupted", "all")
+                     f"ERROR snapshot {e.id} ({e.name}) l1_size={fmt.c_hex(e.l1_size)}: L1 "
+                     f"table is too large; snapshot table entry corrupted", "all")
         elif e.l1_size and e.l1_table_offset + e.l1_size * 8 - self.file_size >= self.cs:
             e.l1_broken = "L1 table lies past the end of the file"
             self.add("snapshot-l1", "corruption", e.entry_offset, structure,
@@ -1005,18 +1013,29 @@ class Checker:
                         (f"ERROR: coffset=0x{coffset:x}: copied flag must never be set for "
                         f"compressed clusters"), "all"))
                     info.fixes[j] = e & ~fmt.QCOW_OFLAG_COPIED
+                    e &= ~fmt.QCOW_OFLAG_COPIED
+                # QEMU's check_refcounts_l2 neither counts nor references a
+                # compressed cluster it calls an error (so its host clusters
+                # may show up as leaked)
+                if data_file:
+                    info.findings.append((
+                        "compressed-data-file", l2 + j * image.l2_entry_size,
+                        f"ERROR compressed cluster {j} with data file, entry=0x{e:x}", None))
+                    continue
+                nb = ((e >> image.csize_shift) & image.csize_mask) + 1
+                csize = nb * 512 - (coffset & 511)
                 if ext and bitmap:
                     info.findings.append((
                         "subcluster-bitmap", l2 + j * 16,
                         (f"ERROR compressed cluster {j} with non-zero subcluster allocation "
                         f"bitmap, entry=0x{e:x}"), None))
-                nb = ((e >> image.csize_shift) & image.csize_mask) + 1
-                csize = nb * 512 - (coffset & 511)
+                    first = coffset >> bits
+                    info.unreferenced_data.extend(
+                        range(first, min((coffset + csize - 1) >> bits, first + 64) + 1))
+                    continue
                 info.allocated += 1
                 info.compressed += 1
                 info.fragmented += 1
-                if data_file:
-                    continue
                 first = coffset >> bits
                 last = (coffset + csize - 1) >> bits
                 if coffset + csize - self.file_size >= cs:
@@ -1094,6 +1113,7 @@ class Checker:
                      f"one cluster or more: offset {hc << self.bits:#x} size {self.cs:#x} "
                      f"(data cluster in L2 table at {l2:#x}, {label})", None)
             self.past_eof.add(hc)
+        self.unreferenced_data.update(info.unreferenced_data)
         self._pending[l2] += 1
         self._walked.add(l2)
         if active:
@@ -1350,7 +1370,7 @@ class Checker:
 
     def expected_l1_size(self, e: SalvagedEntry) -> int:
         image = self.image
-        disk_size = e.disk_size(self.h.size)
+        disk_size = e.disk_size(image.size)
         if e.vm_state_size:
             vm_offset = image.size_to_l1(disk_size) << (self.bits + image.l2_bits)
             return image.size_to_l1(vm_offset + e.vm_state_size)

@@ -11,6 +11,7 @@ either).  The source image is only read.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,12 +22,14 @@ from typing import Literal
 from .. import format as fmt
 from ..copier import ClusterCopier, is_zero
 from ..errors import Qcow2Error, UnsupportedImageError
+from ..hostfile import file_kind
 from ..image import Layer, Qcow2Image
 from ..model import Header, Snapshot
 from ..reader import DiskReader, ExtentKind, decompress_cluster, iter_extents
 from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
 
-__all__ = ["ExtractResult", "OutputExistsError", "atomic_output", "dump_vm_state", "extract"]
+__all__ = ["ExtractResult", "OutputError", "OutputExistsError", "atomic_output", "dump_vm_state",
+           "extract", "input_files"]
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -55,13 +58,43 @@ class ExtractResult:
     snapshot: Snapshot | None
 
 
+def input_files(image: Qcow2Image) -> dict[tuple[int, int], str]:
+    """The files an extraction reads from, by (st_dev, st_ino), with what
+    each is: the image, every file of its backing chain (also a link that
+    is not followed) and its external data file.  An output must never
+    replace one of them."""
+    found: dict[tuple[int, int], str] = {image._file.identity(): "the input image"}
+    for link in image.backing_chain():
+        try:
+            st = os.stat(link.path)
+        except OSError:
+            continue
+        found.setdefault((st.st_dev, st.st_ino), f"backing file {link.path}")
+    data_name = image._data_file_override or image.data_file_name
+    if image.has_data_file and data_name:
+        try:
+            st = os.stat(image._resolve_relative(os.fspath(data_name)))
+            found.setdefault((st.st_dev, st.st_ino), "the image's data file")
+        except OSError:
+            pass
+    return found
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
-                  source: str | None = None, sync: bool = False) -> Iterator[int]:
+                  inputs: dict[tuple[int, int], str] | None = None,
+                  sync: bool = False) -> Iterator[int]:
     """Yield an fd of a temporary file beside ``path``; on success rename it
     to ``path``.  On any exception, including KeyboardInterrupt, the
     temporary file is removed, so nothing appears under ``path`` unless it
     is complete.
+
+    An existing ``path`` is replaced only with ``overwrite``, only if it is
+    a regular file (or a symlink, which is replaced, not followed), and
+    never if it is one of ``inputs`` (see :func:`input_files`): ``-f`` must
+    not destroy the evidence it reads, nor turn a device node or FIFO into
+    a regular file.  An OSError while writing becomes an
+    :class:`OutputError` naming ``path``.
 
     ``sync=True`` also makes the result durable against power loss: the data
     is fsynced before the rename and the directory after it.  Like
@@ -69,9 +102,31 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
     kernel."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    if os.path.lexists(path):
-        if source is not None and os.path.exists(path) and os.path.samefile(path, source):
-            raise OutputExistsError(f"{path}: refusing to write over the source image")
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot use as output: {exc.strerror or exc}") from exc
+    if st is not None:
+        targets = [st]
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                targets.append(os.stat(path))
+            except OSError:
+                pass
+        for target in targets:
+            what = (inputs or {}).get((target.st_dev, target.st_ino))
+            if what is not None:
+                if what == "the input image":
+                    raise OutputExistsError(f"{path}: refusing to write over the source image")
+                raise OutputExistsError(f"{path}: refusing to write over {what}, which this "
+                                        f"extraction reads; choose another output")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise OutputExistsError(
+                f"{path}: is {file_kind(st.st_mode)}; outputs are written as regular files "
+                f"and never replace {file_kind(st.st_mode)} (qemu-img: \"Cannot grow device "
+                f"files\"); choose another output")
         if not overwrite:
             raise OutputExistsError(f"{path}: output exists; pass overwrite=True (CLI: --force) "
                                     f"to replace it")
@@ -83,9 +138,13 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
                           f"{exc.strerror or exc}") from exc
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; behave like open()
-        yield fd
-        if sync:
-            os.fsync(fd)
+        try:
+            yield fd
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            raise OutputError(f"{path}: writing the output failed: {exc.strerror or exc}; "
+                              f"nothing was left under that name") from exc
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
@@ -226,7 +285,7 @@ def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os
     if format == "raw" and compress:
         raise ValueError("compression applies to qcow2 output only")
     tracker = _Progress(layer.size, progress)
-    with atomic_output(output, overwrite=overwrite, source=image.path, sync=sync) as fd:
+    with atomic_output(output, overwrite=overwrite, inputs=input_files(image), sync=sync) as fd:
         if format == "raw":
             os.ftruncate(fd, layer.size)
             copier = ClusterCopier(image._file.fd, fd, progress=tracker)
@@ -254,12 +313,12 @@ def dump_vm_state(image: Qcow2Image, snapshot: str | Snapshot, output: str | os.
     assert sn is not None
     start = image.vm_state_offset(sn)
     tracker = _Progress(sn.vm_state_size, progress)
-    with atomic_output(output, overwrite=overwrite, source=image.path, sync=sync) as fd:
+    with atomic_output(output, overwrite=overwrite, inputs=input_files(image), sync=sync) as fd:
         os.ftruncate(fd, sn.vm_state_size)
         copier = ClusterCopier(image._file.fd, fd, progress=tracker)
         try:
             _copy_range_raw(image, reader.layer, start, sn.vm_state_size, copier,
-                            backing=True, progress=tracker)
+                            backing=False, progress=tracker)
         finally:
             copier.close()
     return ExtractResult(os.fspath(output), "vmstate", sn.vm_state_size, copier.bytes_written, sn)

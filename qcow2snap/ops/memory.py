@@ -42,7 +42,7 @@ from ..errors import UnsupportedImageError
 from ..image import Qcow2Image
 from ..model import Snapshot
 from ..vmstate import DeviceState, RamBlock, VMState, parse_stream
-from .extract import atomic_output
+from .extract import atomic_output, input_files
 from .runstate import snapshot_runstate, vm_state_label
 
 __all__ = [
@@ -631,7 +631,7 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
                     (r.block_offset, r.block_offset + r.size, r.phys_start))
             out_size = max((r.phys_end for r in ranges), default=0)
         out_format = format
-    with atomic_output(output, overwrite=overwrite, source=image.path, sync=sync) as fd:
+    with atomic_output(output, overwrite=overwrite, inputs=input_files(image), sync=sync) as fd:
         os.ftruncate(fd, out_size)
         writer = _PageWriter(fd, state.page_size, segments, state.ram_blocks)
         parse_stream(reader, size, ram_sink=writer, progress=pass_progress(size), label=label)

@@ -12,7 +12,9 @@ What each mode does (QEMU's ``-r leaks`` / ``-r all`` semantics, reference
     lowers refcounts that are higher than the references; fixes COPIED
     flags only when nothing but leaks and COPIED errors was found (as QEMU).
     If a snapshot's L1 pointer is broken and its L1 table cannot be found,
-    no refcount is lowered at all: its data is among the "leaks".
+    no refcount is lowered at all: its data is among the "leaks".  Nor is
+    the refcount of a compressed cluster whose L2 entry has a non-zero
+    subcluster bitmap (QEMU's check does not count it, but QEMU reads it).
 ``all``
     also raises refcounts that are too low, rebuilds the refcount table and
     blocks when they are themselves damaged (in two crash-safe commits: the
@@ -339,8 +341,10 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
     past_eof = checker.past_eof
     n = len(ref)
 
+    kept = checker.unreferenced_data
+
     def referenced(cluster: int) -> bool:
-        return (cluster < n and ref[cluster] != 0) or cluster in past_eof
+        return (cluster < n and ref[cluster] != 0) or cluster in past_eof or cluster in kept
 
     txn = _RepairTransaction(image, io or FileIO(image._file.fd), referenced)
 
@@ -351,8 +355,13 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
     fix_leaks = not (mode == "leaks" and plan.lost)
     fix_low = mode == "all"
     lowered = raised = 0
+    kept_data = 0
     for cluster, d, r in refcount_differences(disk, ref):
-        if d > r and fix_leaks:
+        if d > r and cluster in kept:
+            # QEMU frees these (and its next allocation overwrites guest
+            # data it still reads): keep them until the L2 entry is fixed
+            kept_data += 1
+        elif d > r and fix_leaks:
             txn.add_refcount(cluster, r - d)
             lowered += 1
         elif d < r and fix_low:
@@ -362,6 +371,9 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
         changes.append(did("lowered", "lower") + f" the refcount of {lowered} leaked cluster(s)")
     if raised:
         changes.append(did("raised", "raise") + f" the refcount of {raised} cluster(s) that were too low")
+    if kept_data:
+        changes.append(f"kept {kept_data} leaked cluster(s) holding compressed clusters whose "
+                       f"L2 entry has a non-zero subcluster bitmap: QEMU reads them")
     if not fix_leaks and report.leaks:
         names = ", ".join(e.label for e in plan.lost)
         changes.append(f"kept {report.leaks} leaked cluster(s): the L1 table of {names} is "

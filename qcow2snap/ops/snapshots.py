@@ -155,7 +155,10 @@ class SnapshotEditor:
         self.cluster_bits = image.cluster_bits
         self.cluster_size = image.cluster_size
         h = image.header
-        self.size = h.size
+        # QEMU's bs->total_sectors * BDRV_SECTOR_SIZE: what a new snapshot
+        # records as its disk size and what a revert compares with (the
+        # header's stored size is rewritten only when a revert resizes)
+        self.size = image.size
         self.records = [_Record.from_snapshot(s) for s in image.snapshots]
         self.table_dirty = False
         self.active = _L1(h.l1_table_offset, h.l1_size,
@@ -383,6 +386,12 @@ class SnapshotEditor:
         sn_l1 = self._snapshot_l1(record)
         image = self.image
         if record.disk_size != self.size:
+            if record.disk_size % fmt.BDRV_SECTOR_SIZE:
+                # qcow2_snapshot_goto truncates to it, and qcow2_co_truncate refuses
+                raise UnsupportedImageError(
+                    f"{image.path}: cannot revert to snapshot {record.label}: its disk size "
+                    f"{record.disk_size} is not a multiple of 512 (QEMU: \"The new size must "
+                    f"be a multiple of 512\")", feature="snapshot disk size")
             if image.header.version < 3 and self.records:
                 raise UnsupportedImageError(
                     f"{image.path}: Can't resize a v2 image which has snapshots (snapshot "

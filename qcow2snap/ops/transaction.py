@@ -41,6 +41,8 @@ from ..refcount import RefcountReader
 from ..tables import encode_refcount_block, encode_u64_table, refcount_max
 
 __all__ = [
+    "CommitFailedError",
+    "CommitNotDurableError",
     "CommitResult",
     "FileIO",
     "MetadataIO",
@@ -58,7 +60,21 @@ class RefcountOverflowError(UnsupportedImageError):
 
 class TransactionPoisoned(Qcow2Error):
     """A commit failed part-way (an I/O error); this handle must not be used
-    for further edits.  The image itself is in the old or the new state."""
+    for further edits.  The image itself is in the old or the new state;
+    the subclasses say which."""
+
+    exit_code = 12
+
+
+class CommitFailedError(TransactionPoisoned):
+    """Writing or flushing the new metadata failed before the switch: the
+    image is unchanged, in its old state."""
+
+
+class CommitNotDurableError(TransactionPoisoned):
+    """The switch to the new state was written, but flushing it failed: the
+    image reads as the new state, which is not known to be durable (a power
+    loss could still bring back the old one)."""
 
 
 class MetadataIO(Protocol):
@@ -124,6 +140,9 @@ class CommitResult:
     header_changes: dict[str, tuple[int, int]] = field(default_factory=dict)
     metadata_bytes_written: int = 0
     dry_run: bool = False
+    #: the edit is applied and durable, but giving freed space back to the
+    #: file system failed (the clusters stay allocated in the file, free)
+    reclaim_error: str | None = None
 
 
 class Transaction:
@@ -405,6 +424,8 @@ class Transaction:
                                  *(o + len(d) for o, d in self.new_data.items())])
         new_end = self._new_end_cluster(new_blocks) << self.cluster_bits
         result.file_size_after = min(size_after_writes, max(new_end, 0))
+        if self.image._file.is_block_device:  # a device keeps its size
+            result.file_size_after = self._file_size
         result.bytes_freed = sum(
             min(self.cluster_size, max(0, self._file_size - (c << self.cluster_bits)))
             for c in freed)
@@ -413,14 +434,39 @@ class Transaction:
         if diff and diff[-1] >= HEADER_COMMIT_LIMIT:  # pragma: no cover - by construction
             raise AssertionError("header change outside the first sector")
         io = self.io
-        for offset in sorted(self.new_data):
-            io.pwrite(self.new_data[offset], offset)
-        io.fsync()
+        path = self.image.path
+        try:
+            for offset in sorted(self.new_data):
+                io.pwrite(self.new_data[offset], offset)
+            io.fsync()
+        except OSError as exc:
+            raise CommitFailedError(
+                f"{path}: the edit was not applied: writing the new metadata failed "
+                f"({exc.strerror or exc}); the image is unchanged, in its old state") from exc
         if diff:
             lo, hi = diff[0], diff[-1] + 1
-            io.pwrite(new_bytes[lo:hi], lo)          # the commit point
-        io.fsync()
-        self._reclaim(freed, size_after_writes, result.file_size_after)
+            try:
+                io.pwrite(new_bytes[lo:hi], lo)          # the commit point
+            except OSError as exc:
+                raise TransactionPoisoned(
+                    f"{path}: writing the header sector that switches to the new state failed "
+                    f"({exc.strerror or exc}); the image is in the old or the new state, both "
+                    f"consistent: reopen it (qcow2snap list) to see which") from exc
+        try:
+            io.fsync()
+        except OSError as exc:
+            raise CommitNotDurableError(
+                f"{path}: the edit was applied (the image now reads as the new state) but "
+                f"flushing it to disk failed ({exc.strerror or exc}), so it is not known to be "
+                f"durable: a power loss before the storage recovers could bring back the old "
+                f"state (both are consistent); check the storage, then verify with "
+                f"'qcow2snap list'") from exc
+        try:
+            self._reclaim(freed, size_after_writes, result.file_size_after)
+        except OSError as exc:  # the new state is durable; only space is not returned
+            result.reclaim_error = (f"giving {len(freed)} freed cluster(s) back to the file "
+                                    f"system failed ({exc.strerror or exc}); they stay in the "
+                                    f"file, free")
         return result
 
     def _new_end_cluster(self, new_blocks: dict[int, int]) -> int:
@@ -445,15 +491,17 @@ class Transaction:
         """Give freed clusters back to the file system (after the commit):
         truncate a free tail, punch holes for the rest."""
         cs = self.cluster_size
+        # a block device keeps its size: its freed tail is discarded instead
+        truncate = size_after < size_now and not self.image._file.is_block_device
         runs: list[tuple[int, int]] = []
         for c in freed:
-            if (c << self.cluster_bits) >= size_after:
+            if truncate and (c << self.cluster_bits) >= size_after:
                 continue
             if runs and runs[-1][0] + runs[-1][1] == c:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((c, 1))
-        if size_after < size_now:
+        if truncate:
             self.io.truncate(size_after)
         for start, count in runs:
             self.io.punch_hole(start * cs, count * cs)
