@@ -9,13 +9,14 @@ shows the traceback instead).
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -46,7 +47,119 @@ EXIT_OS_ERROR = 1
 
 
 def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=4, ensure_ascii=False))
+    """Print ``json.dumps(obj, indent=4, ensure_ascii=False)``."""
+    _echo_parts(_json_parts(obj, _json_encoder()))
+
+
+def _print_json_list(items: Iterable[Any]) -> None:
+    """``_print_json(list(items))``, each item encoded as soon as it is made
+    (a 65,536-snapshot listing need not hold 65,536 objects)."""
+    _echo_parts(_json_list_parts(items, _json_encoder(), 0))
+
+
+_JSON_INDENT = 4
+#: List items encoded together (one call of the encoder for each batch)
+_JSON_BATCH = 512
+
+
+def _json_encoder() -> json.JSONEncoder:
+    return json.JSONEncoder(indent=_JSON_INDENT, ensure_ascii=False)
+
+
+def _json_parts(value: Any, encoder: json.JSONEncoder, depth: int = 0) -> Iterator[str]:
+    """The text ``encoder.encode(value)`` in parts: the outer container and
+    the lists in it are opened here, and list items are encoded a batch at
+    a time.
+
+    Encoded whole, a large listing costs far more memory than its text: the
+    indenting encoder is pure Python and gathers every small piece of the
+    text (~50 an object) in one list before joining them.  The parts join to
+    exactly the encoder's text: the text of a value nested N levels deep is
+    its own text with N indents after every newline (strings are written
+    with escapes, never with a raw newline)."""
+    pad = "\n" + " " * (_JSON_INDENT * depth)
+    if depth < 2 and isinstance(value, (list, tuple)):
+        yield from _json_list_parts(value, encoder, depth)
+    elif depth == 0 and isinstance(value, dict) and value:
+        opening = "{"
+        for key, item in value.items():
+            # the key as the encoder writes it (a string, number, bool or
+            # null), cut from '{\n    KEY: null\n}'
+            key_text = encoder.encode({key: None})[2 + _JSON_INDENT:-8]
+            yield f"{opening}{pad}{' ' * _JSON_INDENT}{key_text}: "
+            yield from _json_parts(item, encoder, depth + 1)
+            opening = ","
+        yield pad + "}"
+    else:
+        yield encoder.encode(value).replace("\n", pad)
+
+
+def _json_list_parts(items: Iterable[Any], encoder: json.JSONEncoder, depth: int
+                     ) -> Iterator[str]:
+    """:func:`_json_parts` of a list, for any iterable of its items."""
+    pad = "\n" + " " * (_JSON_INDENT * depth)
+    inner = pad + " " * _JSON_INDENT
+    opening = "[" + inner
+    rest = iter(items)
+    while batch := list(itertools.islice(rest, _JSON_BATCH)):
+        texts = [text for item in batch if (text := _flat_object_text(item, inner)) is not None]
+        if len(texts) == len(batch):
+            yield opening + ("," + inner).join(texts)
+        else:
+            # the batch's text is '[\n    ITEM,\n    ITEM\n]': keep the items
+            yield opening + encoder.encode(batch)[2 + _JSON_INDENT:-2].replace("\n", pad)
+        opening = "," + inner
+    yield "[]" if opening[0] == "[" else pad + "]"
+
+
+def _flat_object_text(obj: Any, pad: str) -> str | None:
+    """The indenting encoder's text of a dict of string keys and string,
+    integer, boolean or null values, starting a line that ``pad`` starts
+    (the objects of a listing: the encoder is pure Python and costs ~5x
+    this), or ``None`` for anything else."""
+    if type(obj) is not dict or not obj:
+        return None
+    inner = pad + " " * _JSON_INDENT
+    quote = json.encoder.encode_basestring  # what the encoder uses with ensure_ascii=False
+    lines = []
+    for key, value in obj.items():
+        kind = type(value)
+        if type(key) is not str:
+            return None
+        if kind is str:
+            text = quote(value)
+        elif value is None:
+            text = "null"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif kind is int:
+            text = int.__repr__(value)
+        else:
+            return None
+        lines.append(f"{quote(key)}: {text}")
+    return "{" + inner + ("," + inner).join(lines) + pad + "}"
+
+
+def _echo_parts(parts: Iterable[str]) -> None:
+    """``click.echo`` of the joined parts, written once all are made (as the
+    whole text would be: an error on the way prints nothing), joined in
+    pieces of ~64 KiB meanwhile."""
+    pieces: list[str] = []
+    batch: list[str] = []
+    size = 0
+    for part in parts:
+        batch.append(part)
+        size += len(part)
+        if size >= 1 << 16:
+            pieces.append("".join(batch))
+            batch.clear()
+            size = 0
+    pieces.append("".join(batch))
+    for piece in pieces[:-1]:
+        click.echo(piece, nl=False)
+    click.echo(pieces[-1])
 
 
 def _one_line(message: str) -> str:
@@ -176,7 +289,7 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
     if len(images) == 1:
         with open_image(images[0]) as img:
             if as_json:
-                _print_json([describe.snapshot_json(s, img) for s in img.snapshots])
+                _print_json_list(describe.snapshot_json(s, img) for s in img.snapshots)
             elif img.snapshots:
                 _echo_text("Snapshot list:\n"
                            + describe.snapshot_table_text(img.snapshots, image=img))

@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 
 
 def snapshot_runstate(image: Qcow2Image, snapshot: Snapshot) -> str | None:
-    """The run state a VM-state snapshot was saved in (loaded on first use:
-    the memory-export module and what it imports cost start-up time every
-    other command would pay)."""
-    from .ops.memory import snapshot_runstate as read_runstate
+    """The run state a VM-state snapshot was saved in (one listing's calls
+    share what they read: :mod:`qcow2snap.ops.runstate`, imported on first
+    use so that commands listing nothing do not pay for it)."""
+    from .ops.runstate import snapshot_runstate as read_runstate
     return read_runstate(image, snapshot)
 
 __all__ = [

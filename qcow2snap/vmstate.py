@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ __all__ = [
     "RamBlock",
     "RamSink",
     "RunState",
+    "RunstateCache",
     "Section",
     "StreamFile",
     "VMState",
@@ -122,6 +123,9 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 _WINDOW = 1 << 20
+
+#: The bytes a run state name may hold (0x20-0x7E).
+_PRINTABLE = bytes(range(0x20, 0x7F))
 
 
 class StreamFile(Protocol):
@@ -281,7 +285,7 @@ class _Cursor:
             if not n:
                 break
             got += n
-        return bytes(out[:got])
+        return bytes(out) if got == length else bytes(out[:got])
 
     def _need(self, n: int, what: str) -> int:
         """Make ``n`` bytes at pos available; return their index in buf."""
@@ -360,16 +364,31 @@ class _Cursor:
 # The VM description (JSON trailer)
 # ---------------------------------------------------------------------------
 
-def _find_vm_description(cur: _Cursor) -> tuple[int, dict[str, Any] | None, str | None]:
-    """(offset of the 0x06 marker or -1, parsed JSON, problem).
+#: The first span of the stream's end searched for the VM description
+#: (then 8x as much, up to :data:`MAX_VM_DESCRIPTION_SIZE`).
+VM_DESCRIPTION_FIRST_SPAN = 1 << 20
+
+
+def _locate_vm_description(cur: _Cursor, first_span: int | None = None
+                           ) -> tuple[int, int, bytes]:
+    """(offset of the 0x06 marker or -1, start, tail): ``tail`` is the
+    stream from ``start`` to its end, the last span read.
 
     The trailer is ``0x06, u32 len, len bytes of JSON`` ending the stream;
     JSON text holds no 0x06 byte, so the last 0x06 whose length field
     reaches exactly the end and that is followed by ``{`` is the marker.
+    The spans read only decide the cost: the marker found is always the last
+    one in the final span (the last ``MAX_VM_DESCRIPTION_SIZE`` bytes), so
+    ``first_span`` (when it is smaller than the usual first span) is tried
+    before the usual ones without changing the result.
     """
     size = cur.size
-    span = min(size, 1 << 20)
-    while True:
+    spans = [min(size, VM_DESCRIPTION_FIRST_SPAN)]
+    while spans[-1] < min(size, MAX_VM_DESCRIPTION_SIZE):
+        spans.append(min(size, spans[-1] * 8, MAX_VM_DESCRIPTION_SIZE))
+    if first_span is not None and 0 < first_span < spans[0]:
+        spans.insert(0, first_span)
+    for span in spans:
         start = size - span
         tail = cur._read_at(start, span)
         p = len(tail)
@@ -377,21 +396,33 @@ def _find_vm_description(cur: _Cursor) -> tuple[int, dict[str, Any] | None, str 
             p = tail.rfind(b"\x06", 0, p)
             if p < 0:
                 break
-            if p + 5 < len(tail) and tail[p + 5:p + 6] == b"{":
+            if p + 5 < len(tail) and tail[p + 5] == 0x7B:  # "{"
                 (length,) = _BE32.unpack_from(tail, p + 1)
                 if start + p + 5 + length == size:
-                    try:
-                        desc = json.loads(tail[p + 5:].decode("utf-8"))
-                    except (UnicodeDecodeError, ValueError) as exc:
-                        return start + p, None, f"the VM description is not valid JSON ({exc})"
-                    except RecursionError:
-                        return start + p, None, "the VM description is nested too deeply"
-                    if not isinstance(desc, dict):
-                        return start + p, None, "the VM description is not a JSON object"
-                    return start + p, desc, None
-        if span >= min(size, MAX_VM_DESCRIPTION_SIZE):
-            return -1, None, None
-        span = min(size, span * 8, MAX_VM_DESCRIPTION_SIZE)
+                    return start + p, start, tail
+    return -1, start, tail
+
+
+def _parse_vm_description(text: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the parsed JSON object, or None and why it is not one)."""
+    try:
+        desc = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, f"the VM description is not valid JSON ({exc})"
+    except RecursionError:
+        return None, "the VM description is nested too deeply"
+    if not isinstance(desc, dict):
+        return None, "the VM description is not a JSON object"
+    return desc, None
+
+
+def _find_vm_description(cur: _Cursor) -> tuple[int, dict[str, Any] | None, str | None]:
+    """(offset of the 0x06 marker or -1, parsed JSON, problem)."""
+    offset, start, tail = _locate_vm_description(cur)
+    if offset < 0:
+        return -1, None, None
+    desc, problem = _parse_vm_description(tail[offset - start + 5:])
+    return offset, desc, problem
 
 
 def _int(obj: dict[str, Any], key: str, where: str) -> int:
@@ -402,14 +433,13 @@ def _int(obj: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
-def _layout(desc: dict[str, Any], prefix: str, base: int,
-            out: dict[str, tuple[int, int]], where: str, depth: int = 0) -> int:
-    """Flatten a VMSD description (fields, then subsections) into ``out``;
-    return the number of stream bytes it covers."""
+def _fields(desc: dict[str, Any], where: str, depth: int
+            ) -> Iterator[tuple[str, int, int, dict[str, Any] | None]]:
+    """The checked fields of a VMSD description: (name, size, count or -1
+    when not an array, the nested description to lay out per element)."""
     if depth > 32:
         raise CorruptImageError(f"VM description: {where} nests too deeply",
                                 structure="VM state")
-    offset = base
     fields = desc.get("fields", [])
     if not isinstance(fields, list):
         raise CorruptImageError(f"VM description: {where} has invalid fields",
@@ -424,16 +454,14 @@ def _layout(desc: dict[str, Any], prefix: str, base: int,
         if not isinstance(count, int) or count < 0 or count > 1 << 24:
             raise CorruptImageError(f"VM description: field {name!r} of {where} has an "
                                     f"invalid array_len", structure="VM state")
-        for i in range(count):
-            full = f"{prefix}{name}[{i}]" if "array_len" in f else f"{prefix}{name}"
-            out[full] = (offset, size)
-            inner = f.get("struct") if isinstance(f.get("struct"), dict) else (
-                f if f.get("type") == "tmp" else None)
-            if inner is not None and count <= 4096:
-                nested: dict[str, tuple[int, int]] = {}
-                if _layout(inner, full + ".", offset, nested, where, depth + 1) == size:
-                    out.update(nested)
-            offset += size
+        inner = f.get("struct") if isinstance(f.get("struct"), dict) else (
+            f if f.get("type") == "tmp" else None)
+        yield name, size, count if "array_len" in f else -1, (
+            inner if count <= 4096 else None)
+
+
+def _subsections(desc: dict[str, Any], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The checked subsections of a VMSD description: (vmsd_name, description)."""
     subsections = desc.get("subsections", [])
     if not isinstance(subsections, list):
         raise CorruptImageError(f"VM description: {where} has invalid subsections",
@@ -442,11 +470,45 @@ def _layout(desc: dict[str, Any], prefix: str, base: int,
         if not isinstance(sub, dict):
             raise CorruptImageError(f"VM description: {where} has an invalid subsection",
                                     structure="VM state")
-        sub_name = str(sub.get("vmsd_name", ""))
+        yield str(sub.get("vmsd_name", "")), sub
+
+
+def _layout(desc: dict[str, Any], prefix: str, base: int,
+            out: dict[str, tuple[int, int]], where: str, depth: int = 0) -> int:
+    """Flatten a VMSD description (fields, then subsections) into ``out``;
+    return the number of stream bytes it covers."""
+    offset = base
+    for name, size, count, inner in _fields(desc, where, depth):
+        for i in range(max(count, 1) if count else 0):
+            full = f"{prefix}{name}[{i}]" if count >= 0 else f"{prefix}{name}"
+            out[full] = (offset, size)
+            if inner is not None:
+                nested: dict[str, tuple[int, int]] = {}
+                if _layout(inner, full + ".", offset, nested, where, depth + 1) == size:
+                    out.update(nested)
+            offset += size
+    for sub_name, sub in _subsections(desc, where):
         # 0x05, u8 len, name, u32 version_id
         offset += 6 + len(sub_name.encode())
         offset += _layout(sub, f"{sub_name}:", offset, out, f"{where}/{sub_name}", depth + 1)
     return offset - base
+
+
+def _layout_size(desc: dict[str, Any], where: str, depth: int = 0) -> int:
+    """What :func:`_layout` returns, with the same checks and errors, without
+    naming every array element (the cost of a VM description's layout)."""
+    total = 0
+    for _, size, count, inner in _fields(desc, where, depth):
+        n = max(count, 1) if count else 0
+        if inner is not None and n:
+            # every element lays out the same description (only the names
+            # differ): checking it once raises what the first element would
+            _layout_size(inner, where, depth + 1)
+        total += n * size
+    for sub_name, sub in _subsections(desc, where):
+        total += 6 + len(sub_name.encode()) + _layout_size(sub, f"{where}/{sub_name}",
+                                                           depth + 1)
+    return total
 
 
 def _described_devices(desc: dict[str, Any] | None) -> list[tuple[Device, dict[str, Any]]]:
@@ -461,8 +523,7 @@ def _described_devices(desc: dict[str, Any] | None) -> list[tuple[Device, dict[s
             raise CorruptImageError("VM description: a device entry is not an object",
                                     structure="VM state")
         name = str(d.get("name", ""))
-        layout: dict[str, tuple[int, int]] = {}
-        size = _layout(d, "", 0, layout, f"device {name!r}")
+        size = _layout_size(d, f"device {name!r}")
         out.append((Device(name, _int(d, "instance_id", f"device {name!r}"),
                            str(d.get("vmsd_name", name)), int(d.get("version", 0) or 0), size),
                     d))
@@ -684,7 +745,7 @@ class _Walker:
         # bytes before the first NUL: QEMU 7.2 leaves stale bytes after it
         text = buf[:max(0, min(size - 1, len(buf)))] if size else buf
         text = text.split(b"\0", 1)[0]
-        if not text or any(c < 0x20 or c > 0x7E for c in text):
+        if not text or text.translate(None, _PRINTABLE):  # a byte outside 0x20-0x7E
             raise self.corrupt(f"globalstate holds no readable run state ({bytes(buf[:32])!r})")
         self.saved_runstate = text.decode("ascii")
 
@@ -887,25 +948,133 @@ class RunState:
 #: when the stream has no VM description.
 RUNSTATE_SEARCH_SPAN = 4 << 20
 
+#: How many devices before the EOF marker :func:`read_runstate` looks at.
+RUNSTATE_DEVICES = 64
 
-def read_runstate(f: StreamFile, size: int, *, label: str = "VM state") -> RunState | None:
+#: Bytes read before a VM description of a known length, for the sections
+#: that end the stream (``globalstate``: 134 bytes with its footer).
+RUNSTATE_REACH = 4096
+
+
+class _Description:
+    """One VM description text, as :func:`read_runstate` uses it: parsed
+    once; its device list laid out on first use, then only the last
+    :data:`RUNSTATE_DEVICES` devices kept."""
+
+    __slots__ = ("_desc", "_devices", "_error", "_layouts", "problem")
+
+    def __init__(self, text: bytes) -> None:
+        self._desc, self.problem = _parse_vm_description(text)
+        self._devices: tuple[tuple[Device, dict[str, Any]], ...] | None = None
+        self._error: CorruptImageError | None = None
+        self._layouts: dict[int, dict[str, tuple[int, int]]] = {}
+
+    def last_devices(self) -> tuple[tuple[Device, dict[str, Any]], ...]:
+        """The last devices, last first, with their descriptions; raises
+        what laying out the device list raises."""
+        if self._devices is None:
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            try:
+                described = _described_devices(self._desc)[-RUNSTATE_DEVICES:]
+            except CorruptImageError as exc:
+                self._error, self._desc = exc, None
+                raise
+            self._devices, self._desc = tuple(reversed(described)), None
+        return self._devices
+
+    def layout(self, index: int) -> dict[str, tuple[int, int]]:
+        """The field layout of device ``index`` of :meth:`last_devices`."""
+        layout = self._layouts.get(index)
+        if layout is None:
+            layout = {}
+            _layout(self.last_devices()[index][1], "", 0, layout, "device 'globalstate'")
+            self._layouts[index] = layout
+        return layout
+
+
+class RunstateCache:
+    """What :func:`read_runstate` learns from one stream that makes the next
+    cheap; share one across the snapshots of a listing.
+
+    Snapshots of one VM carry the same few VM descriptions (JSON texts of
+    ~100 KB, whose parse and layout cost milliseconds): the last
+    :attr:`MAX_DESCRIPTIONS` distinct texts are kept with what was taken from
+    them, and a new text is compared byte for byte with those of its length.
+    The longest description seen sizes the first span read from the end of
+    the next stream (the stream's last ~100 KB instead of 1 MiB).  Neither
+    changes any result: a text is reused only when it is identical, and the
+    spans read do not decide which marker is found.
+    """
+
+    MAX_DESCRIPTIONS = 8
+
+    def __init__(self) -> None:
+        self.description_length = 0
+        self._known: list[tuple[bytes, _Description]] = []
+
+    def first_span(self) -> int | None:
+        """How much of a stream's end :func:`read_runstate` reads first
+        with this cache (``None``: the usual first span)."""
+        if not self.description_length:
+            return None
+        return self.description_length + 6 + RUNSTATE_REACH
+
+    def description(self, tail: bytes, start: int) -> _Description:
+        """The description whose text is ``tail[start:]`` (compared in
+        place: no copy of the text unless it is new)."""
+        known = self._known
+        length = len(tail) - start
+        self.description_length = max(self.description_length, length)
+        for i, (seen, found) in enumerate(known):
+            if len(seen) == length and tail.startswith(seen, start):
+                if i:
+                    known.insert(0, known.pop(i))
+                return found
+        text = tail[start:]
+        found = _Description(text)
+        known.insert(0, (text, found))
+        del known[self.MAX_DESCRIPTIONS:]
+        return found
+
+
+def read_runstate(f: StreamFile, size: int, *, label: str = "VM state",
+                  cache: RunstateCache | None = None, quick: bool = True) -> RunState | None:
     """The run state at save time, read from the end of the stream only
     (for listings): the device sections are located backwards from the EOF
     marker with the sizes in the VM description, and ``globalstate`` is
     decoded where it is found.  ``None`` if the stream has no globalstate;
-    CorruptImageError if what is found is damaged."""
+    CorruptImageError if what is found is damaged.
+
+    ``cache`` (shared by the calls of one listing) makes the next call cheap
+    without changing its result; ``quick=False`` keeps it from sizing the
+    first read (then the last :data:`VM_DESCRIPTION_FIRST_SPAN` bytes are
+    read first, whatever the description's length)."""
     cur = _Cursor(f, size, label)
     walker = _Walker(cur, None, None)
-    desc_offset, desc, problem = _find_vm_description(cur)
-    if problem is not None:
-        raise walker.corrupt(problem)
-    if desc is None:
+    first_span = cache.first_span() if cache is not None and quick else None
+    desc_offset, tail_start, tail = _locate_vm_description(cur, first_span)
+    tail_end = tail_start + len(tail)
+
+    def read(offset: int, length: int) -> bytes:
+        if tail_start <= offset and offset + length <= tail_end:
+            return tail[offset - tail_start:offset - tail_start + length]
+        return cur._read_at(offset, length)
+
+    if desc_offset < 0:
         walker.search_globalstate(max(0, size - RUNSTATE_SEARCH_SPAN))
     else:
+        text_start = desc_offset - tail_start + 5
+        if cache is None:
+            described = _Description(tail[text_start:])
+        else:
+            described = cache.description(tail, text_start)
+        if described.problem is not None:
+            raise walker.corrupt(described.problem)
         end = desc_offset - 1
-        if end < 0 or cur._read_at(end, 1) != bytes([QEMU_VM_EOF]):
+        if end < 0 or read(end, 1) != bytes([QEMU_VM_EOF]):
             raise walker.corrupt("no EOF marker before the VM description")
-        for device, dev_desc in reversed(_described_devices(desc)[-64:]):
+        for index, (device, _) in enumerate(described.last_devices()):
             name = device.name.encode()
             header_size = 1 + 4 + 1 + len(name) + 4 + 4
             for footer in (5, 0):
@@ -913,8 +1082,8 @@ def read_runstate(f: StreamFile, size: int, *, label: str = "VM state") -> RunSt
                 start = data_start - header_size
                 if start < 0:
                     continue
-                head = cur._read_at(start, header_size)
-                foot = cur._read_at(end - footer, footer)
+                head = read(start, header_size)
+                foot = read(end - footer, footer)
                 section_id = head[1:5]
                 if (head[0] == QEMU_VM_SECTION_FULL and head[5] == len(name)
                         and head[6:6 + len(name)] == name
@@ -925,9 +1094,7 @@ def read_runstate(f: StreamFile, size: int, *, label: str = "VM state") -> RunSt
                 raise walker.corrupt(f"device section {device.name!r} is not where the VM "
                                      f"description puts it")
             if device.vmsd_name == "globalstate":
-                layout: dict[str, tuple[int, int]] = {}
-                _layout(dev_desc, "", 0, layout, "device 'globalstate'")
-                walker.globalstate(cur._read_at(data_start, device.size), layout)
+                walker.globalstate(read(data_start, device.size), described.layout(index))
                 break
             end = start
     if walker.saved_runstate is None or walker.globalstate_layout is None:

@@ -38,11 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from ..errors import Qcow2Error, UnsupportedImageError
+from ..errors import UnsupportedImageError
 from ..image import Qcow2Image
 from ..model import Snapshot
-from ..vmstate import DeviceState, RamBlock, VMState, parse_stream, read_runstate
+from ..vmstate import DeviceState, RamBlock, VMState, parse_stream
 from .extract import atomic_output, input_files
+from .runstate import snapshot_runstate, vm_state_label
 
 __all__ = [
     "MemoryResult",
@@ -557,10 +558,6 @@ class _PageWriter:
 # Entry points
 # ---------------------------------------------------------------------------
 
-def _label(image: Qcow2Image, sn: Snapshot) -> str:
-    return f"{image.path}: VM state of snapshot {sn.id} ({sn.name})"
-
-
 def vm_state_info(image: Qcow2Image, snapshot: str | Snapshot, *,
                   progress: ProgressCallback | None = None) -> VMState:
     """Walk a snapshot's VM state and report what it holds.  A damaged or
@@ -570,7 +567,7 @@ def vm_state_info(image: Qcow2Image, snapshot: str | Snapshot, *,
     sn = reader.layer.snapshot
     assert sn is not None
     return parse_stream(reader, sn.vm_state_size, strict=False, progress=progress,
-                        label=_label(image, sn))
+                        label=vm_state_label(image, sn))
 
 
 def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
@@ -595,7 +592,7 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
     sn = reader.layer.snapshot
     assert sn is not None
     size = sn.vm_state_size
-    label = _label(image, sn)
+    label = vm_state_label(image, sn)
 
     def pass_progress(base: int) -> ProgressCallback | None:
         if progress is None:
@@ -647,19 +644,3 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
         progress(2 * size, 2 * size)
     return MemoryResult(os.fspath(output), out_format, out_size, writer.bytes_written,
                         tuple(ranges), unmapped, sn, state)
-
-
-def snapshot_runstate(image: Qcow2Image, snapshot: Snapshot) -> str | None:
-    """The run state a VM-state snapshot was taken in (``prelaunch``,
-    ``running``, ``paused``, ``suspended``, ...), read from the end of its
-    stream only; ``None`` for a disk-only snapshot or when the stream holds
-    no readable globalstate (a damaged stream is not an error here: listings
-    must still work)."""
-    if not snapshot.has_vm_state:
-        return None
-    try:
-        reader = image.open_vm_state(snapshot)
-        found = read_runstate(reader, snapshot.vm_state_size, label=_label(image, snapshot))
-    except Qcow2Error:
-        return None
-    return None if found is None else found.runstate
