@@ -78,4 +78,4 @@ def forget_image(token: int) -> None:
     """Drop everything cached for one open image (closed, or re-read after
     an edit)."""
     for cache in (L2_TABLES, L1_CHUNKS, DECOMPRESSED_CLUSTERS):
-        cache.discard_where(lambda key: key[0] == token)  # type: ignore[index]
+        cache.discard_where(lambda key: key[0] == token)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from itertools import count
 from typing import TYPE_CHECKING, BinaryIO, Literal, Self
 
-from . import format as fmt
 from . import cache
+from . import format as fmt
 from .errors import (
     AmbiguousSnapshotError,
     CorruptImageError,
@@ -547,7 +547,7 @@ class Qcow2Image:
         """Names of the set ``bits`` of one feature word, from the image's
         feature-name table (as QEMU reads it: up to its first unnamed
         entry), else QEMU's names, else "bit N"."""
-        table = {}
+        table: dict[tuple[int, int], str] = {}
         for f in self._feature_table():
             table.setdefault((f.type, f.bit), f.name)
         names = []

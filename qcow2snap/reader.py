@@ -541,6 +541,7 @@ class DiskReader(io.RawIOBase):
                         if isinstance(below, DiskReader):
                             work.append((below, ext.guest_offset, view[lo:lo + inside]))
                         else:
+                            assert below is not None  # inside > 0 needs a backing file
                             view[lo:lo + inside] = below.read(ext.guest_offset, inside)
                 else:
                     cluster = reader._decompressed(ext)

@@ -524,9 +524,12 @@ def _described_devices(desc: dict[str, Any] | None) -> list[tuple[Device, dict[s
                                     structure="VM state")
         name = str(d.get("name", ""))
         size = _layout_size(d, f"device {name!r}")
+        version = d.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise CorruptImageError(f"VM description: device {name!r} has no valid 'version'",
+                                    structure="VM state")
         out.append((Device(name, _int(d, "instance_id", f"device {name!r}"),
-                           str(d.get("vmsd_name", name)), int(d.get("version", 0) or 0), size),
-                    d))
+                           str(d.get("vmsd_name", name)), version, size), d))
     return out
 
 

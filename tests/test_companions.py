@@ -114,7 +114,7 @@ def test_allowed_ways_to_follow_it(places: tuple[Path, Path]) -> None:
 
 
 def test_subdirectories_of_the_image_directory_are_inside(places: tuple[Path, Path]) -> None:
-    case, elsewhere = places
+    case, _ = places
     (case / "base").mkdir()
     (case / "base" / "disk.raw").write_bytes(b"inside" * 100)
     image = overlay(case, "base/disk.raw")

@@ -172,7 +172,7 @@ VARIANTS: dict[str, Callable[[bytes], bytes]] = {
     "qemu-9.0": _qemu_9_0(False),
     "qemu-9.0-suspended": _qemu_9_0(True),
     "device-size": _device(3, "fields", [{"name": "x", "size": -1}]),
-    "device-version": _device(3, "version", "x"),   # ValueError, today as before
+    "device-version": _device(3, "version", "x"),   # was a ValueError traceback
     "no-globalstate": _device(-1, "vmsd_name", "other"),
 }
 
@@ -222,9 +222,8 @@ def test_variants_cover_what_they_say(fixture_dir: Path) -> None:
                          "qemu-9.0-suspended": "suspended"}
     assert found["qemu-9.0"].layout == "qemu>=9.0"
     assert found["no-globalstate"] is None and found["description-longer"] is None
-    assert found["device-version"][0] is ValueError
     for variant in ("json-byte", "json-0x06", "later-marker", "eof-marker", "runstate-garbage",
-                    "section-name", "footer-id", "device-size"):
+                    "section-name", "footer-id", "device-size", "device-version"):
         assert found[variant][0] is qcow2snap.CorruptImageError, variant
     pre = _streams(fixture_dir)["savevm-suspended", "pre"]
     assert outcome(_qemu_9_0(True)(pre)).runstate == "suspended"
@@ -396,7 +395,7 @@ def listed_and_alone(path: Path) -> tuple[list[str | None], list[str | None]]:
     return listed, alone
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("device-version",)])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_listing_reads_what_each_snapshot_alone_reads(fixture_copy: Any, variant: str) -> None:
     path = fixture_copy("savevm")
     _rewrite_stream(path, "run", VARIANTS[variant])   # the second: read with a warm cache
