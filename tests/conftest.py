@@ -1,4 +1,6 @@
-"""Shared test helpers: the fixture corpus and the QEMU oracle.
+"""Shared fixtures: the fixture corpus and the QEMU oracle (the helpers
+that run the CLI, qemu-img check and judge requirements are in
+``helpers.py``).
 
 Fixtures live gzipped in ``fixtures/`` with ``fixtures/manifest.json``
 (made by ``tools/make_fixtures.py``).  ``fixture_dir`` unpacks the whole
@@ -7,7 +9,7 @@ test its own writable copy of one image and its companions.
 
 Oracle tests use the ``qemu_img`` fixture: they skip when qemu-img is not
 installed, unless ``QCOW2SNAP_REQUIRE_QEMU=1`` (set by ``.ci/run``), which
-turns the skip into a failure.
+turns the skip into a failure (:func:`helpers.require_tool`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("QCOW2SNAP_FIXTURES_DIR", ROOT / "fixtures"))
@@ -46,28 +49,6 @@ def fixtures_with(*tags: str, without: tuple[str, ...] = ()) -> list[str]:
     return [f["name"] for f in FIXTURE_ENTRIES
             if all(t in f.get("tags", []) for t in tags)
             and not any(t in f.get("tags", []) for t in without)]
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("QCOW2SNAP_REQUIRE_QEMU") == "1":
-            pytest.fail(f"{name} is required (QCOW2SNAP_REQUIRE_QEMU=1) but not installed")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
-def require_strace() -> str:
-    """strace, able to trace here (ptrace may be forbidden): skips like
-    :func:`require_tool` otherwise."""
-    strace = require_tool("strace")
-    if subprocess.run([strace, "-qq", "-o", os.devnull, "true"], check=False,
-                      capture_output=True).returncode != 0:
-        if os.environ.get("QCOW2SNAP_REQUIRE_QEMU") == "1":
-            pytest.fail("strace cannot trace here (ptrace not permitted), and "
-                        "QCOW2SNAP_REQUIRE_QEMU=1")
-        pytest.skip("strace cannot trace here (ptrace not permitted)")
-    return strace
 
 
 @pytest.fixture(scope="session")
@@ -135,5 +116,6 @@ def place_companion(source: Path | str, destination: Path | str) -> None:
         shutil.copyfile(source, destination)
 
 
-def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), cwd=cwd, check=check, capture_output=True, text=True)

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,17 +25,11 @@ from typing import Any
 
 import pytest
 from conftest import FIXTURES_BY_NAME, sha256_file
+from helpers import REQUIRE_BLOCKDEV, assert_qemu_clean, missing, run_cli
 
 pytestmark = pytest.mark.qemu
 
-REQUIRE_BLOCKDEV = "QCOW2SNAP_REQUIRE_BLOCKDEV"
 MiB = 1 << 20
-
-
-def _no_loop_device(reason: str) -> None:
-    if os.environ.get(REQUIRE_BLOCKDEV) == "1":
-        pytest.fail(f"a loop device is required ({REQUIRE_BLOCKDEV}=1) but {reason}")
-    pytest.skip(f"no loop device: {reason} (set {REQUIRE_BLOCKDEV}=1 to fail instead)")
 
 
 @contextmanager
@@ -44,13 +37,14 @@ def loop_device(backing: Path) -> Iterator[str]:
     """A loop device over ``backing`` (detached afterwards)."""
     losetup = shutil.which("losetup")
     if losetup is None:
-        _no_loop_device("losetup is not installed")
-    assert losetup is not None
+        missing("a loop device", "losetup is not installed", REQUIRE_BLOCKDEV)
     proc = subprocess.run([losetup, "-f", "--show", str(backing)], capture_output=True,
                           text=True, timeout=60, check=False)
     device = proc.stdout.strip()
     if proc.returncode != 0 or not device.startswith("/dev/"):
-        _no_loop_device(f"'losetup -f --show' failed: {proc.stderr.strip() or proc.returncode}")
+        missing("a loop device",
+                f"'losetup -f --show' failed: {proc.stderr.strip() or proc.returncode}",
+                REQUIRE_BLOCKDEV)
     try:
         yield device
     finally:
@@ -75,11 +69,6 @@ def device_size(device: str) -> int:
         os.close(fd)
 
 
-def qcow2snap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qcow2snap", *args], capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
     assert (proc.returncode, proc.stderr) == (0, ""), f"{proc.args}: {proc.stderr}"
     return proc.stdout
@@ -102,7 +91,7 @@ def convert(qemu_img: str, image: str | Path, snapshot_id: str | None, out: Path
 def extract(image: str | Path, snapshot_id: str | None, out: Path, *options: str) -> str:
     """sha256 of ``qcow2snap extract`` of a snapshot (None: the active layer)."""
     ref = ["-"] if snapshot_id is None else ["--by-id", snapshot_id]
-    ok(qcow2snap("extract", *ref, str(image), "-o", str(out), *options))
+    ok(run_cli("extract", *ref, str(image), "-o", str(out), *options))
     digest = sha256_file(out)
     out.unlink()
     return digest
@@ -111,11 +100,6 @@ def extract(image: str | Path, snapshot_id: str | None, out: Path, *options: str
 def snapshot_ids(qemu_img: str, image: str | Path) -> list[tuple[str, str]]:
     info = json.loads(qemu(qemu_img, "info", "-f", "qcow2", "--output=json", str(image)))
     return [(s["id"], s["name"]) for s in info.get("snapshots", [])]
-
-
-def assert_clean(qemu_img: str, image: str | Path) -> None:
-    report = json.loads(qemu(qemu_img, "check", "-f", "qcow2", "--output=json", str(image)))
-    assert report.get("leaks", 0) == report.get("corruptions", 0) == 0, report
 
 
 # --------------------------------------------------------------------------
@@ -130,8 +114,8 @@ def test_image_on_a_block_device_reads_as_the_file(name: str, fixture_copy: Any,
     out = tmp_path / "out.raw"
     with loop_device(disk) as device:
         assert device_size(device) == 8 * MiB
-        device_info = json.loads(ok(qcow2snap("info", "--json", device)))
-        file_info = json.loads(ok(qcow2snap("info", "--json", str(path))))
+        device_info = json.loads(ok(run_cli("info", "--json", device)))
+        file_info = json.loads(ok(run_cli("info", "--json", str(path))))
         # the same image: only the name, the length and the blocks differ
         assert device_info["file-length"] == 8 * MiB
         for key in ("filename", "actual-size", "file-length"):
@@ -173,7 +157,7 @@ def test_raw_backing_file_on_a_block_device(fixture_copy: Any, tmp_path: Path,
                 snapshot_id)
             # the named file reads differently: the device was really read
             assert extract(overlay, snapshot_id, out) != expected, snapshot_id
-        info = json.loads(ok(qcow2snap("info", "--json", "--backing-file", device,
+        info = json.loads(ok(run_cli("info", "--json", "--backing-file", device,
                                        str(overlay))))
         assert [(link["filename"], link["followed"], link["format"], link["virtual-size"])
                 for link in info["backing-chain"]] == [(device, True, "raw", 16 * MiB)]
@@ -190,21 +174,21 @@ def test_edits_on_a_block_device(fixture_copy: Any, tmp_path: Path, qemu_img: st
     disk = disk_with(path, 16 * MiB)
     out = tmp_path / "out.raw"
     with loop_device(disk) as device:
-        created = ok(qcow2snap("create", "NEW", device))
+        created = ok(run_cli("create", "NEW", device))
         assert created.startswith(f"{device}: created snapshot 4 (NEW); ")
         assert created.endswith(", file 16 MiB -> 16 MiB\n")
-        deleted = json.loads(ok(qcow2snap("delete", "--json", "second", device)))
+        deleted = json.loads(ok(run_cli("delete", "--json", "second", device)))
         assert [(d["ok"], d["snapshot-id"], d["file-size-before"], d["file-size-after"])
                 for d in deleted] == [(True, "2", 16 * MiB, 16 * MiB)]
         assert deleted[0]["clusters-freed"] > 0
         # never truncated: the device and the file under it keep their sizes
         assert device_size(device) == 16 * MiB
-        assert_clean(qemu_img, device)
+        assert_qemu_clean(qemu_img, device, "-f", "qcow2")
         assert snapshot_ids(qemu_img, device) == snapshot_ids(qemu_img, twin) == [
             ("1", "first"), ("3", "third"), ("4", "NEW")]
-        assert ok(qcow2snap("list", device)) == ok(qcow2snap("list", str(disk)))
+        assert ok(run_cli("list", device)) == ok(run_cli("list", str(disk)))
         for snapshot_id in (None, "1", "3", "4"):
             assert (convert(qemu_img, device, snapshot_id, out)
                     == convert(qemu_img, twin, snapshot_id, out)), snapshot_id
     assert disk.stat().st_size == 16 * MiB
-    assert_clean(qemu_img, disk)
+    assert_qemu_clean(qemu_img, disk, "-f", "qcow2")

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path, place_companion
+from helpers import assert_qemu_clean, invoke, qemu_img_check
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcow2snap
 from qcow2snap import format as fmt
-from qcow2snap.cli import cli
 from qcow2snap.errors import ImageInUseError
 from qcow2snap.ops.check import check_image
 from qcow2snap.ops.repair import check_or_repair, repair_image
@@ -68,17 +67,6 @@ def content_hashes(path: Path) -> dict[tuple[str, str], str]:
             key = ("", "<active>") if sn is None else (sn.id, sn.name)
             out[key] = h.hexdigest()
     return out
-
-
-def qemu_check(qemu_img: str, path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
-    proc = subprocess.run([qemu_img, "check", "--output=json", *args, str(path)],
-                          capture_output=True, text=True, timeout=120, cwd=path.parent,
-                          check=False)
-    try:
-        data = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
-    except json.JSONDecodeError:
-        data = {}
-    return proc.returncode, data, proc.stderr
 
 
 def file_state(path: Path) -> tuple[str, int]:
@@ -385,7 +373,7 @@ def qemu_repaired_copy(qemu_img: str, path: Path, tmp_path: Path) -> Path:
     what QEMU's repair keeps with ours."""
     qcopy = tmp_path / "qemu.qcow2"
     shutil.copyfile(path, qcopy)
-    qemu_check(qemu_img, qcopy, "-r", "all")
+    qemu_img_check(qemu_img, qcopy, "-r", "all")
     return qcopy
 
 
@@ -394,7 +382,7 @@ def repair_all_to_clean(qemu_img: str, path: Path) -> Any:
     ``qemu-img check``."""
     result = repair_image(path, "all")
     assert result.exit_code == 0, [f.message for f in result.findings]
-    assert qemu_check(qemu_img, path)[0] == 0
+    assert_qemu_clean(qemu_img, path)
     return result
 
 
@@ -408,7 +396,8 @@ def test_detect_and_repair(case: Case, fixture_dir: Path, tmp_path: Path, qemu_i
     assert case.kinds <= kinds, (kinds, [f.message for f in report.findings])
     assert report.exit_code == case.exit_code, [f.message for f in report.findings]
     if case.qemu_exit is not None:
-        rc, _, err = qemu_check(qemu_img, path)
+        checked = qemu_img_check(qemu_img, path)
+        rc, err = checked.returncode, checked.stderr
         assert rc == case.qemu_exit, err
     names_before = {s.name for s in geo.snapshots}
     # dry run: nothing written, same verdicts
@@ -429,7 +418,8 @@ def test_detect_and_repair(case: Case, fixture_dir: Path, tmp_path: Path, qemu_i
         shutil.copyfile(path, lcopy)
         leaks = repair_image(lcopy, "leaks")
         assert leaks.exit_code == case.leaks_exit, [f.message for f in leaks.findings]
-        rc, _, err = qemu_check(qemu_img, lcopy)
+        checked = qemu_img_check(qemu_img, lcopy)
+        rc, err = checked.returncode, checked.stderr
         if case.leaks_exit == 0:
             assert rc == 0, err
         # a lost snapshot's data is never freed by --repair leaks, nor is
@@ -437,11 +427,12 @@ def test_detect_and_repair(case: Case, fixture_dir: Path, tmp_path: Path, qemu_i
         if case.dropped:
             assert leaks.leaks == report.leaks
         if case.dropped or "snapshot-l1-located" in case.kinds:
-            assert qemu_check(qemu_img, lcopy)[1].get("leaks") == \
-                qemu_check(qemu_img, path)[1].get("leaks")
+            assert qemu_img_check(qemu_img, lcopy).report.get("leaks") == \
+                qemu_img_check(qemu_img, path).report.get("leaks")
     result = repair_image(path, "all")
     assert result.exit_code == case.repaired_exit, [f.message for f in result.findings]
-    rc, qjson, err = qemu_check(qemu_img, path)
+    checked = qemu_img_check(qemu_img, path)
+    rc, qjson, err = checked.returncode, checked.report, checked.stderr
     if case.repaired_exit:
         # what cannot be repaired is left as it was, and nothing else broke
         assert rc == case.repaired_exit, err
@@ -536,7 +527,7 @@ def test_261_9_too_many_snapshots(fixture_dir: Path, tmp_path: Path, qemu_img: s
     report = check_image(path)
     assert report.exit_code == 1
     assert "snapshot-count" in {f.kind for f in report.findings}
-    assert qemu_check(qemu_img, path)[0] == 1
+    assert qemu_img_check(qemu_img, path).returncode == 1
     qcopy = qemu_repaired_copy(qemu_img, path, tmp_path)
     result = repair_all_to_clean(qemu_img, path)
     with qcow2snap.open(path) as ours, qcow2snap.open(qcopy) as theirs:
@@ -573,7 +564,7 @@ def test_261_7_table_too_big(fixture_dir: Path, tmp_path: Path, qemu_img: str) -
     report = check_image(path)
     assert report.exit_code == 1
     assert "snapshot-table-size" in {f.kind for f in report.findings}
-    assert qemu_check(qemu_img, path)[0] == 1
+    assert qemu_img_check(qemu_img, path).returncode == 1
     qcopy = qemu_repaired_copy(qemu_img, path, tmp_path)
     repair_all_to_clean(qemu_img, path)
     with qcow2snap.open(path) as ours, qcow2snap.open(qcopy) as theirs:
@@ -603,11 +594,10 @@ def test_good_fixture_is_clean_and_agrees_with_qemu(name: str, fixture_dir: Path
     assert {v.status for v in report.snapshots} <= {"ok"}
     if "luks" in FIXTURES_BY_NAME[name].get("tags", []):
         spec = f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"
-        proc = subprocess.run([qemu_img, "check", "--output=json", *LUKS_ARGS, spec],
-                              capture_output=True, text=True, timeout=60, check=False)
-        rc, qjson = proc.returncode, json.loads(proc.stdout)
+        checked = qemu_img_check(qemu_img, spec, *LUKS_ARGS, timeout=60)
     else:
-        rc, qjson, _ = qemu_check(qemu_img, path)
+        checked = qemu_img_check(qemu_img, path)
+    rc, qjson = checked.returncode, checked.report
     assert rc == 0
     ours = describe_json(report)
     for key in QEMU_KEYS:
@@ -636,10 +626,6 @@ def test_repair_of_a_clean_image_writes_nothing(fixture_dir: Path, tmp_path: Pat
 # the command line
 # ---------------------------------------------------------------------------
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(cli, list(args), prog_name="qcow2snap")
-
-
 def test_cli_exit_codes_and_json(fixture_dir: Path, tmp_path: Path, qemu_img: str) -> None:
     case = CASES_BY_ID["leak-data"]
     path, _, _ = build(case, fixture_dir, tmp_path / "leaky.qcow2")
@@ -651,7 +637,8 @@ def test_cli_exit_codes_and_json(fixture_dir: Path, tmp_path: Path, qemu_img: st
     out = invoke("check", "--json", str(path))
     assert out.exit_code == 3
     ours = json.loads(out.stdout)
-    rc, theirs, _ = qemu_check(qemu_img, path)
+    checked = qemu_img_check(qemu_img, path)
+    rc, theirs = checked.returncode, checked.report
     assert rc == 3
     for key in QEMU_KEYS:
         assert ours.get(key, 0) == theirs.get(key, 0), key
@@ -669,7 +656,7 @@ def test_cli_exit_codes_and_json(fixture_dir: Path, tmp_path: Path, qemu_img: st
     obj = json.loads(fixed.stdout)
     assert obj["leaks-fixed"] == 1 and "leaks" not in obj
     # qemu-img reports the same after its own repair of the same input
-    assert qemu_check(qemu_img, path)[0] == 0
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_cli_check_of_a_non_image(tmp_path: Path) -> None:
@@ -826,14 +813,15 @@ def test_random_refcount_damage_matches_qemu_and_repairs(name: str, fixture_dir:
         path = work / "random.qcow2"
         path.write_bytes(bytes(data))
         report = check_image(path)
-        rc, qjson, err = qemu_check(qemu_img, path)
+        checked = qemu_img_check(qemu_img, path)
+        rc, qjson, err = checked.returncode, checked.report, checked.stderr
         assert (report.exit_code, report.leaks, report.corruptions) == \
             (rc, qjson.get("leaks", 0), qjson.get("corruptions", 0)), \
             ([f.message for f in report.findings], err)
         assert (report.exit_code != 0) == changed
         result = repair_image(path, "all")
         assert result.exit_code == 0, [f.message for f in result.findings]
-        assert qemu_check(qemu_img, path)[0] == 0
+        assert_qemu_clean(qemu_img, path)
         assert content_hashes(path) == original
 
     run_one()
@@ -856,7 +844,7 @@ def test_overlapping_metadata_is_reported(fixture_dir: Path, tmp_path: Path,
     assert overlaps and overlaps[0].repairable is None
     assert "overlaps a L1 table" in overlaps[0].message or "overlaps a L2 table" in \
         overlaps[0].message
-    assert report.exit_code == 2 == qemu_check(qemu_img, path)[0]
+    assert report.exit_code == 2 == qemu_img_check(qemu_img, path).returncode
     result = repair_image(path, "all")
     assert result.exit_code == 2
     assert "overlap" in {f.kind for f in result.findings}
@@ -876,7 +864,8 @@ def test_lazy_refcounts_crash_is_repaired(fixture_dir: Path, tmp_path: Path, qem
                           capture_output=True, check=False, timeout=60)
     assert proc.returncode != 0
     report = check_image(path)
-    rc, qjson, _ = qemu_check(qemu_img, path)
+    checked = qemu_img_check(qemu_img, path)
+    rc, qjson = checked.returncode, checked.report
     assert report.dirty and report.exit_code == rc == 2
     assert (report.corruptions, report.leaks) == (qjson.get("corruptions", 0),
                                                   qjson.get("leaks", 0))
@@ -927,14 +916,15 @@ def test_mutated_images_check_and_repair_cleanly(name: str, examples: int, fixtu
                 return
         assert file_state(path) == before
         assert report.exit_code in (0, 1, 2, 3)
-        qemu_opens = "Could not open" not in qemu_check(qemu_img, path)[2]
+        qemu_opens = "Could not open" not in qemu_img_check(qemu_img, path).stderr
         with time_limit(30.0, f"repair {changes}"):
             try:
                 result = repair_image(path, "all")
             except qcow2snap.Qcow2Error:
                 return
         if result.exit_code == 0 and qemu_opens:
-            rc, _, err = qemu_check(qemu_img, path)
+            checked = qemu_img_check(qemu_img, path)
+            rc, err = checked.returncode, checked.stderr
             assert rc == 0, (changes, err, result.changes)
 
     run_one()

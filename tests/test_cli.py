@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any
 
 import click
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path, fixtures_with, sha256_file
+from helpers import assert_qemu_clean, invoke, run_cli
 
 import qcow2snap
 from qcow2snap import errors
@@ -44,11 +44,6 @@ QEMU_SNAPSHOT_KEYS = ("id", "name", "date-sec", "date-nsec", "vm-clock-sec", "vm
                       "vm-state-size")
 
 ERROR_PREFIX = "qcow2snap: error: "
-
-
-def invoke(*args: str | os.PathLike[str]) -> Result:
-    """Run the CLI in-process; stdout and stderr stay separate (click >= 8.2)."""
-    return CliRunner().invoke(cli, [os.fspath(a) for a in args], prog_name="qcow2snap")
 
 
 def ok(*args: str | os.PathLike[str]) -> Result:
@@ -118,7 +113,7 @@ def test_info_json_matches_qemu_img(fixture_dir: Path, name: str) -> None:
     assert ("snapshots" in ours) == ("snapshots" in qemu)
     snaps = ours.get("snapshots", [])
     assert len(snaps) == len(qemu.get("snapshots", [])) == len(entry["snapshots"])
-    for o, q, m in zip(snaps, qemu.get("snapshots", []), entry["snapshots"]):
+    for o, q, m in zip(snaps, qemu.get("snapshots", []), entry["snapshots"], strict=True):
         assert_qemu_snapshot_keys(o, q)
         # qcow2snap's own keys
         assert o["disk-size"] == m["disk_size"]
@@ -192,7 +187,7 @@ def test_list_text(fixture_dir: Path, name: str) -> None:
     assert header == ["ID", "TAG", "VM_SIZE", "DISK_SIZE", "DATE", "VM_CLOCK", "ICOUNT",
                       *runstate]
     assert len(rows) == len(snaps)
-    for row, snap in zip(rows, snaps):
+    for row, snap in zip(rows, snaps, strict=True):
         assert row[0] == snap["id"]
         assert row[1] == snap["name"]
         assert " ".join(row[2:4]) == size_to_str(snap["vm_state_size"])
@@ -228,9 +223,9 @@ def test_list_text_agrees_with_qemu_img(fixture_dir: Path, qemu_img: str, name: 
 
     def clock(text: str) -> tuple[int, ...]:
         hms, ms = text.split(".")
-        return tuple(int(x) for x in hms.split(":")) + (int(ms),)
+        return (*(int(x) for x in hms.split(":")), int(ms))
 
-    for q, o in zip(qemu[2:], ours[2:]):
+    for q, o in zip(qemu[2:], ours[2:], strict=True):
         qf, of = q.split(), o.split()
         assert of[:4] == qf[:4]             # id, tag, vm size (number, unit)
         assert of[6:8] == qf[4:6]           # date, time
@@ -251,7 +246,7 @@ def test_list_json_matches_qemu_img(fixture_dir: Path, name: str) -> None:
     entry = FIXTURES_BY_NAME[name]
     assert isinstance(ours, list)
     assert len(ours) == len(entry["info"]["snapshots"])
-    for o, q, m in zip(ours, entry["info"]["snapshots"], entry["snapshots"]):
+    for o, q, m in zip(ours, entry["info"]["snapshots"], entry["snapshots"], strict=True):
         assert_qemu_snapshot_keys(o, q)
         assert o["disk-size"] == m["disk_size"]
     # the same objects as in info --json
@@ -427,9 +422,7 @@ def test_debug_shows_traceback(fixture_dir: Path, tmp_path: Path) -> None:
 
 def test_errors_from_a_real_process(fixture_dir: Path) -> None:
     """Exit status and stderr as a shell sees them (python -m qcow2snap)."""
-    proc = subprocess.run([sys.executable, "-m", "qcow2snap", "extract", "dup",
-                           os.fspath(image(fixture_dir, "ambiguous")), "-o", os.devnull],
-                          capture_output=True, text=True, check=False)
+    proc = run_cli("extract", "dup", image(fixture_dir, "ambiguous"), "-o", os.devnull)
     assert proc.returncode == 7
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1
@@ -571,10 +564,7 @@ def test_extract_qcow2_passes_check_and_compare(fixture_dir: Path, tmp_path: Pat
     assert data["format"] == "qcow2"
     assert data["virtual-size"] == snap["disk_size"]
 
-    check = subprocess.run([qemu_img, "check", os.fspath(q2)], capture_output=True, text=True,
-                           check=False)
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert "No errors were found on the image." in check.stdout
+    assert_qemu_clean(qemu_img, q2)
     compare = subprocess.run([qemu_img, "compare", "-f", "qcow2", "-F", "raw",
                               os.fspath(q2), os.fspath(raw)], capture_output=True, text=True,
                              check=False)
@@ -672,19 +662,13 @@ def names_in(path: Path) -> list[tuple[str, str]]:
     return [(s["id"], s["name"]) for s in json.loads(ok("list", "--json", path).stdout)]
 
 
-def qemu_check(qemu_img: str, path: Path) -> None:
-    check = subprocess.run([qemu_img, "check", os.fspath(path)], capture_output=True,
-                           text=True, check=False)
-    assert check.returncode == 0, check.stdout + check.stderr
-
-
 def test_create_and_list(fixture_copy: Any, qemu_img: str) -> None:
     path = fixture_copy("v3-basic")
     result = ok("create", "before-upgrade", path)
     assert result.stdout.startswith(f"{path}: created snapshot 4 (before-upgrade); ")
     assert result.stderr == ""
     assert names_in(path)[-1] == ("4", "before-upgrade")
-    qemu_check(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
     listing = subprocess.run([qemu_img, "snapshot", "-l", os.fspath(path)], check=True,
                              capture_output=True, text=True).stdout
     assert "before-upgrade" in listing
@@ -737,12 +721,12 @@ def test_edit_json(fixture_copy: Any, qemu_img: str, args: list[str], operation:
     data = json.loads(ok(*args, path, "--json").stdout)
     assert isinstance(data, list) and len(data) == 1
     obj = data[0]
-    assert EDIT_JSON_KEYS <= set(obj)
+    assert set(obj) >= EDIT_JSON_KEYS
     assert obj["filename"] == os.fspath(path)
     assert (obj["operation"], obj["snapshot-id"], obj["snapshot-name"]) == (operation, *snapshot)
     assert obj["ok"] is True and obj["dry-run"] is False
     assert obj["file-size-after"] == path.stat().st_size
-    qemu_check(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_delete_rename_revert(fixture_copy: Any, tmp_path: Path) -> None:
@@ -803,7 +787,7 @@ def test_edit_several_images_checks_all_first(fixture_copy: Any, tmp_path: Path,
                                                         (os.fspath(b), True)]
     for path in (a, b):
         assert "first" not in [n for _, n in names_in(path)]
-        qemu_check(qemu_img, path)
+        assert_qemu_clean(qemu_img, path)
 
 
 def test_edit_refuses_dirty_image(fixture_copy: Any) -> None:
@@ -898,9 +882,9 @@ def all_commands(group: click.Group = cli,
     paths = [prefix]
     for name, command in sorted(group.commands.items()):
         if isinstance(command, click.Group):
-            paths += all_commands(command, prefix + (name,))
+            paths += all_commands(command, (*prefix, name))
         else:
-            paths.append(prefix + (name,))
+            paths.append((*prefix, name))
     return paths
 
 
@@ -914,7 +898,7 @@ def test_command_tree() -> None:
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help(path: tuple[str, ...], flag: str) -> None:
     result = ok(*path, flag)
-    assert result.stdout.startswith(f"Usage: {' '.join(('qcow2snap',) + path)} ")
+    assert result.stdout.startswith(f"Usage: {' '.join(('qcow2snap', *path))} ")
     assert "Options:" in result.stdout
     assert result.stderr == ""
 
@@ -931,9 +915,7 @@ def test_version_in_process() -> None:
 
 
 def test_python_m_version() -> None:
-    proc = subprocess.run([sys.executable, "-m", "qcow2snap", "--version"],
-                          capture_output=True, text=True, check=True)
+    proc = run_cli("--version", check=True)
     assert proc.stdout == f"qcow2snap, version {qcow2snap.__version__}\n"
-    proc = subprocess.run([sys.executable, "-m", "qcow2snap", "--help"],
-                          capture_output=True, text=True, check=True)
+    proc = run_cli("--help", check=True)
     assert proc.stdout.startswith("Usage: qcow2snap ")

@@ -20,16 +20,14 @@ records and fails one call); the CLI tests make the kernel call itself fail
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_strace
+from helpers import assert_qemu_clean, require_strace, run_cli
 
 import qcow2snap
 from qcow2snap import Qcow2Error
@@ -129,15 +127,6 @@ def qemu_snapshot_names(qemu_img: str, path: Path) -> list[str]:
     return [line.split()[1] for line in lines[2:]]
 
 
-def assert_clean(qemu_img: str, path: Path) -> dict[str, Any]:
-    proc = subprocess.run([qemu_img, "check", "--output=json", str(path)], capture_output=True,
-                          text=True, timeout=60, check=False)
-    report: dict[str, Any] = json.loads(proc.stdout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert report.get("leaks", 0) == report.get("corruptions", 0) == 0, report
-    return report
-
-
 def assert_old_state_kept(qemu_img: str, path: Path, before: bytes,
                           before_check: dict[str, Any]) -> None:
     """Every byte of the old image is as it was and it reads as before.
@@ -146,7 +135,7 @@ def assert_old_state_kept(qemu_img: str, path: Path, before: bytes,
     after = path.read_bytes()
     assert after[:len(before)] == before
     assert qemu_snapshot_names(qemu_img, path) == SNAPSHOTS
-    assert assert_clean(qemu_img, path) == before_check
+    assert assert_qemu_clean(qemu_img, path) == before_check
 
 
 # --------------------------------------------------------------------------
@@ -171,7 +160,7 @@ def test_eio_on_the_flush_after_the_header_write_says_applied_not_durable(
     with qcow2snap.open(path) as image:
         assert [s.name for s in image.snapshots] == [*SNAPSHOTS, "new"]
     assert qemu_snapshot_names(qemu_img, path) == [*SNAPSHOTS, "new"]
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 @pytest.mark.parametrize(("fails", "error_type", "message"), [
@@ -184,7 +173,7 @@ def test_eio_before_the_switch_leaves_the_old_state(
         message: Callable[[Path], str]) -> None:
     path = fixture_copy("v3-basic")
     before = path.read_bytes()
-    before_check = assert_clean(qemu_img, path)
+    before_check = assert_qemu_clean(qemu_img, path)
     error, calls = edit_failing(path, fails)
     assert type(error) is getattr(transaction, error_type)
     assert isinstance(error, transaction.TransactionPoisoned)
@@ -210,7 +199,7 @@ def test_failing_to_give_space_back_is_no_failure_of_the_edit(fixture_copy: Any,
                                     f"failed (Input/output error); they stay in the file, free")
     assert [op for op, _ in io.calls].count("fsync") == 2
     assert qemu_snapshot_names(qemu_img, path) == ["second", "third"]
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 # --------------------------------------------------------------------------
@@ -219,11 +208,9 @@ def test_failing_to_give_space_back_is_no_failure_of_the_edit(fixture_copy: Any,
 
 def _create_with_failing_fdatasync(path: Path, name: str, when: int
                                    ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [require_strace(), "-f", "-qq", "-o", os.devnull, "-e", "trace=fdatasync",
-         "-e", f"inject=fdatasync:error=EIO:when={when}",
-         sys.executable, "-m", "qcow2snap", "create", name, str(path)],
-        capture_output=True, text=True, timeout=120, check=False)
+    return run_cli("create", name, path,
+                   prefix=[require_strace(), "-f", "-qq", "-o", os.devnull, "-e", "trace=fdatasync",
+                           "-e", f"inject=fdatasync:error=EIO:when={when}"])
 
 
 def test_cli_eio_on_the_second_fdatasync_says_applied_not_durable(fixture_copy: Any,
@@ -233,14 +220,14 @@ def test_cli_eio_on_the_second_fdatasync_says_applied_not_durable(fixture_copy: 
     assert (proc.returncode, proc.stdout) == (12, ""), proc.stderr
     assert proc.stderr == f"qcow2snap: error: {applied_not_durable(path)}\n"
     assert qemu_snapshot_names(qemu_img, path) == [*SNAPSHOTS, "NAME"]
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_cli_eio_on_the_first_fdatasync_says_not_applied(fixture_copy: Any,
                                                          qemu_img: str) -> None:
     path = fixture_copy("v3-basic")
     before = path.read_bytes()
-    before_check = assert_clean(qemu_img, path)
+    before_check = assert_qemu_clean(qemu_img, path)
     proc = _create_with_failing_fdatasync(path, "NAME", when=1)
     assert (proc.returncode, proc.stdout) == (12, ""), proc.stderr
     assert proc.stderr == f"qcow2snap: error: {not_applied(path)}\n"

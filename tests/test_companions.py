@@ -18,12 +18,12 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path, require_tool, sha256_file
+from conftest import fixture_path, sha256_file
+from helpers import REQUIRE_QEMU, missing, require_tool, run_cli
 from test_damage import Layout, rename_extension
 
 import qcow2snap
@@ -31,13 +31,6 @@ from qcow2snap.errors import CompanionRefusedError, NoVMStateError
 from qcow2snap.ops.extract import OutputExistsError, dump_vm_state, extract
 
 SECRET = b"HOST-SECRET!" * 4096  # 48 KiB that must never reach an output
-
-
-def cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
-        cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qcow2snap", *map(os.fspath, args)],
-                          capture_output=True, text=True, timeout=timeout, check=False,
-                          env=env, cwd=cwd)
 
 
 @pytest.fixture
@@ -79,7 +72,7 @@ def test_backing_file_outside_the_directory_is_not_followed(
         name = "link.raw"
     image = overlay(case, name)
     out = case / "out.raw"
-    proc = cli("extract", "-", image, "-o", out)
+    proc = run_cli("extract", "-", image, "-o", out)
     assert proc.returncode == CompanionRefusedError.exit_code, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr == (
@@ -106,7 +99,7 @@ def test_allowed_ways_to_follow_it(places: tuple[Path, Path]) -> None:
             ([], env),
             (["--backing-file", elsewhere / "secret.raw"], None)]):
         out = case / f"out{i}.raw"
-        proc = cli("extract", "-", image, "-o", out, *args, env=run_env)
+        proc = run_cli("extract", "-", image, "-o", out, *args, env=run_env)
         assert proc.returncode == 0, proc.stderr
         assert out.read_bytes() == expected
     with qcow2snap.open(image, allow_dirs=[elsewhere]) as img, img.open_disk() as disk:
@@ -127,7 +120,7 @@ def test_info_shows_the_resolved_chain_and_what_is_not_followed(
     case, elsewhere = places
     (case / "link.raw").symlink_to(elsewhere / "secret.raw")
     image = overlay(case, "link.raw")
-    proc = cli("info", "--json", image)
+    proc = run_cli("info", "--json", image)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     [link] = info["backing-chain"]
@@ -137,16 +130,16 @@ def test_info_shows_the_resolved_chain_and_what_is_not_followed(
     assert link["followed"] is False
     assert "not followed" in link["reason"]
     assert "format" not in link and "virtual-size" not in link
-    text = cli("info", image).stdout
+    text = run_cli("info", image).stdout
     assert f"    1: link.raw -> {elsewhere / 'secret.raw'}: NOT FOLLOWED: " in text
-    allowed = json.loads(cli("info", "--json", "--allow-dir", elsewhere, image).stdout)
+    allowed = json.loads(run_cli("info", "--json", "--allow-dir", elsewhere, image).stdout)
     assert allowed["backing-chain"] == [{
         "filename": os.fspath(case / "link.raw"), "named": "link.raw",
         "resolved": os.fspath(elsewhere / "secret.raw"), "followed": True, "format": "raw",
         "virtual-size": len(SECRET)}]
     # a chain within the directory is followed to its end
-    chain = json.loads(cli("info", "--json",
-                           fixture_path(fixture_dir, "backing-chain")).stdout)["backing-chain"]
+    chain = json.loads(run_cli("info", "--json",
+                               fixture_path(fixture_dir, "backing-chain")).stdout)["backing-chain"]
     assert [(c["named"], c["followed"], c["format"]) for c in chain] == [
         ("backing-chain.base.qcow2", True, "qcow2")]
 
@@ -160,13 +153,13 @@ def test_data_file_outside_the_directory_is_not_followed(places: tuple[Path, Pat
                     f"data_file={data_file},data_file_raw=on", image, "1M"], check=True)
     subprocess.run([qemu_io, "-c", "write -P 0x41 0 64k", image], check=True,
                    capture_output=True)
-    proc = cli("extract", "-", image, "-o", case / "out.raw")
+    proc = run_cli("extract", "-", image, "-o", case / "out.raw")
     assert proc.returncode == CompanionRefusedError.exit_code, proc.stderr
     assert proc.stderr.startswith(f"qcow2snap: error: {image}: data file '{data_file}' is "
                                   f"outside the image's directory {case}: not followed; ")
     assert f"--data-file {data_file}" in proc.stderr
     assert not (case / "out.raw").exists()
-    proc = cli("extract", "-", image, "-o", case / "out.raw", "--data-file", data_file)
+    proc = run_cli("extract", "-", image, "-o", case / "out.raw", "--data-file", data_file)
     assert proc.returncode == 0, proc.stderr
     assert (case / "out.raw").read_bytes()[:65536] == b"\x41" * 65536
 
@@ -215,7 +208,7 @@ def test_vm_state_is_never_read_from_a_backing_file(places: tuple[Path, Path],
             head = state.read(65536)
     assert head == bytes(65536)
     assert (case / "state.qevm").read_bytes()[:65536] == bytes(65536)
-    proc = cli("vmstate", "dump", sn.id, image, "-o", case / "state2.qevm", "--no-backing")
+    proc = run_cli("vmstate", "dump", sn.id, image, "-o", case / "state2.qevm", "--no-backing")
     assert proc.returncode == 0, proc.stderr
     assert (case / "state2.qevm").read_bytes() == (case / "state.qevm").read_bytes()
     assert SECRET[:12] not in (case / "state.qevm").read_bytes()
@@ -237,7 +230,7 @@ def test_force_never_replaces_inputs(places: tuple[Path, Path], fixture_dir: Pat
     for target, what in ((image, "the source image"),
                          (base, f"backing file {base}"),
                          (case / "base-hardlink.qcow2", f"backing file {base}")):
-        proc = cli("extract", "-f", "-", image, "-o", target)
+        proc = run_cli("extract", "-f", "-", image, "-o", target)
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr == (f"qcow2snap: error: {target}: refusing to write over {what}"
                                + ("" if what == "the source image" else
@@ -255,7 +248,7 @@ def test_force_never_replaces_the_data_file(places: tuple[Path, Path],
         (case / name).write_bytes((fixture_dir / name).read_bytes())
     data_file = case / "data-file.data"
     before = sha256_file(data_file)
-    proc = cli("extract", "-f", "-", case / "data-file.qcow2", "-o", data_file)
+    proc = run_cli("extract", "-f", "-", case / "data-file.qcow2", "-o", data_file)
     assert proc.returncode == 1
     assert "refusing to write over the image's data file" in proc.stderr
     assert sha256_file(data_file) == before
@@ -274,8 +267,8 @@ def test_force_never_replaces_special_files(kind: str, tmp_path: Path,
         except PermissionError:
             pytest.skip("creating a device node needs CAP_MKNOD")
         what = "a character device"
-    proc = cli("extract", "-f", "-", fixture_path(fixture_dir, "v3-basic"), "-o", target,
-               timeout=20)
+    proc = run_cli("extract", "-f", "-", fixture_path(fixture_dir, "v3-basic"), "-o", target,
+                   timeout=20)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == (f"qcow2snap: error: {target}: is {what}; outputs are written as "
                            f"regular files and never replace {what} (qemu-img: \"Cannot grow "
@@ -318,7 +311,7 @@ def test_reading_never_changes_atime_of_image_or_companions(
     for path in files:
         os.utime(path, (1_000_000, 2_000_000))
     for args in (["info", image], ["extract", "-", image, "-o", case / "out.raw"]):
-        proc = cli(*args)
+        proc = run_cli(*args)
         assert proc.returncode == 0, proc.stderr
     assert [p.stat().st_atime_ns for p in files] == [1_000_000 * 10**9] * 2
 
@@ -327,7 +320,7 @@ def test_a_fifo_as_image_is_refused_at_once(tmp_path: Path) -> None:
     fifo = tmp_path / "image.qcow2"
     os.mkfifo(fifo)
     start = time.monotonic()
-    proc = cli("info", fifo, timeout=20)
+    proc = run_cli("info", fifo, timeout=20)
     assert time.monotonic() - start < 15
     assert proc.returncode == 1
     assert proc.stderr == (f"qcow2snap: error: not a regular file or block device (a FIFO): "
@@ -346,17 +339,17 @@ def test_names_from_the_image_never_reach_the_terminal_raw(fixture_copy: object,
     with qcow2snap.open(path, "r+") as image:
         image.create_snapshot(HOSTILE_NAME)
     for args in (["list", path], ["info", path], ["list", path, path]):
-        proc = cli(*args)
+        proc = run_cli(*args)
         assert proc.returncode == 0, proc.stderr
         assert "\x1b" not in proc.stdout and "\x9b" not in proc.stdout
         assert "\x07" not in proc.stdout and "\u202e" not in proc.stdout
         assert ESCAPED_NAME in proc.stdout
-    listed = json.loads(cli("list", "--json", path).stdout)
+    listed = json.loads(run_cli("list", "--json", path).stdout)
     assert listed[-1]["name"] == HOSTILE_NAME                # JSON keeps the exact name
-    proc = cli("vmstate", "dump", HOSTILE_NAME, path, "-o", tmp_path / "x")
+    proc = run_cli("vmstate", "dump", HOSTILE_NAME, path, "-o", tmp_path / "x")
     assert proc.returncode == NoVMStateError.exit_code
     assert "\x1b" not in proc.stderr and ESCAPED_NAME in proc.stderr
-    proc = cli("delete", HOSTILE_NAME, path)
+    proc = run_cli("delete", HOSTILE_NAME, path)
     assert proc.returncode == 0 and ESCAPED_NAME in proc.stdout and "\x1b" not in proc.stdout
 
 
@@ -367,15 +360,14 @@ def test_tiny_file_system_gives_one_line(tmp_path: Path, fixture_dir: Path) -> N
     mount.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mount],
                           capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        if os.environ.get("QCOW2SNAP_REQUIRE_QEMU") == "1" and os.geteuid() == 0:
-            pytest.fail(f"cannot mount a tmpfs: {proc.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    if proc.returncode != 0:  # root can mount one: there it is required like QEMU's tools
+        missing("a tmpfs mount", f"mount failed: {proc.stderr.strip()}",
+                REQUIRE_QEMU if os.geteuid() == 0 else None)
     try:
         for fmt in ("raw", "qcow2"):
             out = mount / f"disk.{fmt}"
-            proc = cli("extract", "-", fixture_path(fixture_dir, "v3-basic"), "-o", out,
-                       "-O", fmt)
+            proc = run_cli("extract", "-", fixture_path(fixture_dir, "v3-basic"), "-o", out,
+                           "-O", fmt)
             assert proc.returncode == 1, proc.stderr
             assert proc.stderr == (f"qcow2snap: error: {out}: writing the output failed: No "
                                    f"space left on device; nothing was left under that name\n")

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_strace, sha256_file
+from conftest import sha256_file
+from helpers import assert_qemu_clean, qemu_img_check, require_strace, run_cli
 
 import qcow2snap
 from qcow2snap import ImageInUseError, ImageInUseWarning
@@ -94,18 +95,6 @@ def snapshot_names(qemu_img: str, path: Path) -> list[str]:
     return [s["name"] for s in info.get("snapshots", [])]
 
 
-def check_findings(qemu_img: str, path: Path) -> list[str]:
-    """What ``qemu-img check`` finds (nothing for a clean image)."""
-    proc = subprocess.run([qemu_img, "check", "--output=json", str(path)], capture_output=True,
-                          text=True, timeout=120, check=False)
-    report = json.loads(proc.stdout) if proc.stdout.strip() else {}
-    found = (proc.returncode, report.get("leaks", 0), report.get("corruptions", 0))
-    if found == (0, 0, 0):
-        return []
-    first = " | ".join(proc.stderr.strip().splitlines()[:3])
-    return [f"qemu-img check: exit {found[0]}, {found[1]} leaks, {found[2]} corruptions ({first})"]
-
-
 def make_image(qemu_img: str, qemu_io: str, path: Path, snapshots: int) -> None:
     """A 64 MiB image with data in the active layer and every snapshot."""
     qemu(qemu_img, "create", "-q", "-f", "qcow2", str(path), "64M")
@@ -134,15 +123,16 @@ def lost_edits(qemu_img: str, path: Path, before: list[str], jobs: list[tuple[st
     nothing else changed, and qemu-img finds nothing; else what is wrong."""
     after = snapshot_names(qemu_img, path)
     problems = []
-    for (operation, name), ok in zip(jobs, applied):
+    for (operation, name), ok in zip(jobs, applied, strict=True):
         if (name in after) != (ok if operation == "create" else not ok):
             problems.append(f"{operation} {name!r} {'applied' if ok else 'refused'}, but the "
                             f"snapshot is {'' if name in after else 'not '}there")
-    deleted = {name for (op, name), ok in zip(jobs, applied) if op == "delete" and ok}
-    created = {name for (op, name), ok in zip(jobs, applied) if op == "create" and ok}
+    deleted = {name for (op, name), ok in zip(jobs, applied, strict=True) if op == "delete" and ok}
+    created = {name for (op, name), ok in zip(jobs, applied, strict=True) if op == "create" and ok}
     if sorted(after) != sorted((set(before) - deleted) | created):
         problems.append(f"snapshots afterwards: {after}")
-    return problems + check_findings(qemu_img, path)
+    return problems + [f"qemu-img check: {found}"
+                       for found in qemu_img_check(qemu_img, path).problems]
 
 
 def report(when: str, problems: list[str]) -> None:
@@ -178,15 +168,15 @@ def run_round(strace: str, path: Path, jobs: list[tuple[str, str]], schedule: st
             os.write(write_end, b"g" * len(procs))
         else:
             start = time.monotonic()
-            delays = [0.0] + sorted(SPREAD_HEAD_START + rng.uniform(0, SPREAD_WINDOW)
-                                    for _ in procs[1:])
+            delays = [0.0, *sorted(SPREAD_HEAD_START + rng.uniform(0, SPREAD_WINDOW)
+                                   for _ in procs[1:])]
             for delay in delays:
                 time.sleep(max(0.0, start + delay - time.monotonic()))
                 os.write(write_end, b"g")
         os.close(write_end)
         write_end = -1
         results = []
-        for pid, proc in zip(pids, procs):
+        for pid, proc in zip(pids, procs, strict=True):
             out, err = proc.communicate(timeout=120)
             results.append((pid, proc.returncode, out, err))
         return results
@@ -238,7 +228,8 @@ def test_editor_processes_racing_lose_no_edit(tmp_path: Path, qemu_img: str,
         pids = [pid for pid, _, _, _ in results]
         applied = [status == 0 for _, status, _, _ in results]
         problems = [f"{operation} {name} (process {pid}): {problem}"
-                    for (operation, name), (pid, status, out, err) in zip(jobs, results)
+                    for (operation, name), (pid, status, out, err)
+                    in zip(jobs, results, strict=True)
                     for problem in editor_problems(path, operation, name, pid, pids, status,
                                                    out, err)]
         report(f"round {number} ({schedule})",
@@ -269,7 +260,7 @@ def thread_edit(path: Path, operation: str, name: str, barrier: threading.Barrie
                 image.create_snapshot(name)
             else:
                 image.delete_snapshot(image.find_snapshot(name, by="name"))
-    except BaseException as exc:  # noqa: BLE001 - every outcome is checked by the caller
+    except BaseException as exc:
         outcomes[i] = exc
 
 
@@ -299,7 +290,7 @@ def test_editor_threads_racing_lose_no_edit(tmp_path: Path, qemu_img: str, qemu_
             assert not thread.is_alive()
         applied = [outcome is None for outcome in outcomes]
         problems = [f"{operation} {name}: {outcome!r}"
-                    for (operation, name), outcome in zip(jobs, outcomes)
+                    for (operation, name), outcome in zip(jobs, outcomes, strict=True)
                     if outcome is not None and not (isinstance(outcome, ImageInUseError)
                                                     and str(outcome) == in_process_refusal(path))]
         if not any(applied):    # whoever registered first had nobody to meet
@@ -347,8 +338,7 @@ def test_another_processs_editor_is_named_with_its_pid(tmp_path: Path, qemu_img:
             qcow2snap.open(path, "r+")
         assert str(info.value) == editor_refusal(path, pid)
         # ... through the CLI too (exit 5, one line)
-        proc = subprocess.run([sys.executable, "-m", "qcow2snap", "create", "blocked", str(path)],
-                              capture_output=True, text=True, timeout=120, check=False)
+        proc = run_cli("create", "blocked", path)
         assert (proc.returncode, proc.stdout) == (5, "")
         assert proc.stderr == f"qcow2snap: error: {editor_refusal(path, pid)}\n"
         # (b) reading warns that a qcow2snap editor, not QEMU, holds it
@@ -357,8 +347,7 @@ def test_another_processs_editor_is_named_with_its_pid(tmp_path: Path, qemu_img:
         with pytest.warns(ImageInUseWarning) as caught, qcow2snap.open(path) as image:
             assert [s.name for s in image.snapshots] == ["base-0", "base-1"]
         assert [str(w.message) for w in caught] == [warning]
-        proc = subprocess.run([sys.executable, "-m", "qcow2snap", "list", str(path)],
-                              capture_output=True, text=True, timeout=120, check=False)
+        proc = run_cli("list", path)
         assert proc.returncode == 0
         assert proc.stderr == f"qcow2snap: warning: {warning}\n"
         assert holder.poll() is None, "the holder must still hold the image"
@@ -370,7 +359,7 @@ def test_another_processs_editor_is_named_with_its_pid(tmp_path: Path, qemu_img:
     with qcow2snap.open(path, "r+") as image:
         image.create_snapshot("after")
     assert snapshot_names(qemu_img, path) == ["base-0", "base-1", "after"]
-    assert check_findings(qemu_img, path) == []
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_refusal_names_an_editor_that_finishes_while_it_is_tested(

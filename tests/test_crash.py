@@ -19,9 +19,7 @@ refcount parser.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import pytest
 from conftest import place_companion, run
 from crashsim import CrashReplay, Op, RecordingIO, Refcounts, shadow_paging_violations
+from helpers import assert_qemu_clean, qemu_img_check
 
 import qcow2snap
 from qcow2snap import ExtentKind
@@ -72,23 +71,6 @@ def state_of(path: Path) -> tuple[Any, ...]:
         return snaps, image.size, tuple(layers)
 
 
-def qemu_check(qemu_img: str, path: Path) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run([qemu_img, "check", "--output=json", str(path)],
-                          check=False, capture_output=True, text=True, cwd=path.parent)
-    try:
-        report = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        report = {"stdout": proc.stdout, "stderr": proc.stderr}
-    return proc.returncode, report
-
-
-def clean(code: int, report: dict[str, Any]) -> bool:
-    """No corruption, no leak, nothing else qemu-img check counts."""
-    return (code == 0 and not report.get("leaks") and not report.get("corruptions")
-            and not report.get("check-errors") and not report.get("leaks-fixed")
-            and "stderr" not in report)
-
-
 def record(path: Path, operation: Callable[[EditableImage], object]) -> list[Op]:
     fd = os.open(path, os.O_RDWR)
     try:
@@ -115,7 +97,7 @@ def assert_crash_safe(path: Path, operation: Callable[[EditableImage], object],
     with open(path, "rb") as f:
         new_head = f.read(512)
     assert before != after, "the operation changed nothing observable"
-    assert clean(*qemu_check(qemu_img, path)), qemu_check(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
     assert any(op.kind == "fsync" for op in ops)
     assert shadow_paging_violations(before_copy, path, ops) == []
     crashed = tmp_path / path.name
@@ -127,8 +109,8 @@ def assert_crash_safe(path: Path, operation: Callable[[EditableImage], object],
     replayer = CrashReplay(before_copy, ops, crashed)
     seen = set()
     for label in replayer.variants(**replay):
-        code, report = qemu_check(qemu_img, crashed)
-        assert clean(code, report), (label, report)
+        problems = qemu_img_check(qemu_img, crashed).problems
+        assert not problems, (label, problems)
         with open(crashed, "rb") as f:
             head = f.read(512)
         expected = {old_head: ("old", before), new_head: ("new", after)}.get(head)
@@ -183,7 +165,7 @@ def free_and_end(path: Path) -> tuple[int, int]:
     clusters = (path.stat().st_size + 511) // 512
     used = [bool(refcounts.get(c)) for c in range(clusters)]
     end = max(c for c in range(clusters) if used[c]) + 1
-    return (used + [False]).index(False), end
+    return ([*used, False]).index(False), end
 
 
 def build_edge_image(path: Path, qemu_img: str, qemu_io: str, refcount_bits: int,
@@ -247,7 +229,7 @@ def test_refcount_table_growth_is_crash_safe(refcount_bits: int, end: int, singl
     16 random subsets.  The protocol check covers every write."""
     path = tmp_path / "edge.qcow2"
     build_edge_image(path, qemu_img, qemu_io, refcount_bits, end)
-    assert clean(*qemu_check(qemu_img, path))
+    assert_qemu_clean(qemu_img, path)
     old_table = table_location(path)
     assert old_table[1] == 1
     old_blocks = set(Refcounts(path).blocks)
@@ -323,13 +305,13 @@ def test_replay_catches_a_commit_before_its_clusters(fixture_copy: Any, qemu_img
     before.write_bytes(path.read_bytes())
     ops = record(path, OPERATIONS["create"])
     commit = next(i for i, op in enumerate(ops) if op.kind == "pwrite" and op.offset < 512)
-    broken = [ops[commit]] + ops[:commit] + ops[commit + 1:]
+    broken = [ops[commit], *ops[:commit], *ops[commit + 1:]]
     assert shadow_paging_violations(before, path, broken)
     old, new = state_of(before), state_of(path)
     replay = CrashReplay(before, broken, tmp_path / "crashed.qcow2")
     bad = 0
     for _ in replay.variants():
-        ok = clean(*qemu_check(qemu_img, tmp_path / "crashed.qcow2"))
+        ok = qemu_img_check(qemu_img, tmp_path / "crashed.qcow2").clean
         try:
             ok = ok and state_of(tmp_path / "crashed.qcow2") in (old, new)
         except qcow2snap.Qcow2Error:

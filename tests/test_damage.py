@@ -22,6 +22,7 @@ Damaged images are always made here by patching a copy of a good fixture
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -37,14 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from conftest import FIXTURES_BY_NAME, fixture_path, place_companion
+from helpers import invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcow2snap
 from qcow2snap import describe
-from qcow2snap.cli import cli
 from qcow2snap.errors import (
     CorruptImageError,
     NotQcow2Error,
@@ -149,7 +149,7 @@ def exercise(path: Path | str, *, keep_going: bool = False) -> None:
             describe.snapshot_table_text(image.snapshots)
         attempt(image.chain)  # describe reports chain errors as text: see them raised here
         for snapshot in [None, *image.snapshots[:MAX_LAYERS]]:
-            attempt(lambda: _exercise_layer(image, snapshot))
+            attempt(functools.partial(_exercise_layer, image, snapshot))
     if errors:
         raise errors[0]
 
@@ -989,7 +989,7 @@ def test_cli_reports_one_error_line(case: Case, command: list[str], fixture_dir:
     assert case.error is not None
     data, companions = build_case(case, fixture_dir)
     with damaged_image(data, companions) as path, unchanged(path):
-        result = CliRunner().invoke(cli, [*command, str(path)])
+        result = invoke(*command, path)
     assert result.exit_code == case.error.exit_code != 0
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert result.stdout == ""
@@ -1018,7 +1018,6 @@ def test_cli_on_mutated_images(name: str, fixture_dir: Path) -> None:
     """Damaged images through the CLI: a JSON answer or one error line."""
     _require(name)
     prof = profile(fixture_dir, name)
-    runner = CliRunner()
 
     @settings(_fuzz_settings, max_examples=25)
     @given(data=st.data())
@@ -1027,7 +1026,7 @@ def test_cli_on_mutated_images(name: str, fixture_dir: Path) -> None:
         with (damaged_image(apply_mutations(prof.data, changes), prof.companions) as path,
               unchanged(path), time_limit(TIME_LIMIT, "cli")):
             for command in (["info", "--json"], ["list", "--json"]):
-                _check_cli_result(runner.invoke(cli, [*command, str(path)]))
+                _check_cli_result(invoke(*command, path))
 
     check()
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 from conftest import FIXTURES_BY_NAME, ROOT, fixture_path
+from helpers import invoke
 
 import qcow2snap.ops
 from qcow2snap import errors
@@ -85,10 +85,10 @@ def commands(group: click.Group = cli, prefix: tuple[str, ...] = ()
     out: list[tuple[tuple[str, ...], click.Command]] = []
     for name, command in sorted(group.commands.items()):
         if isinstance(command, click.Group):
-            out.append((prefix + (name,), command))
-            out += commands(command, prefix + (name,))
+            out.append(((*prefix, name), command))
+            out += commands(command, (*prefix, name))
         else:
-            out.append((prefix + (name,), command))
+            out.append(((*prefix, name), command))
     return out
 
 
@@ -173,7 +173,7 @@ def test_cli_example_runs(fixture_dir: Path, tmp_path: Path, line: int,
         argv = shlex.split(command)
         if argv[0] != "qcow2snap":
             continue
-        result = CliRunner().invoke(cli, argv[1:], prog_name="qcow2snap")
+        result = invoke(*argv[1:])
         shown_errors = [s for s in shown if s.startswith("qcow2snap: error: ")]
         if shown_errors:
             assert result.exit_code not in (0, 2), (command, result.stderr)

@@ -28,7 +28,6 @@ assertion message (also written to ``steps.log`` in the test's tmp dir).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -40,6 +39,7 @@ from typing import Any
 
 import pytest
 from conftest import FIXTURES_BY_NAME, fixtures_with
+from helpers import QemuCheck, assert_qemu_clean, require_tool
 
 import qcow2snap
 from qcow2snap import Qcow2Error
@@ -566,15 +566,10 @@ class Pair:
     # ----------------------------------------------------------- checking
 
     def check_b(self, proc: subprocess.CompletedProcess[str]) -> None:
-        try:
-            report = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            report = {}
-        if (proc.returncode != 0 or report.get("leaks") or report.get("corruptions")
-                or report.get("check-errors")):
+        checked = QemuCheck.of(proc)
+        if not checked.clean:
             human = self.run(*self.qimg("check", image=self.B))
-            self.fail(f"qemu-img check on B (rc {proc.returncode}): {report}\n"
-                      f"{human.stdout}{human.stderr}")
+            self.fail(f"qemu-img check on B: {checked.problems}\n{human.stdout}{human.stderr}")
 
     def _raw(self, image: str, t: Tracked, disk_size: int, out: str) -> Path:
         """QEMU's view of snapshot ``t`` at its own disk size, as a raw file."""
@@ -680,7 +675,7 @@ class Pair:
         cmp = jobs["cmp"].result()
         if cmp.returncode != 0:
             self.fail(f"active content differs: {cmp.stdout.strip()} {cmp.stderr.strip()}")
-        targets = list(zip(self.snaps, a_sizes))
+        targets = list(zip(self.snaps, a_sizes, strict=True))
         if not full and len(targets) > FULL_COMPARE_LIMIT:
             keep = set(self.rnd.sample(range(len(targets)), 4)) | {len(targets) - 1}
             keep |= {i for i, (t, _) in enumerate(targets) if t.id in touched}
@@ -796,15 +791,6 @@ def test_revert_refused_like_qemu_when_refcounts_overflow(fixture_copy: Any,
 # A real QEMU loads VM snapshots of an image qcow2snap edited
 
 
-def _require_qemu_system() -> str:
-    path = shutil.which("qemu-system-x86_64")
-    if path is None:
-        if os.environ.get("QCOW2SNAP_REQUIRE_QEMU_SYSTEM") == "1":
-            pytest.fail("qemu-system-x86_64 is required (QCOW2SNAP_REQUIRE_QEMU_SYSTEM=1)")
-        pytest.skip("qemu-system-x86_64 not installed")
-    return path
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -825,7 +811,7 @@ def _monitor_session(qemu_system: str, workdir: Path, image: str, bios: str,
     text = _ANSI.sub("", proc.stdout).replace("\r", "")
     chunks = text.split("(qemu) ")[1:]
     out = []
-    for command, chunk in zip(commands + ["quit"], chunks, strict=False):
+    for command, chunk in zip([*commands, "quit"], chunks, strict=False):
         # the echo is redrawn character by character, the output follows the last newline
         lines = chunk.split("\n", 1)
         out.append((command, lines[1] if len(lines) > 1 else ""))
@@ -835,7 +821,7 @@ def _monitor_session(qemu_system: str, workdir: Path, image: str, bios: str,
 
 def test_qemu_loadvm_after_qcow2snap_edits(fixture_copy: Any, qemu_img: str, qemu_io: str,
                                            tmp_path: Path) -> None:
-    qemu_system = _require_qemu_system()
+    qemu_system = require_tool("qemu-system-x86_64")
     path = fixture_copy("savevm")
     workdir = path.parent
     bios = FIXTURES_BY_NAME["savevm"]["savevm"]["bios"][:-3]
@@ -876,9 +862,7 @@ def test_qemu_loadvm_after_qcow2snap_edits(fixture_copy: Any, qemu_img: str, qem
     assert "disk-only snapshot" in by_step[6][1], by_step[6]            # the control works
 
     # the disk was reverted to "pre" by QEMU, and the image is clean
-    check = subprocess.run([qemu_img, "check", path.name], cwd=workdir, capture_output=True,
-                           text=True, check=False)
-    assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout
+    assert_qemu_clean(qemu_img, path.name, cwd=workdir)
     cmp = subprocess.run([qemu_img, "compare", "-f", "qcow2", "-F", "raw", path.name,
                           "pre.raw"], cwd=workdir, capture_output=True, text=True, check=False)
     assert cmp.returncode == 0, cmp.stdout

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import sha256_file
+from helpers import assert_qemu_clean
 
 import qcow2snap
 from qcow2snap import (
@@ -64,14 +65,6 @@ def qemu(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)}: rc {proc.returncode}\n{proc.stdout}{proc.stderr}")
     return proc
-
-
-def assert_clean(qemu_img: str, path: Path) -> None:
-    proc = qemu(qemu_img, "check", "--output=json", path.name, cwd=path.parent, check=False)
-    report = json.loads(proc.stdout) if proc.stdout.strip() else {}
-    assert proc.returncode == 0 and not report.get("leaks") and not report.get("corruptions"), (
-        proc.stdout + proc.stderr + qemu(qemu_img, "check", path.name, cwd=path.parent,
-                                         check=False).stdout)
 
 
 def snapshot_list(qemu_img: str, path: Path) -> list[tuple[str, str]]:
@@ -216,7 +209,7 @@ def test_running_qemu_keeps_qcow2snap_out(read_only: bool, fixture_copy: Any, qe
     # once the holder is gone, editing works
     with qcow2snap.open(path, "r+") as image:
         image.create_snapshot("after")
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_qcow2snap_keeps_qemu_writers_out(fixture_copy: Any, qemu_io: str, qemu_img: str) -> None:
@@ -234,7 +227,7 @@ def test_qcow2snap_keeps_qemu_writers_out(fixture_copy: Any, qemu_io: str, qemu_
         image.create_snapshot("mine")
     # closed: QEMU writes again
     qemu(qemu_io, "-f", "qcow2", "-c", "write -P 0x5 0 512", str(path), cwd=path.parent)
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
     assert [n for _, n in snapshot_list(qemu_img, path)][-1] == "mine"
 
 
@@ -299,7 +292,7 @@ def test_unknown_autoclear_bit_cleared_known_kept(fixture_copy: Any, qemu_img: s
     # QEMU clears the same bits when it writes
     assert struct.unpack_from(">Q", reference.read_bytes(), 88)[0] == 1
     assert_header_preserved(before, after)
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
     info = json.loads(qemu(qemu_img, "info", "--output=json", path.name, cwd=path.parent).stdout)
     bitmaps = info["format-specific"]["data"]["bitmaps"]
     assert [b["name"] for b in bitmaps] == ["bm0"]
@@ -330,7 +323,7 @@ def test_unknown_compatible_bit_kept(fixture_copy: Any, qemu_img: str) -> None:
     with qcow2snap.open(path, "r+") as image:
         image.create_snapshot("x")
     assert path.read_bytes()[80:88] == reference.read_bytes()[80:88] == bytes(data[80:88])
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def _with_unknown_extension(data: bytes) -> bytes:
@@ -363,7 +356,7 @@ def test_unknown_header_bytes_survive(variant: str, fixture_copy: Any, qemu_img:
     if variant in ("extension", "both"):
         data = _with_unknown_extension(data)
     path.write_bytes(data)
-    assert_clean(qemu_img, path)          # QEMU accepts the image as patched
+    assert_qemu_clean(qemu_img, path)          # QEMU accepts the image as patched
     with qcow2snap.open(path) as image:
         assert image.header.header_length == (120 if variant != "extension" else 112)
         assert len(image.unknown_extensions) == (0 if variant == "header-tail" else 1)
@@ -384,7 +377,7 @@ def test_unknown_header_bytes_survive(variant: str, fixture_copy: Any, qemu_img:
     # QEMU keeps them too (the reference for "survive")
     ref = reference.read_bytes()
     assert ref[104:extensions_end(ref)] == known[104:end]
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 UNKNOWN_EXTRA = bytes.fromhex("deadbeef01020304")
@@ -399,7 +392,7 @@ def test_unknown_snapshot_extra_data_survives(name: str, fixture_copy: Any,
         records[1].unknown_extra = UNKNOWN_EXTRA
 
     rewrite_snapshot_table(path, add_extra)
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
     with qcow2snap.open(path) as image:
         sn = image.snapshots[1]
         assert sn.extra_data_size == 32 and sn.unknown_extra == UNKNOWN_EXTRA
@@ -427,7 +420,7 @@ def test_unknown_snapshot_extra_data_survives(name: str, fixture_copy: Any,
         assert entry_bytes(image, target)[8:] == original[8:]
         # renaming the entry itself keeps its extra data too
         image.rename_snapshot(image.find_snapshot(target, by="id"), "mine")
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
     renamed = entry_bytes(path, target)
     # l1_size, id length, dates, clock, VM-state size, extra size and all 32
     # bytes of extra data are kept; then the ID, then the new name
@@ -458,7 +451,7 @@ def test_short_extra_data_entries_rewritten_like_qemu(fixture_copy: Any,
     for record, extra_size in zip(records, [0, 16, 24], strict=True):
         table += bytes(-len(table) % 8) + old_entry(record, extra_size)
     patch(path, offset, table + bytes(CLUSTER - len(table)))
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
     with qcow2snap.open(path) as image:
         assert [s.extra_data_size for s in image.snapshots] == [0, 16, 24]
     reference = twin(path, "qemu.qcow2")
@@ -472,7 +465,7 @@ def test_short_extra_data_entries_rewritten_like_qemu(fixture_copy: Any,
     # the new entries agree too, but for the date
     ours, theirs = entry_bytes(path, "4"), entry_bytes(reference, "4")
     assert ours[8:16] + ours[24:] == theirs[8:16] + theirs[24:]
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_v2_revert_to_another_disk_size_refused_like_qemu(fixture_copy: Any,
@@ -579,7 +572,7 @@ def test_existing_name_needs_overwrite(fixture_copy: Any, qemu_img: str) -> None
         assert new_id == "7"
     assert snapshot_list(qemu_img, path) == snapshot_list(qemu_img, reference) == [
         ("1", "x"), ("5", "dup"), ("6", "dup"), ("7", "1")]
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_overwrite_of_the_highest_id_reuses_it(fixture_copy: Any, qemu_img: str) -> None:
@@ -605,7 +598,7 @@ def test_ids_are_reused_after_deleting_the_highest(fixture_copy: Any, qemu_img: 
         assert image.create_snapshot("more")[0] == "4"
     assert snapshot_list(qemu_img, path) == snapshot_list(qemu_img, reference) == [
         ("1", "first"), ("3", "again"), ("4", "more")]
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 @pytest.mark.parametrize("ids,expected", [
@@ -631,7 +624,7 @@ def test_new_id_is_computed_like_qemu(ids: list[bytes], expected: str, fixture_c
         new_id, _ = image.create_snapshot("n")
     assert new_id == qemu_id == expected
     assert snapshot_list(qemu_img, path) == snapshot_list(qemu_img, reference)
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 # --------------------------------------------------------------------------
@@ -728,7 +721,7 @@ def test_edit_images_changes_every_disk(fixture_copy: Any, qemu_img: str) -> Non
     after = [state(p) for p in paths]
     assert all(a[0] != b[0] for a, b in zip(after, before, strict=True))
     for p in paths:
-        assert_clean(qemu_img, p)
+        assert_qemu_clean(qemu_img, p)
         assert snapshot_list(qemu_img, p)[-1] == ("4", "vm-snap")
     for operation, kwargs in (("revert", {"snapshot": "first"}),
                               ("rename", {"snapshot": "vm-snap", "name": "renamed"}),
@@ -736,7 +729,7 @@ def test_edit_images_changes_every_disk(fixture_copy: Any, qemu_img: str) -> Non
         results = edit_images(paths, operation, by="name", **kwargs)  # type: ignore[arg-type]
         assert all(r.ok for r in results), results
         for p in paths:
-            assert_clean(qemu_img, p)
+            assert_qemu_clean(qemu_img, p)
     assert {tuple(snapshot_list(qemu_img, p)) for p in paths} == {
         (("1", "first"), ("3", "third"), ("4", "renamed"))}
 
@@ -769,7 +762,7 @@ def test_dry_run_writes_nothing(operation: str, fixture_copy: Any, qemu_img: str
     assert {k: v for k, v in vars(done).items() if k != "dry_run"} == {
         k: v for k, v in vars(predicted).items() if k != "dry_run"}
     assert path.stat().st_size == done.file_size_after
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def _allocated(path: Path) -> int:
@@ -793,7 +786,7 @@ def test_delete_returns_space_by_punching_holes(fixture_copy: Any, qemu_img: str
     # shadow copies of metadata may land at the end: the length can grow a little
     assert path.stat().st_size == result.file_size_after <= size + 8 * CLUSTER
     assert blocks - _allocated(path) >= 4 << 20, (blocks, _allocated(path))
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_delete_returns_space_by_truncating(fixture_copy: Any, qemu_img: str,
@@ -815,7 +808,7 @@ def test_delete_returns_space_by_truncating(fixture_copy: Any, qemu_img: str,
     assert path.stat().st_size == result.file_size_after
     assert size - path.stat().st_size >= 4 << 20
     assert blocks - _allocated(path) >= 4 << 20
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_qemu_and_qcow2snap_free_the_same_space(fixture_copy: Any, qemu_img: str,
@@ -832,7 +825,7 @@ def test_qemu_and_qcow2snap_free_the_same_space(fixture_copy: Any, qemu_img: str
         image.delete_snapshot(image.find_snapshot("big", by="name"))
     ours, theirs = _allocated(path), _allocated(reference)
     assert ours <= theirs + 16 * CLUSTER, (ours, theirs)
-    assert_clean(qemu_img, path)
+    assert_qemu_clean(qemu_img, path)
 
 
 def test_revert_of_a_missing_snapshot_changes_nothing(fixture_copy: Any) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FIXTURES_BY_NAME, require_strace
+from conftest import FIXTURES_BY_NAME
+from helpers import require_strace, run_cli
 
 import qcow2snap
 from qcow2snap.errors import CorruptImageError
@@ -144,11 +145,8 @@ def test_full_disk_leaves_no_output(fixture_copy: Any, tmp_path: Path, out_forma
     path = fixture_copy("v3-basic")
     outdir = tmp_path / "out"
     outdir.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "qcow2snap", "extract", "first",
-                           os.fspath(path), "-o", os.fspath(outdir / "disk.img"),
-                           "-O", out_format],
-                          capture_output=True, text=True, timeout=120, check=False,
-                          preexec_fn=_limit_file_size)
+    proc = run_cli("extract", "first", path, "-o", outdir / "disk.img", "-O", out_format,
+                   preexec_fn=_limit_file_size)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == (f"qcow2snap: error: {outdir / 'disk.img'}: writing the output "
                            f"failed: File too large; nothing was left under that name\n")
@@ -239,9 +237,7 @@ def test_closed_stdout_is_not_a_traceback(fixture_dir: Path) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "qcow2snap", "list", os.fspath(source)],
-                              stdout=write_end, stderr=subprocess.PIPE, text=True,
-                              timeout=120, check=False)
+        proc = run_cli("list", source, stdout=write_end, stderr=subprocess.PIPE)
     finally:
         os.close(write_end)
     assert proc.returncode == 1
@@ -298,12 +294,10 @@ def test_a_read_error_on_the_image_names_the_image(fixture_copy: Any, tmp_path: 
     path = fixture_copy("v3-basic")
     outdir = tmp_path / "out"
     outdir.mkdir()
-    proc = subprocess.run(
-        [strace, "-f", "-qq", "-o", "/dev/null", "-P", os.fspath(path), "-e", "trace=pread64",
-         "-e", f"inject=pread64:error=EIO:when={first_failing_read}+",
-         sys.executable, "-m", "qcow2snap", "extract", "first", os.fspath(path),
-         "-o", os.fspath(outdir / "disk.raw")],
-        capture_output=True, text=True, timeout=120, check=False)
+    proc = run_cli("extract", "first", path, "-o", outdir / "disk.raw",
+                   prefix=[strace, "-f", "-qq", "-o", "/dev/null", "-P", os.fspath(path),
+                           "-e", "trace=pread64",
+                           "-e", f"inject=pread64:error=EIO:when={first_failing_read}+"])
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == f"qcow2snap: error: Input/output error: {path}\n"
     assert os.listdir(outdir) == []

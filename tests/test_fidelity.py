@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from conftest import fixture_path
+from helpers import invoke, qemu_img_check
 
 import qcow2snap
 from qcow2snap import describe
 from qcow2snap import format as fmt
-from qcow2snap.cli import cli
 from qcow2snap.errors import (
     CorruptImageError,
     SnapshotNotFoundError,
@@ -126,16 +125,6 @@ def revert_snapshot(path: Path, name: str) -> None:
         image.revert_to_snapshot(name)
 
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(cli, list(args))
-
-
-def qemu_check_json(qemu_img: str, path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
-    result = qemu(qemu_img, "check", "--output=json", *args, path.name, cwd=path.parent,
-                  check=False)
-    return result.returncode, json.loads(result.stdout), result.stderr
-
-
 CHECK_KEYS = ("image-end-offset", "total-clusters", "allocated-clusters", "fragmented-clusters",
               "compressed-clusters", "check-errors", "leaks", "corruptions")
 
@@ -144,13 +133,13 @@ def assert_check_agrees(qemu_img: str, path: Path) -> Any:
     """qcow2snap's check finds what ``qemu-img check`` finds: the same
     counts, exit status and ERROR lines."""
     report = check_image(path)
-    rc, theirs, stderr = qemu_check_json(qemu_img, path)
+    theirs = qemu_img_check(qemu_img, path.name, cwd=path.parent)
     ours = describe.check_json(report)
-    assert report.exit_code == rc
+    assert report.exit_code == theirs.returncode
     for key in CHECK_KEYS:
-        assert ours.get(key, 0) == theirs.get(key, 0), key
-    errors = [line for line in stderr.splitlines() if line.startswith("ERROR")]
-    assert [f.message for f in report.findings if f.message.startswith("ERROR")] == errors
+        assert ours.get(key, 0) == theirs.report.get(key, 0), key
+    assert [f.message for f in report.findings if f.message.startswith("ERROR")] == \
+        theirs.error_lines
     return report
 
 
@@ -494,8 +483,8 @@ def test_data_file_snapshots_cannot_be_read_or_reverted(data_file_with_snapshots
         with pytest.raises(SnapshotNotFoundError) as info:
             image.open_disk("s1")
         assert str(info.value) == message
-    result = invoke("extract", "s1", str(path), "-o", str(path.parent / "s1.raw"))
-    assert result.exit_code == SnapshotNotFoundError.exit_code
+    extracted = invoke("extract", "s1", str(path), "-o", str(path.parent / "s1.raw"))
+    assert extracted.exit_code == SnapshotNotFoundError.exit_code
     assert read_all(path) == qemu_raw(qemu_img, path)
 
 

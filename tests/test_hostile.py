@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import fixture_path, require_tool
+from conftest import fixture_path
+from helpers import require_tool
 from test_damage import CASES, Layout, build_case
 
 import qcow2snap

@@ -62,7 +62,7 @@ def test_header_extensions_and_table_rebuild_byte_identical(name: str, fixture_d
 def test_snapshot_fields(fixture_dir: Path) -> None:
     entry = FIXTURES_BY_NAME["savevm"]
     with qcow2snap.open(fixture_path(fixture_dir, "savevm")) as image:
-        for sn, expected in zip(image.snapshots, entry["snapshots"]):
+        for sn, expected in zip(image.snapshots, entry["snapshots"], strict=True):
             assert (sn.id, sn.name, sn.disk_size) == (expected["id"], expected["name"],
                                                      expected["disk_size"])
             assert sn.vm_state_size == expected["vm_state_size"] > 0
@@ -167,9 +167,9 @@ def test_backing_file_override_and_disable(fixture_dir: Path, tmp_path: Path) ->
         assert image.open_disk().read() != normal
     lonely = tmp_path / "lonely.qcow2"
     lonely.write_bytes(path.read_bytes())
-    with qcow2snap.open(lonely) as image:
-        with pytest.raises(UnsupportedImageError, match="backing file .* not found"):
-            image.open_disk().read()
+    with (qcow2snap.open(lonely) as image,
+          pytest.raises(UnsupportedImageError, match=r"backing file .* not found")):
+        image.open_disk().read()
 
 
 def test_encrypted_image_lists_but_does_not_read(fixture_dir: Path) -> None:
@@ -187,9 +187,9 @@ def test_data_file_image_reads_active_layer(fixture_dir: Path) -> None:
 
 
 def test_vm_state_of_disk_only_snapshot_is_refused(fixture_dir: Path) -> None:
-    with qcow2snap.open(fixture_path(fixture_dir, "v3-basic")) as image:
-        with pytest.raises(NoVMStateError, match="disk-only"):
-            image.open_vm_state(image.snapshots[0])
+    with (qcow2snap.open(fixture_path(fixture_dir, "v3-basic")) as image,
+          pytest.raises(NoVMStateError, match="disk-only")):
+        image.open_vm_state(image.snapshots[0])
 
 
 def test_reading_never_writes(fixture_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -204,7 +204,6 @@ def test_reading_never_writes(fixture_copy, tmp_path: Path) -> None:  # type: ig
                 image.open_disk(sn).read()
                 if sn is not None and sn.has_vm_state:
                     image.open_vm_state(sn).read()
-            mode = os.stat(f"/proc/self/fd/{image._file.fd}").st_mode
             flags = int(Path(f"/proc/self/fdinfo/{image._file.fd}").read_text().split(
                 "flags:")[1].split()[0], 8)
             assert flags & os.O_ACCMODE == os.O_RDONLY

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from conftest import FIXTURES_BY_NAME, fixture_path, fixtures_with
+from helpers import invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +35,6 @@ import qcow2snap
 from qcow2snap import cli as cli_module
 from qcow2snap import describe, vmstate
 from qcow2snap import format as fmt
-from qcow2snap.cli import cli
 from qcow2snap.model import parse_snapshot_table
 from qcow2snap.ops import runstate as runstate_module
 from qcow2snap.ops.runstate import snapshot_runstate
@@ -498,7 +497,7 @@ def test_snapshot_table_unpacks_as_construct_parses(entries: list[Any], current:
     parsed = parse_snapshot_table(lambda off, n: (table + bytes(n))[off - 4096:off - 4096 + n],
                                   4096, len(entries), current)
     assert parsed.to_bytes() == table
-    for sn, start, (*_, extra) in zip(parsed.snapshots, starts, entries):
+    for sn, start, (*_, extra) in zip(parsed.snapshots, starts, entries, strict=True):
         head = fmt.QCowSnapshotHeader.parse(table[start:start + 40])
         more = fmt.QCowSnapshotExtraData.parse(extra, extra_data_size=len(extra))
         assert (sn.l1_table_offset, sn.l1_size, sn.date_sec, sn.date_nsec, sn.vm_clock_nsec,
@@ -551,9 +550,8 @@ def test_json_lists_in_batches_and_flat_objects() -> None:
                                   "empty-snapshot"])
 def test_cli_json_is_json_dumps(fixture_dir: Path, name: str) -> None:
     path = fixture_path(fixture_dir, name)
-    runner = CliRunner()
-    listed = runner.invoke(cli, ["list", "--json", str(path)])
-    info = runner.invoke(cli, ["info", "--json", str(path)])
+    listed = invoke("list", "--json", path)
+    info = invoke("info", "--json", path)
     assert listed.exit_code == info.exit_code == 0
     with qcow2snap.open(path) as image:
         objs = [describe.snapshot_json(s, image) for s in image.snapshots]

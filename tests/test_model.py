@@ -154,7 +154,8 @@ def test_snapshot_extra_data_semantics() -> None:
 
 def test_snapshot_too_much_extra_data() -> None:
     table = _table(_entry(b"", extra_data_size=1025))
-    with pytest.raises(CorruptImageError, match="Too much extra metadata in snapshot table entry 0"):
+    with pytest.raises(CorruptImageError,
+                       match="Too much extra metadata in snapshot table entry 0"):
         _parse(table, 1)
 
 

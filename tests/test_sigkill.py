@@ -36,21 +36,18 @@ writes) is simulated in tests/test_crash.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import killsim
 import pytest
 from conftest import run
+from helpers import cli_argv, qemu_img_check, require_strace, run_cli
 from killsim import build_image, signature
 
 pytestmark = pytest.mark.qemu
@@ -70,25 +67,6 @@ def base_image(tmp_path_factory: pytest.TempPathFactory, qemu_img: str, qemu_io:
     path = tmp_path_factory.mktemp("sigkill") / "base.qcow2"
     build_image(path, qemu_img, qemu_io)
     return path
-
-
-def check_report(qemu_img: str, path: Path) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run([qemu_img, "check", "--output=json", str(path)],
-                          check=False, capture_output=True, text=True)
-    try:
-        return proc.returncode, json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        return proc.returncode, {"stdout": proc.stdout, "stderr": proc.stderr}
-
-
-def findings(code: int, report: dict[str, Any]) -> list[str]:
-    """Everything qemu-img check counts (empty: a clean image)."""
-    out = [f"{key}={report[key]}" for key in ("corruptions", "leaks", "check-errors",
-                                              "corruptions-fixed", "leaks-fixed")
-           if report.get(key)]
-    if code != 0 or "stdout" in report:
-        out.append(f"exit {code}: {report}")
-    return out
 
 
 def content_digest(qemu_img: str, path: Path, snapshot: str | None, out: Path) -> str:
@@ -118,16 +96,12 @@ def content_digest(qemu_img: str, path: Path, snapshot: str | None, out: Path) -
     return h.hexdigest()
 
 
-def qcow2snap(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qcow2snap", *args]
-
-
 def timed_run(operation: str, base: Path, path: Path) -> tuple[float, float, float]:
     """Run the operation to completion on a fresh copy of ``base``, watching
     the file: seconds from the start to its first write, to its last write,
     and to the exit."""
     first, last, duration, status, stderr = killsim.timed_run(
-        qcow2snap(*OPERATIONS[operation]), base, path)
+        cli_argv(*OPERATIONS[operation]), base, path)
     assert status == 0, stderr
     return first, last, duration
 
@@ -135,7 +109,7 @@ def timed_run(operation: str, base: Path, path: Path) -> tuple[float, float, flo
 def kill_run(operation: str, path: Path, delay: float | None, after_write: float) -> int:
     """SIGKILL the operation on ``path`` (see :func:`killsim.kill_run`);
     returns the exit status."""
-    status, stderr = killsim.kill_run(qcow2snap(*OPERATIONS[operation]), path, delay,
+    status, stderr = killsim.kill_run(cli_argv(*OPERATIONS[operation]), path, delay,
                                       after_write)
     assert status in (0, -signal.SIGKILL), stderr
     return status
@@ -144,13 +118,13 @@ def kill_run(operation: str, path: Path, delay: float | None, after_write: float
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 def test_sigkill_leaves_old_or_new_state(operation: str, base_image: Path, qemu_img: str,
                                          tmp_path: Path) -> None:
-    assert not findings(*check_report(qemu_img, base_image))
+    assert not qemu_img_check(qemu_img, base_image).problems
     old = killsim.observe(qemu_img, base_image)
     reference = tmp_path / "reference.qcow2"
     timings = sorted(timed_run(operation, base_image, reference) for _ in range(3))
     first_write, last_write, duration = timings[1]
     window = max(0.002, last_write - first_write) * 1.2
-    assert not findings(*check_report(qemu_img, reference))
+    assert not qemu_img_check(qemu_img, reference).problems
     new = killsim.observe(qemu_img, reference)
     assert old != new
     old_active = new_snapshot = None
@@ -173,7 +147,7 @@ def test_sigkill_leaves_old_or_new_state(operation: str, base_image: Path, qemu_
             delay, after_write = rng.uniform(0.0, duration), 0.0
             label = f"{operation}: kill {kill} after {delay:.3f}s of ~{duration:.3f}s"
         status = kill_run(operation, work, delay, after_write)
-        problems = findings(*check_report(qemu_img, work))
+        problems = qemu_img_check(qemu_img, work).problems
         assert not problems, (label, problems)
         state = killsim.observe(qemu_img, work)
         assert state in (old, new), f"{label}: neither the old nor the new state"
@@ -202,12 +176,10 @@ TRACE_LINE = re.compile(r"^\d+\s+(\w+)\((.*)\)\s+= ")
 
 def traced_calls(operation: str, path: Path, tmp_path: Path) -> list[tuple[str, int]]:
     """[(system call, file offset or length)] of a complete run, in order."""
-    strace = shutil.which("strace")
-    assert strace
     out = tmp_path / "trace.txt"
-    proc = subprocess.run([strace, "-f", "-qq", "-s", "0", "-o", str(out), "-e",
-                           f"trace={IO_CALLS}", *qcow2snap(*OPERATIONS[operation], str(path))],
-                          check=False, capture_output=True, text=True)
+    proc = run_cli(*OPERATIONS[operation], path, timeout=300,
+                   prefix=[require_strace(), "-f", "-qq", "-s", "0", "-o", str(out),
+                           "-e", f"trace={IO_CALLS}"])
     assert proc.returncode == 0, proc.stderr
     calls = []
     for line in out.read_text().splitlines():
@@ -226,14 +198,7 @@ def test_sigkill_at_every_phase_of_the_commit(base_image: Path, qemu_img: str,
     truncate, and seeded picks among the rest (``QCOW2SNAP_STRACE_KILLS``
     per operation, 8).  The timed kills rarely land before the commit,
     whose writes take a few milliseconds; these do, at chosen points."""
-    strace = shutil.which("strace")
-    if strace is None:
-        if os.environ.get("QCOW2SNAP_REQUIRE_QEMU") == "1":
-            pytest.fail("strace is required (QCOW2SNAP_REQUIRE_QEMU=1) but not installed")
-        pytest.skip("strace not installed (the CI image should install it)")
-    if subprocess.run([strace, "-qq", "-o", os.devnull, "true"], check=False,
-                      capture_output=True).returncode != 0:
-        pytest.skip("strace cannot trace here (ptrace not permitted)")
+    strace = require_strace()
     old = killsim.observe(qemu_img, base_image)
     work = tmp_path / "work.qcow2"
     summary = {}
@@ -258,15 +223,13 @@ def test_sigkill_at_every_phase_of_the_commit(base_image: Path, qemu_img: str,
             name = calls[index][0]
             nth = sum(1 for c in calls[:index + 1] if c[0] == name)
             shutil.copyfile(base_image, work)
-            proc = subprocess.run([strace, "-f", "-qq", "-o", os.devnull, "-e",
-                                   f"trace={name}", "-e",
-                                   f"inject={name}:signal=SIGKILL:when={nth}",
-                                   *qcow2snap(*OPERATIONS[operation], str(work))],
-                                  check=False, capture_output=True, text=True)
+            proc = run_cli(*OPERATIONS[operation], work, timeout=300,
+                           prefix=[strace, "-f", "-qq", "-o", os.devnull, "-e", f"trace={name}",
+                                   "-e", f"inject={name}:signal=SIGKILL:when={nth}"])
             label = f"{operation}: SIGKILL on entry to {name} #{nth} (I/O call {index})"
             assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (
                 label, proc.returncode, proc.stderr)
-            problems = findings(*check_report(qemu_img, work))
+            problems = qemu_img_check(qemu_img, work).problems
             assert not problems, (label, problems)
             state = killsim.observe(qemu_img, work)
             assert state in (old, new), f"{label}: neither the old nor the new state"
