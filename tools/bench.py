@@ -144,7 +144,8 @@ def _compressible_raw(work: Path) -> Path:
         line = 0
         written = 0
         while written < GiB:
-            chunk = "".join(f"{line + i:012d} the quick brown fox {((line + i) * 2654435761) % 1000003:07d} "
+            chunk = "".join(f"{line + i:012d} the quick brown fox "
+                            f"{((line + i) * 2654435761) % 1000003:07d} "
                             f"jumps over the lazy dog\n" for i in range(20000)).encode()
             chunk = chunk[:GiB - written]
             f.write(chunk)
@@ -314,7 +315,8 @@ def suite_edit(work: Path, rounds: int) -> list[dict[str, float | str]]:
 
     cases = [
         ("create a snapshot (32 GiB, 3 GiB allocated, 4 snapshots)",
-         [*QCOW2SNAP, "create", "new", str(copy)], ["qemu-img", "snapshot", "-c", "new", str(copy)]),
+         [*QCOW2SNAP, "create", "new", str(copy)],
+         ["qemu-img", "snapshot", "-c", "new", str(copy)]),
         ("delete snapshot q2",
          [*QCOW2SNAP, "delete", "q2", str(copy)], ["qemu-img", "snapshot", "-d", "q2", str(copy)]),
         ("revert to snapshot q1",

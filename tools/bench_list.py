@@ -111,7 +111,7 @@ def paired(name: str, ours: Sequence[str], theirs: Sequence[str], rounds: int,
             else:
                 theirs_t.append(t)
                 theirs_rss = max(theirs_rss, rss)
-    ratios = [a / b for a, b in zip(ours_t, theirs_t)]
+    ratios = [a / b for a, b in zip(ours_t, theirs_t, strict=True)]
     result: dict[str, float | str] = {
         "case": name,
         "qcow2snap_s": statistics.median(ours_t),
