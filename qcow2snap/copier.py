@@ -23,6 +23,7 @@ docs/performance.md for the numbers behind the choice.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -103,10 +104,8 @@ class ClusterCopier:
         self._map = (mmap.mmap(src_fd, self.src_size, prot=mmap.PROT_READ)
                      if self.src_size > 0 else None)
         if self._map is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
-            try:
+            with contextlib.suppress(OSError):  # advisory only
                 self._map.madvise(mmap.MADV_SEQUENTIAL)
-            except OSError:  # pragma: no cover - advisory only
-                pass
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
         self.dst_fd = dst_fd
         self.zero_granularity = zero_granularity
@@ -211,10 +210,8 @@ class ClusterCopier:
         if self._map is None or length <= 0:
             return
         start = offset & ~(mmap.PAGESIZE - 1)
-        try:
+        with contextlib.suppress(OSError, ValueError):  # advisory only
             self._map.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
-        except (OSError, ValueError):  # pragma: no cover - advisory only
-            pass
 
     def write(self, dst_offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` (e.g. from a backing file), skipping zero blocks."""
@@ -380,7 +377,7 @@ class ClusterCopier:
         done = 0
         segments: list[tuple[int, memoryview]] = []
         raws = self._read_compressed(batch)
-        for raw, (host_offset, _, dst_offset, inner, length) in zip(raws, batch):
+        for raw, (host_offset, _, dst_offset, inner, length) in zip(raws, batch, strict=True):
             data = decompress(raw, host_offset)
             self._nonzero_segments(dst_offset, memoryview(data)[inner:inner + length], segments)
             done += length

@@ -224,7 +224,7 @@ QCOW_SNAPSHOT_HEADER_SIZE = 40
 
 #: Known snapshot extra data.  Parse/build with ``extra_data_size=N``: a field
 #: exists only when the extra data covers it; the rest is kept as ``unknown``.
-QCowSnapshotExtraData = "snapshot extra data (qcow2.txt 'Snapshot table entry', bytes 40+)" * Struct(
+QCowSnapshotExtraData = "snapshot extra data (qcow2.txt 'Snapshot table entry' bytes 40+)" * Struct(
     "vm_state_size_large" / If(this._params.extra_data_size >= 8, Int64ub),
     "disk_size" / If(this._params.extra_data_size >= 16, Int64ub),
     "icount" / If(this._params.extra_data_size >= 24, Int64ub),
