@@ -18,7 +18,7 @@ from ..locks import LockState
 from ..model import Header, Snapshot
 from ..reader import DiskReader
 from .snapshots import SnapshotEditor, SnapshotExistsError
-from .transaction import CommitResult, FileIO, MetadataIO, Transaction
+from .transaction import CommitResult, FileIO, MetadataIO, Transaction, TransactionPoisoned
 
 __all__ = ["EditResult", "EditableImage", "Operation", "edit_images"]
 
@@ -59,6 +59,8 @@ class EditableImage:
                  **kwargs: Any) -> None:
         self.image = Qcow2Image(path, "r+", **kwargs)
         self._io = io
+        #: why this handle takes no more edits (an exception escaped a commit)
+        self.poisoned: str | None = None
 
     # the wrapped image's reading API ---------------------------------------
 
@@ -115,13 +117,27 @@ class EditableImage:
 
     def _edit(self, plan: Callable[[SnapshotEditor], object], dry_run: bool
               ) -> tuple[CommitResult, object]:
+        """Plan an edit and commit it.  After any exception escapes a
+        commit, the handle is poisoned (as h11's connection enters its
+        error state): what it knows of the image may be stale, so every
+        later edit raises :class:`TransactionPoisoned` until the image is
+        reopened.  An error while planning writes nothing and poisons
+        nothing."""
+        if self.poisoned is not None:
+            raise TransactionPoisoned(
+                f"{self.path}: an earlier edit through this handle failed ({self.poisoned}); "
+                f"it takes no more edits: close it and open the image again")
         image = self.image
         io = self._io or FileIO(image._file.fd)
         editor = SnapshotEditor(image, Transaction(image, io))
         outcome = plan(editor)
-        result = editor.commit(dry_run=dry_run)
-        if not dry_run:
-            image.reload()
+        try:
+            result = editor.commit(dry_run=dry_run)
+            if not dry_run:
+                image.reload()
+        except BaseException as exc:
+            self.poisoned = f"{type(exc).__name__}: {exc}"
+            raise
         return result, outcome
 
     def create_snapshot(self, name: str, *, overwrite: bool = False,

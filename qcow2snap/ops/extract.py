@@ -26,6 +26,7 @@ from ..hostfile import file_kind
 from ..image import Qcow2Image
 from ..model import Header, Snapshot
 from ..reader import DiskReader, ExtentKind, GuestDisk, Layer, decompress_cluster, iter_extents
+from ..refcount import self_describing_refcounts
 from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
 
 __all__ = ["ExtractResult", "OutputError", "OutputExistsError", "atomic_output", "dump_vm_state",
@@ -449,16 +450,8 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
     next_cluster += l1_clusters
 
     entries_per_block = refcount_block_entries(cluster_bits, 4)
-    nb_blocks = 1
-    nb_table_clusters = 1
-    while True:  # find sizes that describe everything, themselves included
-        total = next_cluster + nb_blocks + nb_table_clusters
-        need_blocks = (total + entries_per_block - 1) // entries_per_block
-        need_table = (need_blocks * 8 + cs - 1) >> cluster_bits
-        if need_blocks <= nb_blocks and need_table <= nb_table_clusters:
-            break
-        nb_blocks, nb_table_clusters = max(nb_blocks, need_blocks), max(nb_table_clusters,
-                                                                        need_table)
+    nb_blocks, nb_table_clusters = self_describing_refcounts(next_cluster, cluster_bits, 4,
+                                                             min_blocks=1)
     blocks_start = next_cluster
     table_start = blocks_start + nb_blocks
     for i in range(nb_blocks + nb_table_clusters):
