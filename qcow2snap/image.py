@@ -26,6 +26,7 @@ from .errors import (
     CorruptImageError,
     NotQcow2Error,
     NoVMStateError,
+    Qcow2Error,
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
@@ -40,15 +41,14 @@ from .model import (
     parse_extensions,
     parse_snapshot_table,
 )
+from .reader import DiskReader, Extent, GuestDisk, Layer, iter_extents
 from .tables import decode_u64_table
 
 if TYPE_CHECKING:
     from array import array
 
-    from .reader import DiskReader, Extent
-
-__all__ = ["ChainLink", "ImageInUseWarning", "L1Entries", "Layer", "Qcow2Image", "RawImage",
-           "open"]
+__all__ = ["ChainLink", "ImageInUseWarning", "L1Entries", "Layer", "Qcow2Image", "RawDisk",
+           "RawImage", "open"]
 
 #: L1 tables are read in chunks of this many entries, only where a read
 #: needs them (a snapshot's 32 MiB L1 table costs 64 KiB to look at), and
@@ -69,23 +69,6 @@ class ImageInUseWarning(UserWarning):
 
 
 _TOKENS = count(1)
-
-
-@dataclass(frozen=True, slots=True)
-class Layer:
-    """One mapping of guest offsets to the host file: the active image or a
-    snapshot.  ``size`` is its virtual disk size."""
-
-    l1_table_offset: int
-    l1_size: int
-    size: int
-    snapshot: Snapshot | None = None
-
-    @property
-    def name(self) -> str:
-        if self.snapshot is None:
-            return "active layer"
-        return f"snapshot {self.snapshot.id} ({self.snapshot.name})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +158,30 @@ class RawImage:
     def read(self, offset: int, length: int) -> bytes:
         return self._file.pread(offset, length)
 
+    def open_disk(self) -> RawDisk:
+        """The guest disk: the file itself (the same interface as a qcow2
+        image's :meth:`Qcow2Image.open_disk`)."""
+        return RawDisk(self._file)
+
     def close(self) -> None:
         self._file.close()
+
+
+class RawDisk:
+    """A raw file as a :class:`~qcow2snap.reader.GuestDisk`: guest offset =
+    file offset, zeros past the end."""
+
+    def __init__(self, file: HostFile) -> None:
+        self._file = file
+        self.size = file.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        return self._file.pread(offset, min(length, self.size - offset))
+
+    def read_at(self, offset: int, out: memoryview) -> None:
+        out[:] = self._file.pread(offset, len(out))
 
 
 class Qcow2Image:
@@ -215,8 +220,8 @@ class Qcow2Image:
         self._backing: Qcow2Image | RawImage | None = None
         self._backing_opened = False
         self._data_file: HostFile | None = None
-        #: identifies this open image in the process-wide table caches
-        self._token = next(_TOKENS)
+        #: identifies this open image in the process-wide caches (cache.py)
+        self.cache_token = next(_TOKENS)
         self._editor_lock: EditorLock | None = None
         if _file is not None:
             self._file = _file
@@ -655,7 +660,7 @@ class Qcow2Image:
         return L1Entries(self, layer.l1_table_offset, layer.l1_size)
 
     def _l1_chunk(self, l1_table_offset: int, chunk_index: int, entries: int) -> array[int]:
-        key = (self._token, l1_table_offset, chunk_index)
+        key = (self.cache_token, l1_table_offset, chunk_index)
         chunk: array[int] | None = cache.L1_CHUNKS.get(key)  # type: ignore[assignment]
         if chunk is None:
             start = l1_table_offset + chunk_index * L1_CHUNK_ENTRIES * fmt.L1E_SIZE
@@ -666,7 +671,7 @@ class Qcow2Image:
     def read_l2(self, l2_offset: int) -> array[int]:
         """One L2 table, decoded; extended tables interleave entry, bitmap.
         Cached process-wide, bounded by bytes."""
-        key = (self._token, l2_offset)
+        key = (self.cache_token, l2_offset)
         table: array[int] | None = cache.L2_TABLES.get(key)  # type: ignore[assignment]
         if table is None:
             table = decode_u64_table(self._file.pread(l2_offset, self.cluster_size))
@@ -674,7 +679,7 @@ class Qcow2Image:
         return table
 
     def _forget_tables(self) -> None:
-        cache.forget_image(self._token)
+        cache.forget_image(self.cache_token)
 
     def pread(self, offset: int, length: int) -> bytes:
         """Raw bytes of the image file (zeros past EOF)."""
@@ -786,7 +791,6 @@ class Qcow2Image:
         """Every link of the backing chain as far as it is followed, and the
         first one that is not (refused, missing, damaged) with the reason;
         never raises for a link."""
-        from .errors import Qcow2Error
         links: list[ChainLink] = []
         node: Qcow2Image = self
         depth = 0
@@ -844,13 +848,17 @@ class Qcow2Image:
     def open_disk(self, snapshot: str | Snapshot | None = None) -> DiskReader:
         """A read-only, seekable binary file over the guest disk of the
         active layer (``None``) or of a snapshot, at its own disk size."""
-        from .reader import DiskReader
         return DiskReader(self, self.layer(snapshot))
+
+    def backing_disk(self) -> GuestDisk | None:
+        """The backing image's guest disk (qcow2 or raw, one interface), or
+        None without a backing file."""
+        backing = self.backing
+        return None if backing is None else backing.open_disk()
 
     def open_vm_state(self, snapshot: str | Snapshot) -> DiskReader:
         """A file over a snapshot's saved VM state (the QEVM stream),
         exactly ``vm_state_size`` bytes long."""
-        from .reader import DiskReader
         layer = self.layer(snapshot)
         sn = layer.snapshot
         assert sn is not None
@@ -864,7 +872,6 @@ class Qcow2Image:
     def extents(self, snapshot: str | Snapshot | None = None, start: int = 0,
                 length: int | None = None) -> Iterator[Extent]:
         """Runs of the layer's guest space: see :func:`qcow2snap.reader.iter_extents`."""
-        from .reader import iter_extents
         layer = self.layer(snapshot)
         if length is None:
             length = max(layer.size - start, 0)

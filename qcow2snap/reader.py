@@ -1,5 +1,11 @@
-"""Guest-data access (layer 3, beside :mod:`qcow2snap.image`): the mapping
+"""Guest-data access (layer 3, below :mod:`qcow2snap.image`): the mapping
 walk from guest offsets to host bytes, and the file-like reader built on it.
+
+The reader depends on what it needs of an image, :class:`MappedImage` (the
+geometry, the L1/L2 lookups, ``pread``, the data file and the disk below),
+not on :class:`~qcow2snap.image.Qcow2Image`; every backing layer, qcow2 or
+raw, is read through one interface, :class:`GuestDisk`.  So this module
+imports nothing of :mod:`qcow2snap.image`, which imports it.
 
 :func:`iter_extents` walks a layer's L1 and L2 tables and yields coalesced
 runs of guest space with their kind and host location.  It follows QEMU's
@@ -17,19 +23,89 @@ from __future__ import annotations
 import io
 import threading
 import zlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import format as fmt
 from .cache import DECOMPRESSED_CLUSTERS
 from .errors import CorruptImageError, UnsupportedImageError
+from .model import Header, Snapshot
 
-if TYPE_CHECKING:
-    from .image import Layer, Qcow2Image
+__all__ = ["DiskReader", "Extent", "ExtentKind", "GuestDisk", "L1Lookup", "Layer", "MappedImage",
+           "decompress_cluster", "iter_extents"]
 
-__all__ = ["DiskReader", "Extent", "ExtentKind", "decompress_cluster", "iter_extents"]
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One mapping of guest offsets to the host file: the active image or a
+    snapshot.  ``size`` is its virtual disk size."""
+
+    l1_table_offset: int
+    l1_size: int
+    size: int
+    snapshot: Snapshot | None = None
+
+    @property
+    def name(self) -> str:
+        if self.snapshot is None:
+            return "active layer"
+        return f"snapshot {self.snapshot.id} ({self.snapshot.name})"
+
+
+class GuestDisk(Protocol):
+    """A guest disk to read from: a qcow2 layer (:class:`DiskReader`) or a
+    raw file (:class:`qcow2snap.image.RawDisk`).  Reads past ``size`` are
+    clipped (``pread``) or must not be asked for (``read_at``)."""
+
+    @property
+    def size(self) -> int: ...
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def read_at(self, offset: int, out: memoryview) -> None: ...
+
+
+class ByteSource(Protocol):
+    """Positional reads of a host file (zeros past its end)."""
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+
+class L1Lookup(Protocol):
+    """A layer's L1 table, entry by entry."""
+
+    def __getitem__(self, index: int) -> int: ...
+    def next_mapped(self, start: int, stop: int) -> int: ...
+
+
+class MappedImage(Protocol):
+    """What the reader needs of an image (:class:`qcow2snap.image.Qcow2Image`
+    provides it)."""
+
+    header: Header
+    cluster_bits: int
+    cluster_size: int
+    l2_bits: int
+    l2_entries: int
+    extended_l2: bool
+    subcluster_bits: int
+    subclusters_per_cluster: int
+    csize_shift: int
+    csize_mask: int
+    cluster_offset_mask: int
+    has_data_file: bool
+    cache_token: int
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def encrypted(self) -> bool: ...
+    def l1_entries(self, layer: Layer) -> L1Lookup: ...
+    def read_l2(self, l2_offset: int) -> array[int]: ...
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def data_file(self) -> ByteSource: ...
+    def backing_disk(self) -> GuestDisk | None: ...
 
 
 class ExtentKind(str, Enum):
@@ -103,7 +179,7 @@ def _merge(prev: Extent | None, new: Extent) -> tuple[Extent | None, Extent]:
     return prev, new
 
 
-def iter_extents(image: Qcow2Image, layer: Layer, start: int, length: int) -> Iterator[Extent]:
+def iter_extents(image: MappedImage, layer: Layer, start: int, length: int) -> Iterator[Extent]:
     """Yield the runs covering guest range ``[start, start + length)`` of
     ``layer``, in order, coalesced where kind and host contiguity allow.
 
@@ -433,7 +509,7 @@ class DiskReader(io.RawIOBase):
     the VM state (which starts at ``start`` in the layer's guest space).
     """
 
-    def __init__(self, image: Qcow2Image, layer: Layer, *, start: int = 0,
+    def __init__(self, image: MappedImage, layer: Layer, *, start: int = 0,
                  length: int | None = None, backing: bool = True) -> None:
         super().__init__()
         if image.encrypted:
@@ -451,9 +527,8 @@ class DiskReader(io.RawIOBase):
         self.size = layer.size if length is None else length
         self._pos = 0
         self._use_backing = backing
-        #: what unallocated ranges read from: the backing image's reader, a
-        #: raw backing file (``read(offset, length)``), or None (zeros)
-        self._below: DiskReader | Any | None = None
+        #: what unallocated ranges read from (the backing layer), or None
+        self._below: GuestDisk | None = None
         self._below_known = False
 
     # io.RawIOBase protocol ------------------------------------------------
@@ -527,7 +602,7 @@ class DiskReader(io.RawIOBase):
                 kind = ext.kind
                 if kind is ExtentKind.DATA:
                     assert ext.host_offset is not None
-                    source = image.data_file() if ext.in_data_file else image._file
+                    source = image.data_file() if ext.in_data_file else image
                     view[lo:hi] = source.pread(ext.host_offset, ext.length)
                 elif kind is ExtentKind.ZERO:
                     view[lo:hi] = bytes(ext.length)
@@ -538,31 +613,27 @@ class DiskReader(io.RawIOBase):
                     if inside < ext.length:     # past the backing file's end: zeros
                         view[lo + inside:hi] = bytes(ext.length - inside)
                     if inside:
-                        if isinstance(below, DiskReader):
+                        assert below is not None  # inside > 0 needs a backing file
+                        if isinstance(below, DiskReader):   # iterate, do not recurse
                             work.append((below, ext.guest_offset, view[lo:lo + inside]))
                         else:
-                            assert below is not None  # inside > 0 needs a backing file
-                            view[lo:lo + inside] = below.read(ext.guest_offset, inside)
+                            below.read_at(ext.guest_offset, view[lo:lo + inside])
                 else:
                     cluster = reader._decompressed(ext)
                     inner = ext.guest_offset - ext.cluster_guest_offset
                     view[lo:hi] = cluster[inner:inner + ext.length]
 
-    def _backing(self) -> DiskReader | Any | None:
-        """The backing layer as something to read from (opened on first use)."""
+    def _backing(self) -> GuestDisk | None:
+        """The backing layer's disk (opened on first use), or None."""
         if not self._below_known:
-            backing = self.image.backing if self._use_backing else None
-            if backing is not None and hasattr(backing, "open_disk"):
-                self._below = backing.open_disk()   # a qcow2 image: its active layer
-            else:
-                self._below = backing               # a raw file, or None
+            self._below = self.image.backing_disk() if self._use_backing else None
             self._below_known = True
         return self._below
 
     def _decompressed(self, ext: Extent) -> bytes:
         assert ext.host_offset is not None
         image = self.image
-        key = (image._token, ext.host_offset)
+        key = (image.cache_token, ext.host_offset)
         cached = DECOMPRESSED_CLUSTERS.get(key)
         if cached is not None:
             return cached

@@ -118,3 +118,32 @@ def l2_references(image: Qcow2Image, l2_offset: int) -> list[int]:
 def decode_l1(image: Qcow2Image, l1_table_offset: int, l1_size: int) -> array[int]:
     """An L1 table read from the file (not cached)."""
     return decode_u64_table(image.pread(l1_table_offset, l1_size * fmt.L1E_SIZE))
+
+
+def table_clusters_for(blocks: int, cluster_bits: int) -> int:
+    """Clusters of refcount table that hold ``blocks`` block pointers (at
+    least one: QEMU refuses an image without a refcount table)."""
+    return max(1, -(-blocks * fmt.REFTABLE_ENTRY_SIZE >> cluster_bits))
+
+
+def self_describing_refcounts(first_cluster: int, cluster_bits: int, refcount_order: int,
+                              *, min_blocks: int = 0, min_table_clusters: int = 1
+                              ) -> tuple[int, int]:
+    """Size refcount structures that describe themselves.
+
+    Refcount blocks followed by a refcount table, placed contiguously from
+    host cluster ``first_cluster``, must cover every cluster before them
+    *and themselves*; adding a block can need another table cluster and the
+    other way round, so this is a fixed point.  Returns (blocks, table
+    clusters), at least ``min_blocks`` / ``min_table_clusters``.  The one
+    sizing rule for every writer that lays out refcounts from scratch:
+    repair's rebuild, qcow2 extraction, compaction."""
+    per_block = refcount_block_entries(cluster_bits, refcount_order)
+    blocks, table = min_blocks, min_table_clusters
+    while True:
+        end = first_cluster + blocks + table
+        need_blocks = max(blocks, -(-end // per_block))
+        need_table = max(table, table_clusters_for(need_blocks, cluster_bits))
+        if (need_blocks, need_table) == (blocks, table):
+            return blocks, table
+        blocks, table = need_blocks, need_table

@@ -232,3 +232,55 @@ def test_cli_eio_on_the_first_fdatasync_says_not_applied(fixture_copy: Any,
     assert (proc.returncode, proc.stdout) == (12, ""), proc.stderr
     assert proc.stderr == f"qcow2snap: error: {not_applied(path)}\n"
     assert_old_state_kept(qemu_img, path, before, before_check)
+
+
+# ---------------------------------------------------------------------------
+# the handle after a failed commit (h11's error state as the model)
+# ---------------------------------------------------------------------------
+
+def test_a_failed_commit_poisons_the_handle(fixture_copy: Any) -> None:
+    """After any exception escapes a commit, every later edit through the
+    same handle raises TransactionPoisoned until the image is reopened:
+    what the handle knows of the image may be stale."""
+    path = fixture_copy("v3-basic")
+    io = FailingIO(path, nth("fsync", 1))
+    try:
+        with qcow2snap.open(path, "r+", io=io) as image:
+            with pytest.raises(transaction.CommitFailedError):
+                image.create_snapshot("lost")
+            assert image.poisoned == f"CommitFailedError: {not_applied(path)}"
+            for edit in (lambda: image.create_snapshot("again"),
+                         lambda: image.delete_snapshot("first"),
+                         lambda: image.rename_snapshot("first", "x"),
+                         lambda: image.revert_to_snapshot("first")):
+                with pytest.raises(transaction.TransactionPoisoned) as info:
+                    edit()
+                assert str(info.value) == (
+                    f"{path}: an earlier edit through this handle failed (CommitFailedError: "
+                    f"{not_applied(path)}); it takes no more edits: close it and open the "
+                    f"image again")
+                assert type(info.value) is transaction.TransactionPoisoned
+    finally:
+        os.close(io.fd)
+    with qcow2snap.open(path, "r+") as image:      # a new handle edits again
+        image.create_snapshot("again")
+        assert [s.name for s in image.snapshots] == [*SNAPSHOTS, "again"]
+
+
+def test_an_error_while_planning_poisons_nothing(fixture_copy: Any) -> None:
+    path = fixture_copy("v3-basic")
+    with qcow2snap.open(path, "r+") as image:
+        with pytest.raises(qcow2snap.SnapshotNotFoundError):
+            image.delete_snapshot("no-such-snapshot")
+        assert image.poisoned is None
+        image.create_snapshot("fine")
+        assert [s.name for s in image.snapshots] == [*SNAPSHOTS, "fine"]
+
+
+def test_a_transaction_commits_once(fixture_copy: Any) -> None:
+    path = fixture_copy("v3-basic")
+    with qcow2snap.open(path, "r+") as editable:
+        txn = transaction.Transaction(editable.image, FileIO(editable.image._file.fd))
+        txn.commit()
+        with pytest.raises(RuntimeError, match=r"Transaction\.commit\(\) called twice"):
+            txn.commit()

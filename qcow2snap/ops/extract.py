@@ -23,9 +23,10 @@ from .. import format as fmt
 from ..copier import ClusterCopier, is_zero
 from ..errors import Qcow2Error, UnsupportedImageError
 from ..hostfile import file_kind
-from ..image import Layer, Qcow2Image
+from ..image import Qcow2Image
 from ..model import Header, Snapshot
-from ..reader import DiskReader, ExtentKind, decompress_cluster, iter_extents
+from ..reader import DiskReader, ExtentKind, GuestDisk, Layer, decompress_cluster, iter_extents
+from ..refcount import self_describing_refcounts
 from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
 
 __all__ = ["ExtractResult", "OutputError", "OutputExistsError", "atomic_output", "dump_vm_state",
@@ -193,7 +194,7 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
     destination at offset ``guest - start``, leaving holes for zeros."""
     cs = image.cluster_size
     compression_type = image.header.effective_compression_type
-    backing_reader: DiskReader | None = None
+    below: GuestDisk | None = None   # the backing layer, opened at the first need
 
     def inflate(raw: bytes, host_offset: int) -> bytes:
         return decompress_cluster(raw, compression_type, cs, host_offset)
@@ -223,38 +224,20 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
             copier.add_compressed(ext.host_offset, ext.compressed_length, dst,
                                   ext.guest_offset - ext.cluster_guest_offset, ext.length)
         elif kind is ExtentKind.UNALLOCATED and backing and image.backing is not None:
-            if backing_reader is None:
-                backing_reader = _backing_reader(image)
+            if below is None:
+                below = image.backing_disk()
+                assert below is not None
             done = 0
             while done < ext.length:
                 n = min(4 << 20, ext.length - done)
-                data = _read_backing(image, backing_reader, ext.guest_offset + done, n)
-                if data is not None:
+                data = below.pread(ext.guest_offset + done, n)   # clipped at its end
+                if data:
                     copier.write(dst + done, data)
                 progress(n)
                 done += n
         else:
             progress(ext.length)
     copier.drain()
-
-
-def _backing_reader(image: Qcow2Image) -> DiskReader | None:
-    backing = image.backing
-    if isinstance(backing, Qcow2Image):
-        return backing.open_disk()
-    return None
-
-
-def _read_backing(image: Qcow2Image, reader: DiskReader | None, offset: int,
-                  length: int) -> bytes | None:
-    backing = image.backing
-    assert backing is not None
-    if offset >= backing.size:
-        return None
-    n = min(length, backing.size - offset)
-    if reader is not None:
-        return reader.pread(offset, n)
-    return backing.read(offset, n)  # type: ignore[union-attr]
 
 
 def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os.PathLike[str],
@@ -467,16 +450,8 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
     next_cluster += l1_clusters
 
     entries_per_block = refcount_block_entries(cluster_bits, 4)
-    nb_blocks = 1
-    nb_table_clusters = 1
-    while True:  # find sizes that describe everything, themselves included
-        total = next_cluster + nb_blocks + nb_table_clusters
-        need_blocks = (total + entries_per_block - 1) // entries_per_block
-        need_table = (need_blocks * 8 + cs - 1) >> cluster_bits
-        if need_blocks <= nb_blocks and need_table <= nb_table_clusters:
-            break
-        nb_blocks, nb_table_clusters = max(nb_blocks, need_blocks), max(nb_table_clusters,
-                                                                        need_table)
+    nb_blocks, nb_table_clusters = self_describing_refcounts(next_cluster, cluster_bits, 4,
+                                                             min_blocks=1)
     blocks_start = next_cluster
     table_start = blocks_start + nb_blocks
     for i in range(nb_blocks + nb_table_clusters):

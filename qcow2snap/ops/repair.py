@@ -43,6 +43,7 @@ from typing import Literal
 from .. import format as fmt
 from ..image import Qcow2Image
 from ..model import snapshot_id_number
+from ..refcount import self_describing_refcounts
 from ..tables import (
     decode_u64_table,
     encode_refcount_block,
@@ -268,14 +269,7 @@ def _rebuild_refcounts(image: Qcow2Image, checker: Checker, io: MetadataIO | Non
         if top < start + (1 << 24):
             start = max(start, top + 1)
     per_block = refcount_block_entries(bits, order)
-    nb = nt = 0
-    while True:
-        end = start + nb + nt
-        need_b = -(-end // per_block)
-        need_t = max(1, -(-need_b * 8 // cs))
-        if (need_b, need_t) == (nb, nt):
-            break
-        nb, nt = need_b, need_t
+    nb, nt = self_describing_refcounts(start, bits, order)
     if nt * cs > fmt.QCOW_MAX_REFTABLE_SIZE:
         raise RefcountOverflowError("the rebuilt refcount table would exceed QEMU's 8 MiB limit",
                                     feature="refcount table size")
@@ -303,12 +297,11 @@ def _rebuild_refcounts(image: Qcow2Image, checker: Checker, io: MetadataIO | Non
     table = [(start + b) << bits for b in range(nb)]
     table += [0] * ((nt * cs) // 8 - len(table))
     buf += encode_u64_table(table)
-    out = io or FileIO(image._file.fd)
-    out.pwrite(bytes(buf), start << bits)
-    out.fsync()
-    out.pwrite(table_offset.to_bytes(8, "big") + nt.to_bytes(4, "big"),
-               fmt.HEADER_OFFSET_REFCOUNT_TABLE_OFFSET)   # the commit point
-    out.fsync()
+    # the same commit protocol as every edit: blocks and table written past
+    # everything referenced, flushed, then one header write switches to them
+    Transaction(image, io or FileIO(image._file.fd)).commit_prebuilt(
+        {start << bits: bytes(buf)}, refcount_table_offset=table_offset,
+        refcount_table_clusters=nt)
     return [described]
 
 

@@ -38,7 +38,7 @@ from .. import format as fmt
 from ..errors import CorruptImageError, Qcow2Error, UnsupportedImageError
 from ..image import Qcow2Image
 from ..model import Header
-from ..refcount import RefcountReader
+from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, refcount_max
 
 __all__ = [
@@ -349,7 +349,7 @@ class Transaction:
                         self.add_refcount(c, -1)
                 grow = needed * 3 // 2 if needed > old_entries else needed
                 clusters = max(self.old_header.refcount_table_clusters,
-                               (grow * 8 + self.cluster_size - 1) >> self.cluster_bits)
+                               table_clusters_for(grow, self.cluster_bits))
                 table = (self.allocate(clusters << self.cluster_bits), clusters)
                 continue
             if not missing:
@@ -399,19 +399,20 @@ class Transaction:
 
     # ------------------------------------------------------------------
 
-    def commit(self, *, dry_run: bool = False) -> CommitResult:
-        """Write the new state and switch to it (see the module docstring)."""
+    def _start_commit(self) -> None:
         if self._committed:
-            raise TransactionPoisoned("transaction already committed")
+            raise RuntimeError("Transaction.commit() called twice: a transaction commits once; "
+                               "start a new one for the next change")
         self._committed = True
+
+    def commit(self, *, dry_run: bool = False) -> CommitResult:
+        """Write the new state and switch to it (see the module docstring).
+        A transaction commits once; a second call is an API misuse
+        (``RuntimeError``)."""
+        self._start_commit()
         new_blocks, table_offset, table_clusters = self._finalize_refcounts()
         self._refcount_writes(new_blocks, table_offset, table_clusters)
         new_header = self._new_header(table_offset, table_clusters)
-        old_bytes = self.old_header.to_bytes()
-        new_bytes = new_header.to_bytes()
-        if len(old_bytes) != len(new_bytes):  # pragma: no cover - header length never changes
-            raise AssertionError("header length changed")
-        diff = [i for i in range(len(old_bytes)) if old_bytes[i] != new_bytes[i]]
         result = CommitResult(dry_run=dry_run, file_size_before=self._file_size)
         for name in ("size", "l1_size", "l1_table_offset", "refcount_table_offset",
                      "refcount_table_clusters", "nb_snapshots", "snapshots_offset",
@@ -436,13 +437,45 @@ class Transaction:
             for c in freed)
         if dry_run:
             return result
+        self._publish(self.new_data, new_header)
+        try:
+            self._reclaim(freed, size_after_writes, result.file_size_after)
+        except OSError as exc:  # the new state is durable; only space is not returned
+            result.reclaim_error = (f"giving {len(freed)} freed cluster(s) back to the file "
+                                    f"system failed ({exc.strerror or exc}); they stay in the "
+                                    f"file, free")
+        return result
+
+    def commit_prebuilt(self, new_data: dict[int, bytes], **header_fields: int) -> None:
+        """Publish structures the caller built whole (repair's rebuilt
+        refcount blocks and table, whose refcounts describe themselves) by
+        the same protocol as :meth:`commit`: write ``new_data`` to clusters
+        no old structure uses, flush, switch with one write of the changed
+        header bytes (through the header model), flush."""
+        self._start_commit()
+        for name in header_fields:
+            if not hasattr(self.old_header, name):
+                raise AttributeError(name)
+        from dataclasses import replace
+        fields: dict[str, Any] = dict(header_fields)
+        self._publish(new_data, replace(self.old_header, **fields))
+
+    def _publish(self, new_data: dict[int, bytes], new_header: Header) -> None:
+        """The commit protocol: new clusters, flush, the one-sector header
+        write that switches states, flush; every I/O error says which state
+        the image is left in."""
+        old_bytes = self.old_header.to_bytes()
+        new_bytes = new_header.to_bytes()
+        if len(old_bytes) != len(new_bytes):  # pragma: no cover - header length never changes
+            raise AssertionError("header length changed")
+        diff = [i for i in range(len(old_bytes)) if old_bytes[i] != new_bytes[i]]
         if diff and diff[-1] >= HEADER_COMMIT_LIMIT:  # pragma: no cover - by construction
             raise AssertionError("header change outside the first sector")
         io = self.io
         path = self.image.path
         try:
-            for offset in sorted(self.new_data):
-                io.pwrite(self.new_data[offset], offset)
+            for offset in sorted(new_data):
+                io.pwrite(new_data[offset], offset)
             io.fsync()
         except OSError as exc:
             raise CommitFailedError(
@@ -466,13 +499,6 @@ class Transaction:
                 f"durable: a power loss before the storage recovers could bring back the old "
                 f"state (both are consistent); check the storage, then verify with "
                 f"'qcow2snap list'") from exc
-        try:
-            self._reclaim(freed, size_after_writes, result.file_size_after)
-        except OSError as exc:  # the new state is durable; only space is not returned
-            result.reclaim_error = (f"giving {len(freed)} freed cluster(s) back to the file "
-                                    f"system failed ({exc.strerror or exc}); they stay in the "
-                                    f"file, free")
-        return result
 
     def _new_end_cluster(self, new_blocks: dict[int, int]) -> int:
         """One past the highest cluster in use in the new state."""
