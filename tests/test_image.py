@@ -338,7 +338,7 @@ def test_no_import_cycles() -> None:
         stack.append(module)
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                cycle = stack[stack.index(target):] + [target]
+                cycle = [*stack[stack.index(target):], target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target in graph and not state.get(target):
                 visit(target)
