@@ -9,8 +9,6 @@ shows the traceback instead).
 
 from __future__ import annotations
 
-import itertools
-import json
 import signal
 import sys
 import time
@@ -18,7 +16,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
@@ -26,6 +24,11 @@ from . import __version__, describe
 from .errors import Qcow2Error
 from .image import ImageInUseWarning, Qcow2Image
 from .image import open as open_image
+from .model import Snapshot
+from .ops import inspection
+
+if TYPE_CHECKING:
+    from .ops.edit import EditResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,98 +51,13 @@ EXIT_OS_ERROR = 1
 
 def _print_json(obj: Any) -> None:
     """Print ``json.dumps(obj, indent=4, ensure_ascii=False)``."""
-    _echo_parts(_json_parts(obj, _json_encoder()))
+    _echo_parts(describe.json_parts(obj))
 
 
 def _print_json_list(items: Iterable[Any]) -> None:
     """``_print_json(list(items))``, each item encoded as soon as it is made
     (a 65,536-snapshot listing need not hold 65,536 objects)."""
-    _echo_parts(_json_list_parts(items, _json_encoder(), 0))
-
-
-_JSON_INDENT = 4
-#: List items encoded together (one call of the encoder for each batch)
-_JSON_BATCH = 512
-
-
-def _json_encoder() -> json.JSONEncoder:
-    return json.JSONEncoder(indent=_JSON_INDENT, ensure_ascii=False)
-
-
-def _json_parts(value: Any, encoder: json.JSONEncoder, depth: int = 0) -> Iterator[str]:
-    """The text ``encoder.encode(value)`` in parts: the outer container and
-    the lists in it are opened here, and list items are encoded a batch at
-    a time.
-
-    Encoded whole, a large listing costs far more memory than its text: the
-    indenting encoder is pure Python and gathers every small piece of the
-    text (~50 an object) in one list before joining them.  The parts join to
-    exactly the encoder's text: the text of a value nested N levels deep is
-    its own text with N indents after every newline (strings are written
-    with escapes, never with a raw newline)."""
-    pad = "\n" + " " * (_JSON_INDENT * depth)
-    if depth < 2 and isinstance(value, (list, tuple)):
-        yield from _json_list_parts(value, encoder, depth)
-    elif depth == 0 and isinstance(value, dict) and value:
-        opening = "{"
-        for key, item in value.items():
-            # the key as the encoder writes it (a string, number, bool or
-            # null), cut from '{\n    KEY: null\n}'
-            key_text = encoder.encode({key: None})[2 + _JSON_INDENT:-8]
-            yield f"{opening}{pad}{' ' * _JSON_INDENT}{key_text}: "
-            yield from _json_parts(item, encoder, depth + 1)
-            opening = ","
-        yield pad + "}"
-    else:
-        yield encoder.encode(value).replace("\n", pad)
-
-
-def _json_list_parts(items: Iterable[Any], encoder: json.JSONEncoder, depth: int
-                     ) -> Iterator[str]:
-    """:func:`_json_parts` of a list, for any iterable of its items."""
-    pad = "\n" + " " * (_JSON_INDENT * depth)
-    inner = pad + " " * _JSON_INDENT
-    opening = "[" + inner
-    rest = iter(items)
-    while batch := list(itertools.islice(rest, _JSON_BATCH)):
-        texts = [text for item in batch if (text := _flat_object_text(item, inner)) is not None]
-        if len(texts) == len(batch):
-            yield opening + ("," + inner).join(texts)
-        else:
-            # the batch's text is '[\n    ITEM,\n    ITEM\n]': keep the items
-            yield opening + encoder.encode(batch)[2 + _JSON_INDENT:-2].replace("\n", pad)
-        opening = "," + inner
-    yield "[]" if opening[0] == "[" else pad + "]"
-
-
-def _flat_object_text(obj: Any, pad: str) -> str | None:
-    """The indenting encoder's text of a dict of string keys and string,
-    integer, boolean or null values, starting a line that ``pad`` starts
-    (the objects of a listing: the encoder is pure Python and costs ~5x
-    this), or ``None`` for anything else."""
-    if type(obj) is not dict or not obj:
-        return None
-    inner = pad + " " * _JSON_INDENT
-    quote = json.encoder.encode_basestring  # what the encoder uses with ensure_ascii=False
-    lines = []
-    for key, value in obj.items():
-        kind = type(value)
-        if type(key) is not str:
-            return None
-        if kind is str:
-            text = quote(value)
-        elif value is None:
-            text = "null"
-        elif value is True:
-            text = "true"
-        elif value is False:
-            text = "false"
-        elif kind is int:
-            text = int.__repr__(value)
-        else:
-            return None
-        lines.append(f"{quote(key)}: {text}")
-    return "{" + inner + ("," + inner).join(lines) + pad + "}"
+    _echo_parts(describe.json_list_parts(items))
 
 
 def _echo_parts(parts: Iterable[str]) -> None:
@@ -228,9 +146,19 @@ def cli(debug: bool) -> None:
     """
 
 
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Apply a group of click options (listed in the order they show)."""
+    def apply(func: F) -> F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
 ALLOW_DIR_ENVVAR = "QCOW2SNAP_ALLOW_DIR"
 
-_image_options = [
+#: How a reading command finds the image's companion files.
+image_options = _options(
     click.option("--backing-file", "backing_file", type=click.Path(dir_okay=False),
                  help="Path of the backing file (overrides the one named in the image)."),
     click.option("--no-backing", is_flag=True,
@@ -242,13 +170,43 @@ _image_options = [
                  help="Also follow backing and data files that the image names in DIR "
                       "(repeatable; or a list in $" + ALLOW_DIR_ENVVAR + ", separated by ':'). "
                       "By default only files in the image's own directory are followed."),
-]
+)
+
+#: How SNAPSHOT is matched.
+snapshot_selection = _options(
+    click.option("--by-id", is_flag=True, help="SNAPSHOT is an ID (never a name)."),
+    click.option("--by-name", is_flag=True, help="SNAPSHOT is a name (never an ID)."),
+)
+
+_progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Show a progress bar (default: when stderr is a terminal).")
+
+#: What every edit command takes besides its arguments.
+edit_options = _options(
+    click.option("--dry-run", is_flag=True,
+                 help="Show the planned changes (clusters to allocate and free, bytes "
+                      "reclaimed, header fields) and write nothing."),
+    click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
+)
 
 
-def image_options(func: F) -> F:
-    for option in reversed(_image_options):
-        func = option(func)
-    return func
+def _by(by_id: bool, by_name: bool) -> Literal["id", "name"] | None:
+    """--by-id / --by-name as the library's ``by=``: the one place they are
+    read."""
+    if by_id and by_name:
+        raise click.UsageError("--by-id and --by-name exclude each other")
+    return "id" if by_id else "name" if by_name else None
+
+
+def _snapshot(image: Qcow2Image, ref: str, by_id: bool, by_name: bool, *,
+              active: bool = False) -> Snapshot | None:
+    """SNAPSHOT resolved in ``image``; with ``active``, '-' (unless --by-id or
+    --by-name says it is a reference) means the active layer (None)."""
+    by = _by(by_id, by_name)
+    if active and ref == "-" and by is None:
+        return None
+    return image.find_snapshot(ref, by=by)
 
 
 @contextmanager
@@ -261,6 +219,10 @@ def _open(path: str, backing_file: str | None = None, no_backing: bool = False,
         yield image
 
 
+def _layer_label(snapshot: Snapshot | None) -> str:
+    return "active layer" if snapshot is None else f"snapshot {snapshot.id} ({snapshot.name})"
+
+
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (qemu-img info's keys and more).")
@@ -270,10 +232,11 @@ def info(image: str, as_json: bool, backing_file: str | None, no_backing: bool,
     """Show an image's header, features, snapshots and backing chain (each
     link resolved, and which are not followed, and why)."""
     with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
+        facts = inspection.image_facts(img, image)
         if as_json:
-            _print_json(describe.image_info_json(img, image))
+            _print_json(describe.image_info_json(facts))
         else:
-            _echo_text(describe.info_text(img, image))
+            _echo_text(describe.info_text(facts))
 
 
 @cli.command(name="list")
@@ -289,63 +252,20 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
     if len(images) == 1:
         with open_image(images[0]) as img:
             if as_json:
-                _print_json_list(describe.snapshot_json(s, img) for s in img.snapshots)
+                _print_json_list(describe.snapshot_json(f)
+                                 for f in inspection.snapshot_facts(img))
             elif img.snapshots:
-                _echo_text("Snapshot list:\n"
-                           + describe.snapshot_table_text(img.snapshots, image=img))
+                _echo_text(describe.snapshot_list_text(list(inspection.snapshot_facts(img))))
         return
-    opened: list[tuple[str, list[dict[str, Any]], list[Any]]] = []
+    listed = []
     for path in images:
         with open_image(path) as img:
-            opened.append((path, [describe.snapshot_json(s, img) for s in img.snapshots],
-                           list(img.snapshots)))
-    common, partial = describe.compare_snapshot_sets(
-        [(path, [o["name"] for o in objs]) for path, objs, _ in opened])
+            listed.append((path, list(inspection.snapshot_facts(img))))
+    comparison = inspection.compare_snapshots(listed)
     if as_json:
-        _print_json({
-            "images": [{"filename": path, "snapshots": objs} for path, objs, _ in opened],
-            "common": common,
-            "partial": partial,
-        })
-        return
-    first_path, _, first_snaps = opened[0]
-    if common:
-        click.echo(f"Snapshots present on all {len(images)} images:")
-        rows = [s for s in first_snaps if s.name in common]
-        seen: set[str] = set()
-        unique = []
-        for s in rows:
-            if s.name not in seen:
-                seen.add(s.name)
-                unique.append(s)
-        _echo_text(describe.snapshot_table_text(unique, show_id=False))
+        _print_json(describe.comparison_json(comparison))
     else:
-        click.echo(f"No snapshot is present on all {len(images)} images.")
-    if partial:
-        click.echo("")
-        click.echo("Snapshots missing on some images:")
-        for entry in partial:
-            _echo_text(f"  {entry['name']}: present on {', '.join(entry['present'])}; "
-                       f"missing on {', '.join(entry['missing'])}")
-
-
-def _snapshot_ref(image: Qcow2Image, ref: str, by_id: bool, by_name: bool) -> Any:
-    if by_id and by_name:
-        raise click.UsageError("--by-id and --by-name exclude each other")
-    by: Literal["id", "name"] | None = "id" if by_id else "name" if by_name else None
-    return image.find_snapshot(ref, by=by)
-
-
-_snapshot_selection = [
-    click.option("--by-id", is_flag=True, help="SNAPSHOT is an ID (never a name)."),
-    click.option("--by-name", is_flag=True, help="SNAPSHOT is a name (never an ID)."),
-]
-
-
-def snapshot_selection(func: F) -> F:
-    for option in reversed(_snapshot_selection):
-        func = option(func)
-    return func
+        _echo_text(describe.comparison_text(comparison))
 
 
 class _TerminalLike:
@@ -413,11 +333,6 @@ def _bar_line(bar: Any) -> Callable[[], str]:
     return line
 
 
-_progress_option = click.option(
-    "--progress/--no-progress", default=None,
-    help="Show a progress bar (default: when stderr is a terminal).")
-
-
 @cli.command()
 @click.argument("snapshot")
 @click.argument("image", type=click.Path(dir_okay=False))
@@ -451,17 +366,13 @@ def extract(snapshot: str, image: str, output: str, out_format: str, compress: b
     if compression and out_format != "qcow2":
         raise click.UsageError("--compress needs -O qcow2")
     with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
-        active = snapshot == "-" and not (by_id or by_name)
-        ref = None if active else _snapshot_ref(img, snapshot, by_id, by_name)
-        label = "active layer" if ref is None else f"snapshot {ref.id} ({ref.name})"
-        with _progress_bar(progress, f"extract {label}") as callback:
+        ref = _snapshot(img, snapshot, by_id, by_name, active=True)
+        with _progress_bar(progress, f"extract {_layer_label(ref)}") as callback:
             result = do_extract(img, ref, output, format=out_format,  # type: ignore[arg-type]
-                                compress=compression, progress=callback, overwrite=force,  # type: ignore[arg-type]
-                                backing=not no_backing)
+                                compress=compression, progress=callback,  # type: ignore[arg-type]
+                                overwrite=force, backing=not no_backing)
     if as_json:
-        _print_json({"output": result.output, "format": result.format,
-                     "virtual-size": result.virtual_size, "bytes-written": result.bytes_written,
-                     "snapshot": None if result.snapshot is None else result.snapshot.id})
+        _print_json(describe.extract_result_json(result))
 
 
 @cli.group()
@@ -490,12 +401,12 @@ def vmstate_dump(snapshot: str, image: str, output: str, force: bool, as_json: b
     with extract."""
     from .ops.extract import dump_vm_state
     with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
-        ref = _snapshot_ref(img, snapshot, by_id, by_name)
+        ref = _snapshot(img, snapshot, by_id, by_name)
+        assert ref is not None
         with _progress_bar(progress, f"vmstate {ref.id} ({ref.name})") as callback:
             result = dump_vm_state(img, ref, output, progress=callback, overwrite=force)
     if as_json:
-        _print_json({"output": result.output, "vm-state-size": result.virtual_size,
-                     "snapshot": ref.id})
+        _print_json(describe.vm_state_dump_json(result))
 
 
 @vmstate.command("info")
@@ -516,7 +427,8 @@ def vmstate_info(snapshot: str, image: str, as_json: bool, by_id: bool, by_name:
     """
     from .ops.memory import vm_state_info
     with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
-        ref = _snapshot_ref(img, snapshot, by_id, by_name)
+        ref = _snapshot(img, snapshot, by_id, by_name)
+        assert ref is not None
         with _progress_bar(progress, f"vmstate {ref.id} ({ref.name})") as callback:
             state = vm_state_info(img, ref, progress=callback)
     if as_json:
@@ -570,7 +482,8 @@ def vmstate_memory(snapshot: str, image: str, output: str, out_format: str, bloc
         raise click.UsageError("--block writes the block as it is; it excludes --format elf")
     below = _size_option(max_ram_below_4g)
     with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
-        ref = _snapshot_ref(img, snapshot, by_id, by_name)
+        ref = _snapshot(img, snapshot, by_id, by_name)
+        assert ref is not None
         with _progress_bar(progress, f"memory {ref.id} ({ref.name})") as callback:
             result = export_memory(img, ref, output, format=out_format,  # type: ignore[arg-type]
                                    block=block, max_ram_below_4g=below, progress=callback,
@@ -579,79 +492,22 @@ def vmstate_memory(snapshot: str, image: str, output: str, out_format: str, bloc
         _print_json(describe.memory_result_json(result))
 
 
-def _edit_report(results: list[Any], as_json: bool, dry_run: bool) -> None:
-    """Print one line (or one JSON object) per image; exit non-zero if any failed."""
-    objs = []
-    exit_codes: list[int] = []
-    for r in results:
-        obj: dict[str, Any] = {"filename": r.path, "operation": r.operation,
-                               "snapshot-id": r.snapshot_id, "snapshot-name": r.snapshot_name,
-                               "ok": r.ok, "dry-run": dry_run}
-        if r.commit is not None:
-            c = r.commit
-            obj.update({
-                "clusters-allocated": len(c.clusters_allocated),
-                "clusters-freed": len(c.clusters_freed),
-                "bytes-allocated": c.bytes_allocated,
-                "bytes-freed": c.bytes_freed,
-                "metadata-bytes-written": c.metadata_bytes_written,
-                "file-size-before": c.file_size_before,
-                "file-size-after": c.file_size_after,
-                "header-changes": {k: {"before": v[0], "after": v[1]}
-                                   for k, v in c.header_changes.items()},
-            })
-        if r.error is not None:
-            exit_codes.append(getattr(r.error, "exit_code", 1))
-            obj["error"] = _one_line(str(r.error))
-        objs.append(obj)
-        if as_json:
-            continue
-        if r.error is not None:
-            click.echo(f"qcow2snap: error: {_one_line(str(r.error))}", err=True)
-            continue
-        verb = {"create": "created", "delete": "deleted", "revert": "reverted to",
-                "rename": "renamed"}[r.operation]
-        if dry_run:
-            verb = "would " + {"create": "create", "delete": "delete",
-                               "revert": "revert to", "rename": "rename"}[r.operation]
-        c = r.commit
-        line = f"{r.path}: {verb} snapshot {r.snapshot_id} ({r.snapshot_name})"
-        if c is not None:
-            line += (f"; {len(c.clusters_allocated)} cluster(s) allocated, "
-                     f"{len(c.clusters_freed)} freed ({describe.size_to_str(c.bytes_freed)} "
-                     f"reclaimed), file {describe.size_to_str(c.file_size_before)} -> "
-                     f"{describe.size_to_str(c.file_size_after)}")
-        _echo_text(line)
-        if c is not None and c.reclaim_error:
-            click.echo(f"qcow2snap: warning: {r.path}: {_one_line(c.reclaim_error)}", err=True)
-        if dry_run and c is not None:
-            for field_name, (before, after) in c.header_changes.items():
-                click.echo(f"    header {field_name}: {before:#x} -> {after:#x}")
+def _edit_report(results: list[EditResult], as_json: bool, dry_run: bool) -> None:
+    """Print one line (or one JSON object) per image; exit non-zero if any
+    failed (describe says how)."""
     if as_json:
-        _print_json(objs)
-    if exit_codes:
-        # the error's own status when every failure agrees, else 1
-        raise SystemExit(exit_codes[0] if len(set(exit_codes)) == 1 else 1)
-
-
-_edit_options = [
-    click.option("--dry-run", is_flag=True,
-                 help="Show the planned changes (clusters to allocate and free, bytes "
-                      "reclaimed, header fields) and write nothing."),
-    click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
-]
-
-
-def edit_options(func: F) -> F:
-    for option in reversed(_edit_options):
-        func = option(func)
-    return func
-
-
-def _by(by_id: bool, by_name: bool) -> Any:
-    if by_id and by_name:
-        raise click.UsageError("--by-id and --by-name exclude each other")
-    return "id" if by_id else "name" if by_name else None
+        _print_json(describe.edit_results_json(results, dry_run=dry_run))
+    else:
+        lines, errors, warnings_ = describe.edit_results_text(results, dry_run=dry_run)
+        for line in errors:
+            click.echo(f"qcow2snap: error: {_one_line(line)}", err=True)
+        for line in lines:
+            _echo_text(line)
+        for line in warnings_:
+            click.echo(f"qcow2snap: warning: {_one_line(line)}", err=True)
+    status = describe.edit_exit_status(results)
+    if status:
+        raise SystemExit(status)
 
 
 @cli.command()

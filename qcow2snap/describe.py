@@ -1,16 +1,23 @@
-"""Presentation: turn image facts into qemu-img-compatible JSON objects and
-text tables (layer below the CLI; no click, no I/O).
+"""Presentation: turn what the operations found into qemu-img-compatible
+JSON objects and text (layer below the CLI; no click, no I/O).
 
-JSON objects carry ``qemu-img info --output=json``'s keys with the same
-values, plus qcow2snap's own keys beside them (documented in docs/cli.md).
+Every function here takes records the operations layer filled in (an
+image's parsed metadata, :mod:`qcow2snap.ops.inspection`'s facts, edit and
+extraction results, check reports) and returns JSON-ready objects or text;
+none reads a file.  JSON objects carry ``qemu-img info --output=json``'s
+keys with the same values, plus qcow2snap's own keys beside them
+(documented in docs/cli.md).  Text meant for a terminal goes through
+:func:`escape_controls` in the CLI.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
@@ -18,31 +25,137 @@ from .image import Qcow2Image
 from .model import Snapshot
 
 if TYPE_CHECKING:
+    from .ops.edit import EditResult
+    from .ops.extract import ExtractResult
+    from .ops.inspection import ImageFacts, SnapshotComparison, SnapshotFacts
     from .ops.memory import MemoryResult
     from .vmstate import VMState
 
-
-def snapshot_runstate(image: Qcow2Image, snapshot: Snapshot) -> str | None:
-    """The run state a VM-state snapshot was saved in (one listing's calls
-    share what they read: :mod:`qcow2snap.ops.runstate`, imported on first
-    use so that commands listing nothing do not pay for it)."""
-    from .ops.runstate import snapshot_runstate as read_runstate
-    return read_runstate(image, snapshot)
-
 __all__ = [
-    "escape_controls",
     "check_json",
+    "escape_controls",
+    "json_list_parts",
+    "json_parts",
     "check_text",
-    "compare_snapshot_sets",
+    "comparison_json",
+    "comparison_text",
+    "edit_results_json",
+    "edit_results_text",
+    "extract_result_json",
     "image_info_json",
     "info_text",
+    "edit_exit_status",
     "memory_result_json",
     "size_to_str",
     "snapshot_json",
+    "snapshot_list_text",
     "snapshot_table_text",
+    "vm_state_dump_json",
     "vm_state_json",
     "vm_state_text",
 ]
+
+
+# ---------------------------------------------------------------------------
+# JSON text
+# ---------------------------------------------------------------------------
+
+def json_parts(value: Any) -> Iterator[str]:
+    """``json.dumps(value, indent=4, ensure_ascii=False)`` in parts (see
+    :func:`_json_parts`): what every ``--json`` prints."""
+    return _json_parts(value, _json_encoder())
+
+
+def json_list_parts(items: Iterable[Any]) -> Iterator[str]:
+    """:func:`json_parts` of ``list(items)``, each item encoded as soon as it
+    is made (a 65,536-snapshot listing need not hold 65,536 objects)."""
+    return _json_list_parts(items, _json_encoder(), 0)
+
+
+_JSON_INDENT = 4
+#: List items encoded together (one call of the encoder for each batch)
+_JSON_BATCH = 512
+
+
+def _json_encoder() -> json.JSONEncoder:
+    return json.JSONEncoder(indent=_JSON_INDENT, ensure_ascii=False)
+
+
+def _json_parts(value: Any, encoder: json.JSONEncoder, depth: int = 0) -> Iterator[str]:
+    """The text ``encoder.encode(value)`` in parts: the outer container and
+    the lists in it are opened here, and list items are encoded a batch at
+    a time.
+
+    Encoded whole, a large listing costs far more memory than its text: the
+    indenting encoder is pure Python and gathers every small piece of the
+    text (~50 an object) in one list before joining them.  The parts join to
+    exactly the encoder's text: the text of a value nested N levels deep is
+    its own text with N indents after every newline (strings are written
+    with escapes, never with a raw newline)."""
+    pad = "\n" + " " * (_JSON_INDENT * depth)
+    if depth < 2 and isinstance(value, (list, tuple)):
+        yield from _json_list_parts(value, encoder, depth)
+    elif depth == 0 and isinstance(value, dict) and value:
+        opening = "{"
+        for key, item in value.items():
+            # the key as the encoder writes it (a string, number, bool or
+            # null), cut from '{\n    KEY: null\n}'
+            key_text = encoder.encode({key: None})[2 + _JSON_INDENT:-8]
+            yield f"{opening}{pad}{' ' * _JSON_INDENT}{key_text}: "
+            yield from _json_parts(item, encoder, depth + 1)
+            opening = ","
+        yield pad + "}"
+    else:
+        yield encoder.encode(value).replace("\n", pad)
+
+
+def _json_list_parts(items: Iterable[Any], encoder: json.JSONEncoder, depth: int
+                     ) -> Iterator[str]:
+    """:func:`_json_parts` of a list, for any iterable of its items."""
+    pad = "\n" + " " * (_JSON_INDENT * depth)
+    inner = pad + " " * _JSON_INDENT
+    opening = "[" + inner
+    rest = iter(items)
+    while batch := list(itertools.islice(rest, _JSON_BATCH)):
+        texts = [text for item in batch if (text := _flat_object_text(item, inner)) is not None]
+        if len(texts) == len(batch):
+            yield opening + ("," + inner).join(texts)
+        else:
+            # the batch's text is '[\n    ITEM,\n    ITEM\n]': keep the items
+            yield opening + encoder.encode(batch)[2 + _JSON_INDENT:-2].replace("\n", pad)
+        opening = "," + inner
+    yield "[]" if opening[0] == "[" else pad + "]"
+
+
+def _flat_object_text(obj: Any, pad: str) -> str | None:
+    """The indenting encoder's text of a dict of string keys and string,
+    integer, boolean or null values, starting a line that ``pad`` starts
+    (the objects of a listing: the encoder is pure Python and costs ~5x
+    this), or ``None`` for anything else."""
+    if type(obj) is not dict or not obj:
+        return None
+    inner = pad + " " * _JSON_INDENT
+    quote = json.encoder.encode_basestring  # what the encoder uses with ensure_ascii=False
+    lines = []
+    for key, value in obj.items():
+        kind = type(value)
+        if type(key) is not str:
+            return None
+        if kind is str:
+            text = quote(value)
+        elif value is None:
+            text = "null"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif kind is int:
+            text = int.__repr__(value)
+        else:
+            return None
+        lines.append(f"{quote(key)}: {text}")
+    return "{" + inner + ("," + inner).join(lines) + pad + "}"
+
 
 
 def _escape_char(ch: str) -> str:
@@ -91,8 +204,9 @@ def _path_combine(base: str, name: str) -> str:
     return base[:base.rfind("/") + 1] + name
 
 
-def snapshot_json(snapshot: Snapshot, image: Qcow2Image | None = None) -> dict[str, Any]:
+def snapshot_json(facts: SnapshotFacts) -> dict[str, Any]:
     """One snapshot as ``qemu-img info``'s SnapshotInfo, plus our keys."""
+    snapshot = facts.snapshot
     obj: dict[str, Any] = {
         "id": _qemu_string(snapshot.id_bytes, 127),
         "name": _qemu_string(snapshot.name_bytes, 255),
@@ -115,9 +229,9 @@ def snapshot_json(snapshot: Snapshot, image: Qcow2Image | None = None) -> dict[s
     if snapshot.id_bytes != obj["id"].encode() or snapshot.name_bytes != obj["name"].encode():
         obj["raw-id"] = snapshot.id_bytes.hex()
         obj["raw-name"] = snapshot.name_bytes.hex()
-    if image is not None and snapshot.has_vm_state:
-        obj["vm-state-offset"] = image.vm_state_offset(snapshot)
-        obj["runstate"] = snapshot_runstate(image, snapshot)
+    if facts.vm_state_offset is not None:
+        obj["vm-state-offset"] = facts.vm_state_offset
+        obj["runstate"] = facts.runstate
     return obj
 
 
@@ -150,21 +264,20 @@ def _format_specific(image: Qcow2Image) -> dict[str, Any]:
     return {"type": "qcow2", "data": data}
 
 
-def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str, Any]:
+def image_info_json(facts: ImageFacts) -> dict[str, Any]:
     """``qemu-img info --output=json`` for one image, plus our keys."""
+    image = facts.image
     h = image.header
-    filename = filename if filename is not None else image.path
+    filename = facts.filename
     obj: dict[str, Any] = {}
-    if image.snapshots:
-        obj["snapshots"] = [snapshot_json(s, image) for s in image.snapshots]
+    if facts.snapshots:
+        obj["snapshots"] = [snapshot_json(s) for s in facts.snapshots]
     obj["virtual-size"] = image.size
     obj["filename"] = filename
     obj["cluster-size"] = image.cluster_size
     obj["format"] = "qcow2"
-    try:
-        obj["actual-size"] = os.stat(image.path).st_blocks * 512
-    except OSError:  # pragma: no cover - file vanished
-        pass
+    if facts.actual_size is not None:
+        obj["actual-size"] = facts.actual_size
     if image.encrypted:
         obj["encrypted"] = True
     obj["format-specific"] = _format_specific(image)
@@ -203,10 +316,10 @@ def image_info_json(image: Qcow2Image, filename: str | None = None) -> dict[str,
          "offset": e.offset}
         for e in image.extensions if e.type != fmt.QCOW2_EXT_MAGIC_END]
     chain = []
-    for link in image.backing_chain():
+    for link_facts in facts.chain:
+        link = link_facts.link
         entry: dict[str, Any] = {"filename": link.path, "named": link.named,
-                                 "resolved": os.path.realpath(link.path) if link.path else None,
-                                 "followed": link.followed}
+                                 "resolved": link_facts.resolved, "followed": link.followed}
         if link.followed:
             entry["format"] = link.format
             entry["virtual-size"] = link.virtual_size
@@ -240,6 +353,7 @@ def _date(date_sec: int) -> str:
 
 
 def snapshot_row(snapshot: Snapshot, *, show_id: bool = True) -> str:
+    """One row of the snapshot table (without the RUNSTATE column)."""
     icount = snapshot.icount
     return _ROW % (
         _qemu_string(snapshot.id_bytes, 127) if show_id else "--",
@@ -252,52 +366,52 @@ def snapshot_row(snapshot: Snapshot, *, show_id: bool = True) -> str:
     )
 
 
-def snapshot_table_text(snapshots: Sequence[Snapshot], *, show_id: bool = True,
-                        image: Qcow2Image | None = None) -> str:
+def snapshot_table_text(snapshots: Sequence[SnapshotFacts], *, show_id: bool = True,
+                        runstates: bool = True) -> str:
     """The snapshot list in the layout of ``qemu-img snapshot -l`` (QEMU >= 9
-    columns) with a DISK_SIZE column after VM_SIZE.  Given the ``image`` and
+    columns) with a DISK_SIZE column after VM_SIZE.  With ``runstates`` and
     when a snapshot has VM state, a last RUNSTATE column shows the run state
     it was saved in ("--" for disk-only snapshots, "?" when unreadable)."""
     lines = [_ROW % ("ID", "TAG", "VM_SIZE", "DISK_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
-    rows = [snapshot_row(s, show_id=show_id) for s in snapshots]
-    if image is not None and any(s.has_vm_state for s in snapshots):
+    rows = [snapshot_row(f.snapshot, show_id=show_id) for f in snapshots]
+    if runstates and any(f.snapshot.has_vm_state for f in snapshots):
         lines[0] += " RUNSTATE"
-        for i, s in enumerate(snapshots):
-            state = snapshot_runstate(image, s) if s.has_vm_state else "--"
-            rows[i] += f" {state or '?'}"
+        for i, f in enumerate(snapshots):
+            state = (f.runstate or "?") if f.snapshot.has_vm_state else "--"
+            rows[i] += f" {state}"
     lines += rows
     return "\n".join(lines)
 
 
-def info_text(image: Qcow2Image, filename: str | None = None) -> str:
+def info_text(facts: ImageFacts) -> str:
     """Human ``info`` output, in the spirit of ``qemu-img info``."""
+    image = facts.image
     h = image.header
-    filename = filename if filename is not None else image.path
     lines = [
-        f"image: {filename}",
+        f"image: {facts.filename}",
         "file format: qcow2",
         f"virtual size: {size_to_str(image.size)} ({image.size} bytes)",
-        f"disk size: {size_to_str(os.stat(image.path).st_blocks * 512)}",
+        f"disk size: {size_to_str(facts.actual_size or 0)}",
         f"cluster_size: {image.cluster_size}",
     ]
     if image.backing_file_name is not None:
         lines.append(f"backing file: {image.backing_file_name}")
         if image.backing_format:
             lines.append(f"backing file format: {image.backing_format}")
-    links = image.backing_chain()
-    if links:
+    if facts.chain:
         lines.append("backing chain:")
-        for link in links:
+        for link_facts in facts.chain:
+            link = link_facts.link
             named = "" if link.named is None else f"{link.named} -> "
-            target = os.path.realpath(link.path) if link.path else "?"
+            target = link_facts.resolved or "?"
             if link.followed:
                 size = size_to_str(link.virtual_size or 0)
                 lines.append(f"    {link.depth}: {named}{target} ({link.format}, {size})")
             else:
                 lines.append(f"    {link.depth}: {named}{target}: NOT FOLLOWED: {link.reason}")
-    if image.snapshots:
+    if facts.snapshots:
         lines.append("Snapshot list:")
-        lines.append(snapshot_table_text(image.snapshots, image=image))
+        lines.append(snapshot_table_text(facts.snapshots))
     if image.ignored_snapshots:
         lines.append(f"{len(image.ignored_snapshots)} snapshot table entries are present and "
                      f"ignored: QEMU does not support internal snapshots with an external "
@@ -333,27 +447,125 @@ def info_text(image: Qcow2Image, filename: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def compare_snapshot_sets(names_by_image: Sequence[tuple[str, Iterable[str]]]
-                          ) -> tuple[list[str], list[dict[str, Any]]]:
-    """For several images (one VM's disks): the snapshot names present on
-    all of them (in the first image's order), and for every other name where
-    it is present and where it is missing."""
-    images = [(path, list(names)) for path, names in names_by_image]
-    order: list[str] = []
-    for _, names in images:
-        for name in names:
-            if name not in order:
-                order.append(name)
-    common = []
-    partial = []
-    for name in order:
-        present = [path for path, names in images if name in names]
-        if len(present) == len(images):
-            common.append(name)
-        else:
-            partial.append({"name": name, "present": present,
-                            "missing": [p for p, _ in images if p not in present]})
-    return common, partial
+def snapshot_list_text(snapshots: Sequence[SnapshotFacts]) -> str:
+    """``list`` of one image: nothing when there are no snapshots."""
+    if not snapshots:
+        return ""
+    return "Snapshot list:\n" + snapshot_table_text(snapshots)
+
+
+def comparison_json(comparison: SnapshotComparison) -> dict[str, Any]:
+    """``list --json`` of several images (one VM's disks)."""
+    return {
+        "images": [{"filename": path, "snapshots": [snapshot_json(f) for f in facts]}
+                   for path, facts in comparison.images],
+        "common": list(comparison.common),
+        "partial": [{"name": name, "present": list(present), "missing": list(missing)}
+                    for name, present, missing in comparison.partial],
+    }
+
+
+def comparison_text(comparison: SnapshotComparison) -> str:
+    """``list`` of several images: the snapshots present on all of them (the
+    first image's entries), then which names are missing where."""
+    count = len(comparison.images)
+    if comparison.common:
+        lines = [f"Snapshots present on all {count} images:",
+                 snapshot_table_text(comparison.common_in_first(), show_id=False,
+                                     runstates=False)]
+    else:
+        lines = [f"No snapshot is present on all {count} images."]
+    if comparison.partial:
+        lines += ["", "Snapshots missing on some images:"]
+        lines += [f"  {name}: present on {', '.join(present)}; missing on {', '.join(missing)}"
+                  for name, present, missing in comparison.partial]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Edits and extractions
+# ---------------------------------------------------------------------------
+
+_PAST = {"create": "created", "delete": "deleted", "revert": "reverted to", "rename": "renamed"}
+_PLANNED = {"create": "would create", "delete": "would delete", "revert": "would revert to",
+            "rename": "would rename"}
+
+
+def edit_results_json(results: Sequence[EditResult], *, dry_run: bool) -> list[dict[str, Any]]:
+    """One object per image of an edit command."""
+    objs = []
+    for r in results:
+        obj: dict[str, Any] = {"filename": r.path, "operation": r.operation,
+                               "snapshot-id": r.snapshot_id, "snapshot-name": r.snapshot_name,
+                               "ok": r.ok, "dry-run": dry_run}
+        c = r.commit
+        if c is not None:
+            obj.update({
+                "clusters-allocated": len(c.clusters_allocated),
+                "clusters-freed": len(c.clusters_freed),
+                "bytes-allocated": c.bytes_allocated,
+                "bytes-freed": c.bytes_freed,
+                "metadata-bytes-written": c.metadata_bytes_written,
+                "file-size-before": c.file_size_before,
+                "file-size-after": c.file_size_after,
+                "header-changes": {k: {"before": v[0], "after": v[1]}
+                                   for k, v in c.header_changes.items()},
+            })
+        if r.error is not None:
+            obj["error"] = " ".join(str(r.error).split("\n"))
+        objs.append(obj)
+    return objs
+
+
+def edit_results_text(results: Sequence[EditResult], *, dry_run: bool
+                      ) -> tuple[list[str], list[str], list[str]]:
+    """An edit command's report for people: (stdout lines, error lines,
+    warning lines), one line per image and per problem."""
+    out: list[str] = []
+    errors: list[str] = []
+    warnings: list[str] = []
+    for r in results:
+        if r.error is not None:
+            errors.append(" ".join(str(r.error).split("\n")))
+            continue
+        verb = (_PLANNED if dry_run else _PAST)[r.operation]
+        c = r.commit
+        line = f"{r.path}: {verb} snapshot {r.snapshot_id} ({r.snapshot_name})"
+        if c is not None:
+            line += (f"; {len(c.clusters_allocated)} cluster(s) allocated, "
+                     f"{len(c.clusters_freed)} freed ({size_to_str(c.bytes_freed)} "
+                     f"reclaimed), file {size_to_str(c.file_size_before)} -> "
+                     f"{size_to_str(c.file_size_after)}")
+        out.append(line)
+        if c is not None and c.reclaim_error:
+            warnings.append(f"{r.path}: {c.reclaim_error}")
+        if dry_run and c is not None:
+            out += [f"    header {name}: {before:#x} -> {after:#x}"
+                    for name, (before, after) in c.header_changes.items()]
+    return out, errors, warnings
+
+
+def edit_exit_status(results: Sequence[EditResult]) -> int:
+    """0 when every image was edited; else the failing error's own status
+    when every failure agrees, else 1."""
+    codes = [getattr(r.error, "exit_code", 1) for r in results if r.error is not None]
+    if not codes:
+        return 0
+    return codes[0] if len(set(codes)) == 1 else 1
+
+
+def extract_result_json(result: ExtractResult) -> dict[str, Any]:
+    """``extract --json``."""
+    return {"output": result.output, "format": result.format,
+            "virtual-size": result.virtual_size, "bytes-written": result.bytes_written,
+            "snapshot": None if result.snapshot is None else result.snapshot.id}
+
+
+def vm_state_dump_json(result: ExtractResult) -> dict[str, Any]:
+    """``vmstate dump --json``."""
+    assert result.snapshot is not None
+    return {"output": result.output, "vm-state-size": result.virtual_size,
+            "snapshot": result.snapshot.id}
 
 
 # ---------------------------------------------------------------------------

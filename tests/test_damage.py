@@ -51,6 +51,7 @@ from qcow2snap.errors import (
     Qcow2Error,
     UnsupportedImageError,
 )
+from qcow2snap.ops import inspection
 from qcow2snap.reader import DiskReader, ExtentKind
 
 # ---------------------------------------------------------------------------
@@ -142,11 +143,11 @@ def exercise(path: Path | str, *, keep_going: bool = False) -> None:
         assert image.header.version in (2, 3)
         _ = (image.extensions, image.feature_names, image.snapshots, image.backing_file_name,
              image.backing_format, image.data_file_name, image.unknown_extensions)
-        info = describe.image_info_json(image)
+        info = describe.image_info_json(inspection.image_facts(image))
         assert info["virtual-size"] == image.size
-        describe.info_text(image)
+        describe.info_text(inspection.image_facts(image))
         if image.snapshots:
-            describe.snapshot_table_text(image.snapshots)
+            describe.snapshot_table_text(list(inspection.snapshot_facts(image)))
         attempt(image.chain)  # describe reports chain errors as text: see them raised here
         for snapshot in [None, *image.snapshots[:MAX_LAYERS]]:
             attempt(functools.partial(_exercise_layer, image, snapshot))
@@ -898,7 +899,7 @@ def test_targeted_corruption(case: Case, fixture_dir: Path) -> None:
     with damaged_image(data, companions) as path:
         if case.opens:
             with unchanged(path), qcow2snap.open(path) as image:
-                describe.image_info_json(image)
+                describe.image_info_json(inspection.image_facts(image))
         if case.error is None:
             assert exercise_checked(path, companions) is None
             return

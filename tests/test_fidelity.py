@@ -41,6 +41,7 @@ from qcow2snap.errors import (
     SnapshotNotFoundError,
     UnsupportedImageError,
 )
+from qcow2snap.ops import inspection
 from qcow2snap.ops.check import check_image
 from qcow2snap.ops.repair import repair_image
 from qcow2snap.reader import ExtentKind
@@ -329,7 +330,7 @@ def test_unaligned_size_is_rounded_down_like_qemu(name: str, fixture_dir: Path,
         assert image.header.size == stored      # the stored field is kept ...
         assert image.header.to_bytes() == path.read_bytes()[:image.header.header_length]
         assert image.size == image.layer().size == rounded   # ... QEMU's size is used
-        assert describe.image_info_json(image)["virtual-size"] == rounded
+        assert describe.image_info_json(inspection.image_facts(image))["virtual-size"] == rounded
     data = qemu_raw(qemu_img, path)
     assert len(data) == rounded
     assert read_all(path) == data
@@ -457,7 +458,7 @@ def test_data_file_snapshots_are_not_listed(data_file_with_snapshots: Path,
     with qcow2snap.open(path) as image:
         assert image.snapshots == ()
         assert [(s.id, s.name) for s in image.ignored_snapshots] == [("1", "s1"), ("2", "s2")]
-        info = describe.image_info_json(image, path.name)
+        info = describe.image_info_json(inspection.image_facts(image, path.name))
     assert "snapshots" not in info
     assert info["ignored-snapshots"] == [{"id": "1", "name": "s1"}, {"id": "2", "name": "s2"}]
     assert info["nb-snapshots"] == 2
@@ -601,6 +602,7 @@ def test_short_last_feature_entry_names_a_feature_in_info(fixture_dir: Path,
         assert [(f.type, f.bit, f.name) for f in image.feature_names] == [
             (0, 0, "dirty bit"), (1, 0, "lazy, as")]
         assert image.describe_features(fmt.QCOW2_FEAT_TYPE_COMPATIBLE, 1) == ["lazy, as"]
-        assert describe.image_info_json(image)["features"]["compatible"] == ["lazy, as"]
+        info = describe.image_info_json(inspection.image_facts(image))
+        assert info["features"]["compatible"] == ["lazy, as"]
         # the extension itself is kept byte for byte
         assert image.extension(fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE).data == table

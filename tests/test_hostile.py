@@ -268,15 +268,16 @@ import json, os, sys
 sys.setrecursionlimit(400)
 import qcow2snap
 from qcow2snap import describe
+from qcow2snap.ops import inspection
 from qcow2snap.errors import Qcow2Error
 READ = 64 << 20
 results = {}
 for path in sys.argv[1:]:
     try:
         with qcow2snap.open(path) as image:
-            describe.image_info_json(image)
-            describe.info_text(image)
-            describe.snapshot_table_text(image.snapshots, image=image)
+            describe.image_info_json(inspection.image_facts(image))
+            describe.info_text(inspection.image_facts(image))
+            describe.snapshot_table_text(list(inspection.snapshot_facts(image)))
             for layer in [None, *image.snapshots[:8]]:
                 try:
                     with image.open_disk(layer) as disk:

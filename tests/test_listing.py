@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcow2snap
-from qcow2snap import cli as cli_module
 from qcow2snap import describe, vmstate
 from qcow2snap import format as fmt
 from qcow2snap.model import parse_snapshot_table
+from qcow2snap.ops import inspection
 from qcow2snap.ops import runstate as runstate_module
 from qcow2snap.ops.runstate import snapshot_runstate
 from qcow2snap.vmstate import RunstateCache, parse_stream, read_runstate
@@ -533,16 +533,16 @@ _values = st.recursive(_scalars, lambda inner: st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(value=_values)
 def test_json_parts_are_json_dumps(value: Any) -> None:
-    parts = cli_module._json_parts(value, cli_module._json_encoder())
-    assert "".join(parts) == json.dumps(value, indent=4, ensure_ascii=False)
+    assert "".join(describe.json_parts(value)) == json.dumps(value, indent=4,
+                                                            ensure_ascii=False)
 
 
 def test_json_lists_in_batches_and_flat_objects() -> None:
     flat = [{"id": str(i), "n": i, "x": None, "t": i % 2 == 0, "s": "é\n\"\x01"}
-            for i in range(2 * cli_module._JSON_BATCH + 3)]
+            for i in range(2 * describe._JSON_BATCH + 3)]
     mixed = [*flat[:5], {"nested": [1]}, {"f": 1.5}, {1: "int key"}, {}, [], 3]
     for value in (flat, mixed, {"a": flat, "b": {"c": flat[:2]}}, []):
-        parts = cli_module._json_parts(value, cli_module._json_encoder())
+        parts = describe.json_parts(value)
         assert "".join(parts) == json.dumps(value, indent=4, ensure_ascii=False)
 
 
@@ -554,7 +554,7 @@ def test_cli_json_is_json_dumps(fixture_dir: Path, name: str) -> None:
     info = invoke("info", "--json", path)
     assert listed.exit_code == info.exit_code == 0
     with qcow2snap.open(path) as image:
-        objs = [describe.snapshot_json(s, image) for s in image.snapshots]
-        info_obj = describe.image_info_json(image, str(path))
+        objs = [describe.snapshot_json(f) for f in inspection.snapshot_facts(image)]
+        info_obj = describe.image_info_json(inspection.image_facts(image, str(path)))
     assert listed.stdout == json.dumps(objs, indent=4, ensure_ascii=False) + "\n"
     assert info.stdout == json.dumps(info_obj, indent=4, ensure_ascii=False) + "\n"

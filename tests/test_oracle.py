@@ -20,6 +20,7 @@ from helpers import assert_qemu_clean
 
 import qcow2snap
 from qcow2snap import describe
+from qcow2snap.ops import inspection
 from qcow2snap.ops.extract import extract
 
 pytestmark = pytest.mark.qemu
@@ -56,7 +57,7 @@ def test_info_json_matches_qemu_img(name: str, fixture_dir: Path, qemu_img: str)
     path = fixture_path(fixture_dir, name)
     expected = _qemu_info(qemu_img, path)
     with qcow2snap.open(path) as image:
-        ours = describe.image_info_json(image, path.name)
+        ours = describe.image_info_json(inspection.image_facts(image, path.name))
     assert _project(ours, QEMU_TOP_KEYS) == _project(expected, QEMU_TOP_KEYS)
     assert (_project(ours["format-specific"]["data"], QEMU_FORMAT_KEYS)
             == _project(expected["format-specific"]["data"], QEMU_FORMAT_KEYS))
@@ -74,7 +75,7 @@ def test_info_json_matches_manifest(name: str, fixture_dir: Path) -> None:
     """The manifest's info was recorded by qemu-img when the fixture was made."""
     entry = FIXTURES_BY_NAME[name]
     with qcow2snap.open(fixture_path(fixture_dir, name)) as image:
-        ours = describe.image_info_json(image)
+        ours = describe.image_info_json(inspection.image_facts(image))
         disk_sizes = [s.disk_size for s in image.snapshots]
     expected = entry["info"]
     assert _project(ours, QEMU_TOP_KEYS) == _project(expected, QEMU_TOP_KEYS)
