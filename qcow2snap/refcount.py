@@ -5,7 +5,7 @@ blocks of an image, and compute references the way QEMU's checker does.
 cluster N" with one decoded block cached per block touched.
 
 ``l2_references`` lists the host clusters one L2 table references (QEMU's
-counting rule, reference §3.2): NORMAL and ZERO_ALLOC entries reference
+counting rule, QEMU's ``qcow2_check_refcounts``): NORMAL and ZERO_ALLOC entries reference
 their cluster, a COMPRESSED entry references every host cluster its bytes
 touch.  Operations multiply that by the number of L1 paths to the table.
 """

@@ -1,5 +1,5 @@
 """The savevm stream (layer 1, beside :mod:`qcow2snap.format`): QEMU's
-migration stream ("QEVM", reference §9) that ``savevm`` stores inside a
+migration stream ("QEVM", QEMU's ``migration/savevm.c``) that ``savevm`` stores inside a
 snapshot.
 
 :func:`parse_stream` walks a stream sequentially, as QEMU's loader does:

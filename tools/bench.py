@@ -7,7 +7,7 @@ times the two tools alternately (ABBA order), N rounds each, and prints the medi
 time of each, their ratio (qcow2snap / qemu-img; below 1.0 = faster) and
 the peak RSS of each child process (from wait4's rusage).
 
-    python tools/bench.py extract     # issue 3 cases (a)-(d)
+    python tools/bench.py extract     # extraction cases (a)-(d)
     python tools/bench.py list        # 10,000-snapshot listing
     python tools/bench.py all
     python tools/bench.py build       # only build the images (do it ahead)

@@ -744,7 +744,7 @@ def parse_header(data: bytes) -> dict:
 
 
 def parse_snapshot_table(path: Path) -> list[SnapEntry]:
-    """Read the snapshot table (spec §4.2) directly from the image file."""
+    """Read the snapshot table (docs/interop/qcow2.txt, "Snapshots") directly from the image file."""
     data = path.read_bytes()
     hdr = parse_header(data)
     out = []
@@ -769,7 +769,7 @@ def parse_snapshot_table(path: Path) -> list[SnapEntry]:
 
 
 def read_snapshot_vmstate(path: Path, snap: SnapEntry) -> bytes:
-    """Read a snapshot's VM state (spec §6) for standard, uncompressed clusters."""
+    """Read a snapshot's VM state (QEMU's qcow2_vm_state_offset) for standard, uncompressed clusters."""
     data = path.read_bytes()
     hdr = parse_header(data)
     if hdr["extended_l2"]:
@@ -802,7 +802,7 @@ def read_snapshot_vmstate(path: Path, snap: SnapEntry) -> bytes:
 
 
 def vmstate_runstate(stream: bytes) -> str:
-    """Runstate stored in the 'globalstate' section (spec §9.5)."""
+    """Runstate stored in the 'globalstate' section (QEMU's migration/global_state.c)."""
     if stream[:4] != b"QEVM":
         raise FixtureError("VM state does not start with QEVM magic")
     i = stream.find(b"\x0bglobalstate")

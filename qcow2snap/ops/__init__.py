@@ -1,1 +1,4 @@
-"""Operations on images (layer 4): extraction; later editing, check and repair."""
+"""Operations on images (layer 4): inspection, extraction, VM-state forensics,
+editing through the crash-safe transaction, check, salvage and repair.
+
+See docs/design.md for which module owns what."""
