@@ -744,7 +744,10 @@ def parse_header(data: bytes) -> dict:
 
 
 def parse_snapshot_table(path: Path) -> list[SnapEntry]:
-    """Read the snapshot table (docs/interop/qcow2.txt, "Snapshots") directly from the image file."""
+    """Read the snapshot table directly from the image file.
+
+    The layout is docs/interop/qcow2.txt, "Snapshots", in QEMU's sources.
+    """
     data = path.read_bytes()
     hdr = parse_header(data)
     out = []
@@ -769,7 +772,10 @@ def parse_snapshot_table(path: Path) -> list[SnapEntry]:
 
 
 def read_snapshot_vmstate(path: Path, snap: SnapEntry) -> bytes:
-    """Read a snapshot's VM state (QEMU's qcow2_vm_state_offset) for standard, uncompressed clusters."""
+    """Read a snapshot's VM state (QEMU's qcow2_vm_state_offset).
+
+    Only standard, uncompressed clusters are followed (what savevm writes).
+    """
     data = path.read_bytes()
     hdr = parse_header(data)
     if hdr["extended_l2"]:
