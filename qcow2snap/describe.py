@@ -33,18 +33,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_json",
-    "escape_controls",
-    "json_list_parts",
-    "json_parts",
     "check_text",
     "comparison_json",
     "comparison_text",
+    "edit_exit_status",
     "edit_results_json",
     "edit_results_text",
+    "escape_controls",
     "extract_result_json",
     "image_info_json",
     "info_text",
-    "edit_exit_status",
+    "json_list_parts",
+    "json_parts",
     "memory_result_json",
     "size_to_str",
     "snapshot_json",
@@ -193,7 +193,7 @@ def size_to_str(value: int) -> str:
 
 
 def _format_g3(number: float) -> str:
-    return "%0.3g" % number
+    return f"{number:0.3g}"
 
 
 def _path_combine(base: str, name: str) -> str:
@@ -344,8 +344,8 @@ _ROW = "%-7s %-16s %8s %10s %19s %15s %10s"
 
 def _clock(vm_clock_nsec: int) -> str:
     secs = vm_clock_nsec // 1_000_000_000
-    return "%04d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,
-                                    (vm_clock_nsec // 1_000_000) % 1000)
+    return (f"{secs // 3600:04d}:{(secs // 60) % 60:02d}:{secs % 60:02d}."
+            f"{(vm_clock_nsec // 1_000_000) % 1000:03d}")
 
 
 def _date(date_sec: int) -> str:

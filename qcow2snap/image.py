@@ -259,7 +259,8 @@ class Qcow2Image:
     # Opening and validation (QEMU's qcow2_do_open)
     # ------------------------------------------------------------------
 
-    def _corrupt(self, message: str, structure: str, offset: int | None = None) -> CorruptImageError:
+    def _corrupt(self, message: str, structure: str,
+                 offset: int | None = None) -> CorruptImageError:
         return CorruptImageError(message, structure=structure, offset=offset)
 
     def _load(self) -> None:
@@ -282,7 +283,8 @@ class Qcow2Image:
         self.cluster_bits = header.cluster_bits
         self.cluster_size = cs
 
-        if header.version == fmt.QCOW_VERSION_3 and header.refcount_order > fmt.QCOW_MAX_REFCOUNT_ORDER:
+        if (header.version == fmt.QCOW_VERSION_3
+                and header.refcount_order > fmt.QCOW_MAX_REFCOUNT_ORDER):
             raise CorruptImageError(
                 "Reference count entry width too large; may not exceed 64 bits",
                 structure="header", offset=96)
@@ -318,7 +320,8 @@ class Qcow2Image:
         self.l2_entry_size = fmt.L2E_SIZE_EXTENDED if self.extended_l2 else fmt.L2E_SIZE_NORMAL
         self.l2_bits = self.cluster_bits - (4 if self.extended_l2 else 3)
         self.l2_entries = 1 << self.l2_bits
-        self.subclusters_per_cluster = fmt.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
+        self.subclusters_per_cluster = (fmt.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
+                                        if self.extended_l2 else 1)
         self.subcluster_size = cs // self.subclusters_per_cluster
         self.subcluster_bits = self.subcluster_size.bit_length() - 1
         self.csize_shift = 62 - (self.cluster_bits - 8)

@@ -108,7 +108,7 @@ class MappedImage(Protocol):
     def backing_disk(self) -> GuestDisk | None: ...
 
 
-class ExtentKind(str, Enum):
+class ExtentKind(str, Enum):  # noqa: UP042 (StrEnum would change str() of members)
     """What a run of guest space reads as."""
 
     DATA = "data"                 #: host bytes at ``host_offset``
@@ -155,7 +155,8 @@ class _Where:
     def __str__(self) -> str:
         return f"(L2 offset: {fmt.c_hex(self.l2_offset)}, L2 index: {fmt.c_hex(self.l2_index)})"
 
-    __format__ = lambda self, spec: str(self)
+    def __format__(self, spec: str) -> str:
+        return str(self)
 
 
 #: bits that must be clear for an L2 entry to be a "plain" one: everything
@@ -514,7 +515,8 @@ class DiskReader(io.RawIOBase):
         super().__init__()
         if image.encrypted:
             raise UnsupportedImageError(
-                f"{image.path}: the image is encrypted ({'LUKS' if image.header.crypt_method == 2 else 'AES'}); "
+                f"{image.path}: the image is encrypted "
+                f"({fmt.CRYPT_METHOD_NAMES[image.header.crypt_method].upper()}); "
                 "reading encrypted data is not supported (metadata can be listed)",
                 feature="encryption")
         if layer.snapshot is not None and image.has_data_file:

@@ -10,6 +10,7 @@ either).  The source image is only read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -112,10 +113,8 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
     if st is not None:
         targets = [st]
         if stat.S_ISLNK(st.st_mode):
-            try:
+            with contextlib.suppress(OSError):
                 targets.append(os.stat(path))
-            except OSError:
-                pass
         for target in targets:
             what = (inputs or {}).get((target.st_dev, target.st_ino))
             if what is not None:
@@ -162,10 +161,8 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False,
         if fd >= 0:
             os.close(fd)
         if tmp:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:  # pragma: no cover
-                pass
 
 
 def _current_umask() -> int:
@@ -340,7 +337,6 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
     l2_bits = cluster_bits - 3
     l2_entries = 1 << l2_bits
     size = layer.size
-    nb_clusters = (size + cs - 1) >> cluster_bits
     l1_size = (size + (cs << l2_bits) - 1) >> (cluster_bits + l2_bits)
     csize_shift = 62 - (cluster_bits - 8)
     csize_mask = (1 << (cluster_bits - 8)) - 1
