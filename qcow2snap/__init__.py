@@ -22,16 +22,26 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, overload
 
 from .errors import (
     AmbiguousSnapshotError,
+    CheckFailedError,
+    CommitFailedError,
+    CommitNotDurableError,
     CompanionRefusedError,
     CorruptImageError,
     ImageInUseError,
+    ImageInUseWarning,
+    ImageNeedsRepairError,
     NotQcow2Error,
     NoVMStateError,
+    OutputError,
+    OutputExistsError,
     Qcow2Error,
+    RefcountOverflowError,
+    SnapshotExistsError,
     SnapshotNotFoundError,
+    TransactionPoisoned,
     UnsupportedImageError,
 )
-from .image import ImageInUseWarning, Layer, Qcow2Image, RawImage
+from .image import Layer, Qcow2Image, RawImage
 from .image import open as _open_read_only
 from .model import Extension, FeatureName, Header, Snapshot
 from .reader import DiskReader, Extent, ExtentKind
@@ -109,6 +119,9 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "CheckFailedError",
+    "CommitFailedError",
+    "CommitNotDurableError",
     "CompanionRefusedError",
     "CorruptImageError",
     "DiskReader",
@@ -119,14 +132,20 @@ __all__ = [
     "Header",
     "ImageInUseError",
     "ImageInUseWarning",
+    "ImageNeedsRepairError",
     "Layer",
     "NoVMStateError",
     "NotQcow2Error",
+    "OutputError",
+    "OutputExistsError",
     "Qcow2Error",
     "Qcow2Image",
     "RawImage",
+    "RefcountOverflowError",
     "Snapshot",
+    "SnapshotExistsError",
     "SnapshotNotFoundError",
+    "TransactionPoisoned",
     "UnsupportedImageError",
     "__version__",
     "open",

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import click
 
 from . import __version__, describe
-from .errors import Qcow2Error
-from .image import ImageInUseWarning, Qcow2Image
+from .errors import ImageInUseWarning, Qcow2Error
+from .image import Qcow2Image
 from .image import open as open_image
 from .model import Snapshot
 from .ops import inspection
@@ -604,19 +604,12 @@ def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
     table QEMU cannot read without -r all). A repair refuses an image a
     running QEMU holds.
     """
-    from .errors import ImageInUseError
-    from .ops.check import CheckFailedError
     from .ops.repair import check_or_repair
     if dry_run and repair is None:
         raise click.UsageError("--dry-run needs --repair leaks or --repair all")
-    try:
-        with _progress_bar(progress, "check") as callback:
-            report = check_or_repair(image, repair, dry_run=dry_run,  # type: ignore[arg-type]
-                                     progress=callback)
-    except ImageInUseError as exc:
-        raise CheckFailedError(f"{exc} (repair refused)") from exc
-    except Qcow2Error as exc:
-        raise CheckFailedError(f"Could not check {image!r}: {exc}") from exc
+    with _progress_bar(progress, "check") as callback:
+        report = check_or_repair(image, repair, dry_run=dry_run,  # type: ignore[arg-type]
+                                 progress=callback)
     if as_json:
         _print_json(describe.check_json(report))
     else:

@@ -8,6 +8,10 @@ none reads a file.  JSON objects carry ``qemu-img info --output=json``'s
 keys with the same values, plus qcow2snap's own keys beside them
 (documented in docs/cli.md).  Text meant for a terminal goes through
 :func:`escape_controls` in the CLI.
+
+The module is about 750 lines because all rendering is here by design: a
+new output format goes next to the ones it must agree with (text and JSON
+of one record side by side), and nothing else is here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import format as fmt
 from .image import Qcow2Image
 from .model import Snapshot
+from .ops.check_report import CheckReport, RepairReport
 
 if TYPE_CHECKING:
     from .ops.edit import EditResult
@@ -647,19 +652,22 @@ def memory_result_json(result: MemoryResult) -> dict[str, Any]:
 # check / repair reports
 # ---------------------------------------------------------------------------
 
-def check_json(report: Any) -> dict[str, Any]:
+def check_json(result: CheckReport | RepairReport) -> dict[str, Any]:
     """``qemu-img check --output=json``'s object (its optional keys only
     when non-zero, as QEMU prints them) plus qcow2snap's: ``findings``,
     ``snapshots`` (verdict per table entry), ``dirty-flag``, ``corrupt``,
     ``exit-code`` and, for a repair, ``repair``, ``dry-run``, ``changes``
-    and ``rebuilt-refcounts``."""
+    and ``rebuilt-refcounts``.  A repair's counts and findings are the
+    final check's (the re-check), its snapshots the repair's verdicts."""
+    repair = result if isinstance(result, RepairReport) else None
+    report = result.final if isinstance(result, RepairReport) else result
     obj: dict[str, Any] = {"filename": report.filename, "format": report.format,
                            "check-errors": report.check_errors}
     for key, value in (("image-end-offset", report.image_end_offset),
                        ("corruptions", report.corruptions),
                        ("leaks", report.leaks),
-                       ("corruptions-fixed", report.corruptions_fixed),
-                       ("leaks-fixed", report.leaks_fixed),
+                       ("corruptions-fixed", repair.corruptions_fixed if repair else 0),
+                       ("leaks-fixed", repair.leaks_fixed if repair else 0),
                        ("total-clusters", report.total_clusters),
                        ("allocated-clusters", report.allocated_clusters),
                        ("fragmented-clusters", report.fragmented_clusters),
@@ -669,19 +677,19 @@ def check_json(report: Any) -> dict[str, Any]:
     obj["findings"] = [f.to_json() for f in report.findings]
     if report.findings_omitted:
         obj["findings-omitted"] = report.findings_omitted
-    obj["snapshots"] = [v.to_json() for v in report.snapshots]
+    obj["snapshots"] = [v.to_json() for v in (repair or report).snapshots]
     obj["dirty-flag"] = report.dirty
     obj["corrupt"] = report.corrupt_bit
-    if report.repair is not None:
-        obj["repair"] = report.repair
-        obj["dry-run"] = report.dry_run
-        obj["rebuilt-refcounts"] = report.rebuilt_refcounts
-        obj["changes"] = list(report.changes)
+    if repair is not None:
+        obj["repair"] = repair.mode
+        obj["dry-run"] = repair.dry_run
+        obj["rebuilt-refcounts"] = repair.rebuilt_refcounts
+        obj["changes"] = list(repair.changes)
     obj["exit-code"] = report.exit_code
     return obj
 
 
-def _check_summary(report: Any) -> list[str]:
+def _check_summary(report: CheckReport) -> list[str]:
     """qemu-img check's human summary."""
     lines: list[str] = []
     if not (report.corruptions or report.leaks or report.check_errors):
@@ -709,31 +717,33 @@ def _check_summary(report: Any) -> list[str]:
     return lines
 
 
-def check_text(report: Any) -> str:
+def check_text(result: CheckReport | RepairReport) -> str:
     """The human report: QEMU's per-problem lines (first pass), what
     qcow2snap makes of each snapshot that is not simply ok, the repair's
     changes, then qemu-img check's summary (of the re-check after a
     repair)."""
-    first = report.before if report.before is not None else report
+    repair = result if isinstance(result, RepairReport) else None
+    first = result.before if isinstance(result, RepairReport) else result
+    report = result.final if isinstance(result, RepairReport) else result
     lines = [f.message for f in first.findings if f.severity != "info"]
     if first.findings_omitted:
         lines.append(f"... and {first.findings_omitted} more problems of the same kinds")
     lines += [f"Note: {f.message}" for f in first.findings if f.severity == "info"]
-    odd = [v for v in report.snapshots if v.status != "ok"]
+    odd = [v for v in (repair or report).snapshots if v.status != "ok"]
     if odd:
         lines += ["", "Snapshots:"]
         for v in odd:
             label = f"entry {v.index}: ID {v.id!r} name {v.name!r}"
             lines.append(f"    {label}: {v.status}" + (f" ({v.detail})" if v.detail else ""))
-    if report.repair is not None:
+    if repair is not None:
         title = ("Dry run, nothing was written. A repair would make these changes:"
-                 if report.dry_run else f"Repair ({report.repair}):")
+                 if repair.dry_run else f"Repair ({repair.mode}):")
         lines += ["", title] if lines else [title]
-        lines += [f"    {c}" for c in report.changes] or ["    nothing"]
-        if not report.dry_run and (report.leaks_fixed or report.corruptions_fixed):
+        lines += [f"    {c}" for c in repair.changes] or ["    nothing"]
+        if not repair.dry_run and (repair.leaks_fixed or repair.corruptions_fixed):
             lines += ["", "The following inconsistencies were found and repaired:", "",
-                      f"    {report.leaks_fixed} leaked clusters",
-                      f"    {report.corruptions_fixed} corruptions", "",
+                      f"    {repair.leaks_fixed} leaked clusters",
+                      f"    {repair.corruptions_fixed} corruptions", "",
                       "Double checking the fixed image now..."]
             lines += [f.message for f in report.findings if f.severity != "info"]
     summary = _check_summary(report)

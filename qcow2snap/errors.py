@@ -16,13 +16,23 @@ from collections.abc import Sequence
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "CheckFailedError",
+    "CommitFailedError",
+    "CommitNotDurableError",
     "CompanionRefusedError",
     "CorruptImageError",
     "ImageInUseError",
+    "ImageInUseWarning",
+    "ImageNeedsRepairError",
     "NoVMStateError",
     "NotQcow2Error",
+    "OutputError",
+    "OutputExistsError",
     "Qcow2Error",
+    "RefcountOverflowError",
+    "SnapshotExistsError",
     "SnapshotNotFoundError",
+    "TransactionPoisoned",
     "UnsupportedImageError",
 ]
 
@@ -73,6 +83,11 @@ class ImageInUseError(Qcow2Error):
     exit_code = 5
 
 
+class ImageInUseWarning(UserWarning):
+    """Reading an image that a running QEMU (or a qcow2snap editor) holds
+    open for writing (a warning: reading goes on)."""
+
+
 class SnapshotNotFoundError(Qcow2Error, LookupError):
     """No snapshot matches the given ID or name."""
 
@@ -116,3 +131,59 @@ class CompanionRefusedError(Qcow2Error):
         self.kind = kind
         self.path = path
         self.named = named
+
+
+class RefcountOverflowError(UnsupportedImageError):
+    """A refcount would exceed what the image's refcount width can hold
+    (an edit or repair is refused before anything is written)."""
+
+
+class SnapshotExistsError(Qcow2Error):
+    """A snapshot of that name exists (create without ``overwrite``)."""
+
+    exit_code = 9
+
+
+class ImageNeedsRepairError(Qcow2Error):
+    """The image carries the dirty or corrupt bit: refcounts cannot be
+    trusted, so it must be checked and repaired before it is edited."""
+
+    exit_code = 10
+
+
+class TransactionPoisoned(Qcow2Error):
+    """A commit failed part-way (an I/O error).  The editable image it ran
+    on is poisoned: every later edit through it raises this error until the
+    image is reopened.  The image itself is in the old or the new state; the
+    subclasses, raised by the failing commit, say which."""
+
+    exit_code = 12
+
+
+class CommitFailedError(TransactionPoisoned):
+    """Writing or flushing the new metadata failed before the switch: the
+    image is unchanged, in its old state."""
+
+
+class CommitNotDurableError(TransactionPoisoned):
+    """The switch to the new state was written, but flushing it failed: the
+    image reads as the new state, which is not known to be durable (a power
+    loss could still bring back the old one)."""
+
+
+class OutputError(Qcow2Error):
+    """The output file cannot be created or written (the message names it)."""
+
+    exit_code = 1
+
+
+class OutputExistsError(OutputError):
+    """The output file exists and overwriting was not allowed."""
+
+
+class CheckFailedError(Qcow2Error):
+    """The image could not be checked at all (its header, active L1 or
+    refcount table location is unusable: QEMU cannot open it either), or a
+    repair was refused (a running QEMU holds the image)."""
+
+    exit_code = 1

@@ -23,7 +23,7 @@ parse is total.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import construct
 from construct import (
@@ -138,6 +138,19 @@ QCOW_L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF00000000
 #: icount value meaning "record/replay not active"
 QCOW_ICOUNT_NONE = 0xFFFFFFFFFFFFFFFF
 
+# C integer limits QEMU's range checks are written with (INT32_MAX, INT64_MAX,
+# UINT32_MAX of <stdint.h>)
+INT32_MAX = 0x7FFFFFFF
+INT64_MAX = 0x7FFFFFFFFFFFFFFF
+UINT32_MAX = 0xFFFFFFFF
+UINT64_MASK = 0xFFFFFFFFFFFFFFFF
+
+# Bitmap table entries (block/qcow2-bitmap.c)
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_MAX_NAME_SIZE = 1023
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * 65535
+QCOW2_MAX_BITMAPS = 65535
+
 # Byte offsets inside the header of the fields that locate metadata
 # (all within the first 512-byte sector, which is what makes a single header
 # write an atomic commit point).
@@ -239,6 +252,17 @@ QCowSnapshotEntry = "complete snapshot table entry, without inter-entry padding"
     "name" / Bytes(this.header.name_size),
 )
 
+QCowBitmapDirEntry = "bitmap directory entry, fixed part (qcow2.txt 'Bitmap directory')" * Struct(
+    "bitmap_table_offset" / Int64ub,         # 0-7
+    "bitmap_table_size" / Int32ub,           # 8-11  entries
+    "flags" / Int32ub,                       # 12-15
+    "type" / Int8ub,                         # 16
+    "granularity_bits" / Int8ub,             # 17
+    "name_size" / Int16ub,                   # 18-19
+    "extra_data_size" / Int32ub,             # 20-23
+)
+QCOW_BITMAP_DIR_ENTRY_SIZE = 24
+
 QCowNbSnapshotsAndOffset = "the 12-byte snapshot-table commit point (header bytes 60-71)" * Struct(
     "nb_snapshots" / Int32ub,
     "snapshots_offset" / Int64ub,
@@ -278,10 +302,53 @@ def fixed_struct(layout: construct.Construct) -> struct.Struct:
     return struct.Struct(">" + "".join(formats))
 
 
+class SnapshotHeaderFields(NamedTuple):
+    """The fields of :data:`QCowSnapshotHeader`, in its order (a test keeps
+    the two in step)."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_str_size: int
+    name_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    extra_data_size: int
+
+
+_SNAPSHOT_EXTRA_U64 = struct.Struct(">Q")
+
+
+def unpack_snapshot_header(data: bytes | bytearray, offset: int = 0) -> SnapshotHeaderFields:
+    """:data:`QCowSnapshotHeader` at ``data[offset:]`` (40 bytes must be there)."""
+    return SnapshotHeaderFields._make(SNAPSHOT_HEADER_STRUCT.unpack_from(data, offset))
+
+
+def unpack_snapshot_extra(data: bytes | bytearray, offset: int, extra_data_size: int
+                          ) -> tuple[int | None, int | None, int | None, int]:
+    """The known fields of :data:`QCowSnapshotExtraData` at ``data[offset:]``:
+    ``(vm_state_size_large, disk_size, icount, known_length)``, each field
+    ``None`` where ``extra_data_size`` does not cover it, and the number of
+    bytes they take (the rest of the extra data is unknown to QEMU and kept).
+    The layout's own parse gives the same (a test compares them); this is
+    the fast path for tables of 65,536 entries."""
+    unpack = _SNAPSHOT_EXTRA_U64.unpack_from
+    vm_state_size_large = unpack(data, offset)[0] if extra_data_size >= 8 else None
+    disk_size = unpack(data, offset + 8)[0] if extra_data_size >= 16 else None
+    icount = unpack(data, offset + 16)[0] if extra_data_size >= 24 else None
+    known_length = min(extra_data_size, QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE) & ~7
+    return vm_state_size_large, disk_size, icount, known_length
+
+
 def build_struct(layout: construct.Construct, value: Any, **params: Any) -> bytes:
     """Build ``value`` with ``layout``.  Values come from validated model
     objects, so a failure here is a programming error and propagates."""
     return bytes(layout.build(value, **params))
+
+
+#: :data:`QCowSnapshotHeader` as a ``struct.Struct`` (see the module docstring)
+SNAPSHOT_HEADER_STRUCT = fixed_struct(QCowSnapshotHeader)
 
 
 def c_hex(value: int) -> str:

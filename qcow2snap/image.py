@@ -8,6 +8,14 @@ and a dirty or corrupt image is reported, not fixed.
 Every count and offset taken from the header is checked against QEMU's limits
 before it is used to size a read or an allocation, with QEMU's error texts,
 so a hostile image costs at most the 32 MiB L1 / 64 MiB snapshot-table bounds.
+
+The module is about 950 lines because :class:`Qcow2Image` is one object
+with one open file, one lock and one set of caches: its opening follows
+QEMU's ``qcow2_do_open`` check by check, and the lookups, the snapshot
+references and the companion files (backing chain, external data file)
+all share that state.  What does not need it lives elsewhere: guest reads
+in :mod:`.reader`, bulk tables in :mod:`.tables`, host files in
+:mod:`.hostfile`, locks in :mod:`.locks`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from . import format as fmt
 from .errors import (
     AmbiguousSnapshotError,
     CorruptImageError,
+    ImageInUseWarning,
     NotQcow2Error,
     NoVMStateError,
     Qcow2Error,
@@ -61,11 +70,6 @@ L1_CHUNK_ENTRIES = 8192
 #: caught on its first repeat, so this only bounds the resources a hostile
 #: chain can take (one descriptor and a few KiB per image).
 MAX_BACKING_CHAIN_DEPTH = 4096
-
-
-class ImageInUseWarning(UserWarning):
-    """Reading an image that a running QEMU (or a qcow2snap editor) holds
-    open for writing."""
 
 
 _TOKENS = count(1)
@@ -271,8 +275,9 @@ class Qcow2Image:
         if f.size < fmt.QCOW_HEADER_V2_SIZE:
             raise NotQcow2Error(
                 f"Image is not in qcow2 format: file too short for a header ({f.size} bytes)")
-        cluster_bits = int.from_bytes(first[20:24], "big")
-        version = int.from_bytes(first[4:8], "big")
+        fields = fmt.parse_struct(fmt.QCowHeaderV2, first[:fmt.QCOW_HEADER_V2_SIZE],
+                                  structure="header", offset=0)
+        cluster_bits, version = fields.cluster_bits, fields.version
         if version in (2, 3) and not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
             raise UnsupportedImageError(f"Unsupported cluster size: 2^{cluster_bits}",
                                         feature=f"cluster_bits {cluster_bits}")
@@ -332,7 +337,7 @@ class Qcow2Image:
         if header.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
             raise self._corrupt("Active L1 table too large", "header", 36)
         self.l1_vm_state_index = self.size_to_l1(header.size)
-        if self.l1_vm_state_index > 0x7FFFFFFF:
+        if self.l1_vm_state_index > fmt.INT32_MAX:
             raise self._corrupt("Image is too big", "header", 24)
         if header.l1_size < self.l1_vm_state_index:
             raise self._corrupt("L1 table is too small", "header", 36)
@@ -408,7 +413,7 @@ class Qcow2Image:
                         name: str, header_offset: int) -> None:
         if entries > max_bytes // entry_len:
             raise self._corrupt(f"{name} too large", "header", header_offset)
-        if (0x7FFFFFFFFFFFFFFF - entries * entry_len < offset
+        if (fmt.INT64_MAX - entries * entry_len < offset
                 or offset & (self.cluster_size - 1)):
             raise self._corrupt(f"{name} offset invalid", "header", header_offset)
 
@@ -631,7 +636,7 @@ class Qcow2Image:
             raise CorruptImageError(f"Snapshot L1 table too large: {structure}",
                                     structure=structure, offset=sn.entry_offset + 8)
         if (sn.l1_table_offset & (self.cluster_size - 1)
-                or sn.l1_table_offset > 0x7FFFFFFFFFFFFFFF - sn.l1_size * 8):
+                or sn.l1_table_offset > fmt.INT64_MAX - sn.l1_size * 8):
             raise CorruptImageError(f"Snapshot L1 table offset invalid: {structure}",
                                     structure=structure, offset=sn.entry_offset)
         # QEMU never makes a disk whose L1 table would exceed QCOW_MAX_L1_SIZE

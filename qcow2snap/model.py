@@ -13,8 +13,7 @@ Semantic limits (QEMU's open-time checks) are applied by
 from __future__ import annotations
 
 import datetime as _dt
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import format as fmt
@@ -81,7 +80,11 @@ class Header:
         """
         if len(data) < 8 or data[:4] != fmt.QCOW_MAGIC:
             raise NotQcow2Error("Image is not in qcow2 format")
-        version = int.from_bytes(data[4:8], "big")
+        # the version decides what the rest is; it is read before the length
+        # is known to hold a whole version 2 header (QEMU's order of errors)
+        padded = bytes(data[:fmt.QCOW_HEADER_V2_SIZE]).ljust(fmt.QCOW_HEADER_V2_SIZE, b"\0")
+        version = fmt.parse_struct(fmt.QCowHeaderV2, padded, structure="header",
+                                   offset=0).version
         if version not in (fmt.QCOW_VERSION_2, fmt.QCOW_VERSION_3):
             raise UnsupportedImageError(f"Unsupported qcow2 version {version}",
                                         feature=f"version {version}")
@@ -372,29 +375,87 @@ class Snapshot:
         return self.vm_clock_nsec // 1_000_000_000
 
     @property
+    def label(self) -> str:
+        """``ID (name)``, as messages name a snapshot."""
+        return f"{self.id} ({self.name})"
+
+    @property
     def entry_length(self) -> int:
         """Bytes of this entry in the table, without inter-entry padding."""
         return (fmt.QCOW_SNAPSHOT_HEADER_SIZE + self.extra_data_size + len(self.id_bytes)
                 + len(self.name_bytes))
 
-    def to_bytes(self) -> bytes:
-        """The entry exactly as stored (no padding)."""
-        return build_snapshot_entry(
-            l1_table_offset=self.l1_table_offset, l1_size=self.l1_size,
-            id_bytes=self.id_bytes, name_bytes=self.name_bytes, date_sec=self.date_sec,
-            date_nsec=self.date_nsec, vm_clock_nsec=self.vm_clock_nsec,
-            vm_state_size_field=self.vm_state_size_field, extra_data_size=self.extra_data_size,
-            vm_state_size_large=self.vm_state_size_large_field, disk_size=self.disk_size_field,
-            icount=self.icount_field, unknown_extra=self.unknown_extra)
+    @property
+    def qemu_unknown_extra(self) -> bytes:
+        """The extra data QEMU keeps without knowing it: what lies past the
+        24 known bytes (``qcow2_read_snapshots`` keeps nothing of an entry
+        with 24 bytes or fewer)."""
+        if self.extra_data_size > fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE:
+            return self.unknown_extra
+        return b""
+
+    def to_bytes(self, *, normalize: bool = False) -> bytes:
+        """The entry, without padding.
+
+        By default exactly as stored.  With ``normalize``, as QEMU's
+        ``qcow2_write_snapshots`` writes it back -- the one place these
+        rules live: the 24 known bytes of extra data always (then the
+        unknown extra data it keeps), ``disk_size`` filled with the size the
+        entry stands for, a missing ``icount`` as ``QCOW_ICOUNT_NONE``, and
+        the legacy 32-bit ``vm_state_size`` 0 for a VM state over 4 GiB (an
+        old reader then sees a disk-only snapshot rather than a truncated
+        state)."""
+        if not normalize:
+            return _build_entry(
+                self, vm_state_size_field=self.vm_state_size_field,
+                extra_data_size=self.extra_data_size,
+                vm_state_size_large=self.vm_state_size_large_field,
+                disk_size=self.disk_size_field, icount=self.icount_field,
+                unknown_extra=self.unknown_extra)
+        unknown = self.qemu_unknown_extra
+        vm_state_size = self.vm_state_size
+        return _build_entry(
+            self,
+            vm_state_size_field=vm_state_size if vm_state_size <= fmt.UINT32_MAX else 0,
+            extra_data_size=fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE + len(unknown),
+            vm_state_size_large=vm_state_size, disk_size=self.disk_size,
+            icount=fmt.QCOW_ICOUNT_NONE if self.icount_field is None else self.icount_field,
+            unknown_extra=unknown)
 
 
-def build_snapshot_entry(*, l1_table_offset: int, l1_size: int, id_bytes: bytes,
-                         name_bytes: bytes, date_sec: int, date_nsec: int, vm_clock_nsec: int,
-                         vm_state_size_field: int, extra_data_size: int,
-                         vm_state_size_large: int | None, disk_size: int | None,
-                         icount: int | None, unknown_extra: bytes) -> bytes:
-    """One snapshot table entry (no padding); extra-data fields that
-    ``extra_data_size`` does not cover must be ``None``."""
+def new_snapshot(*, id_bytes: bytes, name_bytes: bytes, l1_table_offset: int, l1_size: int,
+                 date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size: int,
+                 disk_size: int, icount: int | None) -> Snapshot:
+    """A snapshot that is not in a table yet, with the fields QEMU's
+    ``qcow2_write_snapshots`` stores for it (``index`` and ``entry_offset``
+    are -1 until it is written)."""
+    return Snapshot(
+        index=-1, id_bytes=id_bytes, name_bytes=name_bytes, l1_table_offset=l1_table_offset,
+        l1_size=l1_size, date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec,
+        vm_state_size_field=vm_state_size if vm_state_size <= fmt.UINT32_MAX else 0,
+        extra_data_size=fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE,
+        vm_state_size_large_field=vm_state_size, disk_size_field=disk_size,
+        icount_field=fmt.QCOW_ICOUNT_NONE if icount is None else icount, unknown_extra=b"",
+        entry_offset=-1, disk_size=disk_size)
+
+
+def serialize_snapshot_table(snapshots: Sequence[Snapshot]) -> bytes:
+    """A snapshot table as QEMU's ``qcow2_write_snapshots`` writes it: the
+    entries normalized (:meth:`Snapshot.to_bytes`), back to back, each
+    starting 8-byte aligned (padding before an entry, none after the last)."""
+    out = bytearray()
+    for snapshot in snapshots:
+        out += bytes(fmt.align_up(len(out), 8) - len(out))
+        out += snapshot.to_bytes(normalize=True)
+    return bytes(out)
+
+
+def _build_entry(snapshot: Snapshot, *, vm_state_size_field: int, extra_data_size: int,
+                 vm_state_size_large: int | None, disk_size: int | None,
+                 icount: int | None, unknown_extra: bytes) -> bytes:
+    """One snapshot table entry (no padding) through the construct layouts;
+    extra-data fields that ``extra_data_size`` does not cover must be
+    ``None``."""
     extra = fmt.build_struct(fmt.QCowSnapshotExtraData, {
         "vm_state_size_large": vm_state_size_large,
         "disk_size": disk_size,
@@ -403,19 +464,19 @@ def build_snapshot_entry(*, l1_table_offset: int, l1_size: int, id_bytes: bytes,
     }, extra_data_size=extra_data_size)
     return fmt.build_struct(fmt.QCowSnapshotEntry, {
         "header": {
-            "l1_table_offset": l1_table_offset,
-            "l1_size": l1_size,
-            "id_str_size": len(id_bytes),
-            "name_size": len(name_bytes),
-            "date_sec": date_sec,
-            "date_nsec": date_nsec,
-            "vm_clock_nsec": vm_clock_nsec,
+            "l1_table_offset": snapshot.l1_table_offset,
+            "l1_size": snapshot.l1_size,
+            "id_str_size": len(snapshot.id_bytes),
+            "name_size": len(snapshot.name_bytes),
+            "date_sec": snapshot.date_sec,
+            "date_nsec": snapshot.date_nsec,
+            "vm_clock_nsec": snapshot.vm_clock_nsec,
             "vm_state_size": vm_state_size_field,
             "extra_data_size": extra_data_size,
         },
         "extra_data": extra,
-        "id_str": id_bytes,
-        "name": name_bytes,
+        "id_str": snapshot.id_bytes,
+        "name": snapshot.name_bytes,
     })
 
 
@@ -432,14 +493,13 @@ class SnapshotTable:
 
     def to_bytes(self) -> bytes:
         out = bytearray()
-        for pad, snapshot in zip(self.paddings, self.snapshots):
+        for pad, snapshot in zip(self.paddings, self.snapshots, strict=True):
             out += pad
             out += snapshot.to_bytes()
         return bytes(out)
 
 
 _READ_CHUNK = 256 * 1024
-_U64 = struct.Struct(">Q")
 
 
 def parse_snapshot_table(pread: Callable[[int, int], bytes], snapshots_offset: int,
@@ -462,12 +522,12 @@ def parse_snapshot_table(pread: Callable[[int, int], bytes], snapshots_offset: i
             grow = max(end - len(buf), _READ_CHUNK)
             buf.extend(pread(snapshots_offset + len(buf), grow))
 
-    # Entries are unpacked with struct (fmt.fixed_struct of the header layout;
-    # the extra data as QCowSnapshotExtraData lays it out): this loop runs up
-    # to 65536 times, and construct costs ~9 us an entry.  need() zero-fills
-    # past EOF, so every unpack has the bytes it needs.
-    unpack_header = fmt.fixed_struct(fmt.QCowSnapshotHeader).unpack_from
-    unpack_u64 = _U64.unpack_from
+    # Entries are unpacked with struct (the header layout's fixed_struct; the
+    # extra data by fmt.unpack_snapshot_extra): this loop runs up to 65536
+    # times, and construct costs ~9 us an entry.  need() zero-fills past EOF,
+    # so every unpack has the bytes it needs.
+    unpack_header = fmt.SNAPSHOT_HEADER_STRUCT.unpack_from
+    unpack_extra = fmt.unpack_snapshot_extra
     header_size = fmt.QCOW_SNAPSHOT_HEADER_SIZE
     max_extra = fmt.QCOW_MAX_SNAPSHOT_EXTRA_DATA
     pos = 0
@@ -489,12 +549,8 @@ def parse_snapshot_table(pread: Callable[[int, int], bytes], snapshots_offset: i
                 f"Snapshot table is too big ({nb_snapshots - i} overhanging snapshots)",
                 structure=f"snapshot table entry {i}", offset=snapshots_offset + entry_start)
         need(entry_end)
-        # QCowSnapshotExtraData: a u64 field exists when the extra data covers it
-        vm_state_size_large = (unpack_u64(buf, extra_start)[0]
-                               if extra_data_size >= 8 else None)
-        disk_size_field = unpack_u64(buf, extra_start + 8)[0] if extra_data_size >= 16 else None
-        icount_field = unpack_u64(buf, extra_start + 16)[0] if extra_data_size >= 24 else None
-        known_extra = min(extra_data_size, fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE) & ~7
+        vm_state_size_large, disk_size_field, icount_field, known_extra = unpack_extra(
+            buf, extra_start, extra_data_size)
         snapshots.append(Snapshot(
             i,                                       # index
             bytes(buf[id_start:name_start]),         # id_bytes

@@ -17,6 +17,7 @@ same input.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,9 +37,11 @@ from hypothesis import strategies as st
 
 import qcow2snap
 from qcow2snap import format as fmt
-from qcow2snap.errors import ImageInUseError
+from qcow2snap.errors import CheckFailedError, ImageInUseError
 from qcow2snap.ops.check import check_image
+from qcow2snap.ops.check_report import CheckReport, RepairReport
 from qcow2snap.ops.repair import check_or_repair, repair_image
+from qcow2snap.ops.salvage import salvage_snapshot_table_at
 
 pytestmark = pytest.mark.qemu
 
@@ -381,7 +384,7 @@ def repair_all_to_clean(qemu_img: str, path: Path) -> Any:
     """``--repair all`` on ``path``: it must end clean, for us and for
     ``qemu-img check``."""
     result = repair_image(path, "all")
-    assert result.exit_code == 0, [f.message for f in result.findings]
+    assert result.exit_code == 0, [f.message for f in result.final.findings]
     assert_qemu_clean(qemu_img, path)
     return result
 
@@ -417,7 +420,7 @@ def test_detect_and_repair(case: Case, fixture_dir: Path, tmp_path: Path, qemu_i
         lcopy = tmp_path / "leaks.qcow2"
         shutil.copyfile(path, lcopy)
         leaks = repair_image(lcopy, "leaks")
-        assert leaks.exit_code == case.leaks_exit, [f.message for f in leaks.findings]
+        assert leaks.exit_code == case.leaks_exit, [f.message for f in leaks.final.findings]
         checked = qemu_img_check(qemu_img, lcopy)
         rc, err = checked.returncode, checked.stderr
         if case.leaks_exit == 0:
@@ -425,18 +428,18 @@ def test_detect_and_repair(case: Case, fixture_dir: Path, tmp_path: Path, qemu_i
         # a lost snapshot's data is never freed by --repair leaks, nor is
         # what a snapshot with a found L1 table references
         if case.dropped:
-            assert leaks.leaks == report.leaks
+            assert leaks.final.leaks == report.leaks
         if case.dropped or "snapshot-l1-located" in case.kinds:
             assert qemu_img_check(qemu_img, lcopy).report.get("leaks") == \
                 qemu_img_check(qemu_img, path).report.get("leaks")
     result = repair_image(path, "all")
-    assert result.exit_code == case.repaired_exit, [f.message for f in result.findings]
+    assert result.exit_code == case.repaired_exit, [f.message for f in result.final.findings]
     checked = qemu_img_check(qemu_img, path)
     rc, qjson, err = checked.returncode, checked.report, checked.stderr
     if case.repaired_exit:
         # what cannot be repaired is left as it was, and nothing else broke
         assert rc == case.repaired_exit, err
-        assert {f.kind for f in result.findings if f.severity != "info"} <= case.kinds
+        assert {f.kind for f in result.final.findings if f.severity != "info"} <= case.kinds
         assert _real(content_hashes(path), original) >= \
             {k for k in original if k[1] != "<active>"}
         return
@@ -714,6 +717,68 @@ def test_check_or_repair_without_mode_is_read_only(fixture_dir: Path, tmp_path: 
     assert file_state(path) == before
 
 
+def test_check_or_repair_reports_what_stops_it_as_check_failed(tmp_path: Path) -> None:
+    """The check operation turns an image it cannot open into one
+    CheckFailedError (status 1, qemu-img check's "could not be completed"),
+    the cause chained; a dry run without a mode is an API misuse."""
+    path = tmp_path / "not.qcow2"
+    path.write_bytes(b"not an image" * 100)
+    with pytest.raises(CheckFailedError, match=r"^Could not check .*not\.qcow2.*not in qcow2 "
+                       r"format") as info:
+        check_or_repair(path)
+    assert isinstance(info.value.__cause__, qcow2snap.NotQcow2Error)
+    assert info.value.exit_code == 1
+    with pytest.raises(ValueError, match="dry_run needs a repair mode"):
+        check_or_repair(path, dry_run=True)
+
+
+def test_repair_report_keeps_both_checks(fixture_dir: Path, tmp_path: Path) -> None:
+    """A repair's result holds the first check and the re-check apart; a
+    dry run has no re-check."""
+    path, _, _ = build(CASES_BY_ID["refcount-too-low"], fixture_dir, tmp_path / "low.qcow2")
+    dry = repair_image(path, "all", dry_run=True)
+    assert isinstance(dry, RepairReport) and dry.after is None and dry.final is dry.before
+    assert dry.before.corruptions and dry.exit_code == 2 and dry.changes
+    result = repair_image(path, "all")
+    assert result.before.exit_code == 2 and result.after is not None
+    assert result.final is result.after and result.exit_code == 0
+    assert result.corruptions_fixed == result.before.corruptions
+    assert isinstance(check_or_repair(path), CheckReport)
+
+
+def test_salvage_reads_a_table_wherever_it_lies(fixture_copy: Any) -> None:
+    """salvage_snapshot_table_at reads a snapshot table at any offset: a
+    copy of the table at the end of the file, and the table itself after
+    the header lost its pointer, give back every snapshot byte for byte."""
+    path = fixture_copy("v3-basic")
+    with qcow2snap.open(path) as image:
+        snapshots = image.snapshots
+        table_offset = image.header.snapshots_offset
+        table = image.pread(table_offset, image.snapshot_table.size)
+        cluster_size = image.cluster_size
+    assert len(snapshots) >= 2
+    copy_offset = -(-path.stat().st_size // cluster_size) * cluster_size
+    with open(path, "r+b") as f:
+        f.seek(copy_offset)
+        f.write(table)
+        f.seek(fmt.HEADER_OFFSET_NB_SNAPSHOTS)
+        f.write(bytes(12))      # nb_snapshots and snapshots_offset: the table is "lost"
+    with qcow2snap.open(path) as image:
+        assert image.snapshots == ()
+        for offset in (table_offset, copy_offset):
+            found = salvage_snapshot_table_at(image, offset, len(snapshots))
+            assert not found.findings and not found.qemu_errors
+            assert [e.snapshot.index for e in found.entries] == list(range(len(snapshots)))
+            for entry, snapshot in zip(found.entries, snapshots, strict=True):
+                assert entry.snapshot == dataclasses.replace(
+                    snapshot, entry_offset=snapshot.entry_offset - table_offset + offset)
+                assert entry.to_bytes() == snapshot.to_bytes()
+        with pytest.raises(ValueError, match="outside the file"):
+            salvage_snapshot_table_at(image, image.file_size, 1)
+        with pytest.raises(ValueError, match=r"nb_snapshots must be 1\.\.65536"):
+            salvage_snapshot_table_at(image, table_offset, 0)
+
+
 # ---------------------------------------------------------------------------
 # crash safety of repairs
 # ---------------------------------------------------------------------------
@@ -820,7 +885,7 @@ def test_random_refcount_damage_matches_qemu_and_repairs(name: str, fixture_dir:
             ([f.message for f in report.findings], err)
         assert (report.exit_code != 0) == changed
         result = repair_image(path, "all")
-        assert result.exit_code == 0, [f.message for f in result.findings]
+        assert result.exit_code == 0, [f.message for f in result.final.findings]
         assert_qemu_clean(qemu_img, path)
         assert content_hashes(path) == original
 
@@ -847,7 +912,7 @@ def test_overlapping_metadata_is_reported(fixture_dir: Path, tmp_path: Path,
     assert report.exit_code == 2 == qemu_img_check(qemu_img, path).returncode
     result = repair_image(path, "all")
     assert result.exit_code == 2
-    assert "overlap" in {f.kind for f in result.findings}
+    assert "overlap" in {f.kind for f in result.final.findings}
 
 
 def test_lazy_refcounts_crash_is_repaired(fixture_dir: Path, tmp_path: Path, qemu_img: str,

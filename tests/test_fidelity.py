@@ -195,7 +195,7 @@ def test_compressed_cluster_bitmap_check_agrees_and_repair_keeps_it(
     result = repair_image(path, "leaks")
     assert any("kept 1 leaked cluster(s) holding compressed clusters" in c
                for c in result.changes)
-    assert (result.corruptions, result.leaks) == (1, 1)
+    assert (result.final.corruptions, result.final.leaks) == (1, 1)
     assert qemu_raw(qemu_img, path) == before
     assert read_all(path) == before
 

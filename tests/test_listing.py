@@ -261,7 +261,7 @@ def test_a_cache_makes_the_next_stream_cheap(fixture_dir: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     parses = []
     parse = vmstate._parse_vm_description
-    monkeypatch.setattr(vmstate, "_parse_vm_description",
+    monkeypatch.setattr(vmstate.runstate, "_parse_vm_description",
                         lambda text: parses.append(len(text)) or parse(text))
     streams = _streams(fixture_dir)
     run, paused = streams["savevm", "run"], streams["savevm", "paused"]

@@ -3,6 +3,7 @@ byte for byte, keep unknown parts, and refuse what cannot be parsed."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -16,6 +17,7 @@ from qcow2snap.model import (
     Snapshot,
     parse_extensions,
     parse_snapshot_table,
+    serialize_snapshot_table,
     snapshot_id_number,
 )
 
@@ -195,3 +197,59 @@ def test_snapshot_id_number_is_strtoul(raw: bytes, number: int) -> None:
     """QEMU reads IDs with strtoul: saturating, wrapping negatives, and never
     limited by Python's int-from-string digit cap (IDs reach 65535 bytes)."""
     assert snapshot_id_number(raw) == number
+
+
+def test_snapshot_header_fields_follow_the_layout() -> None:
+    """fmt.SnapshotHeaderFields names QCowSnapshotHeader's fields in order,
+    and unpacks what the layout parses."""
+    names = [sub.name for sub in fmt.QCowSnapshotHeader.subcon.subcons]
+    assert list(fmt.SnapshotHeaderFields._fields) == names
+    raw = bytes(range(1, 41))
+    parsed = fmt.QCowSnapshotHeader.parse(raw)
+    assert fmt.unpack_snapshot_header(b"xx" + raw, 2) == tuple(parsed[n] for n in names)
+
+
+@given(extra=st.binary(min_size=0, max_size=48), size=st.integers(0, 48))
+def test_snapshot_extra_fast_path_matches_the_layout(extra: bytes, size: int) -> None:
+    extra = extra.ljust(size, b"\x5a")[:size]
+    parsed = fmt.QCowSnapshotExtraData.parse(extra, extra_data_size=size)
+    large, disk, icount, known = fmt.unpack_snapshot_extra(b"\0" * 3 + extra + bytes(24), 3,
+                                                          size)
+    assert (large, disk, icount) == (parsed.vm_state_size_large, parsed.disk_size,
+                                     parsed.icount)
+    assert extra[known:] == parsed.unknown
+
+
+def test_normalized_entry_holds_qemus_write_rules() -> None:
+    """Snapshot.to_bytes(normalize=True) writes what qcow2_write_snapshots
+    writes: 24 known bytes of extra data, disk_size filled in, icount -1
+    where none was stored, the legacy VM-state field 0 over 4 GiB, and
+    unknown extra data only past the 24 known bytes."""
+    # v2 entry without extra data: disk size from the image, no icount
+    sn = _parse(_table(_entry(b"", vm_state_size=1234)), 1, current_size=777).snapshots[0]
+    out = _parse(sn.to_bytes(normalize=True), 1).snapshots[0]
+    assert out.extra_data_size == 24
+    assert (out.vm_state_size_field, out.vm_state_size_large_field) == (1234, 1234)
+    assert (out.disk_size_field, out.icount_field) == (777, fmt.QCOW_ICOUNT_NONE)
+    # a VM state over 4 GiB: old readers see none rather than a truncated one
+    big = 5 << 32
+    sn = _parse(_table(_entry(struct.pack(">QQQ", big, 1 << 30, 0) + b"more")), 1).snapshots[0]
+    out = _parse(sn.to_bytes(normalize=True), 1).snapshots[0]
+    assert (out.vm_state_size_field, out.vm_state_size) == (0, big)
+    assert out.unknown_extra == b"more" and out.extra_data_size == 28
+    # 20 bytes of extra data: the 4 bytes past disk_size are not kept
+    sn = _parse(_table(_entry(struct.pack(">QQ", 0, 1 << 20) + b"abcd")), 1).snapshots[0]
+    assert sn.unknown_extra == b"abcd" and sn.to_bytes() == _entry(
+        struct.pack(">QQ", 0, 1 << 20) + b"abcd")
+    out = _parse(sn.to_bytes(normalize=True), 1).snapshots[0]
+    assert out.unknown_extra == b"" and out.extra_data_size == 24
+
+
+def test_serialized_table_aligns_entries_like_qemu() -> None:
+    first = _parse(_table(_entry(b"", b"1", b"abc")), 1).snapshots[0]
+    second = dataclasses.replace(first, id_bytes=b"22", name_bytes=b"x")
+    table = serialize_snapshot_table([first, second])
+    assert table == _table(first.to_bytes(normalize=True), second.to_bytes(normalize=True))
+    parsed = _parse(table, 2)
+    assert [s.id_bytes for s in parsed.snapshots] == [b"1", b"22"]
+    assert parsed.size == len(table)

@@ -22,7 +22,7 @@ from typing import Literal
 
 from .. import format as fmt
 from ..copier import ClusterCopier, is_zero
-from ..errors import Qcow2Error, UnsupportedImageError
+from ..errors import OutputError, OutputExistsError, UnsupportedImageError
 from ..hostfile import file_kind
 from ..image import Qcow2Image
 from ..model import Header, Snapshot
@@ -37,16 +37,6 @@ ProgressCallback = Callable[[int, int], None]
 
 #: Bytes of clusters allowed in flight in qcow2 output's compression pool.
 INFLIGHT_BYTES = 16 << 20
-
-
-class OutputError(Qcow2Error):
-    """The output file cannot be created."""
-
-    exit_code = 1
-
-
-class OutputExistsError(OutputError):
-    """The output file exists and overwriting was not allowed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,9 @@ written through the crash-safe :class:`~qcow2snap.ops.transaction.Transaction`
 (shadow paging, one header write publishes the new state), so a crash
 leaves the old image or the repaired one, never a mix.
 
-What each mode does (QEMU's ``-r leaks`` / ``-r all`` semantics, reference
-§7.2, with the salvage rules of issue #5):
+What each mode does (QEMU's ``-r leaks`` / ``-r all`` semantics of
+``qcow2_check_refcounts`` in ``block/qcow2-refcount.c``, with the salvage
+rules of :mod:`qcow2snap.ops.salvage`):
 
 ``leaks``
     lowers refcounts that are higher than the references; fixes COPIED
@@ -28,8 +29,8 @@ What each mode does (QEMU's ``-r leaks`` / ``-r all`` semantics, reference
 
 When the image is clean afterwards the dirty and corrupt bits are cleared
 (in the same commit).  The image is then checked again, as qemu-img does
-("Double checking the fixed image now"), and that check's counts are the
-result's.
+("Double checking the fixed image now"): the result is a
+:class:`~qcow2snap.ops.check_report.RepairReport` holding both checks.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ import os
 from array import array
 from collections.abc import Callable
 from itertools import compress
-from typing import Literal
 
 from .. import format as fmt
+from ..errors import CheckFailedError, ImageInUseError, Qcow2Error, RefcountOverflowError
 from ..image import Qcow2Image
 from ..model import snapshot_id_number
 from ..refcount import self_describing_refcounts
@@ -51,22 +52,19 @@ from ..tables import (
     refcount_block_entries,
     refcount_max,
 )
-from .check import (
-    Checker,
-    CheckFailedError,
+from .check import Checker, check_image, refcount_differences
+from .check_report import (
     CheckReport,
     Finding,
     Progress,
-    SalvagedEntry,
+    RepairMode,
+    RepairReport,
     SnapshotVerdict,
-    check_image,
-    refcount_differences,
 )
-from .transaction import CommitResult, FileIO, MetadataIO, RefcountOverflowError, Transaction
+from .salvage import SalvagedEntry
+from .transaction import CommitResult, FileIO, MetadataIO, Transaction
 
 __all__ = ["RepairMode", "check_or_repair", "repair_image"]
-
-RepairMode = Literal["leaks", "all"]
 
 
 class _RepairTransaction(Transaction):
@@ -88,26 +86,40 @@ class _RepairTransaction(Transaction):
 
 def check_or_repair(path: str | os.PathLike[str], repair: RepairMode | None = None, *,
                     dry_run: bool = False, progress: Progress | None = None,
-                    io: MetadataIO | None = None) -> CheckReport:
-    """``qcow2snap check``: without ``repair`` a read-only check; otherwise
-    :func:`repair_image`."""
-    if repair is None:
-        report = check_image(path, progress=progress)
-        report.dry_run = dry_run
-        return report
-    return repair_image(path, repair, dry_run=dry_run, progress=progress, io=io)
+                    io: MetadataIO | None = None) -> CheckReport | RepairReport:
+    """``qcow2snap check``: without ``repair`` a read-only check
+    (:func:`~qcow2snap.ops.check.check_image`); otherwise
+    :func:`repair_image`.
+
+    Whatever stops the check itself is one :class:`CheckFailedError` (exit
+    status 1, as qemu-img check's "could not be completed"), the cause
+    chained: an image that cannot be opened, or a repair refused because a
+    running QEMU holds the image."""
+    if dry_run and repair is None:
+        raise ValueError("dry_run needs a repair mode")
+    try:
+        if repair is None:
+            return check_image(path, progress=progress)
+        return repair_image(path, repair, dry_run=dry_run, progress=progress, io=io)
+    except ImageInUseError as exc:
+        raise CheckFailedError(f"{exc} (repair refused)") from exc
+    except CheckFailedError:
+        raise
+    except Qcow2Error as exc:
+        raise CheckFailedError(f"Could not check {os.fspath(path)!r}: {exc}") from exc
 
 
 def repair_image(path: str | os.PathLike[str], mode: RepairMode, *, dry_run: bool = False,
                  progress: Progress | None = None, io: MetadataIO | None = None
-                 ) -> CheckReport:
+                 ) -> RepairReport:
     """Check the image and repair what ``mode`` allows.
 
     The image is opened for writing (refused with
     :class:`~qcow2snap.errors.ImageInUseError` while a QEMU process holds
     it), except with ``dry_run``, which opens it read-only and reports the
-    planned changes.  Returns the re-check's report, with ``before`` set to
-    the first check's and the snapshot verdicts and changes of the repair.
+    planned changes.  Returns a :class:`RepairReport`: the first check
+    (``before``), the re-check of the repaired image (``after``), the
+    snapshot verdicts and the changes of the repair.
     """
     if mode not in ("leaks", "all"):
         raise ValueError(f"repair mode must be 'leaks' or 'all', not {mode!r}")
@@ -115,49 +127,37 @@ def repair_image(path: str | os.PathLike[str], mode: RepairMode, *, dry_run: boo
     try:
         checker = Checker(image, progress=progress)
         first = checker.run()
-        changes: list[str] = []
-        rebuilt = False
-        first.repair = mode
-        first.dry_run = dry_run
+        result = RepairReport(mode=mode, dry_run=dry_run, before=first)
         if checker.rebuild_reasons:
             if mode != "all":
                 checker.add("refcount-rebuild", "error", None, "refcount structures",
                             "ERROR need to rebuild refcount structures ("
                             + "; ".join(checker.rebuild_reasons) + "); use --repair all", None)
-                first.changes = [("nothing changed: the refcount structures need a rebuild, "
-                                  "which only --repair all does")]
-                first.snapshots = _plan(checker, mode).verdicts
-                return first
-            changes.extend(_rebuild_refcounts(image, checker, io, dry_run))
-            rebuilt = True
+                result.changes = [("nothing changed: the refcount structures need a rebuild, "
+                                   "which only --repair all does")]
+                result.snapshots = _plan(checker, mode).verdicts
+                return result
+            result.changes.extend(_rebuild_refcounts(image, checker, io, dry_run))
+            result.rebuilt_refcounts = True
             if dry_run:
-                first.rebuilt_refcounts = True
-                first.snapshots = _plan(checker, mode).verdicts
-                first.changes = changes + [("the other repairs are planned once the refcount "
-                                            "structures are rebuilt (run without --dry-run)")]
-                return first
+                result.snapshots = _plan(checker, mode).verdicts
+                result.changes.append("the other repairs are planned once the refcount "
+                                      "structures are rebuilt (run without --dry-run)")
+                return result
             image.reload()
             checker = Checker(image, progress=progress)
             checker.run()
-        commit, verdicts = _repair_incremental(image, checker, mode, io, dry_run, changes)
+        result.commit, result.snapshots = _repair_incremental(image, checker, mode, io, dry_run,
+                                                              result.changes)
         if dry_run:
-            first.changes = changes
-            first.snapshots = verdicts
-            first.commit = commit
-            return first
+            return result
     finally:
         image.close()
-    after = check_image(path)
-    after.repair = mode
-    after.before = first
-    after.rebuilt_refcounts = rebuilt
-    after.changes = changes
-    after.snapshots = verdicts
-    after.commit = commit
-    after.leaks_fixed = max(0, first.leaks - after.leaks)
-    after.corruptions_fixed = max(0, first.corruptions + first.check_errors
-                                  - after.corruptions - after.check_errors)
-    return after
+    after = result.after = check_image(path)
+    result.leaks_fixed = max(0, first.leaks - after.leaks)
+    result.corruptions_fixed = max(0, first.corruptions + first.check_errors
+                                   - after.corruptions - after.check_errors)
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -215,13 +215,14 @@ def _plan(checker: Checker, mode: RepairMode) -> _Plan:
             continue
         details = list(e.problems)
         if e.located_l1 is not None:
-            e.l1_table_offset, e.l1_size = e.located_l1
+            l1_table_offset, l1_size = e.located_l1
+            e.update(l1_table_offset=l1_table_offset, l1_size=l1_size)
             e.l1_broken = None
             e.located_l1 = None
             e.rewrite.append("L1 pointer repaired")
         if e.id_bytes in seen:
             old = e.id
-            e.id_bytes = str(next_id).encode()
+            e.update(id_bytes=str(next_id).encode())
             next_id += 1
             details.append(f"ID {old!r} -> {e.id!r}")
             e.rewrite.append("new ID")
@@ -363,7 +364,8 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
     if lowered:
         changes.append(did("lowered", "lower") + f" the refcount of {lowered} leaked cluster(s)")
     if raised:
-        changes.append(did("raised", "raise") + f" the refcount of {raised} cluster(s) that were too low")
+        changes.append(did("raised", "raise")
+                       + f" the refcount of {raised} cluster(s) that were too low")
     if kept_data:
         changes.append(f"kept {kept_data} leaked cluster(s) holding compressed clusters whose "
                        f"L2 entry has a non-zero subcluster bitmap: QEMU reads them")
@@ -435,7 +437,8 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
                     content[j * step2 + 1] = fmt.QCOW_L2_BITMAP_ALL_ZEROES
             new_l2[l2] = content
         if fixed_entries:
-            changes.append(did("fixed", "fix") + f" {fixed_entries} L2 entr{'y' if fixed_entries == 1 else 'ies'} "
+            entries_word = "entry" if fixed_entries == 1 else "entries"
+            changes.append(did("fixed", "fix") + f" {fixed_entries} L2 {entries_word} "
                            f"(COPIED on compressed clusters, misaligned preallocations)")
     copied_fixes = 0
     if fix_copied and "active" in l1s:
@@ -457,7 +460,7 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
                      for j in live]
             counts = iter(txn.refcounts_of([hc for hc in hosts if hc]))
             edits = []
-            for j, hc in zip(live, hosts):
+            for j, hc in zip(live, hosts, strict=True):
                 value = l2_entries[j]
                 want = value & not_copied
                 data_file_cluster = (image.has_data_file and bool(hc or value & copied_flag)
@@ -491,7 +494,7 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
         offsets = [(i, o) for i, o in offsets if o and not o & (cs - 1)
                    and (o >> bits) not in past_eof]
         counts_l2 = txn.refcounts_of([o >> bits for _, o in offsets])
-        for (i, o), count in zip(offsets, counts_l2):
+        for (i, _), count in zip(offsets, counts_l2, strict=True):
             entry = active_entries[i]
             want = (entry & ~fmt.QCOW_OFLAG_COPIED) | (fmt.QCOW_OFLAG_COPIED if count == 1 else 0)
             if want != entry:
@@ -515,7 +518,7 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
             changes.append(did("rewrote", "rewrite") + f" the active L1 table (at {new:#x})")
         else:
             e = by_index[key]  # type: ignore[index]
-            e.l1_table_offset = new
+            e.update(l1_table_offset=new)
             e.rewrite.append("L1 table copied")
             e.raw = b""
             plan.table_rewrite = True
@@ -533,7 +536,7 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
         out = bytearray()
         for e in plan.kept:
             out += bytes(fmt.align_up(len(out), 8) - len(out))
-            out += e.to_bytes(normalize=False)
+            out += e.to_bytes()
         if len(out) > fmt.QCOW_MAX_SNAPSHOTS_SIZE:  # pragma: no cover - entries were capped
             raise RefcountOverflowError("the snapshot table would exceed 64 MiB",
                                         feature="snapshot table size")
@@ -547,8 +550,9 @@ def _repair_incremental(image: Qcow2Image, checker: Checker, mode: RepairMode,
         fixed = sum(1 for v in plan.verdicts if v.status == "fixed")
         dropped = [v for v in plan.verdicts if v.status == "dropped"]
         overhang = checker.table.overhanging if checker.table else 0
-        line = (did("rewrote", "rewrite") + f" the snapshot table: {len(plan.kept)} snapshot(s) kept "
-                f"({fixed} fixed), {len(dropped) + overhang} entr{'y' if len(dropped) + overhang == 1 else 'ies'} dropped")
+        gone = len(dropped) + overhang
+        line = (did("rewrote", "rewrite") + f" the snapshot table: {len(plan.kept)} snapshot(s) "
+                f"kept ({fixed} fixed), {gone} entr{'y' if gone == 1 else 'ies'} dropped")
         if dropped:
             line += ": " + ", ".join(f"entry {v.index} ID {v.id!r} name {v.name!r}"
                                      for v in dropped[:20])

@@ -1,6 +1,6 @@
 """Snapshot editing (operations layer): create, delete, revert, rename.
 
-The semantics are QEMU's (``block/qcow2-snapshot.c``, reference §4-5):
+The semantics are QEMU's (``block/qcow2-snapshot.c`` and ``block/qcow2-refcount.c``):
 
 * new IDs are the largest numeric ID plus one (so IDs get reused);
 * refcounts count paths: an L2 table reachable from k L1 tables gives each
@@ -25,13 +25,20 @@ from __future__ import annotations
 
 import time
 from array import array
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from itertools import compress
 
 from .. import format as fmt
-from ..errors import Qcow2Error, SnapshotNotFoundError, UnsupportedImageError
+from ..errors import (
+    ImageNeedsRepairError,
+    Qcow2Error,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    UnsupportedImageError,
+)
 from ..image import Qcow2Image
-from ..model import Snapshot, build_snapshot_entry, snapshot_id_number
+from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
 from ..refcount import decode_l1, l2_references
 from ..tables import encode_u64_table
 from .transaction import CommitResult, Transaction
@@ -50,20 +57,7 @@ QEMU_MAX_NAME_BYTES = 255
 QEMU_MAX_ID_BYTES = 127
 
 
-class SnapshotExistsError(Qcow2Error):
-    """A snapshot of that name exists (create without ``overwrite``)."""
-
-    exit_code = 9
-
-
-class ImageNeedsRepairError(Qcow2Error):
-    """The image carries the dirty or corrupt bit: refcounts cannot be
-    trusted, so it must be checked and repaired before it is edited."""
-
-    exit_code = 10
-
-
-def next_snapshot_id(snapshots: list[Snapshot] | list[_Record]) -> str:
+def next_snapshot_id(snapshots: Iterable[Snapshot]) -> str:
     """QEMU's ``find_new_snapshot_id``: max(strtoul(id)) + 1."""
     highest = max((snapshot_id_number(s.id_bytes) for s in snapshots), default=0)
     return str((highest + 1) % (1 << 64))
@@ -83,63 +77,17 @@ class _L1:
 
 
 @dataclass
-class _Record:
-    """A snapshot table entry of the new state."""
+class _Slot:
+    """A snapshot of the new state: its table entry (replaced, never
+    mutated, as the edit changes it) and, once loaded, its L1 table."""
 
-    id_bytes: bytes
-    name_bytes: bytes
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    disk_size: int
-    icount: int
-    extra_data_size: int
-    unknown_extra: bytes
-    original: Snapshot | None = None
+    snapshot: Snapshot
+    original: Snapshot | None = None     # as read; None for one this edit creates
     l1: _L1 | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_snapshot(cls, sn: Snapshot) -> _Record:
-        return cls(
-            id_bytes=sn.id_bytes, name_bytes=sn.name_bytes,
-            l1_table_offset=sn.l1_table_offset, l1_size=sn.l1_size,
-            date_sec=sn.date_sec, date_nsec=sn.date_nsec, vm_clock_nsec=sn.vm_clock_nsec,
-            vm_state_size=sn.vm_state_size, disk_size=sn.disk_size,
-            icount=sn.icount_field if sn.icount_field is not None else fmt.QCOW_ICOUNT_NONE,
-            extra_data_size=sn.extra_data_size,
-            unknown_extra=sn.unknown_extra if sn.extra_data_size > 24 else b"",
-            original=sn)
-
-    def to_bytes(self) -> bytes:
-        """The entry as ``qcow2_write_snapshots`` writes it."""
-        extra_size = max(fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE,
-                         fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE + len(self.unknown_extra))
-        return build_snapshot_entry(
-            l1_table_offset=self.l1_table_offset, l1_size=self.l1_size,
-            id_bytes=self.id_bytes, name_bytes=self.name_bytes, date_sec=self.date_sec,
-            date_nsec=self.date_nsec, vm_clock_nsec=self.vm_clock_nsec,
-            # > 4 GiB: old readers see a disk-only snapshot rather than a truncated state
-            vm_state_size_field=self.vm_state_size if self.vm_state_size <= 0xFFFFFFFF else 0,
-            extra_data_size=extra_size, vm_state_size_large=self.vm_state_size,
-            disk_size=self.disk_size, icount=self.icount, unknown_extra=self.unknown_extra)
 
     @property
     def label(self) -> str:
-        return (f"{self.id_bytes.decode('utf-8', 'replace')} "
-                f"({self.name_bytes.decode('utf-8', 'replace')})")
-
-
-def serialize_snapshot_table(records: list[_Record]) -> bytes:
-    """Entries back to back, each starting 8-byte aligned (padding before an
-    entry, none after the last), as QEMU lays the table out."""
-    out = bytearray()
-    for record in records:
-        out += bytes(fmt.align_up(len(out), 8) - len(out))
-        out += record.to_bytes()
-    return bytes(out)
+        return self.snapshot.label
 
 
 class SnapshotEditor:
@@ -159,10 +107,10 @@ class SnapshotEditor:
         # records as its disk size and what a revert compares with (the
         # header's stored size is rewritten only when a revert resizes)
         self.size = image.size
-        self.records = [_Record.from_snapshot(s) for s in image.snapshots]
+        self.slots = [_Slot(s, s) for s in image.snapshots]
         self.table_dirty = False
-        self.active = _L1(h.l1_table_offset, h.l1_size,
-                          array(image.read_l1(image.layer()).typecode, image.read_l1(image.layer())))
+        # read_l1 decodes a fresh array: the editor owns it
+        self.active = _L1(h.l1_table_offset, h.l1_size, image.read_l1(image.layer()))
         self._l2_content: dict[int, array[int]] = {}   # new L2 offset -> content
         self._remap: dict[int, int] = {}               # old L2 offset -> new offset
         self.check_editable()
@@ -191,26 +139,26 @@ class SnapshotEditor:
     # ------------------------------------------------------------------
     # helpers
 
-    def _find(self, ref: str | Snapshot) -> _Record:
+    def _find(self, ref: str | Snapshot) -> _Slot:
         sn = self.image.find_snapshot(ref)
-        for record in self.records:
-            if record.original is sn:
-                return record
+        for slot in self.slots:
+            if slot.original is sn:
+                return slot
         raise SnapshotNotFoundError(f"{self.image.path}: snapshot {ref!r} is being removed")
 
-    def _snapshot_l1(self, record: _Record) -> _L1:
-        if record.l1 is None:
-            structure = f"snapshot {record.label}"
-            if record.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
+    def _snapshot_l1(self, slot: _Slot) -> _L1:
+        if slot.l1 is None:
+            sn = slot.snapshot
+            structure = f"snapshot {slot.label}"
+            if sn.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
                 raise Qcow2Error(f"{self.image.path}: Snapshot L1 table too large: {structure}")
-            if record.l1_table_offset & (self.cluster_size - 1):
+            if sn.l1_table_offset & (self.cluster_size - 1):
                 raise Qcow2Error(f"{self.image.path}: Snapshot L1 table offset invalid: "
                                  f"{structure}")
-            entries = decode_l1(self.image, record.l1_table_offset, record.l1_size)
-            record.l1 = _L1(record.l1_table_offset, record.l1_size, entries)
-            self.txn.mark_in_use(self.txn.clusters_of(record.l1_table_offset,
-                                                      record.l1_size * 8))
-        return record.l1
+            entries = decode_l1(self.image, sn.l1_table_offset, sn.l1_size)
+            slot.l1 = _L1(sn.l1_table_offset, sn.l1_size, entries)
+            self.txn.mark_in_use(self.txn.clusters_of(sn.l1_table_offset, sn.l1_size * 8))
+        return slot.l1
 
     def _l2_offset(self, l1_entry: int, where: str) -> int:
         offset = l1_entry & fmt.L1E_OFFSET_MASK
@@ -241,7 +189,7 @@ class SnapshotEditor:
         return self.image.read_l2(offset)
 
     def _all_l1s(self) -> list[_L1]:
-        return [self.active, *(self._snapshot_l1(r) for r in self.records)]
+        return [self.active, *(self._snapshot_l1(slot) for slot in self.slots)]
 
     def _fix_active_copied(self) -> None:
         """Recompute COPIED on the active L1 and its L2 tables from the new
@@ -263,7 +211,7 @@ class SnapshotEditor:
         l2_offsets = [self._l2_offset(e, "the active L1 table") for e in active.entries]
         l2_counts = txn.refcounts_of([o >> bits for o in l2_offsets if o])
         l2_count = iter(l2_counts)
-        for i, (entry, l2) in enumerate(zip(active.entries, l2_offsets)):
+        for i, (entry, l2) in enumerate(zip(active.entries, l2_offsets, strict=True)):
             if not l2:
                 continue
             paths = next(l2_count)
@@ -276,7 +224,7 @@ class SnapshotEditor:
             counts = txn.refcounts_of([h for h in hosts if h])
             count_iter = iter(counts)
             changes: list[tuple[int, int]] = []
-            for (j, e), h in zip(live, hosts):
+            for (j, e), h in zip(live, hosts, strict=True):
                 want = e & not_copied
                 if h and next(count_iter) == 1:
                     want |= copied
@@ -336,54 +284,55 @@ class SnapshotEditor:
         if len(name_bytes) > QEMU_MAX_NAME_BYTES or b"\0" in name_bytes:
             raise ValueError(f"snapshot names are at most {QEMU_MAX_NAME_BYTES} bytes without "
                              f"NUL (QEMU would truncate longer ones)")
-        existing = [r for r in self.records if r.name_bytes == name_bytes]
+        existing = [slot for slot in self.slots if slot.snapshot.name_bytes == name_bytes]
         if existing:
             if not overwrite:
                 raise SnapshotExistsError(
-                    f"{self.image.path}: a snapshot named {name_bytes.decode('utf-8', 'replace')!r}"
-                    f" exists (ID {existing[0].id_bytes.decode()}); pass overwrite=True "
-                    f"(CLI: --overwrite) to replace it")
-            self._delete_record(existing[0])
-        if len(self.records) >= fmt.QCOW_MAX_SNAPSHOTS:
+                    f"{self.image.path}: a snapshot named "
+                    f"{name_bytes.decode('utf-8', 'replace')!r} exists (ID "
+                    f"{existing[0].snapshot.id}); pass overwrite=True (CLI: --overwrite) to "
+                    f"replace it")
+            self._delete_slot(existing[0])
+        if len(self.slots) >= fmt.QCOW_MAX_SNAPSHOTS:
             raise UnsupportedImageError(
                 f"{self.image.path}: the image already holds {fmt.QCOW_MAX_SNAPSHOTS} snapshots, "
                 f"QEMU's limit (File too large)", feature="snapshot count")
         now = time.time() if date is None else date
-        micros = int(round(now * 1_000_000))
+        micros = round(now * 1_000_000)
         snapshot_l1 = _L1(0, self.active.size, array(self.active.entries.typecode,
                                                       self.active.entries), moved=True)
         self._refupdate(self.active, +1, "the active L1 table")
-        new_id = next_snapshot_id(self.records).encode()
-        record = _Record(
+        new_id = next_snapshot_id(slot.snapshot for slot in self.slots).encode()
+        snapshot = new_snapshot(
             id_bytes=new_id, name_bytes=name_bytes, l1_table_offset=0,
-            l1_size=self.active.size, date_sec=micros // 1_000_000 & 0xFFFFFFFF,
+            l1_size=self.active.size, date_sec=micros // 1_000_000 & fmt.UINT32_MAX,
             date_nsec=(micros % 1_000_000) * 1000, vm_clock_nsec=0, vm_state_size=0,
-            disk_size=self.size, icount=0, extra_data_size=24, unknown_extra=b"",
-            l1=snapshot_l1)
-        self.records.append(record)
+            disk_size=self.size, icount=0)
+        self.slots.append(_Slot(snapshot, None, snapshot_l1))
         self.table_dirty = True
         self._fix_active_copied()
         return new_id.decode()
 
-    def delete(self, ref: str | Snapshot) -> _Record:
-        record = self._find(ref)
-        self._delete_record(record)
+    def delete(self, ref: str | Snapshot) -> Snapshot:
+        slot = self._find(ref)
+        self._delete_slot(slot)
         self._fix_active_copied()
-        return record
+        return slot.snapshot
 
-    def _delete_record(self, record: _Record) -> None:
-        l1 = self._snapshot_l1(record)
-        self.records.remove(record)
-        self._refupdate(l1, -1, f"snapshot {record.label}")
-        if record.original is not None and l1.size:
+    def _delete_slot(self, slot: _Slot) -> None:
+        l1 = self._snapshot_l1(slot)
+        self.slots.remove(slot)
+        self._refupdate(l1, -1, f"snapshot {slot.label}")
+        if slot.original is not None and l1.size:
             self.txn.add_refcounts(self.txn.clusters_of(l1.offset, l1.byte_length()), -1)
         self.table_dirty = True
 
-    def revert(self, ref: str | Snapshot) -> _Record:
+    def revert(self, ref: str | Snapshot) -> Snapshot:
         """Make the active layer the snapshot's content (``qemu-img snapshot -a``),
         resizing the image to the snapshot's disk size."""
-        record = self._find(ref)
-        sn_l1 = self._snapshot_l1(record)
+        slot = self._find(ref)
+        record = slot.snapshot
+        sn_l1 = self._snapshot_l1(slot)
         image = self.image
         if record.disk_size != self.size:
             if record.disk_size % fmt.BDRV_SECTOR_SIZE:
@@ -392,7 +341,7 @@ class SnapshotEditor:
                     f"{image.path}: cannot revert to snapshot {record.label}: its disk size "
                     f"{record.disk_size} is not a multiple of 512 (QEMU: \"The new size must "
                     f"be a multiple of 512\")", feature="snapshot disk size")
-            if image.header.version < 3 and self.records:
+            if image.header.version < 3 and self.slots:
                 raise UnsupportedImageError(
                     f"{image.path}: Can't resize a v2 image which has snapshots (snapshot "
                     f"{record.label} has disk size {record.disk_size}, the image "
@@ -414,14 +363,14 @@ class SnapshotEditor:
         self._fix_active_copied()
         return record
 
-    def rename(self, ref: str | Snapshot, new_name: str | bytes) -> _Record:
-        record = self._find(ref)
+    def rename(self, ref: str | Snapshot, new_name: str | bytes) -> Snapshot:
+        slot = self._find(ref)
         name_bytes = new_name.encode() if isinstance(new_name, str) else new_name
         if not name_bytes or len(name_bytes) > QEMU_MAX_NAME_BYTES or b"\0" in name_bytes:
             raise ValueError(f"snapshot names are 1 to {QEMU_MAX_NAME_BYTES} bytes without NUL")
-        record.name_bytes = name_bytes
+        slot.snapshot = replace(slot.snapshot, name_bytes=name_bytes)
         self.table_dirty = True
-        return record
+        return slot.snapshot
 
     # ------------------------------------------------------------------
 
@@ -429,7 +378,6 @@ class SnapshotEditor:
         txn = self.txn
         image = self.image
         h = image.header
-        bits = self.cluster_bits
         # L1 tables that changed go to new clusters
         if self.active.moved:
             l1 = self.active
@@ -439,28 +387,27 @@ class SnapshotEditor:
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
             if l1.size:
                 txn.write_new(l1.offset, encode_u64_table(l1.entries))
-        for record in self.records:
-            if record.l1 is None or not record.l1.moved:
+        for slot in self.slots:
+            if slot.l1 is None or not slot.l1.moved:
                 continue
-            l1 = record.l1
-            if record.original is not None and l1.offset:
+            l1 = slot.l1
+            if slot.original is not None and l1.offset:
                 txn.add_refcounts(txn.clusters_of(l1.offset, l1.byte_length()), -1)
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
             if l1.size:
                 txn.write_new(l1.offset, encode_u64_table(l1.entries))
-            record.l1_table_offset = l1.offset
-            record.l1_size = l1.size
+            slot.snapshot = replace(slot.snapshot, l1_table_offset=l1.offset, l1_size=l1.size)
             self.table_dirty = True
         fields: dict[str, int] = {}
         if self.active.offset != h.l1_table_offset or self.active.size != h.l1_size:
             fields.update(l1_table_offset=self.active.offset, l1_size=self.active.size)
         if self.table_dirty:
-            table = serialize_snapshot_table(self.records)
+            table = serialize_snapshot_table([slot.snapshot for slot in self.slots])
             if len(table) > fmt.QCOW_MAX_SNAPSHOTS_SIZE:
                 raise UnsupportedImageError(
                     f"{image.path}: the snapshot table would exceed QEMU's 64 MiB limit "
                     f"(File too large)", feature="snapshot table size")
-            if self.records:
+            if self.slots:
                 offset = txn.allocate(len(table))
                 txn.write_new(offset, table)
             else:
@@ -468,7 +415,6 @@ class SnapshotEditor:
             if h.nb_snapshots:
                 txn.add_refcounts(txn.clusters_of(h.snapshots_offset, image.snapshot_table.size),
                                   -1)
-            fields.update(nb_snapshots=len(self.records), snapshots_offset=offset)
+            fields.update(nb_snapshots=len(self.slots), snapshots_offset=offset)
         txn.set_header(**fields)
-        del bits
         return txn.commit(dry_run=dry_run)

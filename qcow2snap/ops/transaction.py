@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import format as fmt
-from ..errors import CorruptImageError, Qcow2Error, UnsupportedImageError
+from ..errors import (  # the commit errors are re-exported here, where they were defined
+    CommitFailedError,
+    CommitNotDurableError,
+    CorruptImageError,
+    RefcountOverflowError,
+    TransactionPoisoned,
+    UnsupportedImageError,
+)
 from ..image import Qcow2Image
 from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
@@ -53,29 +60,6 @@ __all__ = [
 ]
 
 HEADER_COMMIT_LIMIT = 512
-
-
-class RefcountOverflowError(UnsupportedImageError):
-    """A refcount would exceed what the image's refcount width can hold."""
-
-
-class TransactionPoisoned(Qcow2Error):
-    """A commit failed part-way (an I/O error); this handle must not be used
-    for further edits.  The image itself is in the old or the new state;
-    the subclasses say which."""
-
-    exit_code = 12
-
-
-class CommitFailedError(TransactionPoisoned):
-    """Writing or flushing the new metadata failed before the switch: the
-    image is unchanged, in its old state."""
-
-
-class CommitNotDurableError(TransactionPoisoned):
-    """The switch to the new state was written, but flushing it failed: the
-    image reads as the new state, which is not known to be durable (a power
-    loss could still bring back the old one)."""
 
 
 class MetadataIO(Protocol):
