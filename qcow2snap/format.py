@@ -318,6 +318,10 @@ class SnapshotHeaderFields(NamedTuple):
 
 
 _SNAPSHOT_EXTRA_U64 = struct.Struct(">Q")
+#: :data:`QCowSnapshotExtraData`'s three known fields, all present
+#: (``extra_data_size`` >= :data:`QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE`): the table
+#: reader's one-call path for the entries QEMU writes
+SNAPSHOT_KNOWN_EXTRA_STRUCT = struct.Struct(">QQQ")
 
 
 def unpack_snapshot_header(data: bytes | bytearray, offset: int = 0) -> SnapshotHeaderFields:
@@ -333,6 +337,9 @@ def unpack_snapshot_extra(data: bytes | bytearray, offset: int, extra_data_size:
     bytes they take (the rest of the extra data is unknown to QEMU and kept).
     The layout's own parse gives the same (a test compares them); this is
     the fast path for tables of 65,536 entries."""
+    if extra_data_size >= QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE:
+        large, disk, count = SNAPSHOT_KNOWN_EXTRA_STRUCT.unpack_from(data, offset)
+        return large, disk, count, QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE
     unpack = _SNAPSHOT_EXTRA_U64.unpack_from
     vm_state_size_large = unpack(data, offset)[0] if extra_data_size >= 8 else None
     disk_size = unpack(data, offset + 8)[0] if extra_data_size >= 16 else None

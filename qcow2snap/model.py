@@ -527,7 +527,9 @@ def parse_snapshot_table(pread: Callable[[int, int], bytes], snapshots_offset: i
     # times, and construct costs ~9 us an entry.  need() zero-fills past EOF,
     # so every unpack has the bytes it needs.
     unpack_header = fmt.SNAPSHOT_HEADER_STRUCT.unpack_from
+    unpack_known_extra = fmt.SNAPSHOT_KNOWN_EXTRA_STRUCT.unpack_from
     unpack_extra = fmt.unpack_snapshot_extra
+    known_size = fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE
     header_size = fmt.QCOW_SNAPSHOT_HEADER_SIZE
     max_extra = fmt.QCOW_MAX_SNAPSHOT_EXTRA_DATA
     pos = 0
@@ -549,8 +551,13 @@ def parse_snapshot_table(pread: Callable[[int, int], bytes], snapshots_offset: i
                 f"Snapshot table is too big ({nb_snapshots - i} overhanging snapshots)",
                 structure=f"snapshot table entry {i}", offset=snapshots_offset + entry_start)
         need(entry_end)
-        vm_state_size_large, disk_size_field, icount_field, known_extra = unpack_extra(
-            buf, extra_start, extra_data_size)
+        if extra_data_size >= known_size:    # what QEMU writes: one C call
+            vm_state_size_large, disk_size_field, icount_field = unpack_known_extra(
+                buf, extra_start)
+            known_extra = known_size
+        else:
+            vm_state_size_large, disk_size_field, icount_field, known_extra = unpack_extra(
+                buf, extra_start, extra_data_size)
         snapshots.append(Snapshot(
             i,                                       # index
             bytes(buf[id_start:name_start]),         # id_bytes
