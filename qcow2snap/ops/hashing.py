@@ -55,9 +55,8 @@ ProgressCallback = Callable[[int, int], None]
 #: as ``b2sum`` gives).
 ALGORITHMS = ("sha256", "sha1", "md5", "sha512", "blake2b")
 
-#: Bytes of one zero piece fed to the hash (one shared buffer).
-ZERO_CHUNK_BYTES = 1 << 20
-_ZEROS = bytes(ZERO_CHUNK_BYTES)
+#: The one zero buffer: zero runs are fed to the hash in slices of it.
+_ZEROS = bytes(1 << 20)
 #: Bytes of one data read.
 READ_CHUNK_BYTES = 8 << 20
 #: Bytes read or inflated ahead of one stream's hash.
@@ -200,9 +199,10 @@ class _Stream:
             nonlocal ahead
             n, fut = window.popleft()
             if fut is None:
+                zeros = memoryview(_ZEROS)
                 while n:
-                    step = min(n, ZERO_CHUNK_BYTES)
-                    h.update(_ZEROS if step == ZERO_CHUNK_BYTES else _ZEROS[:step])
+                    step = min(n, len(zeros))
+                    h.update(zeros[:step])
                     n -= step
                     self.done += step
                     if cancel.is_set():
