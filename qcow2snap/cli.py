@@ -617,6 +617,43 @@ def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
     raise SystemExit(report.exit_code)
 
 
+@cli.command(name="hash")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("snapshots", nargs=-1)
+@click.option("-a", "--algorithm", type=click.Choice(["sha256", "sha1", "md5", "sha512",
+                                                      "blake2b"]),
+              default="sha256", show_default=True, help="Digest algorithm.")
+@click.option("--image", "include_image", is_flag=True,
+              help="Also hash the image file itself, as it is on disk.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@snapshot_selection
+@_progress_option
+@image_options
+def hash_(image: str, snapshots: tuple[str, ...], algorithm: str, include_image: bool,
+          as_json: bool, by_id: bool, by_name: bool, progress: bool | None,
+          backing_file: str | None, no_backing: bool, data_file: str | None,
+          allow_dirs: tuple[str, ...]) -> None:
+    """Print digests of the disks and VM states of SNAPSHOTs in IMAGE.
+
+    A snapshot's disk digest is that of what `qemu-img convert -l
+    snapshot.id=ID -O raw` writes (its own disk size, read through the
+    backing chain); its VM-state digest is that of what `vmstate dump`
+    writes. SNAPSHOT is an ID or a name; '-' means the active layer. Without
+    SNAPSHOT: every snapshot, then the active layer. The image is only read.
+    """
+    from .ops.hashing import hash_image
+    with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
+        refs = ([_snapshot(img, ref, by_id, by_name, active=True) for ref in snapshots]
+                if snapshots else None)
+        with _progress_bar(progress, f"hash {algorithm}") as callback:
+            report = hash_image(img, refs, algorithm=algorithm, include_image=include_image,
+                                backing=not no_backing, progress=callback)
+    if as_json:
+        _print_json(describe.hash_json(report))
+    else:
+        _echo_text(describe.hash_text(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse

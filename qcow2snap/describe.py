@@ -751,3 +751,58 @@ def check_text(result: CheckReport | RepairReport) -> str:
         lines.append("")
     lines += summary
     return "\n".join(lines)
+
+
+# --- hash ---
+
+if TYPE_CHECKING:
+    from .ops.hashing import HashReport, LayerDigest
+
+
+def _hash_layer_json(layer: LayerDigest) -> dict[str, Any]:
+    sn = layer.snapshot
+    obj: dict[str, Any] = {"active": sn is None}
+    if sn is not None:
+        obj.update({"id": _qemu_string(sn.id_bytes, 127),
+                    "name": _qemu_string(sn.name_bytes, 255),
+                    "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
+                    "date": sn.date.isoformat()})
+    obj["disk-size"] = layer.disk_size
+    obj["disk-digest"] = layer.disk_digest
+    obj["vm-state-size"] = layer.vm_state_size
+    obj["vm-state-digest"] = layer.vm_state_digest
+    return obj
+
+
+def hash_json(report: HashReport) -> dict[str, Any]:
+    """``hash --json``."""
+    return {"image": report.path, "file-size": report.file_size,
+            "algorithm": report.algorithm, "image-digest": report.image_digest,
+            "layers": [_hash_layer_json(layer) for layer in report.layers]}
+
+
+def hash_text(report: HashReport) -> str:
+    """``hash``: a block per layer, fit to paste into a case record."""
+    algo = report.algorithm
+    lines = [f"Image:      {report.path}",
+             f"File size:  {report.file_size} bytes ({size_to_str(report.file_size)})",
+             f"Algorithm:  {algo}"]
+    if report.image_digest is not None:
+        lines.append(f"File {algo}: {report.image_digest}")
+    for layer in report.layers:
+        sn = layer.snapshot
+        lines.append("")
+        if sn is None:
+            lines.append("Active layer")
+        else:
+            lines.append(f"Snapshot ID {_qemu_string(sn.id_bytes, 127)} "
+                         f"name {_qemu_string(sn.name_bytes, 255)!r}")
+            lines.append(f"    date:      {sn.date.strftime('%Y-%m-%d %H:%M:%S')} UTC "
+                         f"({_date(sn.date_sec)} local)")
+        lines.append(f"    disk:      {layer.disk_size} bytes  {algo} {layer.disk_digest}")
+        if layer.vm_state_digest is not None:
+            lines.append(f"    vm state:  {layer.vm_state_size} bytes  {algo} "
+                         f"{layer.vm_state_digest}")
+        elif sn is not None:
+            lines.append("    vm state:  none (disk-only snapshot)")
+    return "\n".join(lines)
