@@ -261,8 +261,10 @@ def _layer_runs(image: Qcow2Image, layer: Layer, start: int, end: int, strict: b
             l2_offset = (l1[l1_index] if l1_index < l1_size else 0) & fmt.L1E_OFFSET_MASK
         if problem is None and not l2_offset:
             stop = ((end - 1) >> l1_shift) + 1
-            j = l1.next_mapped(l1_index + 1, min(stop, l1_in_file)) if l1_index < l1_size else l1_size
-            j = min(j, l1_in_file) if l1_index < l1_in_file else j
+            # one step for a run of unmapped entries (stopping where the
+            # table leaves the file), and for all of the range past the table
+            j = (l1.next_mapped(l1_index + 1, min(stop, l1_in_file)) if l1_index < l1_size
+                 else l1_size)
             span_end = end if j >= l1_size else min(end, j << l1_shift)
             yield _Run(pos, span_end - pos, _UNALLOC_PLAIN)
             pos = span_end
@@ -348,6 +350,8 @@ def _status_entries(image: Qcow2Image, layer: Layer, name: str, strict: bool,
         kind = item.kind
         host = item.host
         file = None
+        if node.encrypted:   # QEMU gives no offset for encrypted clusters
+            host = None
         if host is not None:
             file = (_path_combine(names[depth], node.data_file_name or "")
                     if node.has_data_file else names[depth])
