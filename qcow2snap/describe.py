@@ -805,4 +805,78 @@ def hash_text(report: HashReport) -> str:
                          f"{layer.vm_state_digest}")
         elif sn is not None:
             lines.append("    vm state:  none (disk-only snapshot)")
+
+# --- map ---
+
+def _map_entry_json(entry: Any) -> dict[str, Any]:
+    """One entry with ``qemu-img map --output=json``'s keys, in its order
+    (QEMU 7.2 prints no ``compressed`` key); a damaged range has
+    ``damaged`` and ``reason`` instead of the flags."""
+    if entry.damaged:
+        return {"start": entry.start, "length": entry.length, "depth": entry.depth,
+                "damaged": True, "reason": entry.reason}
+    out: dict[str, Any] = {"start": entry.start, "length": entry.length, "depth": entry.depth,
+                           "present": entry.present, "zero": entry.zero, "data": entry.data}
+    if entry.offset is not None:
+        out["offset"] = entry.offset
+    return out
+
+
+def map_json(result: Any) -> dict[str, Any]:
+    """A :class:`~qcow2snap.ops.map.MapResult`: ``map`` is what
+    ``qemu-img map --output=json`` prints, ``provenance`` where it comes from."""
+    prov = result.provenance
+    sn = result.snapshot
+    return {
+        "image": result.image,
+        "snapshot": None if sn is None else {"id": sn.id, "name": sn.name},
+        "virtual-size": result.virtual_size,
+        "complete": result.complete,
+        "damaged_ranges": len(result.damaged),
+        "map": [_map_entry_json(e) for e in result.entries],
+        "provenance": {
+            "snapshot_entry_offset": prov.snapshot_entry_offset,
+            "snapshot_entry_bytes": prov.snapshot_entry_bytes,
+            "l1_table_offset": prov.l1_table_offset,
+            "l1_size": prov.l1_size,
+            "l1_table_bytes": prov.l1_table_bytes,
+            "l2_tables": [{"l1_index": t.l1_index, "l2_table_offset": t.l2_table_offset,
+                           "guest_offset": t.guest_offset, "guest_length_bytes": t.guest_length}
+                          for t in prov.l2_tables],
+        },
+    }
+
+
+def _c_hex16(value: int) -> str:
+    """C's ``%#-16"PRIx64``: ``0`` for zero, else ``0x...``, padded to 16."""
+    return f"{value:#x}".ljust(16) if value else "0".ljust(16)
+
+
+def map_text(result: Any) -> str:
+    """``qemu-img map``'s table (the data runs: Offset, Length, Mapped to,
+    File), with compressed and damaged runs shown where qemu-img stops
+    with an error, then the provenance."""
+    lines = ["Offset          Length          Mapped to       File"]
+    for e in result.entries:
+        if e.damaged:
+            lines.append(f"{_c_hex16(e.start)}{_c_hex16(e.length)}DAMAGED         {e.reason}")
+        elif e.data and not e.zero:
+            mapped = "compressed".ljust(16) if e.offset is None else _c_hex16(e.offset)
+            lines.append(f"{_c_hex16(e.start)}{_c_hex16(e.length)}{mapped}{e.file or ''}")
+    prov = result.provenance
+    sn = result.snapshot
+    lines += ["", "Provenance of " + ("the active layer" if sn is None
+                                       else f"snapshot {sn.id} ({sn.name})") + ":"]
+    if prov.snapshot_entry_offset is not None:
+        lines.append(f"  snapshot table entry: {prov.snapshot_entry_offset:#x} "
+                     f"({prov.snapshot_entry_bytes} bytes)")
+    lines.append(f"  L1 table: {prov.l1_table_offset:#x}, {prov.l1_size} entries "
+                 f"({prov.l1_table_bytes} bytes)")
+    lines.append(f"  L2 tables: {len(prov.l2_tables)}")
+    for t in prov.l2_tables:
+        lines.append(f"    L1[{t.l1_index}] -> L2 at {t.l2_table_offset:#x}: guest "
+                     f"{t.guest_offset:#x}..{t.guest_offset + t.guest_length:#x}")
+    if result.damaged:
+        lines += ["", f"{len(result.damaged)} damaged range(s): the map is incomplete "
+                      "(--strict stops at the first)"]
     return "\n".join(lines)
