@@ -880,3 +880,71 @@ def map_text(result: Any) -> str:
         lines += ["", f"{len(result.damaged)} damaged range(s): the map is incomplete "
                       "(--strict stops at the first)"]
     return "\n".join(lines)
+
+# --- diff ---
+
+if TYPE_CHECKING:
+    from .ops.diff import DiffResult, Mapping
+    from .reader import Layer
+
+
+def _diff_layer_json(layer: Layer) -> dict[str, Any]:
+    sn = layer.snapshot
+    return {"id": None if sn is None else sn.id, "name": None if sn is None else sn.name,
+            "layer": layer.name, "disk-size": layer.size}
+
+
+def _diff_side_json(mapping: Mapping) -> dict[str, Any]:
+    return {"kind": mapping.kind, "host-offset": mapping.host_offset}
+
+
+def diff_json(result: DiffResult) -> dict[str, Any]:
+    """``diff --json``: the layers, the merged ranges and the totals."""
+    return {
+        "image": result.path,
+        "a": _diff_layer_json(result.a),
+        "b": _diff_layer_json(result.b),
+        "mode": "content" if result.content else "metadata",
+        "ranges": [{"start-offset": r.guest_offset, "length-bytes": r.length,
+                    "a": _diff_side_json(r.a), "b": _diff_side_json(r.b)}
+                   for r in result.ranges],
+        "total-bytes": result.total_bytes,
+        "range-count": result.range_count,
+        "bytes-read": result.bytes_read,
+        "complete": result.complete,
+        "damaged": [{"side": d.side, "start-offset": d.guest_offset, "length-bytes": d.length,
+                     "message": d.message} for d in result.damaged],
+    }
+
+
+def _diff_side_text(mapping: Mapping) -> str:
+    if mapping.host_offset is None:
+        return mapping.kind
+    return f"{mapping.kind}@{mapping.host_offset:#x}"
+
+
+def diff_text(result: DiffResult) -> str:
+    """``diff``: one line per range (guest offset, length, A, B), then the
+    totals and the damage found."""
+    mode = "content" if result.content else "metadata"
+    lines = [f"A: {result.a.name}, {size_to_str(result.a.size)} ({result.a.size} bytes)",
+             f"B: {result.b.name}, {size_to_str(result.b.size)} ({result.b.size} bytes)"]
+    if result.ranges:
+        rows = [(f"{r.guest_offset:#x}", str(r.length), _diff_side_text(r.a),
+                 _diff_side_text(r.b)) for r in result.ranges]
+        header = ("Offset", "Length", "A", "B")
+        widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(3)]
+        for row in [header, *rows]:
+            lines.append("  ".join(cell.ljust(widths[i]) if i < 3 else cell
+                                   for i, cell in enumerate(row)).rstrip())
+    lines.append(f"{result.range_count} ranges differ, {result.total_bytes} bytes "
+                 f"({size_to_str(result.total_bytes)}) ({mode} diff)")
+    for d in result.damaged:
+        lines.append(f"damaged: {d.side.upper()} {d.guest_offset:#x}+{d.length}: {d.message}")
+    if result.damaged:
+        lines.append("incomplete: damaged metadata; the damaged ranges are reported as "
+                     "differences")
+    return "\n".join(lines)
+
+
+__all__ += ["diff_json", "diff_text"]
