@@ -724,6 +724,30 @@ def diff(a: str, b: str, image: str, content: bool, strict: bool, as_json: bool,
     else:
         _echo_text(describe.diff_text(result))
 
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: a list with one object per image.")
+@_progress_option
+def usage(images: tuple[str, ...], as_json: bool, progress: bool | None) -> None:
+    """Show where the space of each IMAGE goes (read-only).
+
+    Per layer (the active layer and each snapshot): the clusters it
+    references, those only it references (what deleting the snapshot alone
+    frees, as `qemu-img snapshot -d` does) and those shared. Per image:
+    guest data, VM state, each kind of metadata, free and leaked clusters,
+    and what a compaction would give back.
+    """
+    from .ops.usage import usage as usage_of
+    reports = []
+    for path in images:
+        with _progress_bar(progress, "usage") as callback:
+            reports.append(usage_of(path, progress=callback))
+    if as_json:
+        _print_json([describe.usage_json(r) for r in reports])
+    else:
+        _echo_text("\n\n".join(describe.usage_text(r) for r in reports))
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .ops.extract import ExtractResult
     from .ops.inspection import ImageFacts, SnapshotComparison, SnapshotFacts
     from .ops.memory import MemoryResult
+    from .ops.usage import ImageUsage, LayerUsage, UsageReport
     from .vmstate import VMState
 
 __all__ = [
@@ -948,3 +949,100 @@ def diff_text(result: DiffResult) -> str:
 
 
 __all__ += ["diff_json", "diff_text"]
+
+# --- usage ---
+
+def _usage_layer_json(layer: LayerUsage, cluster_size: int) -> dict[str, Any]:
+    sn = layer.snapshot
+    obj: dict[str, Any] = {}
+    if sn is not None:
+        obj["id"] = sn.id
+        obj["name"] = sn.name
+    for key, clusters in (("referenced", layer.referenced_clusters),
+                          ("exclusive", layer.exclusive_clusters),
+                          ("exclusive-data", layer.exclusive_data_clusters),
+                          ("exclusive-vm-state", layer.exclusive_vm_state_clusters),
+                          ("exclusive-l2", layer.exclusive_l2_clusters),
+                          ("exclusive-l1", layer.exclusive_l1_clusters),
+                          ("shared", layer.shared_clusters)):
+        obj[f"{key}-clusters"] = clusters
+        obj[f"{key}-bytes"] = clusters * cluster_size
+    if sn is not None:
+        obj["snapshot-table-freed-clusters"] = layer.table_freed_clusters
+        obj["snapshot-table-allocated-clusters"] = layer.table_allocated_clusters
+    return obj
+
+
+_USAGE_IMAGE_ROWS = (
+    ("guest-data", "guest data"), ("vm-state", "VM state"), ("l1", "L1 tables"),
+    ("l2", "L2 tables"), ("refcount-table", "refcount table"),
+    ("refcount-block", "refcount blocks"), ("snapshot-table", "snapshot table"),
+    ("header", "header"), ("other", "other metadata"), ("free", "free"),
+    ("leaked", "leaked"))
+
+
+def _usage_image_counts(totals: ImageUsage) -> dict[str, int]:
+    return {"guest-data": totals.guest_data_clusters, "vm-state": totals.vm_state_clusters,
+            "l1": totals.l1_clusters, "l2": totals.l2_clusters,
+            "refcount-table": totals.refcount_table_clusters,
+            "refcount-block": totals.refcount_block_clusters,
+            "snapshot-table": totals.snapshot_table_clusters,
+            "header": totals.header_clusters, "other": totals.other_clusters,
+            "free": totals.free_clusters, "leaked": totals.leaked_clusters}
+
+
+def usage_json(report: UsageReport) -> dict[str, Any]:
+    """One image's space accounting: ``image`` (where the file's clusters
+    go), ``active`` and ``snapshots`` (per layer); every count as
+    ``*-clusters`` and ``*-bytes`` (clusters x cluster size)."""
+    cs = report.cluster_size
+    totals = report.image
+    image: dict[str, Any] = {"file-clusters": totals.file_clusters,
+                             "referenced-clusters": totals.referenced_clusters}
+    for key, clusters in _usage_image_counts(totals).items():
+        image[f"{key}-clusters"] = clusters
+        image[f"{key}-bytes"] = clusters * cs
+    image["over-counted-clusters"] = totals.over_counted_clusters
+    image["under-counted-clusters"] = totals.under_counted_clusters
+    image["reclaimable-clusters"] = totals.reclaimable_clusters
+    image["reclaimable-bytes"] = totals.reclaimable_clusters * cs
+    return {"filename": report.filename, "cluster-size": cs, "image": image,
+            "active": _usage_layer_json(report.active, cs),
+            "snapshots": [_usage_layer_json(s, cs) for s in report.snapshots]}
+
+
+def usage_text(report: UsageReport) -> str:
+    """The accounting as two tables: the file, then one row per layer."""
+    cs = report.cluster_size
+    totals = report.image
+    lines = [f"image: {report.filename}", f"cluster_size: {cs}",
+             f"file: {totals.file_clusters} clusters "
+             f"({size_to_str(totals.file_clusters * cs)})", ""]
+    lines.append(f"{'kind':<18}{'clusters':>10}  {'size':>10}")
+    for key, label in _USAGE_IMAGE_ROWS:
+        clusters = _usage_image_counts(totals)[key]
+        lines.append(f"{label:<18}{clusters:>10}  {size_to_str(clusters * cs):>10}")
+    lines.append(f"{'reclaimable':<18}{totals.reclaimable_clusters:>10}  "
+                 f"{size_to_str(totals.reclaimable_clusters * cs):>10}")
+    if totals.over_counted_clusters or totals.under_counted_clusters:
+        lines.append(f"refcounts above their references: {totals.over_counted_clusters} "
+                     f"clusters, below: {totals.under_counted_clusters} "
+                     f"(run 'qcow2snap check')")
+    lines += ["", f"{'layer':<24}{'referenced':>11}{'exclusive':>11}{'shared':>9}  "
+                  f"{'frees':>10}  exclusive: data/vm state/L2/L1"]
+    for layer in (report.active, *report.snapshots):
+        sn = layer.snapshot
+        label = "active layer" if sn is None else f"{sn.id} {sn.name}"
+        if len(label) > 23:
+            label = label[:22] + "…"
+        lines.append(f"{label:<24}{layer.referenced_clusters:>11}"
+                     f"{layer.exclusive_clusters:>11}{layer.shared_clusters:>9}  "
+                     f"{size_to_str(layer.exclusive_clusters * cs):>10}  "
+                     f"{layer.exclusive_data_clusters}/{layer.exclusive_vm_state_clusters}/"
+                     f"{layer.exclusive_l2_clusters}/{layer.exclusive_l1_clusters}")
+    if report.snapshots:
+        sample = report.snapshots[0]
+        lines += ["", f"snapshot table: deleting a snapshot also frees the old table "
+                      f"({sample.table_freed_clusters} clusters) and writes a new one "
+                      f"({sample.table_allocated_clusters} clusters with one entry less)"]
+    return "\n".join(lines)
