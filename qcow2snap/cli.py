@@ -625,17 +625,6 @@ def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
               default="sha256", show_default=True, help="Digest algorithm.")
 @click.option("--image", "include_image", is_flag=True,
               help="Also hash the image file itself, as it is on disk.")
-
-@cli.command()
-@click.argument("a")
-@click.argument("b")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--content", is_flag=True,
-              help="Also read the differing ranges of both sides and drop the clusters whose "
-                   "bytes are equal (cost follows the changed data, not the disk size).")
-@click.option("--strict", is_flag=True,
-              help="Stop with an error at damaged L1/L2 metadata instead of reporting the "
-                   "damaged ranges and going on.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @snapshot_selection
 @_progress_option
@@ -663,6 +652,7 @@ def hash_(image: str, snapshots: tuple[str, ...], algorithm: str, include_image:
         _print_json(describe.hash_json(report))
     else:
         _echo_text(describe.hash_text(report))
+
 
 @cli.command(name="map")
 @click.argument("snapshot")
@@ -700,6 +690,21 @@ def map_(snapshot: str, image: str, as_json: bool, strict: bool, by_id: bool, by
     if not result.complete:
         raise SystemExit(3)
 
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--content", is_flag=True,
+              help="Also read the differing ranges of both sides and drop the clusters whose "
+                   "bytes are equal (cost follows the changed data, not the disk size).")
+@click.option("--strict", is_flag=True,
+              help="Stop with an error at damaged L1/L2 metadata instead of reporting the "
+                   "damaged ranges and going on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@snapshot_selection
+@_progress_option
+@image_options
 def diff(a: str, b: str, image: str, content: bool, strict: bool, as_json: bool, by_id: bool,
          by_name: bool, progress: bool | None, backing_file: str | None, no_backing: bool,
          data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
@@ -723,6 +728,7 @@ def diff(a: str, b: str, image: str, content: bool, strict: bool, as_json: bool,
         _print_json(describe.diff_json(result))
     else:
         _echo_text(describe.diff_text(result))
+
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))

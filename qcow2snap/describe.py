@@ -754,202 +754,6 @@ def check_text(result: CheckReport | RepairReport) -> str:
     return "\n".join(lines)
 
 
-# --- hash ---
-
-if TYPE_CHECKING:
-    from .ops.hashing import HashReport, LayerDigest
-
-
-def _hash_layer_json(layer: LayerDigest) -> dict[str, Any]:
-    sn = layer.snapshot
-    obj: dict[str, Any] = {"active": sn is None}
-    if sn is not None:
-        obj.update({"id": _qemu_string(sn.id_bytes, 127),
-                    "name": _qemu_string(sn.name_bytes, 255),
-                    "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
-                    "date": sn.date.isoformat()})
-    obj["disk-size"] = layer.disk_size
-    obj["disk-digest"] = layer.disk_digest
-    obj["vm-state-size"] = layer.vm_state_size
-    obj["vm-state-digest"] = layer.vm_state_digest
-    return obj
-
-
-def hash_json(report: HashReport) -> dict[str, Any]:
-    """``hash --json``."""
-    return {"image": report.path, "file-size": report.file_size,
-            "algorithm": report.algorithm, "image-digest": report.image_digest,
-            "layers": [_hash_layer_json(layer) for layer in report.layers]}
-
-
-def hash_text(report: HashReport) -> str:
-    """``hash``: a block per layer, fit to paste into a case record."""
-    algo = report.algorithm
-    lines = [f"Image:      {report.path}",
-             f"File size:  {report.file_size} bytes ({size_to_str(report.file_size)})",
-             f"Algorithm:  {algo}"]
-    if report.image_digest is not None:
-        lines.append(f"File {algo}: {report.image_digest}")
-    for layer in report.layers:
-        sn = layer.snapshot
-        lines.append("")
-        if sn is None:
-            lines.append("Active layer")
-        else:
-            lines.append(f"Snapshot ID {_qemu_string(sn.id_bytes, 127)} "
-                         f"name {_qemu_string(sn.name_bytes, 255)!r}")
-            lines.append(f"    date:      {sn.date.strftime('%Y-%m-%d %H:%M:%S')} UTC "
-                         f"({_date(sn.date_sec)} local)")
-        lines.append(f"    disk:      {layer.disk_size} bytes  {algo} {layer.disk_digest}")
-        if layer.vm_state_digest is not None:
-            lines.append(f"    vm state:  {layer.vm_state_size} bytes  {algo} "
-                         f"{layer.vm_state_digest}")
-        elif sn is not None:
-            lines.append("    vm state:  none (disk-only snapshot)")
-
-# --- map ---
-
-def _map_entry_json(entry: Any) -> dict[str, Any]:
-    """One entry with ``qemu-img map --output=json``'s keys, in its order
-    (QEMU 7.2 prints no ``compressed`` key); a damaged range has
-    ``damaged`` and ``reason`` instead of the flags."""
-    if entry.damaged:
-        return {"start": entry.start, "length": entry.length, "depth": entry.depth,
-                "damaged": True, "reason": entry.reason}
-    out: dict[str, Any] = {"start": entry.start, "length": entry.length, "depth": entry.depth,
-                           "present": entry.present, "zero": entry.zero, "data": entry.data}
-    if entry.offset is not None:
-        out["offset"] = entry.offset
-    return out
-
-
-def map_json(result: Any) -> dict[str, Any]:
-    """A :class:`~qcow2snap.ops.map.MapResult`: ``map`` is what
-    ``qemu-img map --output=json`` prints, ``provenance`` where it comes from."""
-    prov = result.provenance
-    sn = result.snapshot
-    return {
-        "image": result.image,
-        "snapshot": None if sn is None else {"id": sn.id, "name": sn.name},
-        "virtual-size": result.virtual_size,
-        "complete": result.complete,
-        "damaged_ranges": len(result.damaged),
-        "map": [_map_entry_json(e) for e in result.entries],
-        "provenance": {
-            "snapshot_entry_offset": prov.snapshot_entry_offset,
-            "snapshot_entry_bytes": prov.snapshot_entry_bytes,
-            "l1_table_offset": prov.l1_table_offset,
-            "l1_size": prov.l1_size,
-            "l1_table_bytes": prov.l1_table_bytes,
-            "l2_tables": [{"l1_index": t.l1_index, "l2_table_offset": t.l2_table_offset,
-                           "guest_offset": t.guest_offset, "guest_length_bytes": t.guest_length}
-                          for t in prov.l2_tables],
-        },
-    }
-
-
-def _c_hex16(value: int) -> str:
-    """C's ``%#-16"PRIx64``: ``0`` for zero, else ``0x...``, padded to 16."""
-    return f"{value:#x}".ljust(16) if value else "0".ljust(16)
-
-
-def map_text(result: Any) -> str:
-    """``qemu-img map``'s table (the data runs: Offset, Length, Mapped to,
-    File), with compressed and damaged runs shown where qemu-img stops
-    with an error, then the provenance."""
-    lines = ["Offset          Length          Mapped to       File"]
-    for e in result.entries:
-        if e.damaged:
-            lines.append(f"{_c_hex16(e.start)}{_c_hex16(e.length)}DAMAGED         {e.reason}")
-        elif e.data and not e.zero:
-            mapped = "compressed".ljust(16) if e.offset is None else _c_hex16(e.offset)
-            lines.append(f"{_c_hex16(e.start)}{_c_hex16(e.length)}{mapped}{e.file or ''}")
-    prov = result.provenance
-    sn = result.snapshot
-    lines += ["", "Provenance of " + ("the active layer" if sn is None
-                                       else f"snapshot {sn.id} ({sn.name})") + ":"]
-    if prov.snapshot_entry_offset is not None:
-        lines.append(f"  snapshot table entry: {prov.snapshot_entry_offset:#x} "
-                     f"({prov.snapshot_entry_bytes} bytes)")
-    lines.append(f"  L1 table: {prov.l1_table_offset:#x}, {prov.l1_size} entries "
-                 f"({prov.l1_table_bytes} bytes)")
-    lines.append(f"  L2 tables: {len(prov.l2_tables)}")
-    for t in prov.l2_tables:
-        lines.append(f"    L1[{t.l1_index}] -> L2 at {t.l2_table_offset:#x}: guest "
-                     f"{t.guest_offset:#x}..{t.guest_offset + t.guest_length:#x}")
-    if result.damaged:
-        lines += ["", f"{len(result.damaged)} damaged range(s): the map is incomplete "
-                      "(--strict stops at the first)"]
-    return "\n".join(lines)
-
-# --- diff ---
-
-if TYPE_CHECKING:
-    from .ops.diff import DiffResult, Mapping
-    from .reader import Layer
-
-
-def _diff_layer_json(layer: Layer) -> dict[str, Any]:
-    sn = layer.snapshot
-    return {"id": None if sn is None else sn.id, "name": None if sn is None else sn.name,
-            "layer": layer.name, "disk-size": layer.size}
-
-
-def _diff_side_json(mapping: Mapping) -> dict[str, Any]:
-    return {"kind": mapping.kind, "host-offset": mapping.host_offset}
-
-
-def diff_json(result: DiffResult) -> dict[str, Any]:
-    """``diff --json``: the layers, the merged ranges and the totals."""
-    return {
-        "image": result.path,
-        "a": _diff_layer_json(result.a),
-        "b": _diff_layer_json(result.b),
-        "mode": "content" if result.content else "metadata",
-        "ranges": [{"start-offset": r.guest_offset, "length-bytes": r.length,
-                    "a": _diff_side_json(r.a), "b": _diff_side_json(r.b)}
-                   for r in result.ranges],
-        "total-bytes": result.total_bytes,
-        "range-count": result.range_count,
-        "bytes-read": result.bytes_read,
-        "complete": result.complete,
-        "damaged": [{"side": d.side, "start-offset": d.guest_offset, "length-bytes": d.length,
-                     "message": d.message} for d in result.damaged],
-    }
-
-
-def _diff_side_text(mapping: Mapping) -> str:
-    if mapping.host_offset is None:
-        return mapping.kind
-    return f"{mapping.kind}@{mapping.host_offset:#x}"
-
-
-def diff_text(result: DiffResult) -> str:
-    """``diff``: one line per range (guest offset, length, A, B), then the
-    totals and the damage found."""
-    mode = "content" if result.content else "metadata"
-    lines = [f"A: {result.a.name}, {size_to_str(result.a.size)} ({result.a.size} bytes)",
-             f"B: {result.b.name}, {size_to_str(result.b.size)} ({result.b.size} bytes)"]
-    if result.ranges:
-        rows = [(f"{r.guest_offset:#x}", str(r.length), _diff_side_text(r.a),
-                 _diff_side_text(r.b)) for r in result.ranges]
-        header = ("Offset", "Length", "A", "B")
-        widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(3)]
-        for row in [header, *rows]:
-            lines.append("  ".join(cell.ljust(widths[i]) if i < 3 else cell
-                                   for i, cell in enumerate(row)).rstrip())
-    lines.append(f"{result.range_count} ranges differ, {result.total_bytes} bytes "
-                 f"({size_to_str(result.total_bytes)}) ({mode} diff)")
-    for d in result.damaged:
-        lines.append(f"damaged: {d.side.upper()} {d.guest_offset:#x}+{d.length}: {d.message}")
-    if result.damaged:
-        lines.append("incomplete: damaged metadata; the damaged ranges are reported as "
-                     "differences")
-    return "\n".join(lines)
-
-
-__all__ += ["diff_json", "diff_text"]
-
 # --- usage ---
 
 def _usage_layer_json(layer: LayerUsage, cluster_size: int) -> dict[str, Any]:
@@ -1046,3 +850,203 @@ def usage_text(report: UsageReport) -> str:
                       f"({sample.table_freed_clusters} clusters) and writes a new one "
                       f"({sample.table_allocated_clusters} clusters with one entry less)"]
     return "\n".join(lines)
+
+
+# --- hash ---
+
+if TYPE_CHECKING:
+    from .ops.hashing import HashReport, LayerDigest
+
+
+def _hash_layer_json(layer: LayerDigest) -> dict[str, Any]:
+    sn = layer.snapshot
+    obj: dict[str, Any] = {"active": sn is None}
+    if sn is not None:
+        obj.update({"id": _qemu_string(sn.id_bytes, 127),
+                    "name": _qemu_string(sn.name_bytes, 255),
+                    "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
+                    "date": sn.date.isoformat()})
+    obj["disk-size"] = layer.disk_size
+    obj["disk-digest"] = layer.disk_digest
+    obj["vm-state-size"] = layer.vm_state_size
+    obj["vm-state-digest"] = layer.vm_state_digest
+    return obj
+
+
+def hash_json(report: HashReport) -> dict[str, Any]:
+    """``hash --json``."""
+    return {"image": report.path, "file-size": report.file_size,
+            "algorithm": report.algorithm, "image-digest": report.image_digest,
+            "layers": [_hash_layer_json(layer) for layer in report.layers]}
+
+
+def hash_text(report: HashReport) -> str:
+    """``hash``: a block per layer, fit to paste into a case record."""
+    algo = report.algorithm
+    lines = [f"Image:      {report.path}",
+             f"File size:  {report.file_size} bytes ({size_to_str(report.file_size)})",
+             f"Algorithm:  {algo}"]
+    if report.image_digest is not None:
+        lines.append(f"File {algo}: {report.image_digest}")
+    for layer in report.layers:
+        sn = layer.snapshot
+        lines.append("")
+        if sn is None:
+            lines.append("Active layer")
+        else:
+            lines.append(f"Snapshot ID {_qemu_string(sn.id_bytes, 127)} "
+                         f"name {_qemu_string(sn.name_bytes, 255)!r}")
+            lines.append(f"    date:      {sn.date.strftime('%Y-%m-%d %H:%M:%S')} UTC "
+                         f"({_date(sn.date_sec)} local)")
+        lines.append(f"    disk:      {layer.disk_size} bytes  {algo} {layer.disk_digest}")
+        if layer.vm_state_digest is not None:
+            lines.append(f"    vm state:  {layer.vm_state_size} bytes  {algo} "
+                         f"{layer.vm_state_digest}")
+        elif sn is not None:
+            lines.append("    vm state:  none (disk-only snapshot)")
+    return "\n".join(lines)
+
+
+# --- map ---
+
+def _map_entry_json(entry: Any) -> dict[str, Any]:
+    """One entry with ``qemu-img map --output=json``'s keys, in its order
+    (QEMU 7.2 prints no ``compressed`` key); a damaged range has
+    ``damaged`` and ``reason`` instead of the flags."""
+    if entry.damaged:
+        return {"start": entry.start, "length": entry.length, "depth": entry.depth,
+                "damaged": True, "reason": entry.reason}
+    out: dict[str, Any] = {"start": entry.start, "length": entry.length, "depth": entry.depth,
+                           "present": entry.present, "zero": entry.zero, "data": entry.data}
+    if entry.offset is not None:
+        out["offset"] = entry.offset
+    return out
+
+
+def map_json(result: Any) -> dict[str, Any]:
+    """A :class:`~qcow2snap.ops.map.MapResult`: ``map`` is what
+    ``qemu-img map --output=json`` prints, ``provenance`` where it comes from."""
+    prov = result.provenance
+    sn = result.snapshot
+    return {
+        "image": result.image,
+        "snapshot": None if sn is None else {"id": sn.id, "name": sn.name},
+        "virtual-size": result.virtual_size,
+        "complete": result.complete,
+        "damaged_ranges": len(result.damaged),
+        "map": [_map_entry_json(e) for e in result.entries],
+        "provenance": {
+            "snapshot_entry_offset": prov.snapshot_entry_offset,
+            "snapshot_entry_bytes": prov.snapshot_entry_bytes,
+            "l1_table_offset": prov.l1_table_offset,
+            "l1_size": prov.l1_size,
+            "l1_table_bytes": prov.l1_table_bytes,
+            "l2_tables": [{"l1_index": t.l1_index, "l2_table_offset": t.l2_table_offset,
+                           "guest_offset": t.guest_offset, "guest_length_bytes": t.guest_length}
+                          for t in prov.l2_tables],
+        },
+    }
+
+
+def _c_hex16(value: int) -> str:
+    """C's ``%#-16"PRIx64``: ``0`` for zero, else ``0x...``, padded to 16."""
+    return f"{value:#x}".ljust(16) if value else "0".ljust(16)
+
+
+def map_text(result: Any) -> str:
+    """``qemu-img map``'s table (the data runs: Offset, Length, Mapped to,
+    File), with compressed and damaged runs shown where qemu-img stops
+    with an error, then the provenance."""
+    lines = ["Offset          Length          Mapped to       File"]
+    for e in result.entries:
+        if e.damaged:
+            lines.append(f"{_c_hex16(e.start)}{_c_hex16(e.length)}DAMAGED         {e.reason}")
+        elif e.data and not e.zero:
+            mapped = "compressed".ljust(16) if e.offset is None else _c_hex16(e.offset)
+            lines.append(f"{_c_hex16(e.start)}{_c_hex16(e.length)}{mapped}{e.file or ''}")
+    prov = result.provenance
+    sn = result.snapshot
+    lines += ["", "Provenance of " + ("the active layer" if sn is None
+                                       else f"snapshot {sn.id} ({sn.name})") + ":"]
+    if prov.snapshot_entry_offset is not None:
+        lines.append(f"  snapshot table entry: {prov.snapshot_entry_offset:#x} "
+                     f"({prov.snapshot_entry_bytes} bytes)")
+    lines.append(f"  L1 table: {prov.l1_table_offset:#x}, {prov.l1_size} entries "
+                 f"({prov.l1_table_bytes} bytes)")
+    lines.append(f"  L2 tables: {len(prov.l2_tables)}")
+    for t in prov.l2_tables:
+        lines.append(f"    L1[{t.l1_index}] -> L2 at {t.l2_table_offset:#x}: guest "
+                     f"{t.guest_offset:#x}..{t.guest_offset + t.guest_length:#x}")
+    if result.damaged:
+        lines += ["", f"{len(result.damaged)} damaged range(s): the map is incomplete "
+                      "(--strict stops at the first)"]
+    return "\n".join(lines)
+
+
+# --- diff ---
+
+if TYPE_CHECKING:
+    from .ops.diff import DiffResult, Mapping
+    from .reader import Layer
+
+
+def _diff_layer_json(layer: Layer) -> dict[str, Any]:
+    sn = layer.snapshot
+    return {"id": None if sn is None else sn.id, "name": None if sn is None else sn.name,
+            "layer": layer.name, "disk-size": layer.size}
+
+
+def _diff_side_json(mapping: Mapping) -> dict[str, Any]:
+    return {"kind": mapping.kind, "host-offset": mapping.host_offset}
+
+
+def diff_json(result: DiffResult) -> dict[str, Any]:
+    """``diff --json``: the layers, the merged ranges and the totals."""
+    return {
+        "image": result.path,
+        "a": _diff_layer_json(result.a),
+        "b": _diff_layer_json(result.b),
+        "mode": "content" if result.content else "metadata",
+        "ranges": [{"start-offset": r.guest_offset, "length-bytes": r.length,
+                    "a": _diff_side_json(r.a), "b": _diff_side_json(r.b)}
+                   for r in result.ranges],
+        "total-bytes": result.total_bytes,
+        "range-count": result.range_count,
+        "bytes-read": result.bytes_read,
+        "complete": result.complete,
+        "damaged": [{"side": d.side, "start-offset": d.guest_offset, "length-bytes": d.length,
+                     "message": d.message} for d in result.damaged],
+    }
+
+
+def _diff_side_text(mapping: Mapping) -> str:
+    if mapping.host_offset is None:
+        return mapping.kind
+    return f"{mapping.kind}@{mapping.host_offset:#x}"
+
+
+def diff_text(result: DiffResult) -> str:
+    """``diff``: one line per range (guest offset, length, A, B), then the
+    totals and the damage found."""
+    mode = "content" if result.content else "metadata"
+    lines = [f"A: {result.a.name}, {size_to_str(result.a.size)} ({result.a.size} bytes)",
+             f"B: {result.b.name}, {size_to_str(result.b.size)} ({result.b.size} bytes)"]
+    if result.ranges:
+        rows = [(f"{r.guest_offset:#x}", str(r.length), _diff_side_text(r.a),
+                 _diff_side_text(r.b)) for r in result.ranges]
+        header = ("Offset", "Length", "A", "B")
+        widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(3)]
+        for row in [header, *rows]:
+            lines.append("  ".join(cell.ljust(widths[i]) if i < 3 else cell
+                                   for i, cell in enumerate(row)).rstrip())
+    lines.append(f"{result.range_count} ranges differ, {result.total_bytes} bytes "
+                 f"({size_to_str(result.total_bytes)}) ({mode} diff)")
+    for d in result.damaged:
+        lines.append(f"damaged: {d.side.upper()} {d.guest_offset:#x}+{d.length}: {d.message}")
+    if result.damaged:
+        lines.append("incomplete: damaged metadata; the damaged ranges are reported as "
+                     "differences")
+    return "\n".join(lines)
+
+
+__all__ += ["diff_json", "diff_text"]
