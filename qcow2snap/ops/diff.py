@@ -321,6 +321,14 @@ def _content_filter(image: Qcow2Image, a: Layer, b: Layer, ranges: list[DiffRang
     total = sum(r.length for r in to_read)
     reader_a = DiskReader(image, a)
     reader_b = DiskReader(image, b)
+    # one buffer per side, filled in place: a fresh 4 MiB object per step
+    # would be a fresh mmap (the CLI fixes glibc's mmap threshold at 4 MiB,
+    # copier.prefer_heap_reuse) and a page fault per 4 KiB of it
+    step_bytes = max(cs, _READ_BYTES // cs * cs)
+    buf_a = bytearray(step_bytes)
+    buf_b = bytearray(step_bytes)
+    view_a = memoryview(buf_a)
+    view_b = memoryview(buf_b)
     kept: list[DiffRange] = []
     done = 0
     for r in ranges:
@@ -330,9 +338,15 @@ def _content_filter(image: Qcow2Image, a: Layer, b: Layer, ranges: list[DiffRang
         pos = r.guest_offset
         while pos < r.guest_end:
             # steps end on cluster boundaries, so clusters are compared whole
-            step_end = min(r.guest_end, (pos + _READ_BYTES) // cs * cs)
-            bytes_a = reader_a.pread(pos, step_end - pos)
-            bytes_b = reader_b.pread(pos, step_end - pos)
+            step_end = min(r.guest_end, (pos + step_bytes) // cs * cs)
+            n = step_end - pos
+            reader_a.read_at(pos, view_a[:n])
+            reader_b.read_at(pos, view_b[:n])
+            # bytearray equality is a memcmp; memoryview equality is not
+            if n == step_bytes:
+                bytes_a, bytes_b = buf_a, buf_b
+            else:
+                bytes_a, bytes_b = buf_a[:n], buf_b[:n]
             if bytes_a != bytes_b:
                 piece = pos
                 while piece < step_end:
