@@ -57,8 +57,11 @@ ALGORITHMS = ("sha256", "sha1", "md5", "sha512", "blake2b")
 
 #: The one zero buffer: zero runs are fed to the hash in slices of it.
 _ZEROS = bytes(1 << 20)
-#: Bytes of one data read.
-READ_CHUNK_BYTES = 8 << 20
+#: Bytes of one data read: under the 4 MiB mmap threshold the CLI sets
+#: (copier.prefer_heap_reuse), so read buffers come from the reused heap
+#: instead of a fresh, page-faulted mmap each (8 MiB reads spent 0.8 s of
+#: system time per 4 GiB; 2 MiB reads 0.17 s)
+READ_CHUNK_BYTES = 2 << 20
 #: Bytes read or inflated ahead of one stream's hash.
 WINDOW_BYTES = 64 << 20
 #: Pieces queued ahead of one stream's hash (zero pieces cost no memory,
