@@ -847,9 +847,11 @@ def usage_text(report: UsageReport) -> str:
                      f"{layer.exclusive_l2_clusters}/{layer.exclusive_l1_clusters}")
     if report.snapshots:
         sample = report.snapshots[0]
+        freed, allocated = sample.table_freed_clusters, sample.table_allocated_clusters
         lines += ["", f"snapshot table: deleting a snapshot also frees the old table "
-                      f"({sample.table_freed_clusters} clusters) and writes a new one "
-                      f"({sample.table_allocated_clusters} clusters with one entry less)"]
+                      f"({freed} cluster{'' if freed == 1 else 's'}) and writes a new one "
+                      f"({allocated} cluster{'' if allocated == 1 else 's'} with one entry "
+                      f"less)"]
     return "\n".join(lines)
 
 
