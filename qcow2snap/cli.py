@@ -458,10 +458,10 @@ def _size_option(value: str | None) -> int | None:
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Output file (written under a temporary name, renamed when complete).")
-@click.option("--format", "out_format", type=click.Choice(["raw", "elf"]), default="raw",
-              show_default=True,
+@click.option("--format", "out_format", type=click.Choice(["raw", "elf", "lime"]),
+              default="raw", show_default=True,
               help="raw: guest-physical image (file offset = address); elf: ELF core like "
-                   "QEMU's dump-guest-memory.")
+                   "QEMU's dump-guest-memory; lime: LiME file (Volatility, other tools).")
 @click.option("--block", "block", metavar="NAME",
               help="Write only this RAM block, as it is (see `vmstate info`).")
 @click.option("--max-ram-below-4g", "max_ram_below_4g", metavar="SIZE",
@@ -477,12 +477,13 @@ def vmstate_memory(snapshot: str, image: str, output: str, out_format: str, bloc
                    no_backing: bool, data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
     """Write the guest RAM saved in SNAPSHOT to OUTPUT, without QEMU.
 
-    Zero pages become holes (the output is sparse). raw and elf need an x86
-    pc or q35 machine; --block works for any machine.
+    Zero pages become holes (the output is sparse). raw, elf and lime need an
+    x86 pc or q35 machine; --block works for any machine.
     """
     from .ops.memory import export_memory
     if block is not None and out_format != "raw":
-        raise click.UsageError("--block writes the block as it is; it excludes --format elf")
+        raise click.UsageError(
+            f"--block writes the block as it is; it excludes --format {out_format}")
     below = _size_option(max_ram_below_4g)
     with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
         ref = _snapshot(img, snapshot, by_id, by_name)

@@ -18,6 +18,12 @@ Output forms:
     an ELF core with a PT_NOTE (per-CPU ``CORE`` prstatus and ``QEMU``
     CPU-state notes) and one PT_LOAD per guest-physical range, laid out as
     QEMU 7.2's ``dump-guest-memory`` (paging off, no filter) writes it.
+``lime``
+    a LiME file (the Linux Memory Extractor's format, which Volatility and
+    other analysis tools open): for each guest-physical range, the same
+    ranges as the ELF's PT_LOADs, a 32-byte :data:`LimeHeader` and then the
+    range's bytes.  LiME has no sparse ranges: every byte of a range is in
+    the file, and zero pages are holes of the sparse file (read as zeros).
 
 The guest-physical map is rebuilt for x86 ``pc`` (i440FX) and ``q35``
 machines the way QEMU's memory API flattens it: RAM below and above 4 GiB
@@ -37,6 +43,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+from construct import Const, Int32ul, Int64ul, Padding, Struct
 
 from ..errors import UnsupportedImageError
 from ..image import Qcow2Image
@@ -99,6 +107,18 @@ ELFCLASS64 = 2
 #: QEMU 7.2 writes ``sizeof(elf_header)`` of a *pointer* into e_ehsize.
 QEMU_DUMP_EHSIZE = 8
 SHSTRTAB = b"\0.shstrtab\0"
+
+# LiME (github.com/504ensicsLabs/LiME, src/lime.h: lime_mem_range_header)
+LIME_MAGIC = 0x4C694D45          # "EMiL" as a little-endian u32
+LIME_VERSION = 1
+LimeHeader = "LiME range header (32 bytes, little-endian), then the range's bytes" * Struct(
+    "magic" / Const(LIME_MAGIC, Int32ul),
+    "version" / Const(LIME_VERSION, Int32ul),
+    "s_addr" / Int64ul,              # first guest-physical address of the range
+    "e_addr" / Int64ul,              # last one (inclusive)
+    "reserved" / Padding(8),
+)
+LIME_HEADER_SIZE = 32
 
 # target/i386/cpu.h register and segment indexes
 R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, R_EBP, R_ESI, R_EDI = range(8)
@@ -468,6 +488,23 @@ def _elf_layout(state: VMState, ranges: list[PhysRange]) -> tuple[bytes, int, by
     return head, memory_offset, SHSTRTAB
 
 
+def _lime_layout(ranges: list[PhysRange]
+                 ) -> tuple[list[tuple[int, bytes]], dict[str, list[tuple[int, int, int]]], int]:
+    """(range headers with their file offsets, page segments, file size) of
+    a LiME file: header, bytes, header, bytes... in address order."""
+    headers: list[tuple[int, bytes]] = []
+    segments: dict[str, list[tuple[int, int, int]]] = {}
+    offset = 0
+    for r in ranges:
+        headers.append((offset, LimeHeader.build(
+            {"s_addr": r.phys_start, "e_addr": r.phys_end - 1})))
+        offset += LIME_HEADER_SIZE
+        segments.setdefault(r.block, []).append(
+            (r.block_offset, r.block_offset + r.size, offset))
+        offset += r.size
+    return headers, segments, offset
+
+
 # ---------------------------------------------------------------------------
 # Writing pages
 # ---------------------------------------------------------------------------
@@ -572,7 +609,7 @@ def vm_state_info(image: Qcow2Image, snapshot: str | Snapshot, *,
 
 def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
                   output: str | os.PathLike[str], *,
-                  format: Literal["raw", "elf"] = "raw",
+                  format: Literal["raw", "elf", "lime"] = "raw",
                   block: str | None = None, max_ram_below_4g: int | None = None,
                   progress: ProgressCallback | None = None, overwrite: bool = False,
                   sync: bool = False) -> MemoryResult:
@@ -580,14 +617,15 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
 
     ``block`` writes that one RAM block as it is (``format`` is then
     ignored); otherwise ``format="raw"`` gives a guest-physical image and
-    ``format="elf"`` the ELF core QEMU's ``dump-guest-memory`` writes.
+    ``format="elf"`` the ELF core QEMU's ``dump-guest-memory`` writes, and
+    ``format="lime"`` a LiME file with one range per ELF PT_LOAD.
     ``max_ram_below_4g`` is the machine option of that name, if the VM was
     started with it.  Raises CorruptImageError for a damaged stream and
     UnsupportedImageError for page kinds or machines that cannot be decoded;
     nothing is left at ``output`` then.
     """
-    if format not in ("raw", "elf"):
-        raise ValueError(f"unknown memory format {format!r} (raw or elf)")
+    if format not in ("raw", "elf", "lime"):
+        raise ValueError(f"unknown memory format {format!r} (raw, elf or lime)")
     reader = image.open_vm_state(snapshot)
     sn = reader.layer.snapshot
     assert sn is not None
@@ -603,6 +641,7 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
         progress(0, 2 * size)
     state = parse_stream(reader, size, progress=pass_progress(0), label=label)
     unmapped: tuple[str, ...]
+    headers: list[tuple[int, bytes]] = []     # (file offset, bytes) written after the pages
     if block is not None:
         found = state.ram_block(block)
         ranges = [PhysRange(0, found.size, found.name, 0)]
@@ -624,6 +663,9 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
                     (r.block_offset, r.block_offset + r.size, offset))
                 offset += r.size
             out_size = offset + len(tail)
+        elif format == "lime":
+            head = tail = b""
+            headers, segments, out_size = _lime_layout(ranges)
         else:
             head = tail = b""
             for r in ranges:
@@ -640,6 +682,8 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
             os.pwrite(fd, head, 0)
         if tail:
             os.pwrite(fd, tail, out_size - len(tail))
+        for at, data in headers:
+            os.pwrite(fd, data, at)
     if progress is not None:
         progress(2 * size, 2 * size)
     return MemoryResult(os.fspath(output), out_format, out_size, writer.bytes_written,
