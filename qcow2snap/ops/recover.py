@@ -355,6 +355,9 @@ def _judge(image: Qcow2Image, ref: array[int], disk: array[int], live: _Live,
     for c in range(first_l1, ((sn.l1_table_offset + max(size * 8, 1) - 1) >> bits) + 1):
         if referenced(c) and not duplicate:
             problems.append(f"its L1 table at {c << bits:#x} is referenced by a live structure")
+    if size and not any(l1):
+        problems.append(f"its L1 table at {sn.l1_table_offset:#x} is empty: discarded, "
+                        f"or the snapshot was empty")
     for i, l1e in enumerate(l1):
         l2 = l1e & fmt.L1E_OFFSET_MASK
         if not l2:
