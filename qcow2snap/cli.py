@@ -759,6 +759,28 @@ def usage(images: tuple[str, ...], as_json: bool, progress: bool | None) -> None
         _echo_text("\n\n".join(describe.usage_text(r) for r in reports))
 
 
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_progress_option
+def recover(image: str, as_json: bool, progress: bool | None) -> None:
+    """Find snapshots lost from IMAGE's snapshot table (read-only).
+
+    Searches the clusters no live structure references for stale copies of
+    the snapshot table and for orphaned L1 tables, and reports each
+    candidate with its source, identity and reliability: guest ranges whose
+    L2 table or data cluster a live structure uses now are listed as
+    reused. The image is never written.
+    """
+    from .ops.recover import recover_report
+    with _progress_bar(progress, "recover") as callback:
+        report = recover_report(image, progress=callback)
+    if as_json:
+        _print_json(describe.recover_json(report))
+    else:
+        _echo_text(describe.recover_text(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .ops.extract import ExtractResult
     from .ops.inspection import ImageFacts, SnapshotComparison, SnapshotFacts
     from .ops.memory import MemoryResult
+    from .ops.recover import RecoveredSnapshot, RecoveryReport
     from .ops.usage import ImageUsage, LayerUsage, UsageReport
     from .vmstate import VMState
 
@@ -1053,3 +1054,62 @@ def diff_text(result: DiffResult) -> str:
 
 
 __all__ += ["diff_json", "diff_text"]
+
+
+def _recovered_json(c: RecoveredSnapshot) -> dict[str, Any]:
+    sn = c.snapshot
+    return {"source": c.source, "source-offset": c.source_offset,
+            "entry-index": c.entry_index,
+            "id": sn.id if c.source == "stale-table" else None, "name": sn.name,
+            "date-sec": sn.date_sec if c.source == "stale-table" else None,
+            "vm-state-size": sn.vm_state_size if c.source == "stale-table" else None,
+            "disk-size": sn.disk_size, "l1-table-offset": sn.l1_table_offset,
+            "l1-size": sn.l1_size, "reliable": c.reliable,
+            "live-duplicate": c.live_duplicate,
+            "reused": [{"guest-offset": r.guest_offset, "length": r.length, "what": r.what,
+                        "host-offset": r.host_offset} for r in c.reused],
+            "shared-clusters": c.shared_clusters, "freed-clusters": c.freed_clusters,
+            "problems": list(c.problems)}
+
+
+def recover_json(report: RecoveryReport) -> dict[str, Any]:
+    """The candidates ``recover`` found, each with its source and reliability."""
+    return {"filename": report.filename,
+            "unreferenced-clusters": report.unreferenced_clusters,
+            "scanned-clusters": report.scanned_clusters, "truncated": report.truncated,
+            "candidates": [_recovered_json(c) for c in report.candidates]}
+
+
+def recover_text(report: RecoveryReport) -> str:
+    """One paragraph per candidate: source, identity, reliability."""
+    lines = [f"image: {report.filename}",
+             f"unreferenced clusters: {report.unreferenced_clusters} "
+             f"({report.scanned_clusters} scanned"
+             f"{', search bounded' if report.truncated else ''})",
+             f"candidates: {len(report.candidates)}"]
+    for c in report.candidates:
+        sn = c.snapshot
+        lines.append("")
+        if c.source == "stale-table":
+            lines.append(f"stale snapshot table at {c.source_offset:#x}, entry {c.entry_index}: "
+                         f"ID {sn.id} name {sn.name!r}")
+            lines.append(f"  date: {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(sn.date_sec))}"
+                         f" UTC  vm-state: {size_to_str(sn.vm_state_size)}  "
+                         f"disk: {size_to_str(sn.disk_size)}")
+        else:
+            lines.append(f"orphaned L1 table at {c.source_offset:#x}: {sn.name}  "
+                         f"disk: {size_to_str(sn.disk_size)} (as the L1 table implies)")
+        lines.append(f"  L1 table: {sn.l1_table_offset:#x} ({sn.l1_size} entries)"
+                     f"{'  (the L1 table of a live layer)' if c.live_duplicate else ''}")
+        verdict = "intact as far as metadata shows" if c.reliable else "UNRELIABLE"
+        lines.append(f"  reliability: {verdict}; {c.shared_clusters} cluster(s) shared with "
+                     f"live layers, {c.freed_clusters} freed")
+        for r in c.reused:
+            lines.append(f"  reused: guest {r.guest_offset:#x}+{r.length:#x} ({r.what} at "
+                         f"{r.host_offset:#x} is referenced by a live structure)")
+        for p in c.problems:
+            lines.append(f"  problem: {p}")
+    return "\n".join(lines)
+
+
+__all__ += ["recover_json", "recover_text"]
