@@ -6,7 +6,7 @@ the result with :mod:`qcow2snap.describe`.  Errors are funnelled through
 becomes one line on stderr and the exit status of its class (``--debug``
 shows the traceback instead).
 
-The module is about 770 lines because every command's arguments, options
+The module is about 800 lines because every command's arguments, options
 and help texts are declared here, one block per command; none holds logic.
 """
 

@@ -9,7 +9,7 @@ keys with the same values, plus qcow2snap's own keys beside them
 (documented in docs/cli.md).  Text meant for a terminal goes through
 :func:`escape_controls` in the CLI.
 
-The module is about 1,050 lines because all rendering is here by design:
+The module is about 1,100 lines because all rendering is here by design:
 a new output format goes next to the ones it must agree with (text and
 JSON of one record side by side, one banner-marked block per command), and
 nothing else is here.
