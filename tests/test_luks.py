@@ -18,6 +18,7 @@ from conftest import FIXTURES_BY_NAME, fixture_path, run, sha256_file
 from helpers import invoke
 
 import qcow2snap
+from qcow2snap import format as fmt
 from qcow2snap.errors import BadPassphraseError, UnsupportedImageError
 from qcow2snap.ops.hashing import hash_image
 
@@ -214,6 +215,31 @@ def test_qemu_made_image_every_layer_matches_qemu_img_convert(
     assert sha256_file(image) == before   # reading never writes
 
 
+def test_second_key_slot_opens_too(qemu_img: str, qemu_io: str, tmp_path: Path) -> None:
+    """A passphrase added in key slot 3 (qemu-img amend) opens the image;
+    the first still does."""
+    pw = _pw_file(tmp_path, b"pw")
+    other = _pw_file(tmp_path, b"other", "other")
+    image = tmp_path / "slots.qcow2"
+    _create(qemu_img, pw, image, "")
+    _qemu_io(qemu_io, pw, image, "write -P 0x77 0x1000 8k")
+    for _ in range(10):   # the same CPU-clock timing as qemu-img create
+        result = run(qemu_img, "amend", *_secret(pw), "--object", f"secret,id=n,file={other}",
+                     "--image-opts", _opts(image), "-o",
+                     "encrypt.state=active,encrypt.new-secret=n,encrypt.keyslot=3,"
+                     "encrypt.iter-time=10", check=False)
+        if result.returncode == 0:
+            break
+        assert "Unable to get accurate CPU usage" in result.stderr, result.stderr
+    else:
+        pytest.fail(f"qemu-img amend failed ten times: {result.stderr}")
+    expected = tmp_path / "qemu.raw"
+    _qemu_convert(qemu_img, pw, image, expected, None)
+    for secret in (b"pw", "other"):
+        with qcow2snap.open(image, passphrase=secret) as opened:
+            assert opened.open_disk().read() == expected.read_bytes(), secret
+
+
 def test_passphrase_file_with_trailing_newline_is_used_as_is(
         qemu_img: str, qemu_io: str, tmp_path: Path) -> None:
     pw = _pw_file(tmp_path, b"pw\n")        # QEMU's secret file=: the newline included
@@ -231,3 +257,25 @@ def test_passphrase_file_with_trailing_newline_is_used_as_is(
                     stripped)
     assert result.exit_code == 13 and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "no.raw").exists()
+
+
+@pytest.mark.parametrize(("where", "value", "message"), [
+    (0, b"LUKX", "not in LUKS format"),                     # magic
+    (208 + 44, b"\0\0\0\1", "stripes 1 != 4000"),           # key slot 0's stripes
+    (208 + 40, b"\x7f\xff\xff\xff", "Keyslot 0"),           # key material far past the header
+])
+def test_damaged_luks_header_is_one_line(fixture_copy, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                         where: int, value: bytes, message: str) -> None:
+    image = fixture_copy("luks")
+    with qcow2snap.open(image) as opened:
+        ext = opened.extension(fmt.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+        assert ext is not None
+        offset = ext.crypto_header().offset
+    with open(image, "r+b") as f:
+        f.seek(offset + where)
+        f.write(value)
+    pw = _pw_file(tmp_path, SECRET.encode())
+    result = invoke("extract", "s1", image, "-o", tmp_path / "o.raw", "--passphrase-file", pw)
+    assert result.exit_code == 3, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr
+    assert not (tmp_path / "o.raw").exists()
