@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, overload
 
 from .errors import (
     AmbiguousSnapshotError,
+    BadPassphraseError,
     CheckFailedError,
     CommitFailedError,
     CommitNotDurableError,
@@ -59,7 +60,8 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
          check_locks: bool = True,
-         allow_dirs: Iterable[str | os.PathLike[str]] = ()) -> Qcow2Image: ...
+         allow_dirs: Iterable[str | os.PathLike[str]] = (),
+         passphrase: bytes | str | None = None) -> Qcow2Image: ...
 
 
 @overload
@@ -77,6 +79,7 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
          data_file: str | os.PathLike[str] | None = None,
          check_locks: bool = True, io: "MetadataIO | None" = None,
          allow_dirs: Iterable[str | os.PathLike[str]] = (),
+         passphrase: bytes | str | None = None,
          ) -> "Qcow2Image | EditableImage":
     """Open a qcow2 image; use as a context manager.
 
@@ -91,7 +94,9 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
     ``allow_dirs`` (directories besides the image's own from which
     backing and data files named by the image may be read: a name that
     leads elsewhere raises :class:`CompanionRefusedError`),
-    ``check_locks`` (reading only: an editor always checks), and for
+    ``check_locks`` (reading only: an editor always checks),
+    ``passphrase`` (reading only: the LUKS passphrase of an encrypted
+    image, bytes or str, used as given; needs ``qcow2snap[luks]``), and for
     ``"r+"`` ``io``, an object with ``pwrite``/``fsync``/``truncate``/
     ``punch_hole`` that receives every metadata write instead of the file
     (the crash tests record and replay through it).
@@ -101,8 +106,11 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
     if mode == "r":
         return _open_read_only(path, "r", backing_file=backing_file,
                                backing_format=backing_format, data_file=data_file,
-                               check_locks=check_locks, allow_dirs=allow_dirs)
+                               check_locks=check_locks, allow_dirs=allow_dirs,
+                               passphrase=passphrase)
     if mode == "r+":
+        if passphrase is not None:
+            raise ValueError("passphrase= is for mode='r' (encrypted images are read only)")
         from .ops.edit import EditableImage
         if not isinstance(path, (str, os.PathLike)):
             name = getattr(path, "name", None)  # an open file: edit it by its path
@@ -119,6 +127,7 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "BadPassphraseError",
     "CheckFailedError",
     "CommitFailedError",
     "CommitNotDurableError",

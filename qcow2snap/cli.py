@@ -12,6 +12,7 @@ and help texts are declared here, one block per command; none holds logic.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -159,6 +160,31 @@ def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 ALLOW_DIR_ENVVAR = "QCOW2SNAP_ALLOW_DIR"
+PASSPHRASE_ENVVAR = "QCOW2SNAP_PASSPHRASE"
+_PASSPHRASE_KEY = "qcow2snap.passphrase"
+#: the largest passphrase file read (QEMU's secrets are small too)
+MAX_PASSPHRASE_FILE_BYTES = 1 << 20
+
+
+def _passphrase_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--passphrase-file: its bytes, as they are (a trailing newline is part
+    of the passphrase, as with QEMU's ``--object secret,file=``)."""
+    if value is not None:
+        with open(value, "rb") as f:
+            data = f.read(MAX_PASSPHRASE_FILE_BYTES + 1)
+        if len(data) > MAX_PASSPHRASE_FILE_BYTES:
+            raise click.BadParameter(f"larger than {MAX_PASSPHRASE_FILE_BYTES} bytes",
+                                     ctx=ctx, param=param)
+        ctx.meta[_PASSPHRASE_KEY] = data
+
+
+def _passphrase() -> bytes | None:
+    """The passphrase of this command: --passphrase-file, else $QCOW2SNAP_PASSPHRASE."""
+    ctx = click.get_current_context(silent=True)
+    data = ctx.meta.get(_PASSPHRASE_KEY) if ctx is not None else None
+    if data is None:
+        data = os.environb.get(PASSPHRASE_ENVVAR.encode())
+    return data
 
 #: How a reading command finds the image's companion files.
 image_options = _options(
@@ -173,6 +199,11 @@ image_options = _options(
                  help="Also follow backing and data files that the image names in DIR "
                       "(repeatable; or a list in $" + ALLOW_DIR_ENVVAR + ", separated by ':'). "
                       "By default only files in the image's own directory are followed."),
+    click.option("--passphrase-file", type=click.Path(dir_okay=False), metavar="FILE",
+                 expose_value=False, callback=_passphrase_file,
+                 help="Read the passphrase of a LUKS-encrypted image from FILE, byte for byte "
+                      "(a trailing newline is part of it); or give it in $" + PASSPHRASE_ENVVAR
+                      + ". Needs qcow2snap[luks]."),
 )
 
 #: How SNAPSHOT is matched.
@@ -218,7 +249,7 @@ def _open(path: str, backing_file: str | None = None, no_backing: bool = False,
           ) -> Iterator[Qcow2Image]:
     backing: str | bool | None = False if no_backing else backing_file
     with open_image(path, backing_file=backing, data_file=data_file,
-                    allow_dirs=allow_dirs) as image:
+                    allow_dirs=allow_dirs, passphrase=_passphrase()) as image:
         yield image
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "BadPassphraseError",
     "CheckFailedError",
     "CommitFailedError",
     "CommitNotDurableError",
@@ -187,3 +188,10 @@ class CheckFailedError(Qcow2Error):
     repair was refused (a running QEMU holds the image)."""
 
     exit_code = 1
+
+
+class BadPassphraseError(Qcow2Error):
+    """The image's data is encrypted (LUKS) and no passphrase was given, or
+    the one given opens none of its key slots."""
+
+    exit_code = 13

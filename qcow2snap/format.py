@@ -222,6 +222,41 @@ Qcow2CryptoHeaderExtension = "full disk encryption header pointer (16 bytes)" * 
     "length" / Int64ub,
 )
 
+# LUKS1 (the header the full disk encryption header extension points at;
+# QEMU's crypto/block-luks.c QCryptoBlockLUKSHeader, big-endian like qcow2)
+QCRYPTO_BLOCK_LUKS_MAGIC = b"LUKS\xba\xbe"
+QCRYPTO_BLOCK_LUKS_VERSION = 1
+QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS = 8
+QCRYPTO_BLOCK_LUKS_STRIPES = 4000
+QCRYPTO_BLOCK_LUKS_SECTOR_SIZE = 512
+QCRYPTO_BLOCK_LUKS_DIGEST_LEN = 20
+QCRYPTO_BLOCK_LUKS_KEY_SLOT_ENABLED = 0x00AC71F3
+QCRYPTO_BLOCK_LUKS_KEY_SLOT_DISABLED = 0x0000DEAD
+
+QCryptoBlockLUKSKeySlot = "LUKS key slot (48 bytes)" * Struct(
+    "active" / Int32ub,
+    "iterations" / Int32ub,
+    "salt" / Bytes(32),
+    "key_offset_sector" / Int32ub,
+    "stripes" / Int32ub,
+)
+
+QCryptoBlockLUKSHeader = "LUKS1 partition header (592 bytes)" * Struct(
+    "magic" / Bytes(6),
+    "version" / Int16ub,
+    "cipher_name" / Bytes(32),
+    "cipher_mode" / Bytes(32),
+    "hash_spec" / Bytes(32),
+    "payload_offset_sector" / Int32ub,
+    "master_key_len" / Int32ub,
+    "master_key_digest" / Bytes(QCRYPTO_BLOCK_LUKS_DIGEST_LEN),
+    "master_key_salt" / Bytes(32),
+    "master_key_iterations" / Int32ub,
+    "uuid" / Bytes(40),
+    "key_slots" / construct.Array(QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS, QCryptoBlockLUKSKeySlot),
+)
+QCRYPTO_BLOCK_LUKS_HEADER_SIZE = 592
+
 QCowSnapshotHeader = "snapshot table entry, fixed part (qcow2.txt 'Snapshot table entry')" * Struct(
     "l1_table_offset" / Int64ub,             # 0-7
     "l1_size" / Int32ub,                     # 8-11

@@ -31,6 +31,7 @@ from . import cache
 from . import format as fmt
 from .errors import (
     AmbiguousSnapshotError,
+    BadPassphraseError,
     CorruptImageError,
     ImageInUseWarning,
     NotQcow2Error,
@@ -41,6 +42,7 @@ from .errors import (
 )
 from .hostfile import CompanionPolicy, HostFile, open_read_only, open_read_write
 from .locks import EditorLock, LockState, probe_locks
+from .luks import LuksKey, parse_luks_header, unlock
 from .model import (
     Extension,
     FeatureName,
@@ -207,6 +209,7 @@ class Qcow2Image:
                  check_locks: bool = True,
                  check_mode: bool = False,
                  allow_dirs: Iterable[str | os.PathLike[str]] = (),
+                 passphrase: bytes | str | None = None,
                  _policy: CompanionPolicy | None = None,
                  _chain: tuple[tuple[int, int], ...] = (),
                  _file: HostFile | None = None) -> None:
@@ -224,6 +227,10 @@ class Qcow2Image:
         self._backing: Qcow2Image | RawImage | None = None
         self._backing_opened = False
         self._data_file: HostFile | None = None
+        #: the LUKS passphrase (also tried on encrypted backing images)
+        self._passphrase = (passphrase.encode() if isinstance(passphrase, str)
+                            else passphrase)
+        self._data_cipher: LuksKey | None = None
         #: identifies this open image in the process-wide caches (cache.py)
         self.cache_token = next(_TOKENS)
         self._editor_lock: EditorLock | None = None
@@ -775,7 +782,8 @@ class Qcow2Image:
                 fmt_name = "qcow2" if file.pread(0, 4) == fmt.QCOW_MAGIC else "raw"
             if fmt_name == "qcow2":
                 return Qcow2Image(path, "r", check_locks=False, _policy=policy,
-                                  _chain=self._chain, _file=file)
+                                  _chain=self._chain, _file=file,
+                                  passphrase=self._passphrase)
             if fmt_name == "raw":
                 return RawImage(path, file=file)
             raise UnsupportedImageError(
@@ -858,6 +866,36 @@ class Qcow2Image:
         active layer (``None``) or of a snapshot, at its own disk size."""
         return DiskReader(self, self.layer(snapshot))
 
+    def data_cipher(self) -> LuksKey | None:
+        """The key that decrypts this image's data clusters (``None``: not
+        encrypted), unlocked with the passphrase given to :func:`open` on
+        first use.  Raises :class:`BadPassphraseError` without a passphrase
+        or with a wrong one, :class:`UnsupportedImageError` for the legacy
+        AES method or without the ``cryptography`` package."""
+        method = self.header.crypt_method
+        if method == fmt.QCOW_CRYPT_NONE:
+            return None
+        if method != fmt.QCOW_CRYPT_LUKS:
+            raise UnsupportedImageError(
+                f"{self.path}: the image is encrypted (AES); reading data encrypted with "
+                f"the legacy AES method is not supported (metadata can be listed)",
+                feature="encryption")
+        if self._data_cipher is None:
+            if self._passphrase is None:
+                raise BadPassphraseError(
+                    f"{self.path}: the image is encrypted (LUKS); give its passphrase "
+                    f"(passphrase=; CLI: --passphrase-file FILE or QCOW2SNAP_PASSPHRASE)")
+            ext = self.extension(fmt.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+            if ext is None:
+                raise self._corrupt("Missing CRYPTO header for crypt method 2",
+                                    "full disk encryption header extension")
+            where = ext.crypto_header()
+            header = parse_luks_header(
+                self.pread(where.offset, fmt.QCRYPTO_BLOCK_LUKS_HEADER_SIZE),
+                where.offset, where.length)
+            self._data_cipher = unlock(header, self.pread, self._passphrase, path=self.path)
+        return self._data_cipher
+
     def backing_disk(self) -> GuestDisk | None:
         """The backing image's guest disk (qcow2 or raw, one interface), or
         None without a backing file."""
@@ -937,7 +975,8 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          backing_format: str | None = None,
          data_file: str | os.PathLike[str] | None = None,
          check_locks: bool = True,
-         allow_dirs: Iterable[str | os.PathLike[str]] = ()) -> Qcow2Image:
+         allow_dirs: Iterable[str | os.PathLike[str]] = (),
+         passphrase: bytes | str | None = None) -> Qcow2Image:
     """Open a qcow2 image; use as a context manager.
 
     ``mode="r"`` never writes to the image.  ``backing_file`` overrides the
@@ -953,4 +992,5 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
         path = name
     return Qcow2Image(path, mode, backing_file=backing_file,
                       backing_format=backing_format, data_file=data_file,
-                      check_locks=check_locks, allow_dirs=allow_dirs)
+                      check_locks=check_locks, allow_dirs=allow_dirs,
+                      passphrase=passphrase)

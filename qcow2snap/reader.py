@@ -32,10 +32,11 @@ from typing import Any, Protocol
 from . import format as fmt
 from .cache import DECOMPRESSED_CLUSTERS
 from .errors import CorruptImageError, UnsupportedImageError
+from .luks import SECTOR, LuksKey
 from .model import Header, Snapshot
 
-__all__ = ["DiskReader", "Extent", "ExtentKind", "GuestDisk", "L1Lookup", "Layer", "MappedImage",
-           "decompress_cluster", "iter_extents"]
+__all__ = ["DecryptedSource", "DiskReader", "Extent", "ExtentKind", "GuestDisk", "L1Lookup",
+           "Layer", "MappedImage", "decompress_cluster", "iter_extents", "read_decrypted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ class MappedImage(Protocol):
     def path(self) -> str: ...
     @property
     def encrypted(self) -> bool: ...
+    def data_cipher(self) -> LuksKey | None: ...
     def l1_entries(self, layer: Layer) -> L1Lookup: ...
     def read_l2(self, l2_offset: int) -> array[int]: ...
     def pread(self, offset: int, length: int) -> bytes: ...
@@ -503,6 +505,32 @@ def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
 # File-like reader
 # ---------------------------------------------------------------------------
 
+def read_decrypted(cipher: LuksKey, source: ByteSource, host_offset: int,
+                   length: int) -> bytes:
+    """``length`` bytes of data at ``host_offset``, decrypted: the 512-byte
+    sectors around them are read and decrypted, each with its host sector
+    number as IV (QEMU's qcow2 LUKS: ``crypt_physical_offset``)."""
+    first = host_offset - host_offset % SECTOR
+    end = host_offset + length
+    end += -end % SECTOR
+    raw = source.pread(first, end - first)
+    if len(raw) < end - first:   # past the end of the file reads zeros (pread)
+        raw += bytes(end - first - len(raw))
+    skip = host_offset - first
+    return cipher.decrypt(first // SECTOR, raw)[skip:skip + length]
+
+
+class DecryptedSource:
+    """A :class:`ByteSource` whose reads are decrypted with ``cipher``."""
+
+    def __init__(self, cipher: LuksKey, source: ByteSource) -> None:
+        self.cipher = cipher
+        self.source = source
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return read_decrypted(self.cipher, self.source, offset, length)
+
+
 class DiskReader(io.RawIOBase):
     """A read-only, seekable binary file over a layer's guest space.
 
@@ -513,12 +541,9 @@ class DiskReader(io.RawIOBase):
     def __init__(self, image: MappedImage, layer: Layer, *, start: int = 0,
                  length: int | None = None, backing: bool = True) -> None:
         super().__init__()
-        if image.encrypted:
-            raise UnsupportedImageError(
-                f"{image.path}: the image is encrypted "
-                f"({fmt.CRYPT_METHOD_NAMES[image.header.crypt_method].upper()}); "
-                "reading encrypted data is not supported (metadata can be listed)",
-                feature="encryption")
+        #: decrypts the data clusters of an encrypted image (LUKS; raises
+        #: without the passphrase or with a wrong one, and for legacy AES)
+        self._cipher = image.data_cipher() if image.encrypted else None
         if layer.snapshot is not None and image.has_data_file:
             raise UnsupportedImageError(
                 f"{image.path}: internal snapshots are not supported with an external data file",
@@ -605,7 +630,11 @@ class DiskReader(io.RawIOBase):
                 if kind is ExtentKind.DATA:
                     assert ext.host_offset is not None
                     source = image.data_file() if ext.in_data_file else image
-                    view[lo:hi] = source.pread(ext.host_offset, ext.length)
+                    if reader._cipher is None:
+                        view[lo:hi] = source.pread(ext.host_offset, ext.length)
+                    else:
+                        view[lo:hi] = read_decrypted(reader._cipher, source, ext.host_offset,
+                                                     ext.length)
                 elif kind is ExtentKind.ZERO:
                     view[lo:hi] = bytes(ext.length)
                 elif kind is ExtentKind.UNALLOCATED:

@@ -399,9 +399,12 @@ def test_error_vmstate_of_disk_only_snapshot(fixture_dir: Path, tmp_path: Path) 
     assert not out.exists()
 
 
-def test_error_encrypted_extract(fixture_dir: Path, tmp_path: Path) -> None:
+def test_error_encrypted_extract(fixture_dir: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a passphrase: one line naming the ways to give it."""
+    monkeypatch.delenv("QCOW2SNAP_PASSPHRASE", raising=False)
     assert_error(invoke("extract", "1", image(fixture_dir, "luks"), "-o", tmp_path / "o.raw"),
-                 errors.UnsupportedImageError.exit_code, "encrypted")
+                 errors.BadPassphraseError.exit_code, "encrypted")
     assert os.listdir(tmp_path) == []
 
 

@@ -23,7 +23,7 @@ from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path, run
 from helpers import invoke
 
 import qcow2snap
-from qcow2snap.errors import CorruptImageError, UnsupportedImageError
+from qcow2snap.errors import CorruptImageError
 from qcow2snap.ops import hashing
 from qcow2snap.ops.hashing import ALGORITHMS, hash_image
 from qcow2snap.reader import ExtentKind
@@ -174,7 +174,8 @@ def test_cli_by_name_and_ambiguity(fixture_dir: Path) -> None:
 
 
 def test_encrypted_image_refused(fixture_dir: Path) -> None:
-    with pytest.raises(UnsupportedImageError):
+    """Without its passphrase (with it: tests/test_luks.py)."""
+    with pytest.raises(qcow2snap.BadPassphraseError):
         hash_image(fixture_path(fixture_dir, "luks"))
 
 

@@ -174,9 +174,10 @@ def test_backing_file_override_and_disable(fixture_dir: Path, tmp_path: Path) ->
 
 
 def test_encrypted_image_lists_but_does_not_read(fixture_dir: Path) -> None:
+    """Without its passphrase an encrypted image lists but does not read."""
     with qcow2snap.open(fixture_path(fixture_dir, "luks")) as image:
         assert image.encrypted and image.snapshots
-        with pytest.raises(UnsupportedImageError, match="encrypted"):
+        with pytest.raises(qcow2snap.BadPassphraseError, match="encrypted"):
             image.open_disk()
 
 
@@ -271,7 +272,7 @@ def test_own_editor_locks_are_not_taken_for_qemu(fixture_copy) -> None:  # type:
 
 
 LAYERS = [("errors",), ("format", "tables", "vmstate"), ("model",),
-          ("cache", "hostfile", "locks", "reader", "image", "copier", "refcount"),
+          ("cache", "hostfile", "locks", "luks", "reader", "image", "copier", "refcount"),
           ("ops",), ("describe",), ("cli",)]
 
 

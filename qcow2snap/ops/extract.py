@@ -26,7 +26,15 @@ from ..errors import OutputError, OutputExistsError, UnsupportedImageError
 from ..hostfile import file_kind
 from ..image import Qcow2Image
 from ..model import Header, Snapshot
-from ..reader import DiskReader, ExtentKind, GuestDisk, Layer, decompress_cluster, iter_extents
+from ..reader import (
+    DiskReader,
+    ExtentKind,
+    GuestDisk,
+    Layer,
+    decompress_cluster,
+    iter_extents,
+    read_decrypted,
+)
 from ..refcount import self_describing_refcounts
 from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
 
@@ -187,13 +195,23 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
         return decompress_cluster(raw, compression_type, cs, host_offset)
 
     copier.set_decompressor(inflate, cs)
+    cipher = image.data_cipher() if image.encrypted else None   # LUKS: decrypt data
 
     for ext in iter_extents(image, layer, start, length):
         dst = ext.guest_offset - start
         kind = ext.kind
         if kind is ExtentKind.DATA:
             assert ext.host_offset is not None  # DATA extents always carry one
-            if ext.in_data_file:
+            if cipher is not None:
+                source = image.data_file() if ext.in_data_file else image
+                done = 0
+                while done < ext.length:
+                    n = min(4 << 20, ext.length - done)
+                    copier.write(dst + done, read_decrypted(cipher, source,
+                                                            ext.host_offset + done, n))
+                    progress(n)
+                    done += n
+            elif ext.in_data_file:
                 data_file = image.data_file()
                 done = 0
                 while done < ext.length:
@@ -246,10 +264,8 @@ def extract(image: Qcow2Image, snapshot: str | Snapshot | None, output: str | os
     ``sync=True`` fsyncs the output before it is renamed into place.
     """
     layer = image.layer(snapshot)
-    if image.encrypted:
-        raise UnsupportedImageError(
-            f"{image.path}: the image is encrypted; extracting encrypted data is not supported",
-            feature="encryption")
+    if image.encrypted:   # unlock (or refuse) before the output is created
+        image.data_cipher()
     if layer.snapshot is not None and image.has_data_file:
         raise UnsupportedImageError(
             f"{image.path}: internal snapshots are not supported with an external data file",

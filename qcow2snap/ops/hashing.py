@@ -38,6 +38,7 @@ from ..image import Qcow2Image
 from ..image import open as open_image
 from ..model import Snapshot
 from ..reader import (
+    DecryptedSource,
     DiskReader,
     Extent,
     ExtentKind,
@@ -155,6 +156,10 @@ def _pieces(image: MappedImage, start: int, length: int, layer: Any, *, backing:
         elif kind is ExtentKind.DATA:
             assert ext.host_offset is not None
             source: Any = img.data_file() if ext.in_data_file else img
+            if img.encrypted:   # LUKS: decrypted as read (the key is unlocked once)
+                cipher = img.data_cipher()
+                assert cipher is not None
+                source = DecryptedSource(cipher, source)
             done = 0
             while done < ext.length:
                 n = min(READ_CHUNK_BYTES, ext.length - done)
