@@ -290,11 +290,13 @@ class Checker:
             self.claim(l2, cs, "L2 table", f"L2 table at {l2:#x}")
             if active:
                 self.active_l2.append((index, l2))
-            info = self._l2(l2)
+            info = self.l2_info(l2)
             self._apply_l2(info, l2, label, active)
             self._tick(cs)
 
-    def _l2(self, l2: int) -> L2Info:
+    def l2_info(self, l2: int) -> L2Info:
+        """What the L2 table at ``l2`` references, scanned once per check
+        (:func:`~.check_l2.scan_l2`) however many layers reach it."""
         info = self._l2_info.get(l2)
         if info is None:
             info = scan_l2(self.image, l2)
@@ -604,7 +606,7 @@ class Checker:
                 budget[0] -= cs
                 if budget[0] < 0:
                     return None
-            info = self._l2(l2)
+            info = self.l2_info(l2)
             if info.findings or info.past_eof:
                 return None
             refs.update(info.hosts)

@@ -38,7 +38,6 @@ from ..image import Qcow2Image
 from ..model import Snapshot
 from ..tables import decode_u64_table
 from .check import Checker
-from .check_l2 import scan_l2
 
 __all__ = ["ImageUsage", "LayerUsage", "UsageReport", "usage"]
 
@@ -213,23 +212,13 @@ class _Usage:
             for layer in by_layer:
                 own(c, layer, _L2)
             lref[c] += count
-            info = scan_l2(image, l2)
+            info = checker.l2_info(l2)   # scanned once, by the check
             hosts[l2] = info.hosts
             what = _DATA if l2 in data_tables else _VMSTATE
             for c in info.hosts:
-                if c >= n:
-                    continue
-                lref[c] += count
-                if single == _SEVERAL:
-                    owner[c] = _SEVERAL
-                else:
-                    o = owner[c]
-                    if o == _NOBODY:
-                        owner[c] = single
-                    elif o != single:
-                        owner[c] = _SEVERAL
-                if kind[c] == _NONE or what < kind[c]:
-                    kind[c] = what
+                if c < n:
+                    lref[c] += count
+                    own(c, single, what)
             if self.progress is not None and done % 64 == 0:
                 self.progress(total + done, 2 * total)
         # exclusive: every reference from one layer, and the stored refcount
