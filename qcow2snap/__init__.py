@@ -44,6 +44,7 @@ from .errors import (
 )
 from .image import Layer, Qcow2Image, RawImage
 from .image import open as _open_read_only
+from .luks import DEFAULT_KDF_ITERATION_LIMIT
 from .model import Extension, FeatureName, Header, Snapshot
 from .reader import DiskReader, Extent, ExtentKind
 
@@ -61,7 +62,8 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          data_file: str | os.PathLike[str] | None = None,
          check_locks: bool = True,
          allow_dirs: Iterable[str | os.PathLike[str]] = (),
-         passphrase: bytes | str | None = None) -> Qcow2Image: ...
+         passphrase: bytes | str | None = None,
+         kdf_iteration_limit: int = DEFAULT_KDF_ITERATION_LIMIT) -> Qcow2Image: ...
 
 
 @overload
@@ -80,6 +82,7 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
          check_locks: bool = True, io: "MetadataIO | None" = None,
          allow_dirs: Iterable[str | os.PathLike[str]] = (),
          passphrase: bytes | str | None = None,
+         kdf_iteration_limit: int = DEFAULT_KDF_ITERATION_LIMIT,
          ) -> "Qcow2Image | EditableImage":
     """Open a qcow2 image; use as a context manager.
 
@@ -96,7 +99,11 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
     leads elsewhere raises :class:`CompanionRefusedError`),
     ``check_locks`` (reading only: an editor always checks),
     ``passphrase`` (reading only: the LUKS passphrase of an encrypted
-    image, bytes or str, used as given; needs ``qcow2snap[luks]``), and for
+    image, bytes or str, used as given; needs ``qcow2snap[luks]``; for the
+    legacy AES method, its key, which nothing can verify),
+    ``kdf_iteration_limit`` (reading only: the most PBKDF2 iterations a LUKS
+    key slot may ask for before it is not tried; a hostile header can ask
+    for hours), and for
     ``"r+"`` ``io``, an object with ``pwrite``/``fsync``/``truncate``/
     ``punch_hole`` that receives every metadata write instead of the file
     (the crash tests record and replay through it).
@@ -107,7 +114,8 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
         return _open_read_only(path, "r", backing_file=backing_file,
                                backing_format=backing_format, data_file=data_file,
                                check_locks=check_locks, allow_dirs=allow_dirs,
-                               passphrase=passphrase)
+                               passphrase=passphrase,
+                               kdf_iteration_limit=kdf_iteration_limit)
     if mode == "r+":
         if passphrase is not None:
             raise ValueError("passphrase= is for mode='r' (encrypted images are read only)")
@@ -126,6 +134,7 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r", "r+"] = "r"
 
 
 __all__ = [
+    "DEFAULT_KDF_ITERATION_LIMIT",
     "AmbiguousSnapshotError",
     "BadPassphraseError",
     "CheckFailedError",

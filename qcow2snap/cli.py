@@ -28,6 +28,7 @@ from . import __version__, describe
 from .errors import ImageInUseWarning, Qcow2Error
 from .image import Qcow2Image
 from .image import open as open_image
+from .luks import DEFAULT_KDF_ITERATION_LIMIT
 from .model import Snapshot
 from .ops import inspection
 
@@ -186,6 +187,21 @@ def _passphrase() -> bytes | None:
         data = os.environb.get(PASSPHRASE_ENVVAR.encode())
     return data
 
+
+_KDF_LIMIT_KEY = "qcow2snap.kdf_iteration_limit"
+
+
+def _kdf_limit_option(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        ctx.meta[_KDF_LIMIT_KEY] = value
+
+
+def _kdf_iteration_limit() -> int:
+    """--kdf-iteration-limit of this command, else the library's default."""
+    ctx = click.get_current_context(silent=True)
+    value = ctx.meta.get(_KDF_LIMIT_KEY) if ctx is not None else None
+    return DEFAULT_KDF_ITERATION_LIMIT if value is None else int(value)
+
 #: How a reading command finds the image's companion files.
 image_options = _options(
     click.option("--backing-file", "backing_file", type=click.Path(dir_okay=False),
@@ -201,9 +217,15 @@ image_options = _options(
                       "By default only files in the image's own directory are followed."),
     click.option("--passphrase-file", type=click.Path(dir_okay=False), metavar="FILE",
                  expose_value=False, callback=_passphrase_file,
-                 help="Read the passphrase of a LUKS-encrypted image from FILE, byte for byte "
-                      "(a trailing newline is part of it); or give it in $" + PASSPHRASE_ENVVAR
+                 help="Read the passphrase of an encrypted image (LUKS or legacy AES) from "
+                      "FILE, byte for byte (a trailing newline is part of it); or give it "
+                      "in $" + PASSPHRASE_ENVVAR
                       + ". Needs qcow2snap[luks]."),
+    click.option("--kdf-iteration-limit", type=click.IntRange(min=1), metavar="N",
+                 expose_value=False, callback=_kdf_limit_option,
+                 help="Try no LUKS key slot that asks for more than N PBKDF2 iterations "
+                      f"(default {DEFAULT_KDF_ITERATION_LIMIT:,}: a hostile image could ask "
+                      "for hours of work)."),
 )
 
 #: How SNAPSHOT is matched.
@@ -249,7 +271,8 @@ def _open(path: str, backing_file: str | None = None, no_backing: bool = False,
           ) -> Iterator[Qcow2Image]:
     backing: str | bool | None = False if no_backing else backing_file
     with open_image(path, backing_file=backing, data_file=data_file,
-                    allow_dirs=allow_dirs, passphrase=_passphrase()) as image:
+                    allow_dirs=allow_dirs, passphrase=_passphrase(),
+                    kdf_iteration_limit=_kdf_iteration_limit()) as image:
         yield image
 
 

@@ -213,7 +213,7 @@ class ClusterCopier:
         with contextlib.suppress(OSError, ValueError):  # advisory only
             self._map.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
-    def write(self, dst_offset: int, data: bytes | memoryview) -> None:
+    def write(self, dst_offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (e.g. from a backing file), skipping zero blocks."""
         self._write_nonzero(dst_offset, memoryview(data))
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, Self
 
 from . import cache
 from . import format as fmt
+from .crypto import SectorCipher, legacy_aes_cipher
 from .errors import (
     AmbiguousSnapshotError,
     BadPassphraseError,
@@ -42,7 +43,7 @@ from .errors import (
 )
 from .hostfile import CompanionPolicy, HostFile, open_read_only, open_read_write
 from .locks import EditorLock, LockState, probe_locks
-from .luks import LuksKey, parse_luks_header, unlock
+from .luks import DEFAULT_KDF_ITERATION_LIMIT, parse_luks_header, unlock
 from .model import (
     Extension,
     FeatureName,
@@ -210,6 +211,7 @@ class Qcow2Image:
                  check_mode: bool = False,
                  allow_dirs: Iterable[str | os.PathLike[str]] = (),
                  passphrase: bytes | str | None = None,
+                 kdf_iteration_limit: int = DEFAULT_KDF_ITERATION_LIMIT,
                  _policy: CompanionPolicy | None = None,
                  _chain: tuple[tuple[int, int], ...] = (),
                  _file: HostFile | None = None) -> None:
@@ -230,7 +232,8 @@ class Qcow2Image:
         #: the LUKS passphrase (also tried on encrypted backing images)
         self._passphrase = (passphrase.encode() if isinstance(passphrase, str)
                             else passphrase)
-        self._data_cipher: LuksKey | None = None
+        self._kdf_iteration_limit = kdf_iteration_limit
+        self._data_cipher: SectorCipher | None = None
         #: identifies this open image in the process-wide caches (cache.py)
         self.cache_token = next(_TOKENS)
         self._editor_lock: EditorLock | None = None
@@ -783,7 +786,8 @@ class Qcow2Image:
             if fmt_name == "qcow2":
                 return Qcow2Image(path, "r", check_locks=False, _policy=policy,
                                   _chain=self._chain, _file=file,
-                                  passphrase=self._passphrase)
+                                  passphrase=self._passphrase,
+                                  kdf_iteration_limit=self._kdf_iteration_limit)
             if fmt_name == "raw":
                 return RawImage(path, file=file)
             raise UnsupportedImageError(
@@ -866,25 +870,24 @@ class Qcow2Image:
         active layer (``None``) or of a snapshot, at its own disk size."""
         return DiskReader(self, self.layer(snapshot))
 
-    def data_cipher(self) -> LuksKey | None:
-        """The key that decrypts this image's data clusters (``None``: not
-        encrypted), unlocked with the passphrase given to :func:`open` on
-        first use.  Raises :class:`BadPassphraseError` without a passphrase
-        or with a wrong one, :class:`UnsupportedImageError` for the legacy
-        AES method or without the ``cryptography`` package."""
+    def data_cipher(self) -> SectorCipher | None:
+        """The cipher of this image's data clusters (``None``: not encrypted),
+        set up with the passphrase given to :func:`open` on first use.
+        Raises :class:`BadPassphraseError` without a passphrase or with one
+        that opens no LUKS key slot, :class:`UnsupportedImageError` without
+        the ``qcow2snap[luks]`` extra."""
         method = self.header.crypt_method
         if method == fmt.QCOW_CRYPT_NONE:
             return None
-        if method != fmt.QCOW_CRYPT_LUKS:
-            raise UnsupportedImageError(
-                f"{self.path}: the image is encrypted (AES); reading data encrypted with "
-                f"the legacy AES method is not supported (metadata can be listed)",
-                feature="encryption")
         if self._data_cipher is None:
+            name = "LUKS" if method == fmt.QCOW_CRYPT_LUKS else "AES"
             if self._passphrase is None:
                 raise BadPassphraseError(
-                    f"{self.path}: the image is encrypted (LUKS); give its passphrase "
+                    f"{self.path}: the image is encrypted ({name}); give its passphrase "
                     f"(passphrase=; CLI: --passphrase-file FILE or QCOW2SNAP_PASSPHRASE)")
+            if method == fmt.QCOW_CRYPT_AES:
+                self._data_cipher = legacy_aes_cipher(self._passphrase)
+                return self._data_cipher
             ext = self.extension(fmt.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
             if ext is None:
                 raise self._corrupt("Missing CRYPTO header for crypt method 2",
@@ -893,7 +896,8 @@ class Qcow2Image:
             header = parse_luks_header(
                 self.pread(where.offset, fmt.QCRYPTO_BLOCK_LUKS_HEADER_SIZE),
                 where.offset, where.length)
-            self._data_cipher = unlock(header, self.pread, self._passphrase, path=self.path)
+            self._data_cipher = unlock(header, self.pread, self._passphrase, path=self.path,
+                                       kdf_iteration_limit=self._kdf_iteration_limit)
         return self._data_cipher
 
     def backing_disk(self) -> GuestDisk | None:
@@ -976,7 +980,8 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
          data_file: str | os.PathLike[str] | None = None,
          check_locks: bool = True,
          allow_dirs: Iterable[str | os.PathLike[str]] = (),
-         passphrase: bytes | str | None = None) -> Qcow2Image:
+         passphrase: bytes | str | None = None,
+         kdf_iteration_limit: int = DEFAULT_KDF_ITERATION_LIMIT) -> Qcow2Image:
     """Open a qcow2 image; use as a context manager.
 
     ``mode="r"`` never writes to the image.  ``backing_file`` overrides the
@@ -993,4 +998,4 @@ def open(path: str | os.PathLike[str] | BinaryIO, mode: Literal["r"] = "r", *,
     return Qcow2Image(path, mode, backing_file=backing_file,
                       backing_format=backing_format, data_file=data_file,
                       check_locks=check_locks, allow_dirs=allow_dirs,
-                      passphrase=passphrase)
+                      passphrase=passphrase, kdf_iteration_limit=kdf_iteration_limit)

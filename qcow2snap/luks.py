@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from . import format as fmt
+from .crypto import SectorCipher, need_crypto_libraries
 from .errors import BadPassphraseError, CorruptImageError, UnsupportedImageError
 
-__all__ = ["LuksHeader", "LuksKey", "af_merge", "parse_luks_header", "unlock"]
+__all__ = ["DEFAULT_KDF_ITERATION_LIMIT", "LuksHeader", "af_merge", "parse_luks_header",
+           "unlock"]
 
 SECTOR = fmt.QCRYPTO_BLOCK_LUKS_SECTOR_SIZE
 
@@ -106,16 +107,6 @@ def parse_luks_header(data: bytes, offset: int, length: int) -> LuksHeader:
                       tuple(slots))
 
 
-def _need_cryptography() -> None:
-    """The ``cryptography`` package, or one clear error naming the extra."""
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        raise UnsupportedImageError(
-            "reading LUKS-encrypted data needs the 'cryptography' package: "
-            "pip install 'qcow2snap[luks]'", feature="encryption") from None
-
-
 def _hash_name(name: str) -> str:
     if name not in _HASHES:
         raise UnsupportedImageError(f"LUKS hash {name!r} is not supported "
@@ -124,7 +115,7 @@ def _hash_name(name: str) -> str:
 
 
 def pbkdf2(hash_name: str, secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    _need_cryptography()
+    need_crypto_libraries()
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
     algorithm = getattr(hashes, _HASHES[_hash_name(hash_name)])()
@@ -133,7 +124,8 @@ def pbkdf2(hash_name: str, secret: bytes, salt: bytes, iterations: int, length: 
     return out
 
 
-def af_merge(hash_name: str, material: bytes, block_len: int, stripes: int) -> bytes:
+def af_merge(hash_name: str, material: bytes | bytearray, block_len: int,
+             stripes: int) -> bytes:
     """QEMU's ``qcrypto_afsplit_decode``: XOR the stripes together, each
     partial sum diffused with the hash (``qcrypto_afsplit_hash``)."""
     digest_len = hashlib.new(_hash_name(hash_name)).digest_size
@@ -162,75 +154,42 @@ def af_merge(hash_name: str, material: bytes, block_len: int, stripes: int) -> b
             ).to_bytes(block_len, "little")
 
 
-class LuksKey:
-    """A cipher set up with a key: decrypts whole 512-byte sectors with the
-    volume's mode and IV generator (QEMU's ``qcrypto_block_cipher_decrypt_helper``)."""
-
-    def __init__(self, cipher_name: str, cipher_mode: str, key: bytes) -> None:
-        _need_cryptography()
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-        self._Cipher = Cipher
-        self._modes = modes
-        if cipher_name != "aes":
-            raise UnsupportedImageError(f"LUKS cipher {cipher_name!r} is not supported "
-                                        f"(aes is)", feature="encryption")
-        mode, _, ivgen = cipher_mode.partition("-")
-        ivgen, _, ivhash = ivgen.partition(":")
-        if mode not in ("xts", "cbc") or ivgen not in ("plain", "plain64", "essiv"):
-            raise UnsupportedImageError(f"LUKS cipher mode {cipher_mode!r} is not supported "
-                                        f"(xts or cbc with plain, plain64 or essiv)",
-                                        feature="encryption")
-        if len(key) not in ((32, 48, 64) if mode == "xts" else (16, 24, 32)):
-            raise UnsupportedImageError(f"{len(key) * 8}-bit keys are not supported for "
-                                        f"aes-{mode}", feature="encryption")
-        self.mode = mode
-        self.ivgen = ivgen
-        self._key = key
-        self._algorithm = algorithms.AES(key)
-        self._essiv: Any = None
-        if ivgen == "essiv":
-            salt = hashlib.new(_hash_name(ivhash), key).digest()
-            if len(salt) not in (16, 24, 32):
-                raise UnsupportedImageError(f"ESSIV hash {ivhash!r} gives no AES key size",
-                                            feature="encryption")
-            self._essiv = Cipher(algorithms.AES(salt), modes.ECB()).encryptor()
-
-    def _iv(self, sector: int) -> bytes:
-        if self.ivgen == "plain":
-            return (sector & 0xFFFFFFFF).to_bytes(4, "little") + bytes(12)
-        iv = (sector & (2**64 - 1)).to_bytes(8, "little") + bytes(8)
-        if self._essiv is not None:
-            out: bytes = self._essiv.update(iv)
-            return out
-        return iv
-
-    def decrypt(self, first_sector: int, data: bytes | memoryview) -> bytes:
-        """Decrypt ``data`` (512-byte sectors; the last may be shorter, as
-        key material may end) whose first sector has IV number ``first_sector``."""
-        if len(data) % 16:
-            raise ValueError("LUKS data must be whole cipher blocks")
-        view = memoryview(data)
-        out = bytearray(len(data))
-        mode: Callable[[bytes], Any] = (self._modes.XTS if self.mode == "xts"
-                                        else self._modes.CBC)
-        for i in range(0, len(data), SECTOR):
-            dec = self._Cipher(self._algorithm, mode(self._iv(first_sector + i // SECTOR))
-                               ).decryptor()
-            out[i:i + SECTOR] = dec.update(view[i:i + SECTOR])
-        return bytes(out)
+#: the most PBKDF2 iterations one key slot (or the master key digest) may
+#: ask for before unlocking refuses it: a hostile header can ask for 2^32-1,
+#: hours of work.  QEMU's default ``iter-time`` of 2 s calibrates to a few
+#: million on today's machines; 20 million leaves ample room (~10 s here).
+DEFAULT_KDF_ITERATION_LIMIT = 20_000_000
 
 
 def unlock(header: LuksHeader, pread: Callable[[int, int], bytes], passphrase: bytes,
-           *, path: str = "") -> LuksKey:
-    """Try ``passphrase`` on every active key slot; the master key whose
-    PBKDF2 digest matches gives the data cipher.  ``pread(offset, length)``
-    reads the qcow2 file.  Raises :class:`BadPassphraseError` when no slot
-    opens."""
+           *, path: str = "",
+           kdf_iteration_limit: int = DEFAULT_KDF_ITERATION_LIMIT) -> SectorCipher:
+    """Try ``passphrase`` on every active key slot, in order (as QEMU's
+    ``qcrypto_block_luks_find_key``); the master key whose PBKDF2 digest
+    matches gives the data cipher.  ``pread(offset, length)`` reads the qcow2
+    file.  A slot asking for more than ``kdf_iteration_limit`` PBKDF2
+    iterations is not tried (nor the digest, if it asks for more).
+
+    Raises :class:`BadPassphraseError` when no slot opens (naming the slots
+    the limit kept untried), :class:`UnsupportedImageError` for a cipher,
+    mode or hash that cannot be used."""
     _hash_name(header.hash_spec)
-    LuksKey(header.cipher_name, header.cipher_mode, bytes(header.master_key_len))  # validate
+    # the data cipher's parameters, validated before any PBKDF2 work
+    SectorCipher(header.cipher_name, header.cipher_mode, bytes(header.master_key_len))
+    prefix = f"{path}: " if path else ""
+    limit_hint = ("; if the image is yours, raise the limit (kdf_iteration_limit=; CLI: "
+                  "--kdf-iteration-limit N)")
+    if header.master_key_iterations > kdf_iteration_limit:
+        raise BadPassphraseError(
+            f"{prefix}the LUKS master key digest asks for {header.master_key_iterations:,} "
+            f"PBKDF2 iterations, over the limit of {kdf_iteration_limit:,}{limit_hint}")
     nkey = header.master_key_len
+    untried: list[str] = []
     for slot in header.key_slots:
         if not slot.active:
+            continue
+        if slot.iterations > kdf_iteration_limit:
+            untried.append(f"{slot.index} ({slot.iterations:,} iterations)")
             continue
         slot_key = pbkdf2(header.hash_spec, passphrase, slot.salt, slot.iterations, nkey)
         material_len = nkey * slot.stripes
@@ -238,11 +197,16 @@ def unlock(header: LuksHeader, pread: Callable[[int, int], bytes], passphrase: b
         if len(material) != material_len:
             raise CorruptImageError(f"LUKS key slot {slot.index} material is truncated",
                                     structure="LUKS header", offset=header.offset)
-        split = LuksKey(header.cipher_name, header.cipher_mode, slot_key).decrypt(0, material)
+        split = SectorCipher(header.cipher_name, header.cipher_mode, slot_key
+                             ).decrypt(0, material)
         candidate = af_merge(header.hash_spec, split, nkey, slot.stripes)
         digest = pbkdf2(header.hash_spec, candidate, header.master_key_salt,
                         header.master_key_iterations, fmt.QCRYPTO_BLOCK_LUKS_DIGEST_LEN)
         if digest == header.master_key_digest:
-            return LuksKey(header.cipher_name, header.cipher_mode, candidate)
-    prefix = f"{path}: " if path else ""
+            return SectorCipher(header.cipher_name, header.cipher_mode, candidate)
+    if untried:
+        raise BadPassphraseError(
+            f"{prefix}Invalid password, cannot unlock any keyslot; key slot(s) "
+            f"{', '.join(untried)} not tried: over the limit of {kdf_iteration_limit:,} "
+            f"PBKDF2 iterations{limit_hint}")
     raise BadPassphraseError(f"{prefix}Invalid password, cannot unlock any keyslot")

@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 from . import format as fmt
 from .cache import DECOMPRESSED_CLUSTERS
+from .crypto import SECTOR, SectorCipher
 from .errors import CorruptImageError, UnsupportedImageError
-from .luks import SECTOR, LuksKey
 from .model import Header, Snapshot
 
 __all__ = ["DecryptedSource", "DiskReader", "Extent", "ExtentKind", "GuestDisk", "L1Lookup",
@@ -102,7 +102,7 @@ class MappedImage(Protocol):
     def path(self) -> str: ...
     @property
     def encrypted(self) -> bool: ...
-    def data_cipher(self) -> LuksKey | None: ...
+    def data_cipher(self) -> SectorCipher | None: ...
     def l1_entries(self, layer: Layer) -> L1Lookup: ...
     def read_l2(self, l2_offset: int) -> array[int]: ...
     def pread(self, offset: int, length: int) -> bytes: ...
@@ -505,11 +505,12 @@ def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
 # File-like reader
 # ---------------------------------------------------------------------------
 
-def read_decrypted(cipher: LuksKey, source: ByteSource, host_offset: int,
-                   length: int) -> bytes:
-    """``length`` bytes of data at ``host_offset``, decrypted: the 512-byte
-    sectors around them are read and decrypted, each with its host sector
-    number as IV (QEMU's qcow2 LUKS: ``crypt_physical_offset``)."""
+def read_decrypted(cipher: SectorCipher, source: ByteSource, host_offset: int,
+                   length: int, guest_offset: int) -> bytearray:
+    """``length`` bytes of data at ``host_offset`` (guest offset
+    ``guest_offset``), decrypted: the 512-byte sectors around them are read
+    and decrypted, each with its sector number as IV, counted in the file
+    (LUKS: QEMU's ``crypt_physical_offset``) or in the guest disk (legacy AES)."""
     first = host_offset - host_offset % SECTOR
     end = host_offset + length
     end += -end % SECTOR
@@ -517,18 +518,24 @@ def read_decrypted(cipher: LuksKey, source: ByteSource, host_offset: int,
     if len(raw) < end - first:   # past the end of the file reads zeros (pread)
         raw += bytes(end - first - len(raw))
     skip = host_offset - first
-    return cipher.decrypt(first // SECTOR, raw)[skip:skip + length]
+    iv_offset = host_offset if cipher.iv_from_host_offset else guest_offset
+    plain = cipher.decrypt((iv_offset - skip) // SECTOR, raw)
+    return plain if len(plain) == length else plain[skip:skip + length]
 
 
 class DecryptedSource:
-    """A :class:`ByteSource` whose reads are decrypted with ``cipher``."""
+    """A :class:`ByteSource` whose reads are decrypted with ``cipher``;
+    ``guest_minus_host``: what turns a host offset into its guest offset
+    (constant along one extent; the legacy AES IVs count guest sectors)."""
 
-    def __init__(self, cipher: LuksKey, source: ByteSource) -> None:
+    def __init__(self, cipher: SectorCipher, source: ByteSource, guest_minus_host: int) -> None:
         self.cipher = cipher
         self.source = source
+        self.guest_minus_host = guest_minus_host
 
     def pread(self, offset: int, length: int) -> bytes:
-        return read_decrypted(self.cipher, self.source, offset, length)
+        return bytes(read_decrypted(self.cipher, self.source, offset, length,
+                                    offset + self.guest_minus_host))
 
 
 class DiskReader(io.RawIOBase):
@@ -541,8 +548,8 @@ class DiskReader(io.RawIOBase):
     def __init__(self, image: MappedImage, layer: Layer, *, start: int = 0,
                  length: int | None = None, backing: bool = True) -> None:
         super().__init__()
-        #: decrypts the data clusters of an encrypted image (LUKS; raises
-        #: without the passphrase or with a wrong one, and for legacy AES)
+        #: decrypts the data clusters of an encrypted image (LUKS or legacy
+        #: AES; raises without the passphrase or with a wrong LUKS one)
         self._cipher = image.data_cipher() if image.encrypted else None
         if layer.snapshot is not None and image.has_data_file:
             raise UnsupportedImageError(
@@ -634,7 +641,7 @@ class DiskReader(io.RawIOBase):
                         view[lo:hi] = source.pread(ext.host_offset, ext.length)
                     else:
                         view[lo:hi] = read_decrypted(reader._cipher, source, ext.host_offset,
-                                                     ext.length)
+                                                     ext.length, ext.guest_offset)
                 elif kind is ExtentKind.ZERO:
                     view[lo:hi] = bytes(ext.length)
                 elif kind is ExtentKind.UNALLOCATED:

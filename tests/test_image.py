@@ -272,7 +272,7 @@ def test_own_editor_locks_are_not_taken_for_qemu(fixture_copy) -> None:  # type:
 
 
 LAYERS = [("errors",), ("format", "tables", "vmstate"), ("model",),
-          ("cache", "hostfile", "locks", "luks", "reader", "image", "copier", "refcount"),
+          ("cache", "hostfile", "locks", "crypto", "luks", "reader", "image", "copier", "refcount"),
           ("ops",), ("describe",), ("cli",)]
 
 

@@ -124,11 +124,12 @@ def test_fixture_without_passphrase_lists_but_does_not_read(fixture_dir: Path,
     assert os.listdir(tmp_path) == []
 
 
-def test_without_cryptography_the_error_names_the_extra(fixture_dir: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "cryptography", None)   # import raises ImportError
+@pytest.mark.parametrize("module", ["cryptography", "numpy"])
+def test_without_a_crypto_library_the_error_names_it_and_the_extra(
+        fixture_dir: Path, monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    monkeypatch.setitem(sys.modules, module, None)   # import raises ImportError
     with (qcow2snap.open(fixture_path(fixture_dir, "luks"), passphrase=SECRET) as image,
-          pytest.raises(UnsupportedImageError, match=r"qcow2snap\[luks\]")):
+          pytest.raises(UnsupportedImageError, match=rf"'{module}'.*qcow2snap\[luks\]")):
         image.open_disk()
 
 
@@ -189,6 +190,21 @@ def _qemu_convert(qemu_img: str, pw: Path, image: Path, out: Path,
         str(out))
 
 
+def _assert_layers_match_qemu_img_convert(qemu_img: str, pw: Path, image: Path,
+                                          secret: bytes, tmp_path: Path) -> None:
+    """The active layer and snapshots "one" and "two", extracted (CLI) and
+    read (API), equal qemu-img convert's decryption."""
+    for snapshot in (None, "one", "two"):
+        expected = tmp_path / f"qemu-{snapshot}.raw"
+        _qemu_convert(qemu_img, pw, image, expected, snapshot)
+        ours = tmp_path / f"ours-{snapshot}.raw"
+        result = invoke("extract", snapshot or "-", image, "-o", ours, "--passphrase-file", pw)
+        assert result.exit_code == 0, result.stderr
+        assert sha256_file(ours) == sha256_file(expected), snapshot
+        with qcow2snap.open(image, passphrase=secret) as opened:
+            assert opened.open_disk(snapshot).read() == expected.read_bytes(), snapshot
+
+
 @pytest.mark.parametrize("cipher", list(CIPHERS))
 def test_qemu_made_image_every_layer_matches_qemu_img_convert(
         qemu_img: str, qemu_io: str, tmp_path: Path, cipher: str) -> None:
@@ -203,15 +219,7 @@ def test_qemu_made_image_every_layer_matches_qemu_img_convert(
     run(qemu_img, "snapshot", *_secret(pw), "--image-opts", "-c", "two", _opts(image))
     _qemu_io(qemu_io, pw, image, "write -P 0x31 0x3ff000 0x1000", "discard 0 4k")
     before = sha256_file(image)
-    for snapshot in (None, "one", "two"):
-        expected = tmp_path / f"qemu-{snapshot}.raw"
-        _qemu_convert(qemu_img, pw, image, expected, snapshot)
-        ours = tmp_path / f"ours-{snapshot}.raw"
-        result = invoke("extract", snapshot or "-", image, "-o", ours, "--passphrase-file", pw)
-        assert result.exit_code == 0, result.stderr
-        assert sha256_file(ours) == sha256_file(expected), snapshot
-        with qcow2snap.open(image, passphrase=b"pw") as opened:
-            assert opened.open_disk(snapshot).read() == expected.read_bytes(), snapshot
+    _assert_layers_match_qemu_img_convert(qemu_img, pw, image, b"pw", tmp_path)
     assert sha256_file(image) == before   # reading never writes
 
 
@@ -279,3 +287,136 @@ def test_damaged_luks_header_is_one_line(fixture_copy, tmp_path: Path,  # type: 
     assert result.exit_code == 3, result.stderr
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr
     assert not (tmp_path / "o.raw").exists()
+
+
+# ---------------------------------------------------------------------------
+# the vectorised sector cipher, against cryptography's own modes sector by sector
+# ---------------------------------------------------------------------------
+
+def _reference_decrypt(mode: str, ivgen: str, key: bytes, first_sector: int,
+                       data: bytes) -> bytes:
+    """One cryptography XTS/CBC context per 512-byte sector, as QEMU's
+    ``qcrypto_block_cipher_decrypt_helper`` sets an IV per sector."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    ivgen_name, _, ivhash = ivgen.partition(":")
+    essiv = None
+    if ivgen_name == "essiv":
+        essiv = Cipher(algorithms.AES(hashlib.new(ivhash, key).digest()), modes.ECB())
+    out = bytearray()
+    for i in range(0, len(data), 512):
+        sector = first_sector + i // 512
+        if ivgen_name == "plain":
+            iv = (sector & 0xFFFFFFFF).to_bytes(4, "little") + bytes(12)
+        else:
+            iv = (sector & (2**64 - 1)).to_bytes(8, "little") + bytes(8)
+            if essiv is not None:
+                iv = essiv.encryptor().update(iv)
+        cipher_mode = modes.XTS(iv) if mode == "xts" else modes.CBC(iv)
+        out += Cipher(algorithms.AES(key), cipher_mode).decryptor().update(data[i:i + 512])
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("mode", "ivgen", "key_bytes"), [
+    ("xts", "plain64", 64), ("xts", "plain64", 32), ("xts", "plain", 64),
+    ("xts", "essiv:sha256", 64), ("cbc", "plain64", 32), ("cbc", "plain", 16),
+    ("cbc", "essiv:sha256", 16), ("cbc", "essiv:sha256", 32),
+])
+@pytest.mark.parametrize("first_sector", [0, 2**32 - 7, 2**64 - 5])
+def test_sector_cipher_equals_a_context_per_sector(mode: str, ivgen: str, key_bytes: int,
+                                                   first_sector: int) -> None:
+    """Whole batches, a batch boundary, and a short last sector (as LUKS key
+    material ends), across the 32-bit (plain) and 64-bit (plain64) wraps."""
+    from qcow2snap.crypto import SectorCipher
+    key = hashlib.sha512(f"{mode}{ivgen}{key_bytes}".encode()).digest()[:key_bytes]
+    data = hashlib.shake_256(key).digest(2050 * 512 + 48)
+    cipher = SectorCipher("aes", f"{mode}-{ivgen}", key)
+    assert cipher.decrypt(first_sector, data) == _reference_decrypt(mode, ivgen, key,
+                                                                    first_sector, data)
+
+
+def test_essiv_hash_without_an_aes_key_size_is_refused_as_qemu_does() -> None:
+    from qcow2snap.crypto import SectorCipher
+    with pytest.raises(UnsupportedImageError, match="No AES cipher with key size 20 available"):
+        SectorCipher("aes", "cbc-essiv:sha1", bytes(32))
+
+
+# ---------------------------------------------------------------------------
+# PBKDF2 iteration limit: a hostile header cannot ask for hours of work
+# ---------------------------------------------------------------------------
+
+def _slot0_iterations_offset(image: Path) -> int:
+    with qcow2snap.open(image) as opened:
+        ext = opened.extension(fmt.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+        assert ext is not None
+        return ext.crypto_header().offset + 208 + 4      # key slot 0: active, iterations
+
+
+def test_hostile_iteration_count_is_refused_quickly(fixture_copy, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                    ) -> None:
+    import time
+    image = fixture_copy("luks")
+    offset = _slot0_iterations_offset(image)
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff\xff\xff\xff")        # 4,294,967,295 iterations
+    pw = _pw_file(tmp_path, SECRET.encode())
+    started = time.monotonic()
+    result = invoke("extract", "s1", image, "-o", tmp_path / "o.raw", "--passphrase-file", pw)
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 13, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert ("key slot(s) 0 (4,294,967,295 iterations) not tried: over the limit of "
+            "20,000,000 PBKDF2 iterations") in result.stderr
+    assert "--kdf-iteration-limit" in result.stderr
+    assert not (tmp_path / "o.raw").exists()
+
+
+def test_kdf_iteration_limit_is_the_users_to_raise(fixture_dir: Path, tmp_path: Path) -> None:
+    image = fixture_path(fixture_dir, "luks")
+    with qcow2snap.open(image) as opened:
+        ext = opened.extension(fmt.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+        assert ext is not None
+        where = ext.crypto_header()
+        from qcow2snap.luks import parse_luks_header
+        header = parse_luks_header(opened.pread(where.offset, 592), where.offset, where.length)
+    iterations = header.key_slots[0].iterations
+    assert iterations > 1
+    with (qcow2snap.open(image, passphrase=SECRET, kdf_iteration_limit=iterations - 1) as low,
+          pytest.raises(BadPassphraseError, match="over the limit")):
+        low.open_disk()
+    pw = _pw_file(tmp_path, SECRET.encode())
+    out = tmp_path / "o.raw"
+    result = invoke("extract", "-", image, "-o", out, "--passphrase-file", pw,
+                    "--kdf-iteration-limit", str(max(iterations, header.master_key_iterations)))
+    assert result.exit_code == 0, result.stderr
+    assert sha256_file(out) == LUKS["active"]["sha256"]
+
+
+# ---------------------------------------------------------------------------
+# the legacy AES method (encrypt.format=aes), against qemu-img convert
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("secret", [b"pw", b"a passphrase over sixteen bytes"])
+def test_legacy_aes_every_layer_matches_qemu_img_convert(qemu_img: str, qemu_io: str,
+                                                         tmp_path: Path, secret: bytes) -> None:
+    """AES-128-CBC, plain64 IVs of the GUEST sector, the key the
+    passphrase's first 16 bytes: data, a compressed cluster (stored
+    unencrypted), snapshots, unaligned overwrites."""
+    pw = _pw_file(tmp_path, secret)
+    image = tmp_path / "aes.qcow2"
+    run(qemu_img, "create", "-q", *_secret(pw), "-f", "qcow2", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s,cluster_size=4k", str(image), "4M")
+    _qemu_io(qemu_io, pw, image, "write -P 0x11 0 10k", "write -P 0x12 0x101200 0x600")
+    run(qemu_img, "snapshot", *_secret(pw), "--image-opts", "-c", "one", _opts(image))
+    _qemu_io(qemu_io, pw, image, "write -c -P 0x21 0x200000 4k", "write -P 0x22 0x7ff 0x1002")
+    run(qemu_img, "snapshot", *_secret(pw), "--image-opts", "-c", "two", _opts(image))
+    _qemu_io(qemu_io, pw, image, "write -P 0x31 0x3ff000 0x1000")
+    before = sha256_file(image)
+    _assert_layers_match_qemu_img_convert(qemu_img, pw, image, secret, tmp_path)
+    with qcow2snap.open(image, passphrase=secret) as opened:
+        digests = {("-" if d.snapshot is None else d.snapshot.name): d.disk_digest
+                   for d in hash_image(opened).layers}
+    assert digests["one"] == sha256_file(tmp_path / "qemu-one.raw")
+    assert sha256_file(image) == before   # reading never writes
+    result = invoke("extract", "-", image, "-o", tmp_path / "none.raw")
+    assert result.exit_code == 13 and "(AES)" in result.stderr

@@ -156,10 +156,10 @@ def _pieces(image: MappedImage, start: int, length: int, layer: Any, *, backing:
         elif kind is ExtentKind.DATA:
             assert ext.host_offset is not None
             source: Any = img.data_file() if ext.in_data_file else img
-            if img.encrypted:   # LUKS: decrypted as read (the key is unlocked once)
+            if img.encrypted:   # decrypted as read (the key is unlocked once)
                 cipher = img.data_cipher()
                 assert cipher is not None
-                source = DecryptedSource(cipher, source)
+                source = DecryptedSource(cipher, source, ext.guest_offset - ext.host_offset)
             done = 0
             while done < ext.length:
                 n = min(READ_CHUNK_BYTES, ext.length - done)
