@@ -306,6 +306,25 @@ def test_repair_counts_luks_header_clusters(fixture_copy: Any, qemu_img: str, tm
     assert _layers(qemu_img, pw, image) == DIGESTS
 
 
+def test_refcount_rebuild_keeps_luks_header(fixture_copy: Any, qemu_img: str,
+                                            pw: Path) -> None:
+    """The refcount table's only entry zeroed: --repair all rebuilds the
+    refcount structures, counting the LUKS header's clusters."""
+    image = fixture_copy("luks")
+    ext_before, luks_before, _, _ = _luks_region(image)
+    with open(image, "r+b") as f:
+        table, = struct.unpack_from(">Q", f.read(104), 48)
+        f.seek(table)
+        f.write(bytes(8))
+    assert qemu_img_check(qemu_img, _opts(image), *_secret(pw), "--image-opts").returncode == 2
+    assert invoke("check", image).exit_code == 2
+    result = invoke("check", "--repair", "all", image)
+    assert result.exit_code == 0, result.stderr
+    _qemu_clean(qemu_img, pw, image)
+    assert _luks_region(image)[:2] == (ext_before, luks_before)
+    assert _layers(qemu_img, pw, image) == DIGESTS
+
+
 # ---------------------------------------------------------------------------
 # extract -O qcow2 of an encrypted layer
 # ---------------------------------------------------------------------------
