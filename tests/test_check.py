@@ -595,7 +595,7 @@ def test_good_fixture_is_clean_and_agrees_with_qemu(name: str, fixture_dir: Path
     assert report.exit_code == 0, [f.message for f in report.findings]
     assert [f for f in report.findings if f.severity != "info"] == []
     assert {v.status for v in report.snapshots} <= {"ok"}
-    if "luks" in FIXTURES_BY_NAME[name].get("tags", []):
+    if FIXTURES_BY_NAME[name].get("secret"):   # LUKS or AES
         spec = f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"
         checked = qemu_img_check(qemu_img, spec, *LUKS_ARGS, timeout=60)
     else:

@@ -80,6 +80,7 @@ PLAN: dict[str, tuple[tuple[int, ...], int]] = {
     "savevm-seabios": ((1,), 10),
     "savevm-suspended": ((1,), 10),
     "luks": ((1,), 14),
+    "aes": ((1,), 10),
 }
 
 
@@ -731,7 +732,7 @@ def run_differential(name: str, seed: int, steps: int, source: Path, workdir: Pa
     entry = FIXTURES_BY_NAME[name]
     tags = tuple(entry.get("tags", []))
     pair = Pair(name, seed, workdir, random.Random(f"{name}/{seed}"), tags=tags,
-                secret=entry.get("secret", "qcow2snap") if "luks" in tags else None)
+                secret=entry.get("secret"))
     try:
         pair.setup(source)
         pair.verify()

@@ -28,7 +28,7 @@ from qcow2snap.ops import hashing
 from qcow2snap.ops.hashing import ALGORITHMS, hash_image
 from qcow2snap.reader import ExtentKind
 
-READABLE = [f["name"] for f in FIXTURE_ENTRIES if "luks" not in f.get("tags", [])]
+READABLE = [f["name"] for f in FIXTURE_ENTRIES if not f.get("secret")]
 VMSTATE = [f["name"] for f in FIXTURE_ENTRIES if "vmstate" in f.get("tags", [])]
 
 

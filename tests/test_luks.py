@@ -42,6 +42,26 @@ def _pw_file(tmp_path: Path, data: bytes, name: str = "pw") -> Path:
 # the luks fixture (aes-128-xts-plain64, sha256), against its manifest
 # ---------------------------------------------------------------------------
 
+def _layers(name: str) -> list[tuple[str, str]]:
+    entry = FIXTURES_BY_NAME[name]
+    return [("-", entry["active"]["sha256"])] + [(s["name"], s["sha256"])
+                                                 for s in entry["snapshots"]]
+
+
+@pytest.mark.parametrize("name", ["luks", "aes"])
+def test_fixture_hashes_decrypt_as_qemu(fixture_dir: Path, name: str) -> None:
+    """Both encryption methods, against the digests of qemu-img's
+    decryption in the manifest, through the reader and through hash."""
+    secret = FIXTURES_BY_NAME[name]["secret"]
+    with qcow2snap.open(fixture_path(fixture_dir, name), passphrase=secret) as image:
+        for ref, digest in _layers(name):
+            with image.open_disk(None if ref == "-" else ref) as disk:
+                assert hashlib.sha256(disk.read()).hexdigest() == digest, ref
+        report = hash_image(image)
+    assert {("-" if d.snapshot is None else d.snapshot.name): d.disk_digest
+            for d in report.layers} == dict(_layers(name))
+
+
 @pytest.mark.parametrize("passphrase", [SECRET, SECRET.encode()])
 def test_fixture_layers_read_as_qemu_decrypts_them(fixture_dir: Path, passphrase: str | bytes,
                                                    ) -> None:

@@ -24,7 +24,7 @@ TAGS = {
     "refcount-16", "refcount-32", "refcount-64",
     "zlib", "zstd", "extended-l2", "zero-clusters", "backing", "raw-backing",
     "resized-grow", "resized-shrink", "empty", "many-snapshots", "data-file",
-    "luks", "savevm", "vmstate",
+    "luks", "aes", "savevm", "vmstate",
 }
 
 
@@ -84,7 +84,7 @@ def test_entry_fields(entry: dict) -> None:
         assert key not in info
     assert info["format"] == "qcow2"
     assert entry["active"]["size"] == info["virtual-size"]
-    if "luks" in entry["tags"]:
+    if "luks" in entry["tags"] or "aes" in entry["tags"]:
         assert entry.get("secret")
     else:
         assert len(entry["active"]["sha256"]) == 64

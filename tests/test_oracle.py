@@ -26,7 +26,7 @@ from qcow2snap.ops.extract import extract
 pytestmark = pytest.mark.qemu
 
 ALL = [f["name"] for f in FIXTURE_ENTRIES]
-READABLE = [f["name"] for f in FIXTURE_ENTRIES if "luks" not in f.get("tags", [])]
+READABLE = [f["name"] for f in FIXTURE_ENTRIES if not f.get("secret")]
 
 QEMU_TOP_KEYS = ("virtual-size", "cluster-size", "format", "dirty-flag", "encrypted",
                  "backing-filename", "backing-filename-format")
@@ -43,7 +43,7 @@ def _qemu_info(qemu_img: str, path: Path, *extra: str) -> dict[str, Any]:
 
 def _luks_args(name: str) -> list[str]:
     entry = FIXTURES_BY_NAME[name]
-    if "luks" not in entry.get("tags", []):
+    if not entry.get("secret"):   # LUKS or AES
         return []
     return ["--object", f"secret,id=sec0,data={entry.get('secret', 'qcow2snap')}"]
 

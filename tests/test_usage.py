@@ -27,7 +27,7 @@ pytestmark = pytest.mark.qemu
 
 WITH_SNAPSHOTS = [f["name"] for f in FIXTURE_ENTRIES
                   if f.get("snapshots") and "many-snapshots" not in f.get("tags", [])
-                  and "luks" not in f.get("tags", [])]
+                  and not f.get("secret")]
 
 
 def nonzero_refcounts(path: Path) -> int:

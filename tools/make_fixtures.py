@@ -58,7 +58,7 @@ GENERATOR = "tools/make_fixtures.py"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "fixtures"
 
-# Secret used for the LUKS fixture (recorded in the manifest as "secret").
+# Secret used for the encrypted fixtures, luks and aes (recorded in the manifest as "secret").
 LUKS_SECRET = "qcow2snap"
 
 # Keys of `qemu-img info` output that depend on the machine/path and are dropped.
@@ -76,7 +76,7 @@ TAG_VOCABULARY = frozenset(
         "refcount-16", "refcount-32", "refcount-64",
         "zlib", "zstd", "extended-l2", "zero-clusters", "backing", "raw-backing",
         "resized-grow", "resized-shrink", "empty", "many-snapshots", "data-file",
-        "luks", "savevm", "vmstate",
+        "luks", "aes", "savevm", "vmstate",
     }
 )
 
@@ -436,6 +436,28 @@ def build_luks(b: Builder) -> None:
     io("write -P 0x31 1M 2k")
 
 
+def build_aes(b: Builder) -> None:
+    """Legacy qcow2 AES encryption (AES-128-CBC, plain64 IVs from the *guest*
+    sector number): qemu-img 7.2 still creates and writes it; only system
+    emulators refuse it."""
+    img = _luks_image_opts(b.image)
+    b.run(f"qemu-img create {LUKS_OBJECT} -f qcow2 -o "
+          f"encrypt.format=aes,encrypt.key-secret=sec0,cluster_size=4k {q(b.image)} 2M")
+
+    def io(*ops: str) -> None:
+        b.run(f"qemu-io {LUKS_OBJECT} --image-opts "
+              + " ".join(f"-c {q(op)}" for op in ops) + f" {img}")
+
+    def snap(name: str) -> None:
+        b.run(f"qemu-img snapshot {LUKS_OBJECT} --image-opts -c {q(name)} {img}")
+
+    io("write -P 0x11 0 8k", "write -P 0x12 1M 4k")
+    snap("s1")
+    io("write -P 0x21 0x800 0x1000", "write -P 0x22 0x1ff000 4k", "write -z 1M 4k")
+    snap("s2")
+    io("write -P 0x31 1M 2k", "write -P 0x32 0x10200 0x400")
+
+
 # A 64 KiB BIOS for the savevm fixture: at the reset vector it jumps to F000:E000,
 # fills 0x10000..0x1FFFF with the 16-bit word 0xA55A, then increments the dword
 # at 0x500 forever.  It gives a deterministic, recognisable RAM image and a tiny
@@ -635,6 +657,10 @@ FIXTURES: list[Fixture] = [
     Fixture("luks", "LUKS-encrypted qcow2 (aes-128-xts, 4 KiB clusters, secret in the "
             "manifest) with two snapshots.", ["v3", "luks", "small-clusters", "refcount-16"],
             build_luks, expect_snapshots=2, secret=LUKS_SECRET),
+    Fixture("aes", "Legacy AES-encrypted qcow2 (encrypt.format=aes: AES-128-CBC, IVs from "
+            "the guest sector, 4 KiB clusters, secret in the manifest) with two snapshots.",
+            ["v3", "aes", "small-clusters", "refcount-16"], build_aes, expect_snapshots=2,
+            secret=LUKS_SECRET),
     Fixture("savevm", "Three HMP savevm snapshots with VM state from qemu-system-x86_64 "
             "(pc, TCG, 16 MiB RAM, tiny loop BIOS): in prelaunch, running and paused state.",
             ["v3", "savevm", "vmstate", "refcount-16"], build_savevm, expect_snapshots=3,
