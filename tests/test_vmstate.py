@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -503,3 +504,67 @@ def test_not_a_stream() -> None:
     v2 = b"QEVM" + struct.pack(">I", 2) + b"\0"
     with pytest.raises(UnsupportedImageError, match="obsolete"):
         parse_stream(io.BytesIO(v2), len(v2))
+
+
+# A default machine (no -nodefaults): the VGA's video RAM at its PCI BAR ----
+
+def _raw_matches_loads(raw: Path, elf: bytes) -> None:
+    """The raw image holds each PT_LOAD of ``elf`` at its physical address
+    and nothing but zeros elsewhere."""
+    loads = pt_loads(elf)
+    assert raw.stat().st_size == max(paddr + size for _, paddr, size in loads)
+    with open(raw, "rb") as f:
+        for offset, paddr, size in loads:
+            f.seek(paddr)
+            assert f.read(size) == elf[offset:offset + size], hex(paddr)
+        fd = f.fileno()
+        pos = 0
+        while True:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for a in range(start, end, 1 << 20):
+                b = min(end, a + (1 << 20))
+                if not any(p <= a and b <= p + s for _, p, s in loads):
+                    f.seek(a)
+                    assert not any(f.read(b - a)), hex(a)
+            pos = end
+
+
+@pytest.mark.parametrize(("machine", "vga"), [("pc", "0000:00:02.0"), ("q35", "0000:00:01.0")])
+def test_default_machine_vga_bar_equals_dump(qemu_img: str, tmp_path: Path, machine: str,
+                                             vga: str) -> None:
+    """A guest started as a user would (default devices: the standard VGA, a
+    NIC with its option ROM, the system's SeaBIOS), stopped once SeaBIOS has
+    programmed the BARs: QEMU's dump has the VGA's video RAM at its BAR 0,
+    and so must ours; the ROM BARs SeaBIOS left disabled stay out."""
+    qemu = require_tool("qemu-system-x86_64")
+    disk = tmp_path / "vm.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", disk, "8M"], check=True)
+    proc = subprocess.Popen(
+        [qemu, "-machine", f"{machine},accel=tcg", "-m", "32", "-display", "none",
+         "-drive", f"file={disk},format=qcow2,if=ide", "-monitor", "stdio"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path)
+    try:
+        time.sleep(3)   # SeaBIOS assigns and enables the BARs
+        out, _ = proc.communicate("stop\nsavevm s1\ndump-guest-memory s1.elf\nquit\n",
+                                  timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    expected = (tmp_path / "s1.elf").read_bytes()
+    with qcow2snap.open(disk) as image:
+        elf = export_memory(image, "s1", tmp_path / "ours.elf", format="elf")
+        export_memory(image, "s1", tmp_path / "ours.raw", format="raw")
+    assert f"{vga}/vga.vram" in [r.block for r in elf.ranges]
+    assert f"{vga}/vga.vram" not in elf.unmapped_blocks
+    assert f"{vga}/vga.rom" in elf.unmapped_blocks
+    assert [(r.phys_start, r.size) for r in elf.ranges] == [
+        (paddr, size) for _, paddr, size in pt_loads(expected)]
+    assert (tmp_path / "ours.elf").read_bytes() == expected
+    _raw_matches_loads(tmp_path / "ours.raw", expected)
