@@ -51,7 +51,7 @@ from ..image import Qcow2Image
 from ..model import Snapshot
 from ..vmstate import DeviceState, RamBlock, VMState, parse_stream
 from .extract import atomic_output, input_files
-from .pcibars import pci_bar_ranges
+from .pcibars import pci_bar_ranges, vga_chain4_range
 from .runstate import snapshot_runstate, vm_state_label
 
 __all__ = [
@@ -310,6 +310,9 @@ def guest_physical_map(state: VMState, *, max_ram_below_4g: int | None = None
             layers.append(_Layer(below - tseg, below, None, 0, 1))
     if smram_region and vga:  # the VGA window (MMIO) hides the RAM beneath
         layers.append(_Layer(SMRAM_C_BASE, SMRAM_C_BASE + SMRAM_C_SIZE, None, 0, 1))
+        chain4 = vga_chain4_range(state, blocks)   # video RAM in it (mode 13h)
+        if chain4 is not None:
+            layers.append(_Layer(chain4[0], chain4[1], chain4[2], chain4[3], 1))
     return _flatten(layers, blocks)
 
 

@@ -104,3 +104,54 @@ def pci_bar_ranges(state: VMState, blocks: dict[str, RamBlock]
         if addr is not None:
             ranges.append((addr, addr + block.size, name))
     return ranges
+
+
+# hw/display/vga_regs.h
+VGA_SEQ_PLANE_WRITE = 0x02
+VGA_SR02_ALL_PLANES = 0x0F
+VGA_SEQ_MEMORY_MODE = 0x04
+VGA_SR04_CHN_4M = 0x08
+VGA_GFX_MISC = 0x06
+
+
+def _field(dev: DeviceState, name: str) -> bytes | None:
+    """Field ``name`` of a device section, nested or not (``vga.sr``)."""
+    for full in dev.fields:
+        if full == name or full.endswith("." + name):
+            return dev.raw(full)
+    return None
+
+
+def vga_chain4_range(state: VMState, blocks: dict[str, RamBlock]
+                     ) -> tuple[int, int, str, int] | None:
+    """(start, end, block, block offset) of the "vga.chain4" alias of the
+    standard VGA's video RAM in the legacy window (hw/display/vga.c
+    ``vga_update_memory_access``: all planes written, chain-4 mode, e.g.
+    mode 13h), or None.  It lies in the PCI address space above
+    "vga-lowmem", so it shows wherever the SMRAM region shows that window."""
+    for dev in state.device_states:
+        path, _, _ = dev.device.name.rpartition("/")
+        block = blocks.get(f"{path}/vga.vram")
+        if dev.device.vmsd_name != "vga" or not _ROOT_BUS_DEVICE.fullmatch(path) or not block:
+            continue
+        sr, gr, bank = _field(dev, "sr"), _field(dev, "gr"), _field(dev, "bank_offset")
+        if sr is None or gr is None or len(sr) < 8 or len(gr) <= VGA_GFX_MISC:
+            return None
+        if ((sr[VGA_SEQ_PLANE_WRITE] & VGA_SR02_ALL_PLANES) != VGA_SR02_ALL_PLANES
+                or not sr[VGA_SEQ_MEMORY_MODE] & VGA_SR04_CHN_4M):
+            return None
+        offset = 0
+        mode = (gr[VGA_GFX_MISC] >> 2) & 3
+        if mode == 0:
+            base, size = 0xA0000, 0x20000
+        elif mode == 1:
+            base, size = 0xA0000, 0x10000
+            offset = int.from_bytes(bank, "big", signed=True) if bank else 0
+        elif mode == 2:
+            base, size = 0xB0000, 0x8000
+        else:
+            base, size = 0xB8000, 0x8000
+        if offset < 0 or offset + size > block.size:   # QEMU asserts it cannot be
+            return None
+        return base, base + size, block.name, offset
+    return None
