@@ -85,8 +85,8 @@ def pci_bar_ranges(state: VMState, blocks: dict[str, RamBlock]
     owners: dict[str, DeviceState] = {}
     for kept in state.device_states:
         path, _, _ = kept.device.name.rpartition("/")
-        if _ROOT_BUS_DEVICE.fullmatch(path):
-            owners.setdefault(path, kept)
+        if _ROOT_BUS_DEVICE.fullmatch(path) and _device_config(kept) is not None:
+            owners.setdefault(path, kept)   # the device's section with its config
     ranges: list[tuple[int, int, str]] = []
     for name, block in blocks.items():
         path, _, region = name.rpartition("/")
