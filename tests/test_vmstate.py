@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import qcow2snap
 from qcow2snap import CorruptImageError, NoVMStateError, Qcow2Error, UnsupportedImageError
 from qcow2snap.ops.extract import OutputExistsError
 from qcow2snap.ops.memory import (
+    MemoryResult,
     _PageWriter,
     export_memory,
     ram_split,
@@ -503,3 +505,110 @@ def test_not_a_stream() -> None:
     v2 = b"QEVM" + struct.pack(">I", 2) + b"\0"
     with pytest.raises(UnsupportedImageError, match="obsolete"):
         parse_stream(io.BytesIO(v2), len(v2))
+
+
+# A default machine (no -nodefaults): the VGA's video RAM at its PCI BAR ----
+
+def _raw_matches_loads(raw: Path, elf: bytes) -> None:
+    """The raw image holds each PT_LOAD of ``elf`` at its physical address
+    and nothing but zeros elsewhere."""
+    loads = pt_loads(elf)
+    assert raw.stat().st_size == max(paddr + size for _, paddr, size in loads)
+    with open(raw, "rb") as f:
+        for offset, paddr, size in loads:
+            f.seek(paddr)
+            assert f.read(size) == elf[offset:offset + size], hex(paddr)
+        fd = f.fileno()
+        pos = 0
+        while True:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for a in range(start, end, 1 << 20):
+                b = min(end, a + (1 << 20))
+                if not any(p <= a and b <= p + s for _, p, s in loads):
+                    f.seek(a)
+                    assert not any(f.read(b - a)), hex(a)
+            pos = end
+
+
+def _default_guest(qemu_img: str, tmp_path: Path, machine: str,
+                   boot_sector: bytes | None = None) -> tuple[Path, bytes]:
+    """A guest started as a user would (default devices: the standard VGA,
+    a NIC with its option ROM, the system's SeaBIOS), booting
+    ``boot_sector`` if given, stopped after 3 s (SeaBIOS has programmed
+    the BARs), saved as ``s1`` and dumped: (the image, QEMU's dump)."""
+    qemu = require_tool("qemu-system-x86_64")
+    disk = tmp_path / "vm.qcow2"
+    if boot_sector is None:
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", disk, "8M"], check=True)
+    else:
+        raw = tmp_path / "boot.raw"
+        raw.write_bytes(boot_sector.ljust(510, b"\0") + b"\x55\xaa")
+        os.truncate(raw, 1 << 20)
+        subprocess.run([qemu_img, "convert", "-O", "qcow2", raw, disk], check=True)
+    proc = subprocess.Popen(
+        [qemu, "-machine", f"{machine},accel=tcg", "-m", "32", "-display", "none",
+         "-drive", f"file={disk},format=qcow2,if=ide", "-monitor", "stdio"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path)
+    try:
+        time.sleep(3)
+        out, _ = proc.communicate("stop\nsavevm s1\ndump-guest-memory s1.elf\nquit\n",
+                                  timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    return disk, (tmp_path / "s1.elf").read_bytes()
+
+
+def _exports_equal_dump(disk: Path, expected: bytes, tmp_path: Path) -> MemoryResult:
+    with qcow2snap.open(disk) as image:
+        elf = export_memory(image, "s1", tmp_path / "ours.elf", format="elf")
+        export_memory(image, "s1", tmp_path / "ours.raw", format="raw")
+    assert [(r.phys_start, r.size, r.block) for r in elf.ranges][:1] == [(0, 0xA0000, "pc.ram")]
+    assert [(r.phys_start, r.size) for r in elf.ranges] == [
+        (paddr, size) for _, paddr, size in pt_loads(expected)]
+    assert (tmp_path / "ours.elf").read_bytes() == expected
+    _raw_matches_loads(tmp_path / "ours.raw", expected)
+    return elf
+
+
+VGA_ADDRESS = {"pc": "0000:00:02.0", "q35": "0000:00:01.0"}
+
+
+@pytest.mark.parametrize("machine", ["pc", "q35"])
+def test_default_machine_vga_bar_equals_dump(qemu_img: str, tmp_path: Path,
+                                             machine: str) -> None:
+    """QEMU's dump has the VGA's video RAM at its BAR 0, and so must ours;
+    the ROM BARs SeaBIOS left disabled stay out."""
+    disk, expected = _default_guest(qemu_img, tmp_path, machine)
+    vga = VGA_ADDRESS[machine]
+    result = _exports_equal_dump(disk, expected, tmp_path)
+    assert f"{vga}/vga.vram" in [r.block for r in result.ranges]
+    assert f"{vga}/vga.vram" not in result.unmapped_blocks
+    assert f"{vga}/vga.rom" in result.unmapped_blocks
+
+
+@pytest.mark.parametrize("machine", ["pc", "q35"])
+def test_mode_13h_and_enabled_rom_bar_equal_dump(qemu_img: str, tmp_path: Path,
+                                                 machine: str) -> None:
+    """A boot sector that switches to VGA mode 13h (chain-4: QEMU maps the
+    video RAM at 0xA0000 too) and enables the VGA's ROM BAR where SeaBIOS
+    assigned it (read-modify-write of config 0x30 through 0xCF8/0xCFC)."""
+    vga = VGA_ADDRESS[machine]
+    slot = int(vga[8:10], 16)
+    config = struct.pack("<I", 0x80000030 | slot << 11)
+    code = (bytes.fromhex("b81300cd10")               # mov ax, 13h; int 10h
+            + bytes.fromhex("baf80c66b8") + config    # mov dx, 0cf8h; mov eax, ...
+            + bytes.fromhex("66efbafc0c66ed0c0166ef")  # out; mov dx, 0cfch; in; or al, 1; out
+            + bytes.fromhex("faf4ebfd"))               # cli; hlt; jmp $-1
+    disk, expected = _default_guest(qemu_img, tmp_path, machine, code)
+    result = _exports_equal_dump(disk, expected, tmp_path)
+    blocks = {(r.phys_start, r.size): r.block for r in result.ranges}
+    assert blocks[(0xA0000, 0x10000)] == f"{vga}/vga.vram"
+    assert f"{vga}/vga.rom" in blocks.values() and f"{vga}/vga.rom" not in result.unmapped_blocks

@@ -51,6 +51,7 @@ from ..image import Qcow2Image
 from ..model import Snapshot
 from ..vmstate import DeviceState, RamBlock, VMState, parse_stream
 from .extract import atomic_output, input_files
+from .pcibars import pci_bar_ranges, vga_chain4_range
 from .runstate import snapshot_runstate, vm_state_label
 
 __all__ = [
@@ -93,6 +94,7 @@ MCH_HOST_BRIDGE_ESMRAMC_T_EN = 0x1
 MCH_HIGH_SMRAM = 0xFEDA0000
 SMRAM_D_OPEN = 0x40
 HF_LMA_MASK = 1 << 14
+
 
 # include/elf.h
 ET_CORE = 4
@@ -272,6 +274,8 @@ def guest_physical_map(state: VMState, *, max_ram_below_4g: int | None = None
         bios = blocks["pc.bios"]
         layers.append(_Layer(FOUR_GIB - bios.size, FOUR_GIB, "pc.bios", 0, 0))
     vga = any(name.endswith(("vga.vram", "vgavram", "vmsvga.vram")) for name in blocks)
+    layers += [_Layer(start, end, block, 0, -1)   # the PCI space: beneath system RAM
+               for start, end, block in pci_bar_ranges(state, blocks)]
     config = _pci_config(state, "I440FX" if family == "i440fx" else "mch")
     pam_base = I440FX_PAM if family == "i440fx" else MCH_HOST_BRIDGE_PAM0
     for i in range(PAM_REGIONS_COUNT):
@@ -306,6 +310,9 @@ def guest_physical_map(state: VMState, *, max_ram_below_4g: int | None = None
             layers.append(_Layer(below - tseg, below, None, 0, 1))
     if smram_region and vga:  # the VGA window (MMIO) hides the RAM beneath
         layers.append(_Layer(SMRAM_C_BASE, SMRAM_C_BASE + SMRAM_C_SIZE, None, 0, 1))
+        chain4 = vga_chain4_range(state, blocks)   # video RAM in it (mode 13h)
+        if chain4 is not None:
+            layers.append(_Layer(chain4[0], chain4[1], chain4[2], chain4[3], 1))
     return _flatten(layers, blocks)
 
 

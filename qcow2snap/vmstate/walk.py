@@ -68,6 +68,18 @@ MAX_RAM_BLOCKS = 65536
 #: for ELF notes, the chipset's PAM/SMRAM registers, the run state).
 KEEP_VMSD_NAMES = frozenset({"cpu", "I440FX", "mch", "globalstate"})
 
+#: Also kept: the section of a device that owns a RAM block (the section's
+#: name and the block's share the device path, "0000:00:02.0/vga" and
+#: "0000:00:02.0/vga.vram"): its PCI config places the block's BAR.  All
+#: such sections together are kept up to this many bytes.
+MAX_KEPT_OWNER_BYTES = 4 << 20
+
+
+def _device_path(name: str) -> str:
+    """"0000:00:02.0" of "0000:00:02.0/vga"; "" when the name has no path."""
+    path, sep, _ = name.rpartition("/")
+    return path if sep and path and not path.startswith("/") else ""
+
 #: The bytes a run state name may hold (0x20-0x7E).
 _PRINTABLE = bytes(range(0x20, 0x7F))
 
@@ -92,6 +104,9 @@ class _Walker:
         self.sections: list[Section] = []
         self.started: dict[int, str] = {}
         self.kept: list[DeviceState] = []
+        self.kept_owner_bytes = 0
+        self.owner_paths: set[str] = set()
+        self.owner_paths_of = 0
         self.saved_runstate: str | None = None
         self.vm_was_suspended: bool | None = None
         self.globalstate_layout: str | None = None
@@ -254,6 +269,21 @@ class _Walker:
             if got != section_id:
                 raise self.corrupt(f"section footer at offset {cur.pos - 5:#x} names section "
                                    f"{got}, expected {section_id}")
+
+    def wanted(self, device: Device) -> bool:
+        """Keep this device section's bytes (see :data:`KEEP_VMSD_NAMES`)?"""
+        if device.size > MAX_KEPT_SECTION_SIZE:
+            return False
+        if device.vmsd_name in KEEP_VMSD_NAMES:
+            return True
+        if self.owner_paths_of != len(self.blocks):  # the block list is read once
+            self.owner_paths = {_device_path(b.name) for b in self.blocks} - {""}
+            self.owner_paths_of = len(self.blocks)
+        if (_device_path(device.name) not in self.owner_paths
+                or self.kept_owner_bytes + device.size > MAX_KEPT_OWNER_BYTES):
+            return False
+        self.kept_owner_bytes += device.size
+        return True
 
     def keep(self, device: Device, desc: dict[str, Any], data: bytes) -> None:
         layout: dict[str, tuple[int, int]] = {}
@@ -436,7 +466,7 @@ def _walk_sections(walker: _Walker, described: list[tuple[Device, dict[str, Any]
                         f"device section {name!r} instance {instance_id} at offset "
                         f"{offset:#x} does not match the VM description's "
                         f"{device.name!r} instance {device.instance_id}")
-                if device.vmsd_name in KEEP_VMSD_NAMES and device.size <= MAX_KEPT_SECTION_SIZE:
+                if walker.wanted(device):
                     walker.keep(device, desc, cur.read(device.size, f"section {name!r}"))
                 else:
                     cur.skip(device.size, f"section {name!r}")
