@@ -100,12 +100,20 @@ class SectorCipher:
             self._essiv_key = algorithms.AES(salt)
 
     @staticmethod
-    def _ecb(key: Any, encrypt: bool, data: bytes | memoryview) -> bytes:
+    def _ecb(key: Any, encrypt: bool, data: bytes | memoryview,
+             into: memoryview | None = None) -> bytes | memoryview:
+        """AES-ECB of ``data``: a new bytes object, or written into ``into``
+        (at least ``len(data) + 15`` bytes, ``update_into``'s rule), whose
+        first ``len(data)`` bytes are returned as a view.  Writing into a
+        reused buffer saves a fresh allocation, and its page faults, per call."""
         from cryptography.hazmat.primitives.ciphers import Cipher, modes
         cipher = Cipher(key, modes.ECB())
         ctx = cipher.encryptor() if encrypt else cipher.decryptor()
-        out: bytes = ctx.update(data)
-        return out
+        if into is None:
+            out: bytes = ctx.update(data)
+            return out
+        n = ctx.update_into(data, into)
+        return into[:n]
 
     def _ivs(self, first_sector: int, count: int) -> Any:
         """The IVs of ``count`` sectors from ``first_sector``: a (count, 2)
@@ -135,15 +143,18 @@ class SectorCipher:
         out_blocks = np.frombuffer(out, dtype="<u8").reshape(-1, 2)
         view = memoryview(data)
         step = _BATCH_SECTORS * SECTOR
+        scratch = memoryview(bytearray(min(step, len(data)) + _BLOCK))
         for start in range(0, len(data), step):
             chunk = view[start:start + step]
             self._decrypt_batch(first_sector + start // SECTOR, chunk,
-                                out_blocks[start // _BLOCK:(start + len(chunk)) // _BLOCK])
+                                out_blocks[start // _BLOCK:(start + len(chunk)) // _BLOCK],
+                                scratch)
         return out
 
-    def _decrypt_batch(self, first_sector: int, data: memoryview, out: Any) -> None:
+    def _decrypt_batch(self, first_sector: int, data: memoryview, out: Any,
+                       scratch: memoryview) -> None:
         """Decrypt ``data`` (at most one batch) into ``out``, a (blocks, 2)
-        array of 64-bit halves."""
+        array of 64-bit halves, using ``scratch`` (``len(data) + 16`` bytes)."""
         import numpy as np
         length = len(data)
         sectors = -(-length // SECTOR)
@@ -166,15 +177,15 @@ class SectorCipher:
                 lo = (lo << one) ^ (carry * np.uint64(_GF_128_FEEDBACK))
             mask = tweaks.reshape(-1, 2)[:blocks]
             np.bitwise_xor(cipher_blocks, mask, out=out)
-            plain = np.frombuffer(self._ecb(self._data_key, False, out.data.cast("B")),
-                                  dtype="<u8").reshape(blocks, 2)
+            plain = np.frombuffer(self._ecb(self._data_key, False, out.data.cast("B"),
+                                            scratch), dtype="<u8").reshape(blocks, 2)
             np.bitwise_xor(plain, mask, out=out)
             return
         # CBC: P_j = D(C_j) ^ C_j-1, with the sector's IV before its first block
         previous = np.empty((sectors * _BLOCKS_PER_SECTOR, 2), dtype="<u8")
         previous[1:blocks] = cipher_blocks[:blocks - 1]
         previous[0::_BLOCKS_PER_SECTOR] = ivs
-        plain = np.frombuffer(self._ecb(self._data_key, False, data),
+        plain = np.frombuffer(self._ecb(self._data_key, False, data, scratch),
                               dtype="<u8").reshape(blocks, 2)
         np.bitwise_xor(plain, previous[:blocks], out=out)
 
