@@ -70,12 +70,18 @@ def banners(exports: dict[str, Path]) -> dict[str, list[tuple[int, str]]]:
         for fmt, path in exports.items()
     }
     found = {}
-    for fmt, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-2000:]
-        # a version line comes before the JSON rows
-        rows: list[dict[str, Any]] = json.loads(stdout[stdout.index("\n[") + 1:])
-        found[fmt] = [(row["Offset"], row["Banner"]) for row in rows]
+    try:
+        for fmt, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-2000:]
+            # a version line comes before the JSON rows
+            rows: list[dict[str, Any]] = json.loads(stdout[stdout.index("\n[") + 1:])
+            found[fmt] = [(row["Offset"], row["Banner"]) for row in rows]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return found
 
 
