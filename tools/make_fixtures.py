@@ -5,6 +5,8 @@ Every fixture is built from scratch in its own scratch directory by running
 ``qemu-img`` / ``qemu-io`` (and, for the savevm fixture, ``qemu-system-x86_64``
 under TCG) as shell commands whose working directory is that scratch directory,
 so backing files and external data files are referenced by *relative* names.
+The linux-guest fixture also needs the Debian packages linux-image-amd64,
+busybox-static and cpio (its kernel and initramfs; the tests do not).
 Guest data is written with deterministic ``qemu-io`` patterns (``write -P``,
 ``write -z``, ``write -c``, ``discard``), so the guest-visible content of every
 image and snapshot is reproducible; only snapshot dates (and, for LUKS, the
@@ -120,6 +122,7 @@ class Builder:
         self.cwd = workdir
         self.image = image
         self.commands: list[str] = []
+        self.facts: dict = {}  # learnt while building, merged into the "savevm" facts
 
     def run(self, cmd: str, timeout: int = CMD_TIMEOUT, retry_on: str | None = None,
             retries: int = 5) -> str:
@@ -589,6 +592,85 @@ def check_s3_boot_ram(snap_name: str, stream: bytes) -> None:
         raise FixtureError(f"savevm-suspended: unexpected RAM fill in snapshot {snap_name!r}")
 
 
+# A real Linux guest: the Debian kernel (package linux-image-amd64) with a
+# busybox initramfs whose /init composes the marker at run time (the whole
+# string is in no file: it only exists in guest RAM once /init ran), writes it
+# to a tmpfs file, prints the kernel's /proc/version and a ready line on the
+# serial console and sleeps.  make_fixtures waits for the ready line, then
+# savevm.  init_on_free=1 zeroes freed pages (the unpacked initrd, boot-time
+# memory), which the VM state stores as zero pages; 88 MiB is the smallest RAM
+# this kernel boots in (80 MiB: "System is deadlocked on memory").
+LINUX_MARKER = "QCOW2SNAP-LINUX-MARKER-5e1f0c7a"
+LINUX_READY = "QCOW2SNAP-GUEST-READY"
+LINUX_MEMORY_MIB = 88
+LINUX_APPEND = "console=ttyS0 init_on_free=1 nokaslr panic=-1 quiet"
+LINUX_INIT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t tmpfs tmp /tmp
+printf '%s-%s\\n' {LINUX_MARKER.rsplit("-", 1)[0]} {LINUX_MARKER.rsplit("-", 1)[1]} > /tmp/marker
+echo "PROC-VERSION: $(cat /proc/version)"
+echo {LINUX_READY}
+exec sleep 1000000
+"""
+LINUX_MONITOR = ["savevm linux", "quit"]
+
+
+def _linux_kernel() -> tuple[str, str, str]:
+    """(path of the newest /boot/vmlinuz-*, its Debian package, package version)."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise FixtureError("linux-guest: no /boot/vmlinuz-*; apt-get install linux-image-amd64")
+    kernel = str(kernels[-1])
+    pkg = sh(f"dpkg-query -S {q(kernel)}", Path.cwd()).split(":")[0].strip()
+    version = sh(f"dpkg-query -W -f '${{Version}}' {q(pkg)}", Path.cwd()).strip()
+    return kernel, pkg, version
+
+
+def build_linux_guest(b: Builder) -> None:
+    kernel, pkg, version = _linux_kernel()
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    busybox_version = sh("dpkg-query -W -f '${Version}' busybox-static", Path.cwd()).strip()
+    b.run("mkdir -p initramfs/bin initramfs/proc initramfs/tmp")
+    b.run(f"cp {q(busybox)} initramfs/bin/busybox")
+    b.run(f"printf %s {q(LINUX_INIT)} > initramfs/init && chmod 755 initramfs/init")
+    b.run("cd initramfs && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 "
+          "| gzip -9n > ../initrd.gz")
+    b.create("4M")
+    b.io("write -P 0x11 0 64k")
+    wait_ready = (f"i=0; until grep -qa {LINUX_READY} serial.log 2>/dev/null; do "
+                  "i=$((i+1)); [ $i -gt 1200 ] && break; sleep 0.25; done; "
+                  + "printf " + q("".join(c + "\n" for c in LINUX_MONITOR)))
+    t0 = time.monotonic()
+    b.run(
+        f"({wait_ready}) | timeout 400 qemu-system-x86_64 -machine pc,accel=tcg "
+        f"-nodefaults -display none -m {LINUX_MEMORY_MIB} -kernel {q(kernel)} "
+        f"-initrd initrd.gz -append {q(LINUX_APPEND)} -serial file:serial.log "
+        f"-drive file={q(b.image)},format=qcow2,if=ide -monitor stdio -no-reboot",
+        timeout=450,
+    )
+    serial = (b.cwd / "serial.log").read_text(errors="replace")
+    if LINUX_READY not in serial:
+        raise FixtureError(f"linux-guest: no ready line on the serial console:\n{serial[-2000:]}")
+    banner = serial.split("PROC-VERSION: ", 1)[1].split("\n", 1)[0].rstrip("\r")
+    b.io("write -P 0x21 0 4k")
+    b.facts.update({
+        "kernel": {"file": kernel, "package": pkg, "version": version},
+        "busybox": {"file": busybox, "package": "busybox-static", "version": busybox_version},
+        "banner": banner,
+        "boot_and_save_seconds": round(time.monotonic() - t0, 1),
+    })
+    if not banner.startswith("Linux version "):
+        raise FixtureError(f"linux-guest: unexpected /proc/version {banner!r}")
+
+
+def check_linux_guest_ram(snap_name: str, stream: bytes) -> None:
+    """The marker /init wrote and the kernel banner are in the saved RAM."""
+    for needle in (LINUX_MARKER.encode(), b"Linux version "):
+        if needle not in stream:
+            raise FixtureError(f"linux-guest: {needle!r} not in the VM state of {snap_name!r}")
+
+
 def build_lazy_refcounts(b: Builder) -> None:
     b.create("16M", "lazy_refcounts=on")
     b.io("write -P 0x11 0 256k", "write -P 0x12 0x500400 0x1400")
@@ -725,6 +807,26 @@ FIXTURES: list[Fixture] = [
             },
             runstates={"pre": "prelaunch", "susp": "suspended"},
             check_vmstate=check_s3_boot_ram),
+    Fixture("linux-guest", "One HMP savevm snapshot of a real Linux guest: qemu-system-x86_64 "
+            f"(pc, TCG, {LINUX_MEMORY_MIB} MiB RAM) booting the Debian kernel with a busybox "
+            "initramfs whose /init wrote a marker string to a tmpfs file and sleeps; taken "
+            "while running.  The memory exports' Volatility 3 oracle (banners).",
+            ["v3", "savevm", "vmstate", "refcount-16"], build_linux_guest,
+            expect_snapshots=1,
+            savevm={
+                "runstate": "running",
+                "machine": "pc",
+                "accel": "tcg",
+                "memory_mib": LINUX_MEMORY_MIB,
+                "bios": None,
+                "append": LINUX_APPEND,
+                "init": LINUX_INIT,
+                "marker": LINUX_MARKER,
+                "ready_line": LINUX_READY,
+                "monitor": LINUX_MONITOR,
+            },
+            runstates={"linux": "running"},
+            check_vmstate=check_linux_guest_ram),
     Fixture("lazy-refcounts", "lazy_refcounts=on image that was closed cleanly (dirty bit "
             "clear), one snapshot.", ["v3", "refcount-16"], build_lazy_refcounts,
             expect_snapshots=1),
@@ -968,9 +1070,11 @@ def build_fixture(fx: Fixture, root: Path, out: Path) -> dict:
     if fx.secret is not None:
         entry["secret"] = fx.secret
     if fx.savevm is not None:
-        entry["savevm"] = fx.savevm
+        entry["savevm"] = {**fx.savevm, **b.facts}
     for f in [fx.image, *fx.companions]:
         gzip_file(build_dir / f, out / (f + ".gz"))
+    if b.facts:
+        entry["savevm"]["gz_size"] = (out / (fx.image + ".gz")).stat().st_size
     shutil.rmtree(build_dir)
     return entry
 
