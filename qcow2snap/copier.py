@@ -307,6 +307,18 @@ class ClusterCopier:
         if len(self._batch) >= self._batch_clusters:
             self._submit_batch()
 
+    def add_computed(self, dst_offset: int, produce: Callable[[], bytes | bytearray]) -> None:
+        """Queue ``produce()`` (e.g. read and decrypt a run of an encrypted
+        image) to run on the pool; its bytes go to ``dst_offset``, zero
+        blocks skipped.  Reading, decrypting and writing of successive runs
+        then overlap, as for compressed clusters."""
+        self._submit(self._run_computed, dst_offset, produce)
+
+    def _run_computed(self, dst_offset: int, produce: Callable[[], bytes | bytearray]) -> int:
+        data = produce()
+        self._write_nonzero(dst_offset, memoryview(data))
+        return len(data)
+
     def _read_source(self, offset: int, length: int) -> bytes:
         """Source bytes, zeros past EOF (as QEMU reads a compressed cluster
         whose sector count runs past the end of the file)."""

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 from .. import format as fmt
@@ -206,15 +207,14 @@ def _copy_range_raw(image: Qcow2Image, layer: Layer, start: int, length: int,
         kind = ext.kind
         if kind is ExtentKind.DATA:
             assert ext.host_offset is not None  # DATA extents always carry one
-            if cipher is not None:
+            if cipher is not None:   # read and decrypted by the copier's workers
                 source = image.data_file() if ext.in_data_file else image
                 done = 0
                 while done < ext.length:
                     n = min(DECRYPT_STEP_BYTES, ext.length - done)
-                    copier.write(dst + done, read_decrypted(cipher, source,
-                                                            ext.host_offset + done, n,
-                                                            ext.guest_offset + done))
-                    progress(n)
+                    copier.add_computed(dst + done, partial(
+                        read_decrypted, cipher, source, ext.host_offset + done, n,
+                        ext.guest_offset + done))
                     done += n
             elif ext.in_data_file:
                 data_file = image.data_file()
