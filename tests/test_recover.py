@@ -9,11 +9,15 @@ import struct
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import FIXTURES_BY_NAME, sha256_file
-from helpers import invoke
+from helpers import invoke, run_cli
 
+import qcow2snap
+from qcow2snap import ImageInUseError
 from qcow2snap.image import Qcow2Image
 from qcow2snap.ops.recover import RecoveryReport, find_lost_snapshots
+from qcow2snap.ops.recover_apply import recover_snapshots
 from qcow2snap.reader import DiskReader
 
 
@@ -118,10 +122,12 @@ def _set_refcount(path: Path, cluster: int) -> None:
         f.write(bytes(2))
 
 
-def test_reused_cluster_makes_candidate_unreliable(fixture_copy, qemu_img, qemu_io,
-                                                   tmp_path: Path) -> None:
-    path = fixture_copy("v3-basic")
-    names = ("first", "second", "third")
+def _reuse_lost_clusters(path: Path, qemu_img: str, qemu_io: str, tmp_path: Path,
+                         names: tuple[str, ...]
+                         ) -> tuple[dict[str, list[dict[str, int]]], int, set[int]]:
+    """Lose the table (a stale copy past the end), free the lost snapshots'
+    own data clusters and let QEMU reuse some: (maps, copy offset, reused
+    host offsets)."""
     maps = {s: _map(qemu_img, path, tmp_path, s) for s in names}
     with open(path, "rb") as f:
         f.seek(64)
@@ -149,6 +155,14 @@ def test_reused_cluster_makes_candidate_unreliable(fixture_copy, qemu_img, qemu_
                                     check=True, capture_output=True, text=True).stdout)
     new = {e["offset"] + k for e in now if e.get("data") and
            41943040 <= e["start"] < 41943040 + 262144 for k in range(0, e["length"], 65536)}
+    return maps, copy_at, new
+
+
+def test_reused_cluster_makes_candidate_unreliable(fixture_copy, qemu_img, qemu_io,
+                                                   tmp_path: Path) -> None:
+    path = fixture_copy("v3-basic")
+    names = ("first", "second", "third")
+    maps, copy_at, new = _reuse_lost_clusters(path, qemu_img, qemu_io, tmp_path, names)
     before = sha256_file(path)
     report = recover(path)
     stale = {c.snapshot.name: c for c in report.candidates if c.source_offset == copy_at}
@@ -201,4 +215,260 @@ def test_orphaned_l1_tables_without_any_table(fixture_copy, qemu_img) -> None:
         image.close()
     # every lost snapshot's disk is there (the L1 covers more than the disk)
     assert {s["sha256"] for s in expected} <= found
+    assert sha256_file(path) == before
+
+
+# ---------------------------------------------------------------------------
+# recover --apply: the entries re-created, checked against QEMU
+# ---------------------------------------------------------------------------
+
+def qemu_digest(qemu_img: str, path: Path, snapshot: str, tmp: Path, *,
+                by: str = "name") -> str:
+    """sha256 of what ``qemu-img convert -l snapshot.<by>=SNAPSHOT`` writes."""
+    out = tmp / f"disk-{by}-{snapshot}.raw"
+    subprocess.run([qemu_img, "convert", "-O", "raw", "-l", f"snapshot.{by}={snapshot}",
+                    str(path), str(out)], check=True, capture_output=True)
+    try:
+        return sha256_file(out)
+    finally:
+        out.unlink()
+
+
+def qemu_snapshots(qemu_img: str, path: Path) -> list[tuple[str, str]]:
+    out = subprocess.run([qemu_img, "info", "--output=json", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return [(s["id"], s["name"]) for s in json.loads(out).get("snapshots", [])]
+
+
+def assert_qemu_clean(qemu_img: str, path: Path) -> None:
+    proc = subprocess.run([qemu_img, "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "No errors were found" in proc.stdout, proc.stdout
+
+
+def _zero_nb_snapshots(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(60)
+        f.write(bytes(4))
+
+
+def _garbage_table_with_stale_copy(path: Path) -> None:
+    """A stale copy of the table past the end of the file; the header loses
+    the table and the table's cluster is overwritten with garbage."""
+    with open(path, "rb") as f:
+        f.seek(64)
+        table_offset = struct.unpack(">Q", f.read(8))[0]
+        f.seek(table_offset)
+        table = f.read(65536)
+    copy_at = (path.stat().st_size + 65535) // 65536 * 65536 + 4 * 65536
+    lose_table(path)
+    with open(path, "r+b") as f:
+        f.seek(copy_at)
+        f.write(table)
+        f.seek(table_offset)
+        f.write(hashlib.sha512(b"garbage").digest() * (65536 // 64))
+
+
+def _table_gone(path: Path) -> None:
+    table_offset = lose_table(path)
+    with open(path, "r+b") as f:
+        f.seek(table_offset)
+        f.write(bytes(65536))
+
+
+DAMAGES = {"header-pointer-zeroed": lose_table, "nb-snapshots-zeroed": _zero_nb_snapshots,
+           "garbage-table-stale-copy": _garbage_table_with_stale_copy,
+           "table-gone-orphans": _table_gone}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_apply_restores_what_qemu_reads_back(damage: str, fixture_copy, qemu_img,
+                                             tmp_path: Path) -> None:
+    path = fixture_copy("v3-basic")
+    names = [s["name"] for s in FIXTURES_BY_NAME["v3-basic"]["snapshots"]]
+    before = {n: qemu_digest(qemu_img, path, n, tmp_path) for n in names}
+    active = qemu_digest_active(qemu_img, path, tmp_path)
+    DAMAGES[damage](path)
+    assert qemu_snapshots(qemu_img, path) == []
+    check = invoke("check", path)
+    assert check.exit_code == 3 and "lost snapshot(s) found" in check.output, check.output
+    result = invoke("recover", "--apply", "--json", path)
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads(result.output)
+    assert not [s for s in data["skipped"] if s["refused"]]
+    assert_qemu_clean(qemu_img, path)
+    listed = qemu_snapshots(qemu_img, path)
+    assert listed == [(r["id"], r["name"]) for r in data["restored"]]
+    if damage == "table-gone-orphans":
+        # recovered-1, -2, ... with fresh IDs; the same disks, in some order
+        assert sorted(n for _, n in listed) == [f"recovered-{i}" for i in (1, 2, 3)]
+        after = {qemu_digest(qemu_img, path, sid, tmp_path, by="id") for sid, _ in listed}
+        assert after == set(before.values())
+    else:
+        # the stale entries keep their IDs and names
+        assert listed == [(s["id"], s["name"])
+                          for s in FIXTURES_BY_NAME["v3-basic"]["snapshots"]]
+        for n in names:
+            assert qemu_digest(qemu_img, path, n, tmp_path) == before[n], n
+    assert qemu_digest_active(qemu_img, path, tmp_path) == active
+    # nothing more to find, and check has nothing to say
+    check = invoke("check", path)
+    assert check.exit_code == 0 and "lost snapshot" not in check.output, check.output
+
+
+def qemu_digest_active(qemu_img: str, path: Path, tmp: Path) -> str:
+    out = tmp / "active.raw"
+    subprocess.run([qemu_img, "convert", "-O", "raw", str(path), str(out)], check=True)
+    try:
+        return sha256_file(out)
+    finally:
+        out.unlink()
+
+
+def test_check_names_lost_snapshots_only_when_there_are_some(fixture_copy, qemu_img) -> None:
+    path = fixture_copy("v3-basic")
+    clean = invoke("check", path)
+    assert clean.exit_code == 0 and "lost snapshot" not in clean.output
+    assert "lost-snapshots" not in json.loads(invoke("check", "--json", path).output)
+    _table_gone(path)
+    text = invoke("check", path)
+    assert text.exit_code == 3        # qemu-img's: only leaks
+    line = [ln for ln in text.output.splitlines() if "lost snapshot(s) found" in ln]
+    assert len(line) == 1 and line[0].count("orphaned L1 table at 0x") == 3, text.output
+    assert f"qcow2snap recover {path} --apply" in line[0]
+    data = json.loads(invoke("check", "--json", path).output)
+    assert data["leaks"] > 0
+    assert [c["source"] for c in data["lost-snapshots"]] == ["orphan-l1"] * 3
+
+
+def test_apply_renames_a_clashing_entry(fixture_copy, qemu_img, tmp_path: Path) -> None:
+    path = fixture_copy("v3-basic")
+    before = qemu_digest(qemu_img, path, "first", tmp_path)
+    lose_table(path)
+    # a new "first" takes ID 1 and the name
+    subprocess.run([qemu_img, "snapshot", "-c", "first", str(path)], check=True)
+    new_first = qemu_digest(qemu_img, path, "first", tmp_path)
+    result = recover_snapshots(path)
+    renamed = [r for r in result.restored if r.renamed_from]
+    assert [(r.name, r.renamed_from) for r in renamed] == [("first-recovered", "ID 1 name first")]
+    assert_qemu_clean(qemu_img, path)
+    listed = qemu_snapshots(qemu_img, path)
+    assert sorted(listed) == sorted([("1", "first"), ("2", "second"), ("3", "third"),
+                                     (renamed[0].id, "first-recovered")])
+    assert renamed[0].id == "4"       # QEMU's rule: the largest numeric ID plus one
+    assert qemu_digest(qemu_img, path, "first-recovered", tmp_path) == before
+    assert qemu_digest(qemu_img, path, "first", tmp_path) == new_first
+
+
+def test_apply_refuses_without_the_lock(fixture_copy) -> None:
+    path = fixture_copy("v3-basic")
+    lose_table(path)
+    before = sha256_file(path)
+    with qcow2snap.open(path, "r+"):
+        with pytest.raises(ImageInUseError):
+            recover_snapshots(path)
+        # another process: refused, one line, exit 5
+        proc = run_cli("recover", "--apply", path)
+        assert (proc.returncode, proc.stdout) == (ImageInUseError.exit_code, ""), proc.stderr
+        assert "editor" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert sha256_file(path) == before
+
+
+def test_apply_dry_run_writes_nothing(fixture_copy) -> None:
+    path = fixture_copy("v3-basic")
+    lose_table(path)
+    before = sha256_file(path)
+    result = invoke("recover", "--apply", "--dry-run", path)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("would restore: ID") == 3
+    assert sha256_file(path) == before
+    assert invoke("recover", "--dry-run", path).exit_code == 2     # usage: needs --apply
+
+
+def test_apply_refuses_unreliable_candidates(fixture_copy, qemu_img, qemu_io,
+                                             tmp_path: Path) -> None:
+    path = fixture_copy("v3-basic")
+    names = ("first", "second", "third")
+    before = {n: qemu_digest(qemu_img, path, n, tmp_path) for n in names}
+    _, copy_at, _ = _reuse_lost_clusters(path, qemu_img, qemu_io, tmp_path, names)
+    report = recover(path)
+    unreliable = {c.snapshot.name for c in report.candidates
+                  if c.source_offset == copy_at and not c.reliable}
+    assert unreliable, "the damage made no candidate unreliable"
+    data = json.loads(invoke("recover", "--apply", "--json", path).output)
+    restored = {r["name"] for r in data["restored"]}
+    assert not restored & unreliable
+    refused = [s for s in data["skipped"] if s["refused"]]
+    assert {s["candidate"].rsplit("(", 1)[1].rstrip(")") for s in refused
+            if s["source-offset"] == copy_at} == unreliable
+    assert all(s["reason"].startswith("UNRELIABLE") for s in refused)
+    assert not data["leaks-released"]     # the refused ones still live in the leaks
+    # QEMU: no corruption (the refused candidates' clusters stay leaked)
+    proc = subprocess.run([qemu_img, "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode in (0, 3), proc.stdout + proc.stderr
+    assert "ERROR" not in proc.stdout
+    listed = qemu_snapshots(qemu_img, path)
+    assert [n for _, n in listed] == [r["name"] for r in data["restored"]]
+    for n in restored:
+        assert qemu_digest(qemu_img, path, n, tmp_path) == before[n], n
+    # the refused candidates are still there to be found
+    again = recover(path)
+    assert {c.snapshot.name for c in again.candidates if c.source_offset == copy_at
+            and not c.live_duplicate} >= unreliable
+
+
+def test_apply_restores_each_l1_once_newest_table_first(fixture_copy, qemu_img,
+                                                        tmp_path: Path) -> None:
+    path = fixture_copy("v3-basic")
+    with open(path, "rb") as f:
+        f.seek(64)
+        f.seek(struct.unpack(">Q", f.read(8))[0])
+        older = f.read(65536)          # first, second, third
+    subprocess.run([qemu_img, "snapshot", "-c", "fourth", str(path)], check=True)
+    names = ("first", "second", "third", "fourth")
+    before = {n: qemu_digest(qemu_img, path, n, tmp_path) for n in names}
+    copy_at = (path.stat().st_size + 65535) // 65536 * 65536 + 4 * 65536
+    with open(path, "r+b") as f:
+        f.seek(copy_at)
+        f.write(older)
+    newer_at = lose_table(path)
+    result = recover_snapshots(path)
+    assert [(r.id, r.name, r.source_offset) for r in result.restored] == \
+        [(str(i), n, newer_at) for i, n in enumerate(names, 1)]
+    dupes = [s for s in result.skipped if s.source_offset == copy_at]
+    assert len(dupes) == 3 and not any(s.refused for s in dupes)
+    assert "restored already" in dupes[0].reason
+    assert result.cleanup is not None       # nothing refused: the leaks are released
+    assert_qemu_clean(qemu_img, path)
+    assert qemu_snapshots(qemu_img, path) == [(str(i), n) for i, n in enumerate(names, 1)]
+    for n in names:
+        assert qemu_digest(qemu_img, path, n, tmp_path) == before[n], n
+
+
+def test_apply_keeps_a_stale_entry_with_its_vm_state(fixture_copy, qemu_img) -> None:
+    path = fixture_copy("savevm-seabios")
+    info = FIXTURES_BY_NAME["savevm-seabios"]["info"]["snapshots"]
+    before = json.loads(invoke("hash", "--json", path).output)["layers"]
+    lose_table(path)
+    result = invoke("recover", "--apply", path)
+    assert result.exit_code == 0 and "restored: ID 1 'run'" in result.output, result.output
+    assert_qemu_clean(qemu_img, path)
+    out = subprocess.run([qemu_img, "info", "--output=json", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out)["snapshots"] == info     # dates, VM clock, VM-state size: QEMU's
+    # the disk and the VM state read back byte for byte
+    assert json.loads(invoke("hash", "--json", path).output)["layers"] == before
+
+
+def test_apply_refuses_a_dirty_image(fixture_copy) -> None:
+    path = fixture_copy("v3-basic")
+    lose_table(path)
+    with open(path, "r+b") as f:       # incompatible feature bit 0: dirty
+        f.seek(72)
+        features = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", features | 1))
+    before = sha256_file(path)
+    result = invoke("recover", "--apply", path)
+    assert result.exit_code == 10 and "dirty" in result.output, result.output
     assert sha256_file(path) == before

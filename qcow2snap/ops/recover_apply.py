@@ -21,8 +21,9 @@ Policy:
   then orphaned L1 tables.
 * An entry from a stale table keeps its ID, name, dates, VM clock and
   VM-state size.  If its ID or name is taken by a live snapshot (or an
-  entry restored before it), it gets a fresh ID and the name
-  ``NAME-recovered`` (``NAME-recovered-2``, ...); the result says so.
+  entry restored before it), it gets a fresh ID (one no other restored
+  entry keeps) and, if its name is taken, the name ``NAME-recovered``
+  (``NAME-recovered-2``, ...); the result says so (``renamed_from``).
 * An orphaned L1 table gets the name ``recovered-N`` (the first N whose
   name is free), a fresh ID (QEMU's rule: the largest numeric ID plus one),
   the date now, no VM state, and the image's current virtual size as disk
@@ -61,13 +62,13 @@ from typing import Literal
 from .. import format as fmt
 from ..errors import ImageNeedsRepairError, UnsupportedImageError
 from ..image import Qcow2Image
-from ..model import Snapshot, new_snapshot
+from ..model import Snapshot, new_snapshot, snapshot_id_number
 from ..refcount import l2_references
 from ..tables import decode_u64_table
 from .check import Checker
 from .edit import EditableImage
 from .recover import Progress, RecoveredSnapshot, find_lost_snapshots
-from .snapshots import _L1, SnapshotEditor, _Slot, next_snapshot_id
+from .snapshots import _L1, SnapshotEditor, _Slot
 from .transaction import CommitResult, FileIO, MetadataIO, Transaction, TransactionPoisoned
 
 __all__ = ["RecoverResult", "RestoredSnapshot", "SkippedCandidate", "recover_snapshots"]
@@ -220,7 +221,20 @@ def _recover(editable: EditableImage, dry_run: bool, progress: Progress | None,
         result.skipped.append(SkippedCandidate(c.source, c.source_offset, c.entry_index,
                                                c.label, reason, refused))
 
-    for c in _table_order(report.candidates):
+    ordered = _table_order(report.candidates)
+    # IDs the stale entries may keep: a fresh ID never takes one of them
+    kept_ids = {c.snapshot.id_bytes for c in ordered if c.source == "stale-table"
+                and c.reliable and not c.live_duplicate
+                and c.snapshot.id_bytes not in taken_ids
+                and c.snapshot.name_bytes not in taken_names}
+
+    def fresh_id() -> bytes:
+        """QEMU's rule (the largest numeric ID plus one) over the entries
+        and the IDs still to be kept."""
+        ids = [s.snapshot.id_bytes for s in editor.slots] + list(kept_ids)
+        return str((max(map(snapshot_id_number, ids), default=0) + 1) % (1 << 64)).encode()
+
+    for c in ordered:
         sn = c.snapshot
         if c.live_duplicate:
             skip(c, "its L1 table is a live layer's: already in the image", False)
@@ -246,17 +260,15 @@ def _recover(editable: EditableImage, dry_run: bool, progress: Progress | None,
         if c.source == "stale-table":
             if sn.id_bytes in taken_ids or sn.name_bytes in taken_names:
                 renamed = f"ID {sn.id} name {sn.name}"
-                sn = replace(sn, id_bytes=next_snapshot_id(
-                    s.snapshot for s in editor.slots).encode(),
-                    name_bytes=_free_name(sn.name_bytes, taken_names))
+                sn = replace(sn, id_bytes=fresh_id(),
+                             name_bytes=_free_name(sn.name_bytes, taken_names))
         else:
             while True:
                 orphan_number += 1
                 name = b"recovered-%d" % orphan_number
                 if name not in taken_names:
                     break
-            sn = _orphan_entry(image, c, name,
-                               next_snapshot_id(s.snapshot for s in editor.slots).encode())
+            sn = _orphan_entry(image, c, name, fresh_id())
         if len(editor.slots) >= fmt.QCOW_MAX_SNAPSHOTS:
             raise UnsupportedImageError(
                 f"{image.path}: the image would hold more than {fmt.QCOW_MAX_SNAPSHOTS} "
