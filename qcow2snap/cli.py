@@ -655,7 +655,7 @@ def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
             lost = None
     if as_json:
         obj = describe.check_json(report)
-        if lost is not None:
+        if lost is not None and describe.lost_snapshots_json(lost):
             obj["lost-snapshots"] = describe.lost_snapshots_json(lost)
         _print_json(obj)
     else:

@@ -333,6 +333,20 @@ def test_check_names_lost_snapshots_only_when_there_are_some(fixture_copy, qemu_
     clean = invoke("check", path)
     assert clean.exit_code == 0 and "lost snapshot" not in clean.output
     assert "lost-snapshots" not in json.loads(invoke("check", "--json", path).output)
+    # a leak that holds no snapshot: no line either
+    leaky = path.with_name("leaky.qcow2")
+    leaky.write_bytes(path.read_bytes())
+    with open(leaky, "r+b") as f:
+        f.seek(48)
+        f.seek(struct.unpack(">Q", f.read(8))[0])
+        block = struct.unpack(">Q", f.read(8))[0]
+        f.seek(block + 2 * 7)
+        count = struct.unpack(">H", f.read(2))[0]
+        f.seek(block + 2 * 7)
+        f.write(struct.pack(">H", count + 1))
+    leak = invoke("check", leaky)
+    assert leak.exit_code == 3 and "lost snapshot" not in leak.output, leak.output
+    assert "lost-snapshots" not in json.loads(invoke("check", "--json", leaky).output)
     _table_gone(path)
     text = invoke("check", path)
     assert text.exit_code == 3        # qemu-img's: only leaks
