@@ -1133,8 +1133,9 @@ def lost_snapshots_line(report: RecoveryReport, image: str) -> str | None:
         where.append(f"{len(lost) - 4} more")
     unreliable = sum(not c.reliable for c in lost)
     note = f" ({unreliable} unreliable)" if unreliable else ""
-    return (f"{len(lost)} lost snapshot(s) found{note}: {', '.join(where)}; run "
-            f"`qcow2snap recover {image} --apply`")
+    advice = (f"run `qcow2snap recover {image} --apply`" if unreliable < len(lost) else
+              f"none is reliable enough to restore; `qcow2snap recover {image}` says why")
+    return f"{len(lost)} lost snapshot(s) found{note}: {', '.join(where)}; {advice}"
 
 
 def lost_snapshots_json(report: RecoveryReport) -> list[dict[str, Any]]:

@@ -412,6 +412,10 @@ def test_apply_refuses_unreliable_candidates(fixture_copy, qemu_img, qemu_io,
     unreliable = {c.snapshot.name for c in report.candidates
                   if c.source_offset == copy_at and not c.reliable}
     assert unreliable, "the damage made no candidate unreliable"
+    line = invoke("check", path).output.splitlines()[-1]
+    assert "lost snapshot(s) found" in line and "unreliable" in line, line
+    if all(not c.reliable for c in report.candidates if not c.live_duplicate):
+        assert "none is reliable enough to restore" in line and "--apply" not in line
     data = json.loads(invoke("recover", "--apply", "--json", path).output)
     restored = {r["name"] for r in data["restored"]}
     assert not restored & unreliable
