@@ -569,3 +569,30 @@ def test_apply_raises_refcounts_a_leak_fix_lowered(fixture_copy, qemu_img,
     assert_qemu_clean(qemu_img, path)
     for n in names:
         assert qemu_digest(qemu_img, path, n, tmp_path) == before[n], n
+
+
+def test_apply_orphan_disk_size_survives_a_shrink(fixture_copy, qemu_img,
+                                                  tmp_path: Path) -> None:
+    """at-64M was taken before the image shrank to 24M: its orphaned L1
+    gets the disk size its last mapped cluster implies, at-24M the image's."""
+    path = fixture_copy("resized-shrink")
+    expected = FIXTURES_BY_NAME["resized-shrink"]["snapshots"]
+    # (qemu-img convert -l writes the image's current size for either)
+    before = {qemu_digest(qemu_img, path, s["id"], tmp_path, by="id") for s in expected}
+    assert len(before) == 2
+    _table_gone(path)
+    result = recover_snapshots(path)
+    assert sorted(r.disk_size for r in result.restored) == \
+        sorted(s["disk_size"] for s in expected)
+    assert_qemu_clean(qemu_img, path)
+    listed = qemu_snapshots(qemu_img, path)
+    assert len(listed) == 2
+    assert {qemu_digest(qemu_img, path, sid, tmp_path, by="id") for sid, _ in listed} == before
+    # and reverting to each (QEMU resizes to the snapshot's disk size) gives its own disk
+    by_size = {s["disk_size"]: s for s in expected}
+    for r in result.restored:
+        sid, s = r.id, by_size[r.disk_size]
+        copy = tmp_path / f"revert-{sid}.qcow2"
+        copy.write_bytes(path.read_bytes())
+        subprocess.run([qemu_img, "snapshot", "-a", sid, str(copy)], check=True)
+        assert qemu_digest_active(qemu_img, copy, tmp_path) == s["sha256"], s["name"]

@@ -26,10 +26,13 @@ Policy:
   (``NAME-recovered-2``, ...); the result says so (``renamed_from``).
 * An orphaned L1 table gets the name ``recovered-N`` (the first N whose
   name is free), a fresh ID (QEMU's rule: the largest numeric ID plus one),
-  the date now, no VM state, and the image's current virtual size as disk
-  size when the L1 table's entries all lie within it (the likeliest size of
-  a snapshot of this disk), otherwise the size its entries cover
-  (``l1_size`` times what one L2 table maps).  Its ``l1_size`` is raised
+  the date now, no VM state, and as disk size, when the L1 table's entries
+  all lie within the image's current virtual size's L1 entries, the larger
+  of that size (the likeliest size of a snapshot of this disk) and the end
+  of the last cluster the table maps (a snapshot taken before a shrink
+  keeps its data visible); otherwise (its entries reach where QEMU keeps
+  VM state, or a larger disk) the size its entries cover (``l1_size``
+  times what one L2 table maps).  Its ``l1_size`` is raised
   to what that disk size needs when the extra entries lie in the table's
   first cluster (they read as zero there).
 
@@ -161,7 +164,7 @@ def _orphan_entry(image: Qcow2Image, c: RecoveredSnapshot, name: bytes, new_id: 
     sn = c.snapshot
     size = sn.l1_size
     if size <= image.size_to_l1(image.size):
-        disk_size = image.size
+        disk_size = max(image.size, _mapped_end(image, sn))
         want = image.size_to_l1(disk_size)
         if (sn.l1_table_offset + want * fmt.L1E_SIZE
                 <= min(image.file_size, sn.l1_table_offset + image.cluster_size)):
@@ -173,6 +176,21 @@ def _orphan_entry(image: Qcow2Image, c: RecoveredSnapshot, name: bytes, new_id: 
         id_bytes=new_id, name_bytes=name, l1_table_offset=sn.l1_table_offset, l1_size=size,
         date_sec=micros // 1_000_000 & fmt.UINT32_MAX, date_nsec=(micros % 1_000_000) * 1000,
         vm_clock_nsec=0, vm_state_size=0, disk_size=disk_size, icount=0)
+
+
+def _mapped_end(image: Qcow2Image, sn: Snapshot) -> int:
+    """The guest end of the last cluster the L1 table maps (one L2 table read)."""
+    l1 = decode_u64_table(image.pread(sn.l1_table_offset, sn.l1_size * fmt.L1E_SIZE))
+    stride = 2 if image.extended_l2 else 1
+    for i in range(len(l1) - 1, -1, -1):
+        l2 = l1[i] & fmt.L1E_OFFSET_MASK
+        if not l2:
+            continue
+        table = image.read_l2(l2)
+        for j in range(len(table) // stride - 1, -1, -1):
+            if table[j * stride] or (stride == 2 and table[j * stride + 1]):
+                return ((i << image.l2_bits) + j + 1) << image.cluster_bits
+    return 0
 
 
 def recover_snapshots(target: str | os.PathLike[str] | EditableImage, *,
