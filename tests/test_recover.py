@@ -596,3 +596,18 @@ def test_apply_orphan_disk_size_survives_a_shrink(fixture_copy, qemu_img,
         copy.write_bytes(path.read_bytes())
         subprocess.run([qemu_img, "snapshot", "-a", sid, str(copy)], check=True)
         assert qemu_digest_active(qemu_img, copy, tmp_path) == s["sha256"], s["name"]
+
+
+def test_apply_keeps_duplicate_names_of_one_table(fixture_copy, qemu_img,
+                                                  tmp_path: Path) -> None:
+    """ambiguous: IDs 1-4 named x, 1, dup, dup; the table comes back as it was."""
+    path = fixture_copy("ambiguous")
+    listed = qemu_snapshots(qemu_img, path)
+    before = {sid: qemu_digest(qemu_img, path, sid, tmp_path, by="id") for sid, _ in listed}
+    lose_table(path)
+    result = recover_snapshots(path)
+    assert not any(r.renamed_from for r in result.restored)
+    assert_qemu_clean(qemu_img, path)
+    assert qemu_snapshots(qemu_img, path) == listed
+    for sid, digest_before in before.items():
+        assert qemu_digest(qemu_img, path, sid, tmp_path, by="id") == digest_before, sid

@@ -20,8 +20,10 @@ Policy:
   (the newest table copy first: the one whose newest entry is the latest),
   then orphaned L1 tables.
 * An entry from a stale table keeps its ID, name, dates, VM clock and
-  VM-state size.  If its ID or name is taken by a live snapshot (or an
-  entry restored before it), it gets a fresh ID (one no other restored
+  VM-state size.  If its ID is taken (by a live snapshot or an entry
+  restored before it) or its name is (by a live snapshot or an entry
+  restored from another source: entries of one table may share a name, as
+  QEMU allows and as they did), it gets a fresh ID (one no other restored
   entry keeps) and, if its name is taken, the name ``NAME-recovered``
   (``NAME-recovered-2``, ...); the result says so (``renamed_from``).
 * An orphaned L1 table gets the name ``recovered-N`` (the first N whose
@@ -229,6 +231,9 @@ def _recover(editable: EditableImage, dry_run: bool, progress: Progress | None,
         result.notes.append("the search stopped at a bound: more candidates may exist")
     taken_ids = {s.snapshot.id_bytes for s in editor.slots}
     taken_names = {s.snapshot.name_bytes for s in editor.slots}
+    #: names restored, by source: entries of one stale table may share a
+    #: name, as they did (QEMU allows it); only other sources clash
+    restored_names: dict[bytes, set[int]] = {}
     bits = image.cluster_bits
     restored_l1: set[int] = set()
     claimed: set[int] = set()        # L1 table clusters of restored entries
@@ -276,10 +281,13 @@ def _recover(editable: EditableImage, dry_run: bool, progress: Progress | None,
             continue
         renamed: str | None = None
         if c.source == "stale-table":
-            if sn.id_bytes in taken_ids or sn.name_bytes in taken_names:
+            name_clash = sn.name_bytes in taken_names and (
+                restored_names.get(sn.name_bytes, set()) != {c.source_offset})
+            if sn.id_bytes in taken_ids or name_clash:
                 renamed = f"ID {sn.id} name {sn.name}"
                 sn = replace(sn, id_bytes=fresh_id(),
-                             name_bytes=_free_name(sn.name_bytes, taken_names))
+                             name_bytes=_free_name(sn.name_bytes, taken_names)
+                             if name_clash else sn.name_bytes)
         else:
             while True:
                 orphan_number += 1
@@ -302,6 +310,7 @@ def _recover(editable: EditableImage, dry_run: bool, progress: Progress | None,
         claimed |= l1_clusters
         taken_ids.add(sn.id_bytes)
         taken_names.add(sn.name_bytes)
+        restored_names.setdefault(sn.name_bytes, set()).add(c.source_offset)
         result.restored.append(RestoredSnapshot(
             c.source, c.source_offset, c.entry_index, sn.id, sn.name, sn.l1_table_offset,
             sn.l1_size, sn.disk_size, sn.vm_state_size, renamed))
