@@ -662,16 +662,28 @@ def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
     table QEMU cannot read without -r all). A repair refuses an image a
     running QEMU holds.
     """
+    from .ops.check_report import CheckReport
     from .ops.repair import check_or_repair
     if dry_run and repair is None:
         raise click.UsageError("--dry-run needs --repair leaks or --repair all")
     with _progress_bar(progress, "check") as callback:
         report = check_or_repair(image, repair, dry_run=dry_run,  # type: ignore[arg-type]
                                  progress=callback)
+    lost = None
+    if isinstance(report, CheckReport) and report.leaks:  # an orphaned L1 is a leak or free
+        from .ops.recover import recover_report
+        try:
+            lost = recover_report(image)
+        except Qcow2Error:
+            lost = None
     if as_json:
-        _print_json(describe.check_json(report))
+        obj = describe.check_json(report)
+        if lost is not None and describe.lost_snapshots_json(lost):
+            obj["lost-snapshots"] = describe.lost_snapshots_json(lost)
+        _print_json(obj)
     else:
-        _echo_text(describe.check_text(report))
+        line = describe.lost_snapshots_line(lost, image) if lost is not None else None
+        _echo_text(describe.check_text(report) + (f"\n{line}" if line else ""))
     raise SystemExit(report.exit_code)
 
 
@@ -816,16 +828,33 @@ def usage(images: tuple[str, ...], as_json: bool, progress: bool | None) -> None
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--apply", "apply", is_flag=True,
+              help="Re-create snapshot-table entries for the reliable candidates.")
+@click.option("--dry-run", is_flag=True, help="With --apply: report, write nothing.")
 @_progress_option
-def recover(image: str, as_json: bool, progress: bool | None) -> None:
-    """Find snapshots lost from IMAGE's snapshot table (read-only).
+def recover(image: str, as_json: bool, apply: bool, dry_run: bool,
+            progress: bool | None) -> None:
+    """Find snapshots lost from IMAGE's snapshot table.
 
     Searches the clusters no live structure references for stale copies of
     the snapshot table and for orphaned L1 tables, and reports each
     candidate with its source, identity and reliability: guest ranges whose
     L2 table or data cluster a live structure uses now are listed as
-    reused. The image is never written.
+    reused. Without --apply the image is never written. With --apply the
+    reliable candidates get snapshot-table entries again (crash-safe, under
+    the editor lock); unreliable ones are refused.
     """
+    if dry_run and not apply:
+        raise click.UsageError("--dry-run needs --apply")
+    if apply:
+        from .ops.recover_apply import recover_snapshots
+        with _progress_bar(progress, "recover") as callback:
+            result = recover_snapshots(image, dry_run=dry_run, progress=callback)
+        if as_json:
+            _print_json(describe.recover_apply_json(result))
+        else:
+            _echo_text(describe.recover_apply_text(result))
+        return
     from .ops.recover import recover_report
     with _progress_bar(progress, "recover") as callback:
         report = recover_report(image, progress=callback)

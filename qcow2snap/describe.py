@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .ops.inspection import ImageFacts, SnapshotComparison, SnapshotFacts
     from .ops.memory import MemoryResult
     from .ops.recover import RecoveredSnapshot, RecoveryReport
+    from .ops.recover_apply import RecoverResult, RestoredSnapshot
     from .ops.usage import ImageUsage, LayerUsage, UsageReport
     from .vmstate import VMState
 
@@ -1113,3 +1114,76 @@ def recover_text(report: RecoveryReport) -> str:
 
 
 __all__ += ["recover_json", "recover_text"]
+
+
+def _lost(report: RecoveryReport) -> list[RecoveredSnapshot]:
+    return [c for c in report.candidates if not c.live_duplicate]
+
+
+def lost_snapshots_line(report: RecoveryReport, image: str) -> str | None:
+    """The line ``check`` adds when the leaked clusters hold lost snapshots
+    (None when they hold none)."""
+    lost = _lost(report)
+    if not lost:
+        return None
+    where = [f"orphaned L1 table at {c.source_offset:#x}" if c.source == "orphan-l1" else
+             f"stale snapshot table at {c.source_offset:#x} entry {c.entry_index} "
+             f"(ID {c.snapshot.id} {c.snapshot.name!r})" for c in lost[:4]]
+    if len(lost) > 4:
+        where.append(f"{len(lost) - 4} more")
+    unreliable = sum(not c.reliable for c in lost)
+    note = f" ({unreliable} unreliable)" if unreliable else ""
+    advice = (f"run `qcow2snap recover {image} --apply`" if unreliable < len(lost) else
+              f"none is reliable enough to restore; `qcow2snap recover {image}` says why")
+    return f"{len(lost)} lost snapshot(s) found{note}: {', '.join(where)}; {advice}"
+
+
+def lost_snapshots_json(report: RecoveryReport) -> list[dict[str, Any]]:
+    """``check --json``'s ``lost-snapshots``: the candidates, as ``recover``."""
+    return [_recovered_json(c) for c in _lost(report)]
+
+
+def _restored_json(r: RestoredSnapshot) -> dict[str, Any]:
+    return {"source": r.source, "source-offset": r.source_offset,
+            "entry-index": r.entry_index, "id": r.id, "name": r.name,
+            "l1-table-offset": r.l1_table_offset, "l1-size": r.l1_size,
+            "disk-size": r.disk_size, "vm-state-size": r.vm_state_size,
+            "renamed-from": r.renamed_from}
+
+
+def recover_apply_json(result: RecoverResult) -> dict[str, Any]:
+    """``recover --apply --json``: what was restored, what was skipped and why."""
+    return {"filename": result.filename, "dry-run": result.dry_run,
+            "restored": [_restored_json(r) for r in result.restored],
+            "skipped": [{"source": s.source, "source-offset": s.source_offset,
+                         "entry-index": s.entry_index, "candidate": s.label,
+                         "reason": s.reason, "refused": s.refused} for s in result.skipped],
+            "committed": result.commit is not None and not result.dry_run,
+            "leaks-released": result.cleanup is not None,
+            "notes": list(result.notes)}
+
+
+def recover_apply_text(result: RecoverResult) -> str:
+    """One line per restored entry and per skipped candidate."""
+    lines = [f"image: {result.filename}"]
+    verb = "would restore" if result.dry_run else "restored"
+    for r in result.restored:
+        renamed = f" (was ID {r.renamed_from.removeprefix('ID ')}: renamed, the ID or name " \
+                  f"is taken)" if r.renamed_from else ""
+        source = (f"orphaned L1 table at {r.source_offset:#x}" if r.source == "orphan-l1" else
+                  f"stale table at {r.source_offset:#x} entry {r.entry_index}")
+        lines.append(f"{verb}: ID {r.id} {r.name!r} from {source}, disk "
+                     f"{size_to_str(r.disk_size)}, vm-state {size_to_str(r.vm_state_size)}"
+                     f"{renamed}")
+    for s in result.skipped:
+        lines.append(f"skipped: {s.label}: {s.reason}")
+    if not result.restored:
+        lines.append("nothing restored")
+    if result.dry_run:
+        lines.append("dry run: nothing was written")
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+__all__ += ["lost_snapshots_json", "lost_snapshots_line", "recover_apply_json",
+            "recover_apply_text"]

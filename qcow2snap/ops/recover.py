@@ -19,7 +19,7 @@ maps that very cluster at the same guest position without the COPIED flag
 (QEMU copies such a cluster before writing: it is shared, not reused).
 A candidate with any reused range is never reported intact.
 
-Nothing is written; re-creating snapshot entries is left to a later step.
+Nothing is written; :mod:`qcow2snap.ops.recover_apply` re-creates the entries.
 """
 
 from __future__ import annotations
@@ -147,11 +147,15 @@ class _Live:
         return False
 
 
-def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None) -> RecoveryReport:
+def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
+                        checker: Checker | None = None) -> RecoveryReport:
     """Search ``image`` (opened read-only, ``check_mode=True`` for a damaged
-    table) for snapshots outside its live metadata; nothing is written."""
-    checker = Checker(image, progress=progress)
-    checker.run()
+    table) for snapshots outside its live metadata; nothing is written.
+    ``checker``: a :class:`Checker` already run on ``image`` (its references
+    are used instead of checking again)."""
+    if checker is None:
+        checker = Checker(image, progress=progress)
+        checker.run()
     bits = image.cluster_bits
     ref = checker.ref
     file_clusters = checker.file_clusters
