@@ -77,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/qcow2snap-bench-luks"))
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--out-dir", type=Path, default=Path("/dev/shm"),
+                        help="where both outputs go (default tmpfs: the disk's writeback "
+                             "would time the filesystem, not decryption)")
     parser.add_argument("--setup", choices=list(SETUPS), action="append",
                         help="only these setups (repeatable; default: all)")
     args = parser.parse_args()
@@ -84,7 +87,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     pw = work / "pw"
     pw.write_text(SECRET)
-    ours_out, theirs_out = work / "ours.raw", work / "theirs.raw"
+    ours_out = args.out_dir / "bench-luks-ours.raw"
+    theirs_out = args.out_dir / "bench-luks-theirs.raw"
     qcow2snap = [sys.executable, "-m", "qcow2snap"]
     for name in args.setup or list(SETUPS):
         image = make_image(work, name, SETUPS[name], pw)
@@ -98,6 +102,8 @@ def main() -> None:
         print(f"## {name}: outputs equal\nA: {shlex.join(a)}\nB: {shlex.join(b)}", flush=True)
         subprocess.run(["farm-bench", "-n", str(args.runs), "--timeout", "900",
                         "--vs", shlex.join(b), "--", *a], check=False)
+    for out in (ours_out, theirs_out):
+        out.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
