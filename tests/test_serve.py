@@ -7,7 +7,8 @@ convert`` and ``nbdcopy`` from the NBD URI equal ``qcow2snap extract``
 export show data, zeros and holes exactly where ``qcow2snap map`` does.
 Two clients at once read correctly, a write is refused, the image's bytes
 and mtime stay as they were, and SIGTERM stops nbdkit and removes the
-socket.  Needs nbdkit, its Python plugin and nbdinfo/nbdcopy (libnbd-bin):
+socket; QEMU opens the export for the documented boot line (snapshot=on).
+Needs nbdkit, its Python plugin and nbdinfo/nbdcopy (libnbd-bin):
 skipped without them unless ``QCOW2SNAP_REQUIRE_NBD=1`` (``.ci/run``).
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES_BY_NAME, sha256_file
-from helpers import cli_argv, invoke, missing, run_cli
+from helpers import cli_argv, invoke, missing, require_tool, run_cli
 
 REQUIRE_NBD = "QCOW2SNAP_REQUIRE_NBD"
 
@@ -239,3 +240,21 @@ def test_exactly_one_listener(args: tuple[str, ...], fixture_copy) -> None:  # t
 def test_snapshot_refused_before_nbdkit_starts(fixture_copy) -> None:  # type: ignore[no-untyped-def]
     result = invoke("serve", "nope", fixture_copy("compressed-zlib"), "--socket", "s.sock")
     assert result.exit_code in (6, 15)   # 15 only where nbdkit is missing
+
+
+def test_qemu_system_opens_the_export_with_snapshot_on(nbd_tools: dict[str, str],
+                                                       fixture_copy) -> None:  # type: ignore[no-untyped-def]
+    """The documented boot line: QEMU opens the export under a temporary
+    overlay (-S: no guest code runs), and the image is unchanged."""
+    qemu = require_tool("qemu-system-x86_64")
+    image = fixture_copy("backing-chain")
+    before = (sha256_file(image), os.stat(image).st_mtime_ns)
+    with serving("1", image) as served:
+        proc = subprocess.run(
+            [qemu, "-S", "-display", "none", "-nodefaults", "-monitor", "stdio",
+             "-drive", f"file={served.uri},format=raw,snapshot=on,if=virtio"],
+            input="info block\nquit\n", capture_output=True, text=True, timeout=60,
+            check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert served.uri.split("socket=")[1] in proc.stdout
+    assert (sha256_file(image), os.stat(image).st_mtime_ns) == before
