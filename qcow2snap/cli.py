@@ -864,6 +864,46 @@ def recover(image: str, as_json: bool, apply: bool, dry_run: bool,
         _echo_text(describe.recover_text(report))
 
 
+@cli.command()
+@click.argument("snapshot")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Listen on the Unix socket PATH (removed when the server stops).")
+@click.option("--port", type=click.IntRange(0, 65535), metavar="N",
+              help="Listen on TCP port N instead (see --bind).")
+@click.option("--bind", metavar="ADDR", default="127.0.0.1", show_default=True,
+              help="With --port: the address to listen on.")
+@click.option("--threads", type=click.IntRange(min=1), metavar="N",
+              help="nbdkit's worker threads per connection (default: nbdkit's, 16).")
+@snapshot_selection
+@image_options
+def serve(snapshot: str, image: str, socket_path: str | None, port: int | None, bind: str,
+          threads: int | None, by_id: bool, by_name: bool, backing_file: str | None,
+          no_backing: bool, data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
+    """Export the disk of SNAPSHOT in IMAGE read-only over NBD (nbdkit).
+
+    SNAPSHOT is an ID or a name; '-' means the active layer. Runs nbdkit
+    with its Python plugin in the foreground until Ctrl-C or SIGTERM; the
+    export has block status (holes and zeros), allows several connections
+    and refuses writes. Needs nbdkit and nbdkit-plugin-python.
+    """
+    from .ops.serve import ServeOptions, export_summary, find_nbdkit
+    from .ops.serve import serve as run_server
+    if (socket_path is None) == (port is None):
+        raise click.UsageError("give exactly one of --socket PATH and --port N")
+    nbdkit = find_nbdkit()
+    with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
+        ref = _snapshot(img, snapshot, by_id, by_name, active=True)
+        img.open_disk(ref)   # refused here (passphrase, data file) rather than in nbdkit
+    options = ServeOptions(image, None if ref is None else ref.id, socket_path, port, bind,
+                           backing_file, no_backing, data_file, allow_dirs,
+                           _kdf_iteration_limit(), threads)
+    for uri in export_summary(options):
+        click.echo(f"qcow2snap: serving {_layer_label(ref)} of {image} read-only at {uri}",
+                   err=True)
+    run_server(options, passphrase=_passphrase(), nbdkit=nbdkit)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse

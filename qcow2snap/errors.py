@@ -195,3 +195,10 @@ class BadPassphraseError(Qcow2Error):
     the one given opens none of its key slots."""
 
     exit_code = 13
+
+
+class NbdServerError(Qcow2Error):
+    """``serve``: nbdkit or its Python plugin is not installed, or nbdkit
+    stopped with an error of its own (its message is on stderr above)."""
+
+    exit_code = 15
