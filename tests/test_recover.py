@@ -641,3 +641,43 @@ def test_apply_never_corrupts(name: str, fixture_copy, qemu_img, tmp_path: Path)
         assert qemu_digest(qemu_img, path, sid, tmp_path, by="id") == before[sid], sid
     if not any(s.refused for s in result.skipped):
         assert after == listed and proc.returncode == 0, proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# compressed clusters: the reuse rule at byte level
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
+def test_apply_restores_compressed_snapshots(name: str, damage: str, fixture_copy, qemu_img,
+                                             tmp_path: Path) -> None:
+    """A host cluster packs several compressed clusters: live compressed
+    clusters beside a lost snapshot's own, in the same host cluster, do not
+    make it unreliable; every lost snapshot comes back as QEMU read it."""
+    path = fixture_copy(name)
+    expected = FIXTURES_BY_NAME[name]["snapshots"]
+    listed = qemu_snapshots(qemu_img, path)
+    assert listed == [(s["id"], s["name"]) for s in expected]
+    before = {sid: qemu_digest(qemu_img, path, sid, tmp_path, by="id") for sid, _ in listed}
+    active = qemu_digest_active(qemu_img, path, tmp_path)
+    DAMAGES[damage](path)
+    assert qemu_snapshots(qemu_img, path) == []
+    report = recover(path)
+    unreliable = [(c.label, c.reused, c.problems) for c in report.candidates if not c.reliable]
+    assert not unreliable, unreliable
+    result = invoke("recover", "--apply", "--json", path)
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads(result.output)
+    assert not [s for s in data["skipped"] if s["refused"]], data["skipped"]
+    assert_qemu_clean(qemu_img, path)
+    after = qemu_snapshots(qemu_img, path)
+    assert after == [(r["id"], r["name"]) for r in data["restored"]]
+    if damage == "table-gone-orphans":
+        assert sorted(n for _, n in after) == [f"recovered-{i}" for i in (1, 2)]
+        assert {qemu_digest(qemu_img, path, sid, tmp_path, by="id") for sid, _ in after} \
+            == set(before.values())
+    else:
+        assert after == listed
+        for sid, _ in after:
+            assert qemu_digest(qemu_img, path, sid, tmp_path, by="id") == before[sid], sid
+    assert qemu_digest_active(qemu_img, path, tmp_path) == active
