@@ -21,7 +21,7 @@ from qcow2snap.image import Qcow2Image
 from qcow2snap.ops.edit import EditableImage
 from qcow2snap.ops.recover import RecoveryReport, find_lost_snapshots
 from qcow2snap.ops.recover_apply import recover_snapshots
-from qcow2snap.reader import DiskReader
+from qcow2snap.reader import DiskReader, ExtentKind, Layer, iter_extents
 
 
 def lose_table(path: Path) -> int:
@@ -648,12 +648,14 @@ def test_apply_never_corrupts(name: str, fixture_copy, qemu_img, tmp_path: Path)
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
+@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd", "zero-clusters"])
 def test_apply_restores_compressed_snapshots(name: str, damage: str, fixture_copy, qemu_img,
                                              tmp_path: Path) -> None:
     """A host cluster packs several compressed clusters: live compressed
     clusters beside a lost snapshot's own, in the same host cluster, do not
-    make it unreliable; every lost snapshot comes back as QEMU read it."""
+    make it unreliable (nor does a shared cluster the active layer now maps
+    with the zero flag, zero-clusters); every lost snapshot comes back as
+    QEMU read it."""
     path = fixture_copy(name)
     expected = FIXTURES_BY_NAME[name]["snapshots"]
     listed = qemu_snapshots(qemu_img, path)
@@ -680,4 +682,61 @@ def test_apply_restores_compressed_snapshots(name: str, damage: str, fixture_cop
         assert after == listed
         for sid, _ in after:
             assert qemu_digest(qemu_img, path, sid, tmp_path, by="id") == before[sid], sid
+    assert qemu_digest_active(qemu_img, path, tmp_path) == active
+
+
+def _compressed(image: Qcow2Image, layer: Layer) -> dict[int, tuple[int, int]]:
+    """guest cluster offset -> (host offset, length) of a layer's compressed clusters."""
+    return {e.cluster_guest_offset: (e.host_offset, e.compressed_length)
+            for e in iter_extents(image, layer, 0, layer.size)
+            if e.kind is ExtentKind.COMPRESSED and e.host_offset is not None}
+
+
+@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
+def test_discarded_compressed_bytes_make_candidate_unreliable(name: str, fixture_copy, qemu_img,
+                                                               tmp_path: Path) -> None:
+    """A lost snapshot's compressed cluster whose bytes were zeroed (as a
+    discard of its sectors would) while live compressed clusters still share
+    its host cluster: the candidate is UNRELIABLE, names the range, and
+    ``--apply`` refuses it."""
+    path = fixture_copy(name)
+    active = qemu_digest_active(qemu_img, path, tmp_path)
+    lose_table(path)
+    report = recover(path)
+    assert report.candidates and all(c.reliable for c in report.candidates)
+    image = Qcow2Image(path, "r", check_mode=True)
+    try:
+        live = _compressed(image, image.layer())
+        live_clusters = {off >> 16 for off, length in live.values()
+                         for off in range(off, off + length, 512)}
+        target = None
+        for cand in report.candidates:
+            for guest, (off, length) in _compressed(image, cand.layer).items():
+                if live.get(guest) == (off, length) or off in {o for o, _ in live.values()}:
+                    continue     # shared with the live layer
+                if off >> 16 in live_clusters:
+                    target = (cand.snapshot.name, guest, off)
+                    break
+            if target:
+                break
+    finally:
+        image.close()
+    assert target, "no lost compressed cluster shares a host cluster with a live one"
+    victim, guest, off = target
+    with open(path, "r+b") as f:    # its first bytes: a live neighbour ends before them
+        f.seek(off)
+        f.write(bytes(16))
+    report = recover(path)
+    cand = next(c for c in report.candidates if c.snapshot.name == victim)
+    assert not cand.reliable
+    assert any(r.guest_offset <= guest < r.guest_offset + r.length for r in cand.reused), \
+        cand.reused
+    assert any(f"{off:#x}" in p and "do not hold it" in p for p in cand.problems), cand.problems
+    data = json.loads(invoke("recover", "--apply", "--json", path).output)
+    refused = [s for s in data["skipped"] if s["refused"]]
+    assert [s["candidate"] for s in refused] == [cand.label], data
+    assert "UNRELIABLE" in refused[0]["reason"]
+    assert victim not in {r["name"] for r in data["restored"]}
+    proc = subprocess.run([qemu_img, "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode in (0, 3) and "ERROR" not in proc.stdout, proc.stdout
     assert qemu_digest_active(qemu_img, path, tmp_path) == active
