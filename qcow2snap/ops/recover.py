@@ -233,6 +233,7 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
     pending: list[tuple[int, int, int]] = []
     # (a) stale snapshot tables
     claimed_l1: set[int] = set()   # L1 tables a recovered entry points at
+    l1_clusters: set[int] = set()  # ... and every cluster of them (and of orphans found)
     table_clusters: set[int] = set()
     for c in unreferenced:
         if budget[0] <= 0 or len(report.candidates) >= MAX_CANDIDATES:
@@ -252,6 +253,9 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
         table_clusters.update(range(c, ((end - 1) >> bits) + 1))
         for sn in entries:
             claimed_l1.add(sn.l1_table_offset)
+            l1_clusters.update(range(sn.l1_table_offset >> bits,
+                                     ((sn.l1_table_offset + max(sn.l1_size * 8, 1) - 1) >> bits)
+                                     + 1))
             report.candidates.append(_judge(image, ref, checker.disk, live, "stale-table", offset,
                                             sn.index, sn, budget, pending))
             _own(pending, len(report.candidates) - 1)
@@ -262,13 +266,19 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
             report.truncated = True
             break
         offset = c << bits
-        if c in table_clusters or offset in claimed_l1:
+        if c in table_clusters or offset in claimed_l1 or c in l1_clusters:
             continue
-        found = _orphan_l1(image, ref, offset, budget)
+        # an L1 table spans several clusters when the live one does
+        # (512-byte clusters): continue into free clusters that look like one
+        span = max(1, (image.header.l1_size * 8 + image.cluster_size - 1) >> bits)
+        found = _orphan_l1(image, ref, offset, budget,
+                           [k for k in range(c + 1, c + span)
+                            if k < len(ref) and not ref[k] and k not in table_clusters])
         if found is None:
             continue
         number += 1
         size = found
+        l1_clusters.update(range(c, ((offset + size * 8 - 1) >> bits) + 1))
         disk_size = size << (bits + image.l2_bits)
         sn = Snapshot(
             index=number - 1, id_bytes=b"", name_bytes=f"recovered-{number}".encode(),
@@ -344,15 +354,38 @@ def _stale_entries(image: Qcow2Image, offset: int, budget: list[int]) -> list[Sn
     return good
 
 
-def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int]
-               ) -> int | None:
+def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int],
+               more: list[int] | None = None) -> int | None:
     """The entry count of an L1-looking table at ``offset`` (its last
-    non-zero entry bounds it), or None."""
+    non-zero entry bounds it), or None.  ``more``: the free clusters that
+    may continue it (the next ones, while each is a non-empty valid part)."""
+    bits = image.cluster_bits
+    first = _l1_part(image, offset, budget)
+    if first is None:
+        return None
+    last = max((i for i, entry in enumerate(first) if entry), default=-1)
+    if last < 0:
+        return None
+    expect = (offset >> bits) + 1
+    for k in more or ():
+        if k != expect:
+            break
+        part = _l1_part(image, k << bits, budget)
+        if part is None or not any(part):
+            break
+        last = (expect - (offset >> bits)) * len(first) + max(
+            i for i, entry in enumerate(part) if entry)
+        expect += 1
+    return last + 1
+
+
+def _l1_part(image: Qcow2Image, offset: int, budget: list[int]) -> array[int] | None:
+    """One cluster of an L1-looking table: every entry zero or pointing at
+    a valid L2 table (not this cluster), or None."""
     cs = image.cluster_size
     budget[0] -= cs
     table = decode_u64_table(image.pread(offset, cs))
-    last = -1
-    for i, entry in enumerate(table):
+    for entry in table:
         if entry == 0:
             continue
         if entry & fmt.L1E_RESERVED_MASK:
@@ -360,17 +393,14 @@ def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int
         l2 = entry & fmt.L1E_OFFSET_MASK
         if not l2 or l2 & (cs - 1) or l2 + cs > image.file_size or l2 == offset:
             return None
-        last = i
-    if last < 0:
-        return None
-    for entry in table[:last + 1]:
+    for entry in table:
         l2 = entry & fmt.L1E_OFFSET_MASK
         if not l2:
             continue
         budget[0] -= cs
         if budget[0] < 0 or not _l2_valid(image, l2):
             return None
-    return last + 1
+    return table
 
 
 def _l2_valid(image: Qcow2Image, l2: int) -> bool:
