@@ -10,7 +10,9 @@ structure references are where lost structures can still be:
   the file);
 * **orphaned L1 tables**: an L1-looking table (aligned entries inside the
   file, each pointing at an L2 table whose entries are all valid) that no
-  live structure and no recovered table entry points at.
+  live structure and no recovered table entry points at; it continues into
+  the next free clusters (while they look like parts of it) when the live
+  L1 table spans several clusters (512-byte clusters).
 
 Each candidate's reliability is judged cluster by cluster: an L2 table or a
 data cluster of the candidate that a live structure references now is
@@ -21,10 +23,16 @@ the live entry may have gained the zero flag, QEMU keeps the cluster).
 A compressed cluster is judged by its bytes, since one host cluster packs
 several compressed clusters: when every live reference to its host
 clusters is itself a compressed cluster (their refcount is the number of
-live compressed entries touching them), none of those live byte ranges
-overlaps the candidate's (its offset to the end of its last 512-byte
-sector) and the candidate's bytes still decompress to exactly one cluster,
-it is not reused; otherwise it is.
+live compressed entries touching them; the check's scan of the live L2
+tables is reused, only those holding compressed clusters are read again,
+and only the candidates' host clusters are remembered), none of those live
+clusters' bytes overlaps the candidate's and the candidate's bytes still
+decompress to exactly one cluster, it is not reused; otherwise it is.
+QEMU packs compressed clusters byte by byte and rounds each one's size up
+to its last 512-byte sector, so neighbours' nominal ranges share a sector:
+the candidate's bytes end where the next live one starts, a live one
+starting before it must decompress from the bytes before it, and a
+zeroed or discarded range fails to decompress.
 A candidate with any reused range is never reported intact.
 
 Nothing is written; :mod:`qcow2snap.ops.recover_apply` re-creates the entries.
