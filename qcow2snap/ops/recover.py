@@ -279,9 +279,8 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
         # an L1 table spans several clusters when the live one does
         # (512-byte clusters): continue into free clusters that look like one
         span = max(1, (image.header.l1_size * 8 + image.cluster_size - 1) >> bits)
-        found = _orphan_l1(image, ref, offset, budget,
-                           [k for k in range(c + 1, c + span)
-                            if k < len(ref) and not ref[k] and k not in table_clusters])
+        found = _orphan_l1(image, ref, offset, budget, range(c + 1, c + span),
+                           lambda k: k < len(ref) and not ref[k] and k not in table_clusters)
         if found is None:
             continue
         number += 1
@@ -363,10 +362,10 @@ def _stale_entries(image: Qcow2Image, offset: int, budget: list[int]) -> list[Sn
 
 
 def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int],
-               more: list[int] | None = None) -> int | None:
+               more: range = range(0), free: Callable[[int], bool] = bool) -> int | None:
     """The entry count of an L1-looking table at ``offset`` (its last
-    non-zero entry bounds it), or None.  ``more``: the free clusters that
-    may continue it (the next ones, while each is a non-empty valid part)."""
+    non-zero entry bounds it), or None.  ``more``: the clusters that may
+    continue it, in order, while each is ``free`` and a non-empty valid part."""
     bits = image.cluster_bits
     first = _l1_part(image, offset, budget)
     if first is None:
@@ -374,16 +373,13 @@ def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int
     last = max((i for i, entry in enumerate(first) if entry), default=-1)
     if last < 0:
         return None
-    expect = (offset >> bits) + 1
-    for k in more or ():
-        if k != expect:
+    for n, k in enumerate(more, 1):
+        if budget[0] <= 0 or not free(k):
             break
         part = _l1_part(image, k << bits, budget)
         if part is None or not any(part):
             break
-        last = (expect - (offset >> bits)) * len(first) + max(
-            i for i, entry in enumerate(part) if entry)
-        expect += 1
+        last = n * len(first) + max(i for i, entry in enumerate(part) if entry)
     return last + 1
 
 
