@@ -708,6 +708,28 @@ def _compressed(image: Qcow2Image, layer: Layer) -> dict[int, tuple[int, int]]:
             if e.kind is ExtentKind.COMPRESSED and e.host_offset is not None}
 
 
+def _lost_compressed_beside_live(path: Path) -> tuple[str, int, int]:
+    """Lose the table; a lost snapshot's compressed cluster (not shared) in a
+    host cluster live compressed clusters use too: (name, guest, host offset)."""
+    lose_table(path)
+    report = recover(path)
+    assert report.candidates and all(c.reliable for c in report.candidates)
+    image = Qcow2Image(path, "r", check_mode=True)
+    try:
+        live = _compressed(image, image.layer())
+        live_clusters = {off >> 16 for off, length in live.values()
+                         for off in range(off, off + length, 512)}
+        for cand in report.candidates:
+            for guest, (off, length) in _compressed(image, cand.layer).items():
+                if live.get(guest) == (off, length) or off in {o for o, _ in live.values()}:
+                    continue     # shared with the live layer
+                if off >> 16 in live_clusters:
+                    return cand.snapshot.name, guest, off
+    finally:
+        image.close()
+    raise AssertionError("no lost compressed cluster shares a host cluster with a live one")
+
+
 @pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
 def test_discarded_compressed_bytes_make_candidate_unreliable(name: str, fixture_copy, qemu_img,
                                                                tmp_path: Path) -> None:
@@ -717,28 +739,7 @@ def test_discarded_compressed_bytes_make_candidate_unreliable(name: str, fixture
     ``--apply`` refuses it."""
     path = fixture_copy(name)
     active = qemu_digest_active(qemu_img, path, tmp_path)
-    lose_table(path)
-    report = recover(path)
-    assert report.candidates and all(c.reliable for c in report.candidates)
-    image = Qcow2Image(path, "r", check_mode=True)
-    try:
-        live = _compressed(image, image.layer())
-        live_clusters = {off >> 16 for off, length in live.values()
-                         for off in range(off, off + length, 512)}
-        target = None
-        for cand in report.candidates:
-            for guest, (off, length) in _compressed(image, cand.layer).items():
-                if live.get(guest) == (off, length) or off in {o for o, _ in live.values()}:
-                    continue     # shared with the live layer
-                if off >> 16 in live_clusters:
-                    target = (cand.snapshot.name, guest, off)
-                    break
-            if target:
-                break
-    finally:
-        image.close()
-    assert target, "no lost compressed cluster shares a host cluster with a live one"
-    victim, guest, off = target
+    victim, guest, off = _lost_compressed_beside_live(path)
     with open(path, "r+b") as f:    # its first bytes: a live neighbour ends before them
         f.seek(off)
         f.write(bytes(16))
@@ -756,3 +757,36 @@ def test_discarded_compressed_bytes_make_candidate_unreliable(name: str, fixture
     proc = subprocess.run([qemu_img, "check", str(path)], capture_output=True, text=True)
     assert proc.returncode in (0, 3) and "ERROR" not in proc.stdout, proc.stdout
     assert qemu_digest_active(qemu_img, path, tmp_path) == active
+
+
+@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
+def test_live_compressed_cluster_on_lost_bytes_makes_candidate_unreliable(
+        name: str, fixture_copy) -> None:
+    """The active layer maps (at another guest position) a compressed entry
+    on the lost snapshot's very bytes: its bytes are a live structure's now."""
+    path = fixture_copy(name)
+    victim, guest, off = _lost_compressed_beside_live(path)
+    report = recover(path)
+    cand = next(c for c in report.candidates if c.snapshot.name == victim)
+    with open(path, "rb") as f:     # the victim's L2 entry
+        f.seek(cand.snapshot.l1_table_offset + 8 * (guest >> 29))
+        l2 = struct.unpack(">Q", f.read(8))[0] & ((1 << 56) - 512)
+        f.seek(l2 + 8 * ((guest >> 16) & 8191))
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(40)
+        l1_offset = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1_offset)
+        active_l2 = struct.unpack(">Q", f.read(8))[0] & ((1 << 56) - 512)
+        f.seek(active_l2)
+        table = struct.unpack(">8192Q", f.read(65536))
+    slot = next(j for j in range(8191, -1, -1) if not table[j])
+    assert entry >> 62 & 1 and (slot << 16) != guest
+    with open(path, "r+b") as f:
+        f.seek(active_l2 + 8 * slot)
+        f.write(struct.pack(">Q", entry))
+    cand = next(c for c in recover(path).candidates if c.snapshot.name == victim)
+    assert not cand.reliable
+    assert any(r.guest_offset <= guest < r.guest_offset + r.length for r in cand.reused), \
+        cand.reused
+    assert any(f"{off:#x}" in p and "overlaps a live compressed cluster" in p
+               for p in cand.problems), cand.problems
