@@ -24,7 +24,7 @@ from .tables import decode_refcount_block, decode_u64_table, refcount_block_entr
 if TYPE_CHECKING:
     from .image import Qcow2Image
 
-__all__ = ["RefcountReader", "l2_entry_references", "l2_references"]
+__all__ = ["RefcountReader", "compressed_extent", "l2_entry_references", "l2_references"]
 
 
 class RefcountReader:
@@ -83,13 +83,19 @@ class RefcountReader:
                 yield index, offset
 
 
+def compressed_extent(image: Qcow2Image, entry: int) -> tuple[int, int]:
+    """The host bytes ``(offset, length)`` QEMU reads for a compressed L2
+    entry: from its offset to the end of its last 512-byte sector."""
+    coffset = entry & image.cluster_offset_mask
+    nb_csectors = ((entry >> image.csize_shift) & image.csize_mask) + 1
+    return coffset, nb_csectors * 512 - (coffset & 511)
+
+
 def l2_entry_references(image: Qcow2Image, entry: int) -> list[int]:
     """Host cluster indexes one L2 entry holds a reference on."""
     cluster_bits = image.cluster_bits
     if entry & fmt.QCOW_OFLAG_COMPRESSED:
-        coffset = entry & image.cluster_offset_mask
-        nb_csectors = ((entry >> image.csize_shift) & image.csize_mask) + 1
-        csize = nb_csectors * 512 - (coffset & 511)
+        coffset, csize = compressed_extent(image, entry)
         first = coffset >> cluster_bits
         last = (coffset + csize - 1) >> cluster_bits
         return list(range(first, last + 1))

@@ -21,7 +21,7 @@ from qcow2snap.image import Qcow2Image
 from qcow2snap.ops.edit import EditableImage
 from qcow2snap.ops.recover import RecoveryReport, find_lost_snapshots
 from qcow2snap.ops.recover_apply import recover_snapshots
-from qcow2snap.reader import DiskReader
+from qcow2snap.reader import DiskReader, ExtentKind, Layer, iter_extents
 
 
 def lose_table(path: Path) -> int:
@@ -641,3 +641,152 @@ def test_apply_never_corrupts(name: str, fixture_copy, qemu_img, tmp_path: Path)
         assert qemu_digest(qemu_img, path, sid, tmp_path, by="id") == before[sid], sid
     if not any(s.refused for s in result.skipped):
         assert after == listed and proc.returncode == 0, proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# compressed clusters: the reuse rule at byte level
+# ---------------------------------------------------------------------------
+
+def _table_cluster_gone(path: Path) -> None:
+    """``_table_gone`` for 512-byte clusters: only the table's cluster."""
+    table_offset = lose_table(path)
+    with open(path, "r+b") as f:
+        f.seek(table_offset)
+        f.write(bytes(512))
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    *[(n, d) for n in ("compressed-zlib", "compressed-zstd", "zero-clusters")
+      for d in sorted(DAMAGES)],
+    # (the 64 KiB damages would wipe a 512-byte-cluster image's metadata)
+    ("clusters-512", "header-pointer-zeroed"), ("clusters-512", "nb-snapshots-zeroed"),
+    ("clusters-512", "table-gone-orphans")])
+def test_apply_restores_compressed_snapshots(name: str, damage: str, fixture_copy, qemu_img,
+                                             tmp_path: Path) -> None:
+    """A host cluster packs several compressed clusters: live compressed
+    clusters beside a lost snapshot's own, in the same host cluster, do not
+    make it unreliable (nor does a shared cluster the active layer now maps
+    with the zero flag, zero-clusters; nor is the second cluster of a
+    two-cluster L1 table a candidate of its own, clusters-512); every lost
+    snapshot comes back as QEMU read it."""
+    path = fixture_copy(name)
+    expected = FIXTURES_BY_NAME[name]["snapshots"]
+    listed = qemu_snapshots(qemu_img, path)
+    assert listed == [(s["id"], s["name"]) for s in expected]
+    before = {sid: qemu_digest(qemu_img, path, sid, tmp_path, by="id") for sid, _ in listed}
+    active = qemu_digest_active(qemu_img, path, tmp_path)
+    if name == "clusters-512" and damage == "table-gone-orphans":
+        _table_cluster_gone(path)
+    else:
+        DAMAGES[damage](path)
+    assert qemu_snapshots(qemu_img, path) == []
+    report = recover(path)
+    unreliable = [(c.label, c.reused, c.problems) for c in report.candidates if not c.reliable]
+    assert not unreliable, unreliable
+    result = invoke("recover", "--apply", "--json", path)
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads(result.output)
+    assert not [s for s in data["skipped"] if s["refused"]], data["skipped"]
+    assert_qemu_clean(qemu_img, path)
+    after = qemu_snapshots(qemu_img, path)
+    assert after == [(r["id"], r["name"]) for r in data["restored"]]
+    if damage == "table-gone-orphans":
+        assert sorted(n for _, n in after) == [f"recovered-{i}" for i in (1, 2)]
+        assert {qemu_digest(qemu_img, path, sid, tmp_path, by="id") for sid, _ in after} \
+            == set(before.values())
+    else:
+        assert after == listed
+        for sid, _ in after:
+            assert qemu_digest(qemu_img, path, sid, tmp_path, by="id") == before[sid], sid
+    assert qemu_digest_active(qemu_img, path, tmp_path) == active
+
+
+def _compressed(image: Qcow2Image, layer: Layer) -> dict[int, tuple[int, int]]:
+    """guest cluster offset -> (host offset, length) of a layer's compressed clusters."""
+    return {e.cluster_guest_offset: (e.host_offset, e.compressed_length)
+            for e in iter_extents(image, layer, 0, layer.size)
+            if e.kind is ExtentKind.COMPRESSED and e.host_offset is not None}
+
+
+def _lost_compressed_beside_live(path: Path) -> tuple[str, int, int]:
+    """Lose the table; a lost snapshot's compressed cluster (not shared) in a
+    host cluster live compressed clusters use too: (name, guest, host offset)."""
+    lose_table(path)
+    report = recover(path)
+    assert report.candidates and all(c.reliable for c in report.candidates)
+    image = Qcow2Image(path, "r", check_mode=True)
+    try:
+        live = _compressed(image, image.layer())
+        live_clusters = {off >> 16 for off, length in live.values()
+                         for off in range(off, off + length, 512)}
+        for cand in report.candidates:
+            for guest, (off, length) in _compressed(image, cand.layer).items():
+                if live.get(guest) == (off, length) or off in {o for o, _ in live.values()}:
+                    continue     # shared with the live layer
+                if off >> 16 in live_clusters:
+                    return cand.snapshot.name, guest, off
+    finally:
+        image.close()
+    raise AssertionError("no lost compressed cluster shares a host cluster with a live one")
+
+
+@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
+def test_discarded_compressed_bytes_make_candidate_unreliable(name: str, fixture_copy, qemu_img,
+                                                               tmp_path: Path) -> None:
+    """A lost snapshot's compressed cluster whose bytes were zeroed (as a
+    discard of its sectors would) while live compressed clusters still share
+    its host cluster: the candidate is UNRELIABLE, names the range, and
+    ``--apply`` refuses it."""
+    path = fixture_copy(name)
+    active = qemu_digest_active(qemu_img, path, tmp_path)
+    victim, guest, off = _lost_compressed_beside_live(path)
+    with open(path, "r+b") as f:    # its first bytes: a live neighbour ends before them
+        f.seek(off)
+        f.write(bytes(16))
+    report = recover(path)
+    cand = next(c for c in report.candidates if c.snapshot.name == victim)
+    assert not cand.reliable
+    assert any(r.guest_offset <= guest < r.guest_offset + r.length for r in cand.reused), \
+        cand.reused
+    assert any(f"{off:#x}" in p and "do not hold it" in p for p in cand.problems), cand.problems
+    data = json.loads(invoke("recover", "--apply", "--json", path).output)
+    refused = [s for s in data["skipped"] if s["refused"]]
+    assert [s["candidate"] for s in refused] == [cand.label], data
+    assert "UNRELIABLE" in refused[0]["reason"]
+    assert victim not in {r["name"] for r in data["restored"]}
+    proc = subprocess.run([qemu_img, "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode in (0, 3) and "ERROR" not in proc.stdout, proc.stdout
+    assert qemu_digest_active(qemu_img, path, tmp_path) == active
+
+
+@pytest.mark.parametrize("name", ["compressed-zlib", "compressed-zstd"])
+def test_live_compressed_cluster_on_lost_bytes_makes_candidate_unreliable(
+        name: str, fixture_copy) -> None:
+    """The active layer maps (at another guest position) a compressed entry
+    on the lost snapshot's very bytes: its bytes are a live structure's now."""
+    path = fixture_copy(name)
+    victim, guest, off = _lost_compressed_beside_live(path)
+    report = recover(path)
+    cand = next(c for c in report.candidates if c.snapshot.name == victim)
+    with open(path, "rb") as f:     # the victim's L2 entry
+        f.seek(cand.snapshot.l1_table_offset + 8 * (guest >> 29))
+        l2 = struct.unpack(">Q", f.read(8))[0] & ((1 << 56) - 512)
+        f.seek(l2 + 8 * ((guest >> 16) & 8191))
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(40)
+        l1_offset = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1_offset)
+        active_l2 = struct.unpack(">Q", f.read(8))[0] & ((1 << 56) - 512)
+        f.seek(active_l2)
+        table = struct.unpack(">8192Q", f.read(65536))
+    slot = next(j for j in range(8191, -1, -1) if not table[j])
+    assert entry >> 62 & 1 and (slot << 16) != guest
+    with open(path, "r+b") as f:
+        f.seek(active_l2 + 8 * slot)
+        f.write(struct.pack(">Q", entry))
+    cand = next(c for c in recover(path).candidates if c.snapshot.name == victim)
+    assert not cand.reliable
+    assert any(r.guest_offset <= guest < r.guest_offset + r.length for r in cand.reused), \
+        cand.reused
+    assert any(f"{off:#x}" in p and "overlaps a live compressed cluster" in p
+               for p in cand.problems), cand.problems

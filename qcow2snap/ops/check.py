@@ -303,6 +303,11 @@ class Checker:
             self._l2_info[l2] = info
         return info
 
+    def walked_l2(self) -> dict[int, L2Info]:
+        """The L2 tables the live layers reach (each scanned once), after
+        :meth:`run`."""
+        return {l2: info for l2, info in self._l2_info.items() if l2 in self._walked}
+
     def _apply_l2(self, info: L2Info, l2: int, label: str, active: bool) -> None:
         """One more path to an L2 table: its findings now (QEMU counts them
         per path), its references later, all paths at once

@@ -10,13 +10,29 @@ structure references are where lost structures can still be:
   the file);
 * **orphaned L1 tables**: an L1-looking table (aligned entries inside the
   file, each pointing at an L2 table whose entries are all valid) that no
-  live structure and no recovered table entry points at.
+  live structure and no recovered table entry points at; it continues into
+  the next free clusters (while they look like parts of it) when the live
+  L1 table spans several clusters (512-byte clusters).
 
 Each candidate's reliability is judged cluster by cluster: an L2 table or a
 data cluster of the candidate that a live structure references now is
 *reused* (its bytes may have been rewritten since), unless a live layer
 maps that very cluster at the same guest position without the COPIED flag
-(QEMU copies such a cluster before writing: it is shared, not reused).
+(QEMU copies such a cluster before writing: it is shared, not reused;
+the live entry may have gained the zero flag, QEMU keeps the cluster).
+A compressed cluster is judged by its bytes, since one host cluster packs
+several compressed clusters: when every live reference to its host
+clusters is itself a compressed cluster (their refcount is the number of
+live compressed entries touching them; the check's scan of the live L2
+tables is reused, only those holding compressed clusters are read again,
+and only the candidates' host clusters are remembered), none of those live
+clusters' bytes overlaps the candidate's and the candidate's bytes still
+decompress to exactly one cluster, it is not reused; otherwise it is.
+QEMU packs compressed clusters byte by byte and rounds each one's size up
+to its last 512-byte sector, so neighbours' nominal ranges share a sector:
+the candidate's bytes end where the next live one starts, a live one
+starting before it must decompress from the bytes before it, and a
+zeroed or discarded range fails to decompress.
 A candidate with any reused range is never reported intact.
 
 Nothing is written; :mod:`qcow2snap.ops.recover_apply` re-creates the entries.
@@ -25,15 +41,17 @@ Nothing is written; :mod:`qcow2snap.ops.recover_apply` re-creates the entries.
 from __future__ import annotations
 
 from array import array
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .. import format as fmt
+from ..errors import Qcow2Error
 from ..image import Qcow2Image
 from ..model import Snapshot
-from ..reader import Layer
-from ..refcount import l2_entry_references
+from ..reader import Layer, decompress_cluster
+from ..refcount import compressed_extent, l2_entry_references
 from ..tables import decode_u64_table
 from .check import Checker
 from .salvage import _plausible_id, _plausible_name, salvage_snapshot_table_at
@@ -51,6 +69,8 @@ MAX_ENTRIES_PER_TABLE = 1024
 READ_BUDGET = 256 << 20
 #: candidates reported
 MAX_CANDIDATES = 4096
+#: compressed clusters judged by their bytes (beyond: judged by host cluster)
+MAX_COMPRESSED_JUDGED = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +153,12 @@ class _Live:
                    and not l1[index] & fmt.QCOW_OFLAG_COPIED for l1 in self.l1s)
 
     def shares_data(self, index: int, slot: int, entry: int) -> bool:
+        """A live layer maps the cluster of ``entry`` at the same guest
+        position without COPIED: the identical compressed entry, or a
+        standard entry with the same host offset (perhaps now with the zero
+        flag: QEMU keeps the cluster and copies it before writing)."""
         stride = 2 if self.image.extended_l2 else 1
+        compressed = fmt.QCOW_OFLAG_COMPRESSED
         for l1 in self.l1s:
             if index >= len(l1):
                 continue
@@ -141,10 +166,53 @@ class _Live:
             if not l2 or l2 & (self.image.cluster_size - 1) or l2 >= self.image.file_size:
                 continue
             live = self.image.read_l2(l2)[slot * stride]
-            if (live & ~fmt.QCOW_OFLAG_COPIED) == (entry & ~fmt.QCOW_OFLAG_COPIED) \
-                    and not live & fmt.QCOW_OFLAG_COPIED:
+            if live & fmt.QCOW_OFLAG_COPIED:
+                continue
+            if entry & compressed:
+                if live == entry & ~fmt.QCOW_OFLAG_COPIED:
+                    return True
+            elif not live & compressed and \
+                    live & fmt.L2E_OFFSET_MASK == entry & fmt.L2E_OFFSET_MASK:
                 return True
         return False
+
+    def compressed_refs(self, checker: Checker, interest: set[int]
+                        ) -> tuple[Counter[int], dict[int, set[tuple[int, int]]]]:
+        """For the host clusters in ``interest``: how many live references
+        are compressed clusters (counted as the check counts them: once per
+        path to their L2 table), and the byte ranges those occupy.  Only the
+        walked L2 tables holding compressed clusters are read again."""
+        image = self.image
+        bits = image.cluster_bits
+        cs = image.cluster_size
+        counts: Counter[int] = Counter()
+        ranges: dict[int, set[tuple[int, int]]] = defaultdict(set)
+        walked = checker.walked_l2()
+        paths: Counter[int] = Counter()
+        for l1 in self.l1s:
+            for entry in l1:
+                l2 = entry & fmt.L1E_OFFSET_MASK
+                if l2 in walked:
+                    paths[l2] += 1
+        if not interest or image.has_data_file:
+            return counts, ranges
+        ext = image.extended_l2
+        for l2, info in walked.items():
+            if not info.compressed or not paths[l2]:
+                continue
+            table = image.read_l2(l2)
+            entries = table[0::2] if ext else table
+            for j, e in enumerate(entries):
+                if not e & fmt.QCOW_OFLAG_COMPRESSED or (ext and table[2 * j + 1]):
+                    continue     # (the check counts no compressed cluster with a bitmap)
+                off, length = compressed_extent(image, e)
+                if off + length - image.file_size >= cs:
+                    continue
+                for h in range(off >> bits, ((off + length - 1) >> bits) + 1):
+                    if h in interest:
+                        counts[h] += paths[l2]
+                        ranges[h].add((off, off + length))
+        return counts, ranges
 
 
 def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
@@ -168,8 +236,12 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
     budget = [READ_BUDGET]
     live_l1 = [(off, size) for _label, off, size in checker.l1_tables]
     live = _Live(image, live_l1)
+    # compressed clusters whose host clusters a live structure references,
+    # judged by their bytes once every candidate is in: (candidate, guest, entry)
+    pending: list[tuple[int, int, int]] = []
     # (a) stale snapshot tables
     claimed_l1: set[int] = set()   # L1 tables a recovered entry points at
+    l1_clusters: set[int] = set()  # ... and every cluster of them (and of orphans found)
     table_clusters: set[int] = set()
     for c in unreferenced:
         if budget[0] <= 0 or len(report.candidates) >= MAX_CANDIDATES:
@@ -189,8 +261,12 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
         table_clusters.update(range(c, ((end - 1) >> bits) + 1))
         for sn in entries:
             claimed_l1.add(sn.l1_table_offset)
+            l1_clusters.update(range(sn.l1_table_offset >> bits,
+                                     ((sn.l1_table_offset + max(sn.l1_size * 8, 1) - 1) >> bits)
+                                     + 1))
             report.candidates.append(_judge(image, ref, checker.disk, live, "stale-table", offset,
-                                            sn.index, sn, budget))
+                                            sn.index, sn, budget, pending))
+            _own(pending, len(report.candidates) - 1)
     # (b) orphaned L1 tables
     number = 0
     for c in unreferenced:
@@ -198,13 +274,18 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
             report.truncated = True
             break
         offset = c << bits
-        if c in table_clusters or offset in claimed_l1:
+        if c in table_clusters or offset in claimed_l1 or c in l1_clusters:
             continue
-        found = _orphan_l1(image, ref, offset, budget)
+        # an L1 table spans several clusters when the live one does
+        # (512-byte clusters): continue into free clusters that look like one
+        span = max(1, (image.header.l1_size * 8 + image.cluster_size - 1) >> bits)
+        found = _orphan_l1(image, ref, offset, budget, range(c + 1, c + span),
+                           lambda k: k < len(ref) and not ref[k] and k not in table_clusters)
         if found is None:
             continue
         number += 1
         size = found
+        l1_clusters.update(range(c, ((offset + size * 8 - 1) >> bits) + 1))
         disk_size = size << (bits + image.l2_bits)
         sn = Snapshot(
             index=number - 1, id_bytes=b"", name_bytes=f"recovered-{number}".encode(),
@@ -213,8 +294,18 @@ def find_lost_snapshots(image: Qcow2Image, progress: Progress | None = None, *,
             disk_size_field=None, icount_field=None, unknown_extra=b"", entry_offset=0,
             disk_size=disk_size)
         report.candidates.append(_judge(image, ref, checker.disk, live, "orphan-l1", offset,
-                                        None, sn, budget))
+                                        None, sn, budget, pending))
+        _own(pending, len(report.candidates) - 1)
+    _judge_compressed(image, checker, live, report, pending, budget)
     return report
+
+
+def _own(pending: list[tuple[int, int, int]], index: int) -> None:
+    """The pending compressed clusters just added are candidate ``index``'s."""
+    k = len(pending) - 1
+    while k >= 0 and pending[k][0] < 0:
+        pending[k] = (index, pending[k][1], pending[k][2])
+        k -= 1
 
 
 def _entry_start_plausible(image: Qcow2Image, offset: int) -> bool:
@@ -270,15 +361,35 @@ def _stale_entries(image: Qcow2Image, offset: int, budget: list[int]) -> list[Sn
     return good
 
 
-def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int]
-               ) -> int | None:
+def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int],
+               more: range = range(0), free: Callable[[int], bool] = bool) -> int | None:
     """The entry count of an L1-looking table at ``offset`` (its last
-    non-zero entry bounds it), or None."""
+    non-zero entry bounds it), or None.  ``more``: the clusters that may
+    continue it, in order, while each is ``free`` and a non-empty valid part."""
+    bits = image.cluster_bits
+    first = _l1_part(image, offset, budget)
+    if first is None:
+        return None
+    last = max((i for i, entry in enumerate(first) if entry), default=-1)
+    if last < 0:
+        return None
+    for n, k in enumerate(more, 1):
+        if budget[0] <= 0 or not free(k):
+            break
+        part = _l1_part(image, k << bits, budget)
+        if part is None or not any(part):
+            break
+        last = n * len(first) + max(i for i, entry in enumerate(part) if entry)
+    return last + 1
+
+
+def _l1_part(image: Qcow2Image, offset: int, budget: list[int]) -> array[int] | None:
+    """One cluster of an L1-looking table: every entry zero or pointing at
+    a valid L2 table (not this cluster), or None."""
     cs = image.cluster_size
     budget[0] -= cs
     table = decode_u64_table(image.pread(offset, cs))
-    last = -1
-    for i, entry in enumerate(table):
+    for entry in table:
         if entry == 0:
             continue
         if entry & fmt.L1E_RESERVED_MASK:
@@ -286,17 +397,14 @@ def _orphan_l1(image: Qcow2Image, ref: array[int], offset: int, budget: list[int
         l2 = entry & fmt.L1E_OFFSET_MASK
         if not l2 or l2 & (cs - 1) or l2 + cs > image.file_size or l2 == offset:
             return None
-        last = i
-    if last < 0:
-        return None
-    for entry in table[:last + 1]:
+    for entry in table:
         l2 = entry & fmt.L1E_OFFSET_MASK
         if not l2:
             continue
         budget[0] -= cs
         if budget[0] < 0 or not _l2_valid(image, l2):
             return None
-    return last + 1
+    return table
 
 
 def _l2_valid(image: Qcow2Image, l2: int) -> bool:
@@ -331,8 +439,11 @@ def _l2_valid(image: Qcow2Image, l2: int) -> bool:
 
 def _judge(image: Qcow2Image, ref: array[int], disk: array[int], live: _Live,
            source: Literal["stale-table", "orphan-l1"], source_offset: int,
-           entry_index: int | None, sn: Snapshot, budget: list[int]) -> RecoveredSnapshot:
-    """Which guest ranges of the candidate a live structure uses now."""
+           entry_index: int | None, sn: Snapshot, budget: list[int],
+           pending: list[tuple[int, int, int]] | None = None) -> RecoveredSnapshot:
+    """Which guest ranges of the candidate a live structure uses now.
+    Compressed clusters in referenced host clusters go to ``pending``
+    (:func:`_judge_compressed` decides), while it has room."""
     cs = image.cluster_size
     bits = image.cluster_bits
     l2_span = image.l2_entries << bits
@@ -398,10 +509,83 @@ def _judge(image: Qcow2Image, ref: array[int], disk: array[int], live: _Live,
             if live.shares_data(i, slot, entry):
                 shared += 1
                 continue
+            if (pending is not None and entry & fmt.QCOW_OFLAG_COMPRESSED
+                    and len(pending) < MAX_COMPRESSED_JUDGED):
+                pending.append((-1, guest + (slot << bits), entry))
+                continue
             reused.append(ReusedRange(guest + (slot << bits), cs, "data cluster",
                                       hosts[0] << bits if hosts else 0))
     return RecoveredSnapshot(source, source_offset, entry_index, sn, tuple(_merge(reused)),
                              shared, tuple(problems), freed, duplicate)
+
+
+def _judge_compressed(image: Qcow2Image, checker: Checker, live: _Live,
+                      report: RecoveryReport, pending: list[tuple[int, int, int]],
+                      budget: list[int]) -> None:
+    """Judge the pending compressed clusters by their bytes (the module's
+    rule); a reused one adds a reused range (and a problem saying why) to
+    its candidate."""
+    if not pending:
+        return
+    bits = image.cluster_bits
+    cs = image.cluster_size
+    ref = checker.ref
+    interest = {h for _c, _g, e in pending for h in l2_entry_references(image, e)
+                if h < len(ref) and ref[h]}
+    counts, ranges = live.compressed_refs(checker, interest)
+    extra: dict[int, tuple[list[ReusedRange], list[str]]] = defaultdict(lambda: ([], []))
+    for ci, guest, entry in pending:
+        off, length = compressed_extent(image, entry)
+        hosts = [h for h in l2_entry_references(image, entry) if h < len(ref) and ref[h]]
+        problem = None
+        end = off + length
+        near = {(lo, hi) for h in hosts for lo, hi in ranges[h] if lo < end and off < hi}
+        # QEMU packs compressed clusters byte by byte and rounds each one's
+        # size up to a sector: a neighbour's range may share a sector with
+        # this one's.  Its bytes end before the first live one starting
+        # after it, and a live one starting before it must inflate from the
+        # bytes before it.
+        cut = min([lo for lo, _hi in near if lo > off], default=end)
+        before = [(lo, hi) for lo, hi in near if lo <= off]
+        if any(ref[h] != counts[h] for h in hosts):
+            pass     # another kind of structure uses a host cluster
+        elif budget[0] < length * (1 + len(before)):
+            problem = (f"compressed cluster at {off:#x} (guest {guest:#x}): read budget "
+                       f"exhausted before it was judged")
+        elif any(lo == off or not _inflates(image, lo, off - lo, budget) for lo, _ in before):
+            problem = (f"compressed cluster at {off:#x} (guest {guest:#x}) overlaps a live "
+                       f"compressed cluster")
+        else:
+            budget[0] -= cut - off
+            try:
+                decompress_cluster(image.pread(off, cut - off),
+                                   image.header.effective_compression_type, cs, off)
+                continue     # its own bytes: intact beside live compressed clusters
+            except Qcow2Error as exc:
+                problem = (f"compressed cluster at {off:#x} (guest {guest:#x}) shares its "
+                           f"host cluster with live compressed clusters and its bytes "
+                           f"(to {cut:#x}) do not hold it: {exc}")
+        rr, probs = extra[ci]
+        rr.append(ReusedRange(guest, cs, "data cluster", (hosts[0] if hosts else off >> bits)
+                              << bits))
+        if problem:
+            probs.append(problem)
+    for ci, (rr, probs) in extra.items():
+        c = report.candidates[ci]
+        ranges_all = sorted([*c.reused, *rr], key=lambda r: (r.guest_offset, r.what))
+        report.candidates[ci] = replace(c, reused=tuple(_merge(ranges_all)),
+                                        problems=c.problems + tuple(probs[:8]))
+
+
+def _inflates(image: Qcow2Image, offset: int, length: int, budget: list[int]) -> bool:
+    """The ``length`` bytes at ``offset`` decompress to exactly one cluster."""
+    budget[0] -= length
+    try:
+        decompress_cluster(image.pread(offset, length), image.header.effective_compression_type,
+                           image.cluster_size, offset)
+    except Qcow2Error:
+        return False
+    return True
 
 
 def _merge(ranges: list[ReusedRange]) -> list[ReusedRange]:
