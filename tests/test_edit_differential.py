@@ -81,6 +81,7 @@ PLAN: dict[str, tuple[tuple[int, ...], int]] = {
     "savevm-suspended": ((1,), 10),
     "luks": ((1,), 14),
     "aes": ((1,), 10),
+    "linux-guest": ((1,), 6),
 }
 
 
