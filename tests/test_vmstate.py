@@ -148,7 +148,31 @@ def test_list_shows_runstate(fixture_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------
 # vmstate memory against QEMU's dump-guest-memory
-# ---------------------------------------------------------------------------
+
+def _raw_matches_loads(raw: Path, elf: bytes) -> None:
+    """The raw image holds each PT_LOAD of ``elf`` at its physical address
+    and nothing but zeros elsewhere."""
+    loads = pt_loads(elf)
+    assert raw.stat().st_size == max(paddr + size for _, paddr, size in loads)
+    with open(raw, "rb") as f:
+        for offset, paddr, size in loads:
+            f.seek(paddr)
+            assert f.read(size) == elf[offset:offset + size], hex(paddr)
+        fd = f.fileno()
+        pos = 0
+        while True:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for a in range(start, end, 1 << 20):
+                b = min(end, a + (1 << 20))
+                if not any(p <= a and b <= p + s for _, p, s in loads):
+                    f.seek(a)
+                    assert not any(f.read(b - a)), hex(a)
+            pos = end
+
 
 @pytest.mark.parametrize(("snapshot", "oracle"), ORACLES)
 def test_elf_equals_dump_guest_memory(fixture_dir: Path, tmp_path: Path, snapshot: str,
@@ -168,29 +192,10 @@ def test_raw_equals_dump_guest_memory_loads(fixture_dir: Path, tmp_path: Path, s
                                             oracle: str) -> None:
     out = tmp_path / "mem.raw"
     expected = (fixture_dir / oracle).read_bytes()
-    loads = pt_loads(expected)
     with qcow2snap.open(fixture_path(fixture_dir, "savevm-suspended")) as image:
         result = export_memory(image, snapshot, out, format="raw")
-    assert out.stat().st_size == max(paddr + size for _, paddr, size in loads) == result.size
-    with open(out, "rb") as f:
-        for offset, paddr, size in loads:
-            f.seek(paddr)
-            assert f.read(size) == expected[offset:offset + size], hex(paddr)
-        # nothing but zeros outside the PT_LOADs; zero pages are holes
-        fd = f.fileno()
-        pos = 0
-        while True:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            for a in range(start, end, 1 << 20):
-                b = min(end, a + (1 << 20))
-                if not any(p <= a and b <= p + s for _, p, s in loads):
-                    f.seek(a)
-                    assert not any(f.read(b - a)), hex(a)
-            pos = end
+    assert out.stat().st_size == result.size
+    _raw_matches_loads(out, expected)   # nothing but zeros outside; zero pages are holes
     assert out.stat().st_blocks * 512 <= result.bytes_written + (1 << 20)
 
 
@@ -508,31 +513,6 @@ def test_not_a_stream() -> None:
 
 
 # A default machine (no -nodefaults): the VGA's video RAM at its PCI BAR ----
-
-def _raw_matches_loads(raw: Path, elf: bytes) -> None:
-    """The raw image holds each PT_LOAD of ``elf`` at its physical address
-    and nothing but zeros elsewhere."""
-    loads = pt_loads(elf)
-    assert raw.stat().st_size == max(paddr + size for _, paddr, size in loads)
-    with open(raw, "rb") as f:
-        for offset, paddr, size in loads:
-            f.seek(paddr)
-            assert f.read(size) == elf[offset:offset + size], hex(paddr)
-        fd = f.fileno()
-        pos = 0
-        while True:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            for a in range(start, end, 1 << 20):
-                b = min(end, a + (1 << 20))
-                if not any(p <= a and b <= p + s for _, p, s in loads):
-                    f.seek(a)
-                    assert not any(f.read(b - a)), hex(a)
-            pos = end
-
 
 def _default_guest(qemu_img: str, tmp_path: Path, machine: str,
                    boot_sector: bytes | None = None) -> tuple[Path, bytes]:

@@ -425,18 +425,26 @@ def build_luks(b: Builder) -> None:
           # first round and gives up; that is harmless, so just run it again.
           retry_on="Unable to get accurate CPU usage")
 
-    def io(*ops: str) -> None:
-        b.run(f"qemu-io {LUKS_OBJECT} --image-opts "
-              + " ".join(f"-c {q(op)}" for op in ops) + f" {img}")
-
-    def snap(name: str) -> None:
-        b.run(f"qemu-img snapshot {LUKS_OBJECT} --image-opts -c {q(name)} {img}")
+    io, snap = _encrypted_writers(b, img)
 
     io("write -P 0x11 0 8k", "write -P 0x12 1M 4k")
     snap("s1")
     io("write -P 0x21 0x800 0x1000", "write -P 0x22 5M 4k")
     snap("s2")
     io("write -P 0x31 1M 2k")
+
+
+def _encrypted_writers(b: Builder, img: str) -> tuple[Callable[..., None],
+                                                      Callable[[str], None]]:
+    """``io(*qemu_io_commands)`` and ``snap(name)`` on an encrypted image
+    (``--image-opts`` with the fixtures' secret)."""
+    def io(*ops: str) -> None:
+        b.run(f"qemu-io {LUKS_OBJECT} --image-opts "
+              + " ".join(f"-c {q(op)}" for op in ops) + f" {img}")
+
+    def snap(name: str) -> None:
+        b.run(f"qemu-img snapshot {LUKS_OBJECT} --image-opts -c {q(name)} {img}")
+    return io, snap
 
 
 def build_aes(b: Builder) -> None:
@@ -447,12 +455,7 @@ def build_aes(b: Builder) -> None:
     b.run(f"qemu-img create {LUKS_OBJECT} -f qcow2 -o "
           f"encrypt.format=aes,encrypt.key-secret=sec0,cluster_size=4k {q(b.image)} 2M")
 
-    def io(*ops: str) -> None:
-        b.run(f"qemu-io {LUKS_OBJECT} --image-opts "
-              + " ".join(f"-c {q(op)}" for op in ops) + f" {img}")
-
-    def snap(name: str) -> None:
-        b.run(f"qemu-img snapshot {LUKS_OBJECT} --image-opts -c {q(name)} {img}")
+    io, snap = _encrypted_writers(b, img)
 
     io("write -P 0x11 0 8k", "write -P 0x12 1M 4k")
     snap("s1")
