@@ -25,6 +25,7 @@ __all__ = [
     "ImageInUseError",
     "ImageInUseWarning",
     "ImageNeedsRepairError",
+    "MountError",
     "NoVMStateError",
     "NotQcow2Error",
     "OutputError",
@@ -195,3 +196,11 @@ class BadPassphraseError(Qcow2Error):
     the one given opens none of its key slots."""
 
     exit_code = 13
+
+
+class MountError(Qcow2Error):
+    """A mount cannot be set up: no FUSE device or binding, the mountpoint
+    is missing, not a directory, not empty or not ours (the message says
+    what to do)."""
+
+    exit_code = 1

@@ -564,6 +564,8 @@ class DiskReader(io.RawIOBase):
         #: what unallocated ranges read from (the backing layer), or None
         self._below: GuestDisk | None = None
         self._below_known = False
+        #: opens the disk below once, whichever thread asks first
+        self._below_lock = threading.Lock()
 
     # io.RawIOBase protocol ------------------------------------------------
 
@@ -662,11 +664,69 @@ class DiskReader(io.RawIOBase):
                     view[lo:hi] = cluster[inner:inner + ext.length]
 
     def _backing(self) -> GuestDisk | None:
-        """The backing layer's disk (opened on first use), or None."""
+        """The backing layer's disk (opened on first use, once even when
+        several threads read at the same time), or None."""
         if not self._below_known:
-            self._below = self.image.backing_disk() if self._use_backing else None
-            self._below_known = True
+            with self._below_lock:
+                if not self._below_known:
+                    self._below = self.image.backing_disk() if self._use_backing else None
+                    self._below_known = True
         return self._below
+
+    # holes (SEEK_DATA / SEEK_HOLE) ----------------------------------------
+
+    def data_runs(self, offset: int = 0, length: int | None = None
+                  ) -> Iterator[tuple[int, int, bool]]:
+        """``(offset, length, is_data)`` runs of this file from ``offset``
+        (coalesced, in order, covering ``[offset, offset + length)`` clipped to
+        the size).  A run is a hole (``is_data`` False) only where the layer
+        reads as zeros by its own metadata: zero clusters, and unallocated
+        clusters with nothing below them (no backing file, or past its end).
+        Unallocated clusters over a backing file count as data (what the
+        backing file holds there is not looked at), so a hole is never
+        reported over data."""
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset >= end:
+            return
+        below = self._backing()
+        below_end = -1 if below is None else below.size
+        run_start, run_data = offset, None
+        for ext in iter_extents(self.image, self.layer, self._start + offset, end - offset):
+            lo = ext.guest_offset - self._start
+            hi = lo + ext.length
+            kind = ext.kind
+            if kind is ExtentKind.UNALLOCATED:
+                # data up to the end of the disk below, a hole past it
+                split = min(max(ext.guest_offset, below_end), ext.guest_end) - self._start
+                pieces = [(lo, split, True), (split, hi, False)]
+            else:
+                pieces = [(lo, hi, kind is not ExtentKind.ZERO)]
+            for p_lo, p_hi, is_data in pieces:
+                if p_lo >= p_hi:
+                    continue
+                if run_data is None:
+                    run_data = is_data
+                elif is_data != run_data:
+                    yield run_start, p_lo - run_start, run_data
+                    run_start, run_data = p_lo, is_data
+        if run_data is not None:
+            yield run_start, end - run_start, run_data
+
+    def seek_data(self, offset: int) -> int | None:
+        """``lseek(SEEK_DATA)``: the first data offset at or after
+        ``offset``, or None when only a hole follows (ENXIO)."""
+        for start, _, is_data in self.data_runs(offset):
+            if is_data:
+                return start
+        return None
+
+    def seek_hole(self, offset: int) -> int:
+        """``lseek(SEEK_HOLE)``: the first hole offset at or after
+        ``offset``; the end of the file counts as a hole."""
+        for start, _, is_data in self.data_runs(offset):
+            if not is_data:
+                return start
+        return max(offset, self.size)
 
     def _decompressed(self, ext: Extent) -> bytes:
         assert ext.host_offset is not None
