@@ -15,7 +15,13 @@ and raises QEMU's corruption messages for entries QEMU refuses to read.
 :class:`DiskReader` is an ``io.RawIOBase`` over those runs: unallocated
 ranges come from the backing file (zeros past its end or without one), zero
 ranges are zeros, normal ranges are host bytes, compressed clusters are
-decompressed (deflate or zstd).
+decompressed (deflate or zstd).  Its ``data_runs``, ``seek_data`` and
+``seek_hole`` tell data from holes (``lseek`` SEEK_DATA / SEEK_HOLE for the
+FUSE mount), and ``pread`` may be called from many threads at once.
+
+It is some 750 lines because the mapping walk, the decompressors and the
+reader share the extent model and are read together: splitting them would
+spread one walk over modules that import each other's internals.
 """
 
 from __future__ import annotations
