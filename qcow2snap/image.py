@@ -189,7 +189,7 @@ class RawDisk:
         return self._file.pread(offset, min(length, self.size - offset))
 
     def read_at(self, offset: int, out: memoryview) -> None:
-        out[:] = self._file.pread(offset, len(out))
+        self._file.pread_into(offset, out)
 
 
 class Qcow2Image:
@@ -707,6 +707,10 @@ class Qcow2Image:
     def pread(self, offset: int, length: int) -> bytes:
         """Raw bytes of the image file (zeros past EOF)."""
         return self._file.pread(offset, length)
+
+    def pread_into(self, offset: int, out: memoryview) -> None:
+        """:meth:`pread` straight into ``out``."""
+        self._file.pread_into(offset, out)
 
     @property
     def file_size(self) -> int:

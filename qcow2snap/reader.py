@@ -39,6 +39,7 @@ from . import format as fmt
 from .cache import DECOMPRESSED_CLUSTERS
 from .crypto import SECTOR, SectorCipher
 from .errors import CorruptImageError, UnsupportedImageError
+from .hostfile import fill_zeros
 from .model import Header, Snapshot
 
 __all__ = ["DecryptedSource", "DiskReader", "Extent", "ExtentKind", "GuestDisk", "L1Lookup",
@@ -645,19 +646,22 @@ class DiskReader(io.RawIOBase):
                 if kind is ExtentKind.DATA:
                     assert ext.host_offset is not None
                     source = image.data_file() if ext.in_data_file else image
-                    if reader._cipher is None:
+                    into = getattr(source, "pread_into", None)
+                    if reader._cipher is None and into is not None:   # no copy
+                        into(ext.host_offset, view[lo:hi])
+                    elif reader._cipher is None:
                         view[lo:hi] = source.pread(ext.host_offset, ext.length)
                     else:
                         view[lo:hi] = read_decrypted(reader._cipher, source, ext.host_offset,
                                                      ext.length, ext.guest_offset)
                 elif kind is ExtentKind.ZERO:
-                    view[lo:hi] = bytes(ext.length)
+                    fill_zeros(view[lo:hi])
                 elif kind is ExtentKind.UNALLOCATED:
                     below = reader._backing()
                     inside = 0 if below is None else max(0, min(ext.length,
                                                                 below.size - ext.guest_offset))
                     if inside < ext.length:     # past the backing file's end: zeros
-                        view[lo + inside:hi] = bytes(ext.length - inside)
+                        fill_zeros(view[lo + inside:hi])
                     if inside:
                         assert below is not None  # inside > 0 needs a backing file
                         if isinstance(below, DiskReader):   # iterate, do not recurse

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Reading a snapshot through ``qcow2snap mount`` against ``qcow2snap extract``.
+
+The image is tools/bench.py's case (a): 4 GiB virtual, ~1.5 GiB allocated
+in 24 scattered 64 MiB runs, snapshot ``s1`` (built once in --workdir).
+It is mounted once (``--background``); then, alternately (ABBA, as
+tools/bench.py does):
+
+* mount: a sequential read of ``1-s1/disk.raw``, all 4 GiB, with 1 MiB
+  ``read()`` calls, into nothing (the mounted file's page cache is dropped
+  first, so every byte comes through FUSE);
+* extract: ``qcow2snap extract s1 IMAGE -o OUT`` (sparse raw output).
+
+The issue's target: the read takes at most 2x the extraction.
+
+    python tools/bench_mount.py [--rounds 3] [--workdir DIR]
+
+This is a benchmark, not a test: nothing here runs in CI.  Needs qemu-img,
+qemu-io, fusermount3 and qcow2snap[mount].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # tools/bench.py: the image and the ABBA harness
+
+READER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+n = 0
+while True:
+    chunk = os.read(fd, 1 << 20)
+    if not chunk:
+        break
+    n += len(chunk)
+assert n == os.fstat(fd).st_size, n
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/qcow2snap-bench"))
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    image = bench.build_uncompressed(args.workdir)
+    mnt = args.workdir / "mnt"
+    mnt.mkdir(exist_ok=True)
+    out = args.workdir / "bench-mount-extract.raw"
+    subprocess.run([*bench.QCOW2SNAP, "mount", "--background", str(image), str(mnt)],
+                   check=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if time.monotonic() > deadline:
+                raise SystemExit("the mount did not appear")
+            time.sleep(0.05)
+        disk = mnt / "1-s1" / "disk.raw"
+
+        def cleanup() -> None:
+            out.unlink(missing_ok=True)
+
+        result = bench.compare(
+            "4 GiB snapshot: mount read (1 MiB) / extract",
+            lambda: [sys.executable, "-c", READER, str(disk)],
+            lambda: [*bench.QCOW2SNAP, "extract", "s1", str(image), "-o", str(out),
+                     "--no-progress"],
+            args.rounds, cleanup, args.workdir)
+        print(f"target: mount read <= 2x extract: median ratio {result['ratio']:.2f}, "
+              f"best-of {result['min_ratio']:.2f}")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
