@@ -441,3 +441,85 @@ def _loop_mount_check(disk: Path, target: Path, files: dict[str, bytes]) -> None
             assert (target / name).read_bytes() == data
     finally:
         subprocess.run(["umount", target], check=False)
+
+
+# ---------------------------------------------------------------------------
+# several disks, names, background, damage
+# ---------------------------------------------------------------------------
+
+
+def test_several_disks_side_by_side(fuse: str, fixture_dir: Path, tmp_path: Path) -> None:
+    boot, data = tmp_path / "boot.qcow2", tmp_path / "data.qcow2"
+    shutil.copyfile(fixture_dir / "v3-basic.qcow2", boot)
+    shutil.copyfile(fixture_dir / "v3-basic.qcow2", data)
+    listed = json.loads(run_cli("list", "--json", boot).stdout)
+    mnt = tmp_path / "mnt"
+    with mounted(fuse, mnt, boot, data):
+        assert sorted(os.listdir(mnt)) == ["1-first", "2-second", "3-third", "active"]
+        assert sorted(os.listdir(mnt / "active")) == ["boot.raw", "data.raw"]
+        for entry in listed:
+            folder = mnt / f"{entry['id']}-{entry['name']}"
+            assert sorted(os.listdir(folder)) == ["boot.raw", "data.raw", "info.json"]
+            info = json.loads((folder / "info.json").read_text())
+            assert info == {"boot.raw": entry, "data.raw": entry}
+            out = extract(boot, entry["id"], tmp_path / f"{entry['id']}.raw")
+            for disk in ("boot.raw", "data.raw"):
+                assert subprocess.run(["cmp", out, folder / disk]).returncode == 0
+
+
+def test_snapshot_names_made_safe(fuse: str, qemu_img: str, tmp_path: Path) -> None:
+    image = tmp_path / "names.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", image, "1M"], check=True)
+    for name in ("a/b", "..", "tab\there"):
+        subprocess.run([qemu_img, "snapshot", "-c", name, image], check=True)
+    with mounted(fuse, tmp_path / "mnt", image):
+        assert sorted(os.listdir(tmp_path / "mnt")) == ["1-a_b", "2-..", "3-tab_here",
+                                                        "active"]
+
+
+def test_names_collide_visibly() -> None:
+    from qcow2snap.ops.mount import _unique, safe_name
+    taken = {"active"}
+    assert [_unique(safe_name(n), taken) for n in ("1-a/b", "1-a_b", "1-a\nb")] == [
+        "1-a_b", "1-a_b~2", "1-a_b~3"]
+    assert len(safe_name("x" * 300).encode()) == 255
+    assert len(_unique("y" * 255, {"y" * 255}).encode()) == 255
+
+
+def test_background(fuse: str, fixture_dir: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        result = run_cli("mount", "--background", fixture_dir / "v3-basic.qcow2", mnt,
+                         timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert os.path.ismount(mnt)   # ready when the command returns
+        assert sorted(os.listdir(mnt)) == ["1-first", "2-second", "3-third", "active"]
+    finally:
+        subprocess.run([fuse, "-u", mnt], capture_output=True, check=False)
+    deadline = time.monotonic() + 10
+    while os.path.ismount(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.ismount(mnt)
+
+
+def test_damaged_table_reads_as_eio(fuse: str, fixture_copy, tmp_path: Path) -> None:
+    image = fixture_copy("v3-basic")
+    with qcow2snap.open(image) as img:
+        l2_offset = img.l1_entries(img.layer(None))[0] & 0x00FFFFFFFFFFFE00
+        cluster = img.cluster_size
+    with open(image, "r+b") as f:   # guest cluster 0: an unaligned data offset
+        f.seek(l2_offset)
+        f.write(struct.pack(">Q", (1 << 63) | (cluster * 5 + 512)))
+    mnt = tmp_path / "mnt"
+    with mounted(fuse, mnt, image) as proc:
+        with pytest.raises(OSError) as caught, open(mnt / "active" / "disk.raw", "rb") as f:
+            f.read(4096)
+        assert caught.value.errno == 5
+        # the other layers still read
+        assert len((mnt / "1-first" / "disk.raw").read_bytes()) == 64 << 20
+    assert proc.stderr is not None
+    stderr = proc.stderr.read()
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    assert errors and all(line.startswith("qcow2snap: error: ") for line in errors)
+    assert "Traceback" not in stderr

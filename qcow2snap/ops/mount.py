@@ -29,7 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -383,6 +384,17 @@ def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KB) -> None:
         pass
 
 
+@contextmanager
+def _as_eio(path: str | None) -> Iterator[None]:
+    """A damaged image read through the mount: EIO for the reader, one line
+    on the mount's stderr (never a traceback)."""
+    try:
+        yield
+    except Qcow2Error as exc:
+        print(f"qcow2snap: error: {path}: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise OSError(errno.EIO, str(exc)) from None
+
+
 class _Operations:
     """The FUSE callbacks (paths in, errno out), over a :class:`MountTree`."""
 
@@ -448,10 +460,15 @@ class _Operations:
         return node
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        data: bytes = self.file_of(path, fh).read(offset, size)
+        with _as_eio(path):
+            data: bytes = self.file_of(path, fh).read(offset, size)
         return data
 
     def lseek(self, path: str | None, offset: int, whence: int, fh: int) -> int:
+        with _as_eio(path):
+            return self._lseek(path, offset, whence, fh)
+
+    def _lseek(self, path: str | None, offset: int, whence: int, fh: int) -> int:
         node = self.file_of(path, fh)
         if whence == os.SEEK_DATA:
             if offset >= node.size:
@@ -499,12 +516,13 @@ def serve_fuse(tree: MountTree, mountpoint: str, *, background: bool = False,
 
         def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             import ctypes
-            node = self.operations.file_of(None if path is None else path.decode(
-                self.encoding, self.errors), fip.contents.fh)
+            name = None if path is None else path.decode(self.encoding, self.errors)
+            node = self.operations.file_of(name, fip.contents.fh)
             if isinstance(node, DiskFile):
                 view = memoryview((ctypes.c_char * size).from_address(
                     ctypes.cast(buf, ctypes.c_void_p).value or 0)).cast("B")
-                return node.read_into(offset, view)
+                with _as_eio(name):
+                    return node.read_into(offset, view)
             result: int = super().read(path, buf, size, offset, fip)
             return result
 
