@@ -313,13 +313,8 @@ def lock_images(images: Sequence[Qcow2Image], *, force: bool) -> list[str]:
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    """One-line errors, before FUSE is asked: FUSE device, mountpoint."""
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("FUSE is not available: /dev/fuse is missing; load the fuse module "
-                         "(modprobe fuse), or give a container --device /dev/fuse")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise MountError("no permission to use /dev/fuse; add yourself to the group that "
-                         "owns it, or run as root")
+    """One-line errors, before any work: the mountpoint, the FUSE device,
+    fusermount3 (not root), the binding and libfuse 3."""
     if not os.path.exists(mountpoint):
         raise MountError(f"mountpoint {mountpoint} does not exist; create it (mkdir -p "
                          f"{mountpoint})")
@@ -333,6 +328,12 @@ def check_mountpoint(mountpoint: str) -> None:
     if entries:
         raise MountError(f"mountpoint {mountpoint} is not empty; give an empty directory "
                          f"(is something already mounted there? fusermount3 -u {mountpoint})")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("FUSE is not available: /dev/fuse is missing; load the fuse module "
+                         "(modprobe fuse), or give a container --device /dev/fuse")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("no permission to use /dev/fuse; add yourself to the group that "
+                         "owns it, or run as root")
     if os.geteuid() != 0:
         if not os.access(mountpoint, os.W_OK | os.X_OK):
             raise MountError(f"no permission to mount on {mountpoint}; use a directory you "
@@ -340,6 +341,7 @@ def check_mountpoint(mountpoint: str) -> None:
         if shutil.which("fusermount3") is None:
             raise MountError("fusermount3 is missing; install it (Debian: apt-get install "
                              "fuse3)")
+    _load_binding()
 
 
 def _load_binding() -> Any:
