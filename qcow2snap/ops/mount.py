@@ -537,10 +537,12 @@ def serve_fuse(tree: MountTree, mountpoint: str, *, background: bool = False,
         if signal.getsignal(signum) is not signal.SIG_IGN:
             saved[signum] = signal.signal(signum, signal.SIG_DFL)
     try:
-        # absolute: libfuse changes directory to / (daemonizing)
+        # absolute: libfuse changes directory to / (daemonizing).
+        # max_idle_threads given: libfuse 3.14 complains about its default
         _FUSE(_Operations(tree, os.path.abspath(mountpoint)), mountpoint,
               foreground=not background, debug=debug, nothreads=False, ro=True,
-              fsname="qcow2snap", subtype="qcow2snap", default_permissions=True)
+              fsname="qcow2snap", subtype="qcow2snap", default_permissions=True,
+              max_idle_threads=10)
     except RuntimeError as exc:
         if exc.args == (_LOOP_ENDED_BY_SIGNAL,):
             return      # SIGINT/SIGTERM/SIGHUP: libfuse unmounted, as asked
