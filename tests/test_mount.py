@@ -29,11 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES_BY_NAME
+from helpers import cli_argv, missing, require_tool, run_cli
 
 import qcow2snap
 from qcow2snap.reader import ExtentKind
-from tests.conftest import FIXTURES_BY_NAME
-from tests.helpers import cli_argv, missing, require_tool, run_cli
 
 REQUIRE_FUSE = "QCOW2SNAP_REQUIRE_FUSE"
 
