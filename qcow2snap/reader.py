@@ -545,6 +545,11 @@ class DecryptedSource:
                                     offset + self.guest_minus_host))
 
 
+#: How many backing layers :meth:`DiskReader.data_runs` looks through for
+#: holes (deeper, unallocated clusters count as data)
+HOLE_SEARCH_DEPTH = 16
+
+
 class DiskReader(io.RawIOBase):
     """A read-only, seekable binary file over a layer's guest space.
 
@@ -685,30 +690,39 @@ class DiskReader(io.RawIOBase):
 
     # holes (SEEK_DATA / SEEK_HOLE) ----------------------------------------
 
-    def data_runs(self, offset: int = 0, length: int | None = None
+    def data_runs(self, offset: int = 0, length: int | None = None, *, _depth: int = 0
                   ) -> Iterator[tuple[int, int, bool]]:
         """``(offset, length, is_data)`` runs of this file from ``offset``
         (coalesced, in order, covering ``[offset, offset + length)`` clipped to
         the size).  A run is a hole (``is_data`` False) only where the layer
-        reads as zeros by its own metadata: zero clusters, and unallocated
-        clusters with nothing below them (no backing file, or past its end).
-        Unallocated clusters over a backing file count as data (what the
-        backing file holds there is not looked at), so a hole is never
-        reported over data."""
+        reads as zeros by the metadata: zero clusters, and unallocated
+        clusters with nothing below them (no backing file, or past its end)
+        or with a hole below them in a qcow2 backing file.  A raw backing
+        file, or a chain deeper than :data:`HOLE_SEARCH_DEPTH`, counts as
+        data, so a hole is never reported over data."""
         end = self.size if length is None else min(self.size, offset + length)
         if offset >= end:
             return
         below = self._backing()
         below_end = -1 if below is None else below.size
+        deeper = isinstance(below, DiskReader) and _depth < HOLE_SEARCH_DEPTH
+        base = self._start
         run_start, run_data = offset, None
-        for ext in iter_extents(self.image, self.layer, self._start + offset, end - offset):
-            lo = ext.guest_offset - self._start
+        for ext in iter_extents(self.image, self.layer, base + offset, end - offset):
+            lo = ext.guest_offset - base
             hi = lo + ext.length
             kind = ext.kind
+            pieces: list[tuple[int, int, bool]]
             if kind is ExtentKind.UNALLOCATED:
-                # data up to the end of the disk below, a hole past it
-                split = min(max(ext.guest_offset, below_end), ext.guest_end) - self._start
-                pieces = [(lo, split, True), (split, hi, False)]
+                # what is below up to the end of the disk below, a hole past it
+                split = min(max(ext.guest_offset, below_end), ext.guest_end)
+                if deeper and split > ext.guest_offset:
+                    assert isinstance(below, DiskReader)
+                    pieces = [(o - base, o + n - base, d) for o, n, d in below.data_runs(
+                        ext.guest_offset, split - ext.guest_offset, _depth=_depth + 1)]
+                else:
+                    pieces = [(lo, split - base, True)]
+                pieces.append((split - base, hi, False))
             else:
                 pieces = [(lo, hi, kind is not ExtentKind.ZERO)]
             for p_lo, p_hi, is_data in pieces:

@@ -201,19 +201,49 @@ def test_holes_and_sparse_copy(fuse: str, fixture_dir: Path, tmp_path: Path) -> 
             assert copy.stat().st_blocks * 512 < len(data)
 
 
-def test_holes_over_a_backing_file_are_data(fuse: str, fixture_dir: Path,
-                                            tmp_path: Path) -> None:
+def qemu_data_runs(qemu_img: str, image: Path) -> list[tuple[int, int]]:
+    """The ``data: true`` ranges of ``qemu-img map`` (the whole chain)."""
+    runs: list[tuple[int, int]] = []
+    mapped = json.loads(subprocess.run([qemu_img, "map", "--output=json", image],
+                                       capture_output=True, text=True, check=True).stdout)
+    for entry in mapped:
+        if not entry["data"]:
+            continue
+        start, end = entry["start"], entry["start"] + entry["length"]
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def test_holes_through_a_backing_chain(fuse: str, qemu_img: str, fixture_dir: Path,
+                                       tmp_path: Path) -> None:
+    """Over unallocated clusters the holes are the backing file's: the data
+    runs are qemu-img map's, and every hole reads as zeros."""
     image = fixture_dir / "backing-chain.qcow2"
     mnt = tmp_path / "mnt"
     with mounted(fuse, mnt, image):
         disk = mnt / "active" / "disk.raw"
         data = extract(image, "-", tmp_path / "active.raw").read_bytes()
         runs = seek_runs(disk)
+        assert runs == qemu_data_runs(qemu_img, image)
         offset = 0
         for start, end in [*runs, (len(data), len(data))]:
             assert data[offset:start] == bytes(start - offset)
             offset = end
         assert subprocess.run(["cmp", tmp_path / "active.raw", disk]).returncode == 0
+
+
+def test_holes_over_a_raw_backing_file_are_data(fixture_dir: Path) -> None:
+    with qcow2snap.open(fixture_dir / "raw-backing.qcow2") as img:
+        disk = img.open_disk()
+        below = img.backing.size if img.backing is not None else 0
+        assert below > 0
+        for start, length, is_data in disk.data_runs():
+            if not is_data:   # a hole only where the qcow2 layer says zeros, or past the raw file
+                assert all(e.kind is ExtentKind.ZERO or e.guest_offset >= below
+                           for e in img.extents(None, start, length))
 
 
 def test_many_threads_read_one_file(fuse: str, fixture_dir: Path, tmp_path: Path) -> None:
