@@ -844,9 +844,12 @@ def recover(image: str, as_json: bool, progress: bool | None) -> None:
 @click.option("-f", "--force", is_flag=True,
               help="Mount even an image a running QEMU writes (what is read may be "
                    "inconsistent).")
+@click.option("--direct-io", is_flag=True,
+              help="Serve the disk files without the kernel's page cache: big sequential "
+                   "reads are faster, but nothing is cached and they cannot be mmap'ed shared.")
 @image_options
 def mount(images: tuple[str, ...], mountpoint: str, background: bool, force: bool,
-          backing_file: str | None, no_backing: bool, data_file: str | None,
+          direct_io: bool, backing_file: str | None, no_backing: bool, data_file: str | None,
           allow_dirs: tuple[str, ...]) -> None:
     """Mount every snapshot of IMAGE (a VM's disks: several IMAGEs) read-only.
 
@@ -880,7 +883,7 @@ def mount(images: tuple[str, ...], mountpoint: str, background: bool, force: boo
         for message in lock_images(opened, force=force):
             click.echo(f"qcow2snap: warning: {_one_line(message)}", err=True)
         tree = MountTree(list(zip(images, opened, strict=True)), info_json)
-        serve_fuse(tree, mountpoint, background=background)
+        serve_fuse(tree, mountpoint, background=background, direct_io=direct_io)
 
 
 def main(argv: list[str] | None = None) -> None:
