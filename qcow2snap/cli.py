@@ -904,6 +904,57 @@ def serve(snapshot: str, image: str, socket_path: str | None, port: int | None, 
     run_server(options, passphrase=_passphrase(), nbdkit=nbdkit)
 
 
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--background", is_flag=True,
+              help="Go to the background once the mount is ready (default: stay in the "
+                   "foreground until unmounted, Ctrl-C or SIGTERM).")
+@click.option("-f", "--force", is_flag=True,
+              help="Mount even an image a running QEMU writes (what is read may be "
+                   "inconsistent).")
+@click.option("--direct-io", is_flag=True,
+              help="Serve the disk files without the kernel's page cache: big sequential "
+                   "reads are faster, but nothing is cached and they cannot be mmap'ed shared.")
+@image_options
+def mount(images: tuple[str, ...], mountpoint: str, background: bool, force: bool,
+          direct_io: bool, backing_file: str | None, no_backing: bool, data_file: str | None,
+          allow_dirs: tuple[str, ...]) -> None:
+    """Mount every snapshot of IMAGE (a VM's disks: several IMAGEs) read-only.
+
+    MOUNTPOINT gets `active/` and one `ID-NAME/` directory per snapshot,
+    each with the guest disk as a raw file (`disk.raw`; with several IMAGEs
+    `<image stem>.raw`), and for snapshots with a saved VM state
+    `vmstate.bin`, `memory.raw`, `memory.elf`, `memory.lime` and
+    `info.json`. Holes are reported (SEEK_HOLE), so `cp --sparse` skips
+    them. Unmount with `fusermount3 -u MOUNTPOINT` or Ctrl-C. Needs
+    qcow2snap[mount] and libfuse 3.
+    """
+    from contextlib import ExitStack
+
+    from .ops.mount import MountTree, check_mountpoint, lock_images, serve_fuse
+    if len(images) > 1 and (backing_file or data_file):
+        raise click.UsageError("--backing-file and --data-file need a single IMAGE")
+    check_mountpoint(mountpoint)
+
+    def info_json(members: list[tuple[str, Any]]) -> bytes:
+        obj: Any = (describe.snapshot_json(members[0][1]) if len(images) == 1
+                    else {disk: describe.snapshot_json(facts) for disk, facts in members})
+        return ("".join(describe.json_parts(obj)) + "\n").encode()
+
+    with ExitStack() as stack:
+        opened = []
+        for path in images:
+            with warnings.catch_warnings():   # lock_images says it, or refuses
+                warnings.simplefilter("ignore", ImageInUseWarning)
+                opened.append(stack.enter_context(
+                    _open(path, backing_file, no_backing, data_file, allow_dirs)))
+        for message in lock_images(opened, force=force):
+            click.echo(f"qcow2snap: warning: {_one_line(message)}", err=True)
+        tree = MountTree(list(zip(images, opened, strict=True)), info_json)
+        serve_fuse(tree, mountpoint, background=background, direct_io=direct_io)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse

@@ -25,6 +25,8 @@ __all__ = [
     "ImageInUseError",
     "ImageInUseWarning",
     "ImageNeedsRepairError",
+    "MountError",
+    "NbdServerError",
     "NoVMStateError",
     "NotQcow2Error",
     "OutputError",
@@ -202,3 +204,11 @@ class NbdServerError(Qcow2Error):
     stopped with an error of its own (its message is on stderr above)."""
 
     exit_code = 15
+
+
+class MountError(Qcow2Error):
+    """A mount cannot be set up: no FUSE device or binding, the mountpoint
+    is missing, not a directory, not empty or not ours (the message says
+    what to do)."""
+
+    exit_code = 1

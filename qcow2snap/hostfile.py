@@ -125,6 +125,24 @@ class HostFile:
                 raise OSError(exc.errno, exc.strerror, self.path) from exc
             raise
 
+    def pread_into(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at ``offset`` (zeros past EOF), read
+        straight into it; errors as :meth:`pread`."""
+        n = len(out)
+        done = 0
+        try:
+            while done < n and offset < self.size:   # as _pread: zeros from size on
+                got = os.preadv(self.fd, [out[done:]], offset + done)
+                if not got:
+                    break
+                done += got
+        except OSError as exc:
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, self.path) from exc
+            raise
+        if done < n:
+            fill_zeros(out[done:])
+
     def _pread(self, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
@@ -213,3 +231,15 @@ class CompanionPolicy:
             f"{also}: not followed; if it is meant, give it with {option} {real} or allow its "
             f"directory with --allow-dir {os.path.dirname(real)} (API: {api_option}=, "
             f"allow_dirs=)", kind=kind, path=real, named=named)
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def fill_zeros(out: memoryview) -> None:
+    """Zero ``out`` without allocating its size."""
+    pos, n = 0, len(out)
+    while pos < n:
+        step = min(n - pos, len(_ZEROS))
+        out[pos:pos + step] = _ZEROS[:step]
+        pos += step

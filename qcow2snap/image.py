@@ -21,6 +21,7 @@ in :mod:`.reader`, bulk tables in :mod:`.tables`, host files in
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from .errors import (
     UnsupportedImageError,
 )
 from .hostfile import CompanionPolicy, HostFile, open_read_only, open_read_write
-from .locks import EditorLock, LockState, probe_locks
+from .locks import EditorLock, LockState, ReaderLock, probe_locks
 from .luks import DEFAULT_KDF_ITERATION_LIMIT, parse_luks_header, unlock
 from .model import (
     Extension,
@@ -188,7 +189,7 @@ class RawDisk:
         return self._file.pread(offset, min(length, self.size - offset))
 
     def read_at(self, offset: int, out: memoryview) -> None:
-        out[:] = self._file.pread(offset, len(out))
+        self._file.pread_into(offset, out)
 
 
 class Qcow2Image:
@@ -234,9 +235,13 @@ class Qcow2Image:
                             else passphrase)
         self._kdf_iteration_limit = kdf_iteration_limit
         self._data_cipher: SectorCipher | None = None
+        #: companions (backing image, data file, cipher) are set up once,
+        #: whichever thread reading the image asks first
+        self._lazy_lock = threading.RLock()
         #: identifies this open image in the process-wide caches (cache.py)
         self.cache_token = next(_TOKENS)
         self._editor_lock: EditorLock | None = None
+        self._reader_lock: ReaderLock | None = None
         if _file is not None:
             self._file = _file
         else:
@@ -703,6 +708,10 @@ class Qcow2Image:
         """Raw bytes of the image file (zeros past EOF)."""
         return self._file.pread(offset, length)
 
+    def pread_into(self, offset: int, out: memoryview) -> None:
+        """:meth:`pread` straight into ``out``."""
+        self._file.pread_into(offset, out)
+
     @property
     def file_size(self) -> int:
         return self._file.size
@@ -725,8 +734,10 @@ class Qcow2Image:
         (missing, not a file, unknown format) or ``CorruptImageError`` (a
         loop)."""
         if not self._backing_opened:
-            self._backing = self._open_backing()
-            self._backing_opened = True
+            with self._lazy_lock:
+                if not self._backing_opened:
+                    self._backing = self._open_backing()
+                    self._backing_opened = True
         return self._backing
 
     def _backing_target(self) -> tuple[str | None, str | None]:
@@ -842,6 +853,12 @@ class Qcow2Image:
     def data_file(self) -> HostFile:
         """The external data file (``has_data_file`` images)."""
         if self._data_file is None:
+            with self._lazy_lock:
+                return self._open_data_file()
+        return self._data_file
+
+    def _open_data_file(self) -> HostFile:
+        if self._data_file is None:
             override = self._data_file_override
             name = override or self.data_file_name
             if name is None:
@@ -876,9 +893,15 @@ class Qcow2Image:
         Raises :class:`BadPassphraseError` without a passphrase or with one
         that opens no LUKS key slot, :class:`UnsupportedImageError` without
         the ``qcow2snap[luks]`` extra."""
-        method = self.header.crypt_method
-        if method == fmt.QCOW_CRYPT_NONE:
+        if self.header.crypt_method == fmt.QCOW_CRYPT_NONE:
             return None
+        if self._data_cipher is None:
+            with self._lazy_lock:
+                return self._setup_cipher()
+        return self._data_cipher
+
+    def _setup_cipher(self) -> SectorCipher | None:
+        method = self.header.crypt_method
         if self._data_cipher is None:
             name = "LUKS" if method == fmt.QCOW_CRYPT_LUKS else "AES"
             if self._passphrase is None:
@@ -956,7 +979,20 @@ class Qcow2Image:
         self._release_locks()
         self._file.close()
 
+    def hold_reader_lock(self, *, share_write: bool = False) -> None:
+        """Take QEMU's lock bytes of a reader on this image until it is
+        closed (:class:`~qcow2snap.locks.ReaderLock`), as ``qemu-img`` does
+        for a long read: a QEMU started meanwhile cannot open it for writing.
+        ``share_write`` for reading beside a writer (forced)."""
+        if self._reader_lock is None and self.mode == "r":
+            lock = ReaderLock(self._file.fd, share_write=share_write)
+            lock.acquire()
+            self._reader_lock = lock
+
     def _release_locks(self) -> None:
+        if self._reader_lock is not None:
+            self._reader_lock.release()
+            self._reader_lock = None
         if self._editor_lock is not None:
             self._editor_lock.release()
             self._editor_lock = None

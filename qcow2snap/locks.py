@@ -44,8 +44,10 @@ from .errors import ImageInUseError
 __all__ = [
     "EDITOR_LOCK_BYTES",
     "QCOW2SNAP_EDITOR_MARKER_BASE",
+    "READER_LOCK_BYTES",
     "EditorLock",
     "LockState",
+    "ReaderLock",
     "probe_locks",
 ]
 
@@ -281,3 +283,41 @@ class EditorLock:
             with _EDITED_LOCK:
                 _EDITED.discard(self._key)
             self._key = None
+
+
+#: What a long-lived reader holds, like ``qemu-img`` reading an image: the
+#: consistent-read permission held, write not shared (a QEMU that wants to
+#: write the image refuses to start meanwhile).
+READER_LOCK_BYTES = (QEMU_LOCK_PERM_BASE + BLK_PERM_CONSISTENT_READ_INDEX,
+                     QEMU_LOCK_SHARED_BASE + BLK_PERM_WRITE_INDEX)
+
+
+class ReaderLock:
+    """QEMU's lock bytes of a reader (:data:`READER_LOCK_BYTES`), taken on a
+    read-only descriptor for as long as it is open (``qemu-img`` without
+    ``-U`` does the same).  With ``share_write`` (reading beside a writer,
+    forced) only the consistent-read byte is taken."""
+
+    def __init__(self, fd: int, *, share_write: bool = False) -> None:
+        self.fd = fd
+        self.offsets = READER_LOCK_BYTES[:1] if share_write else READER_LOCK_BYTES
+        #: False where the file system has no OFD locks (nothing is held)
+        self.supported = True
+
+    def acquire(self) -> None:
+        try:
+            for offset in self.offsets:
+                _set_lock(self.fd, fcntl.F_RDLCK, offset)
+        except OSError as exc:
+            if exc.errno in _NO_LOCKS:
+                self.supported = False
+                return
+            self.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            for offset in self.offsets:
+                _set_lock(self.fd, fcntl.F_UNLCK, offset)
+        except OSError:
+            pass  # closing the descriptor releases them anyway

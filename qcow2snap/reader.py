@@ -15,7 +15,13 @@ and raises QEMU's corruption messages for entries QEMU refuses to read.
 :class:`DiskReader` is an ``io.RawIOBase`` over those runs: unallocated
 ranges come from the backing file (zeros past its end or without one), zero
 ranges are zeros, normal ranges are host bytes, compressed clusters are
-decompressed (deflate or zstd).
+decompressed (deflate or zstd).  Its ``data_runs``, ``seek_data`` and
+``seek_hole`` tell data from holes (``lseek`` SEEK_DATA / SEEK_HOLE for the
+FUSE mount), and ``pread`` may be called from many threads at once.
+
+It is some 750 lines because the mapping walk, the decompressors and the
+reader share the extent model and are read together: splitting them would
+spread one walk over modules that import each other's internals.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from . import format as fmt
 from .cache import DECOMPRESSED_CLUSTERS
 from .crypto import SECTOR, SectorCipher
 from .errors import CorruptImageError, UnsupportedImageError
+from .hostfile import fill_zeros
 from .model import Header, Snapshot
 
 __all__ = ["DecryptedSource", "DiskReader", "Extent", "ExtentKind", "GuestDisk", "L1Lookup",
@@ -538,6 +545,11 @@ class DecryptedSource:
                                     offset + self.guest_minus_host))
 
 
+#: How many backing layers :meth:`DiskReader.data_runs` looks through for
+#: holes (deeper, unallocated clusters count as data)
+HOLE_SEARCH_DEPTH = 16
+
+
 class DiskReader(io.RawIOBase):
     """A read-only, seekable binary file over a layer's guest space.
 
@@ -564,6 +576,8 @@ class DiskReader(io.RawIOBase):
         #: what unallocated ranges read from (the backing layer), or None
         self._below: GuestDisk | None = None
         self._below_known = False
+        #: opens the disk below once, whichever thread asks first
+        self._below_lock = threading.Lock()
 
     # io.RawIOBase protocol ------------------------------------------------
 
@@ -637,19 +651,22 @@ class DiskReader(io.RawIOBase):
                 if kind is ExtentKind.DATA:
                     assert ext.host_offset is not None
                     source = image.data_file() if ext.in_data_file else image
-                    if reader._cipher is None:
+                    into = getattr(source, "pread_into", None)
+                    if reader._cipher is None and into is not None:   # no copy
+                        into(ext.host_offset, view[lo:hi])
+                    elif reader._cipher is None:
                         view[lo:hi] = source.pread(ext.host_offset, ext.length)
                     else:
                         view[lo:hi] = read_decrypted(reader._cipher, source, ext.host_offset,
                                                      ext.length, ext.guest_offset)
                 elif kind is ExtentKind.ZERO:
-                    view[lo:hi] = bytes(ext.length)
+                    fill_zeros(view[lo:hi])
                 elif kind is ExtentKind.UNALLOCATED:
                     below = reader._backing()
                     inside = 0 if below is None else max(0, min(ext.length,
                                                                 below.size - ext.guest_offset))
                     if inside < ext.length:     # past the backing file's end: zeros
-                        view[lo + inside:hi] = bytes(ext.length - inside)
+                        fill_zeros(view[lo + inside:hi])
                     if inside:
                         assert below is not None  # inside > 0 needs a backing file
                         if isinstance(below, DiskReader):   # iterate, do not recurse
@@ -662,11 +679,78 @@ class DiskReader(io.RawIOBase):
                     view[lo:hi] = cluster[inner:inner + ext.length]
 
     def _backing(self) -> GuestDisk | None:
-        """The backing layer's disk (opened on first use), or None."""
+        """The backing layer's disk (opened on first use, once even when
+        several threads read at the same time), or None."""
         if not self._below_known:
-            self._below = self.image.backing_disk() if self._use_backing else None
-            self._below_known = True
+            with self._below_lock:
+                if not self._below_known:
+                    self._below = self.image.backing_disk() if self._use_backing else None
+                    self._below_known = True
         return self._below
+
+    # holes (SEEK_DATA / SEEK_HOLE) ----------------------------------------
+
+    def data_runs(self, offset: int = 0, length: int | None = None, *, _depth: int = 0
+                  ) -> Iterator[tuple[int, int, bool]]:
+        """``(offset, length, is_data)`` runs of this file from ``offset``
+        (coalesced, in order, covering ``[offset, offset + length)`` clipped to
+        the size).  A run is a hole (``is_data`` False) only where the layer
+        reads as zeros by the metadata: zero clusters, and unallocated
+        clusters with nothing below them (no backing file, or past its end)
+        or with a hole below them in a qcow2 backing file.  A raw backing
+        file, or a chain deeper than :data:`HOLE_SEARCH_DEPTH`, counts as
+        data, so a hole is never reported over data."""
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset >= end:
+            return
+        below = self._backing()
+        below_end = -1 if below is None else below.size
+        deeper = isinstance(below, DiskReader) and _depth < HOLE_SEARCH_DEPTH
+        base = self._start
+        run_start, run_data = offset, None
+        for ext in iter_extents(self.image, self.layer, base + offset, end - offset):
+            lo = ext.guest_offset - base
+            hi = lo + ext.length
+            kind = ext.kind
+            pieces: list[tuple[int, int, bool]]
+            if kind is ExtentKind.UNALLOCATED:
+                # what is below up to the end of the disk below, a hole past it
+                split = min(max(ext.guest_offset, below_end), ext.guest_end)
+                if deeper and split > ext.guest_offset:
+                    assert isinstance(below, DiskReader)
+                    pieces = [(o - base, o + n - base, d) for o, n, d in below.data_runs(
+                        ext.guest_offset, split - ext.guest_offset, _depth=_depth + 1)]
+                else:
+                    pieces = [(lo, split - base, True)]
+                pieces.append((split - base, hi, False))
+            else:
+                pieces = [(lo, hi, kind is not ExtentKind.ZERO)]
+            for p_lo, p_hi, is_data in pieces:
+                if p_lo >= p_hi:
+                    continue
+                if run_data is None:
+                    run_data = is_data
+                elif is_data != run_data:
+                    yield run_start, p_lo - run_start, run_data
+                    run_start, run_data = p_lo, is_data
+        if run_data is not None:
+            yield run_start, end - run_start, run_data
+
+    def seek_data(self, offset: int) -> int | None:
+        """``lseek(SEEK_DATA)``: the first data offset at or after
+        ``offset``, or None when only a hole follows (ENXIO)."""
+        for start, _, is_data in self.data_runs(offset):
+            if is_data:
+                return start
+        return None
+
+    def seek_hole(self, offset: int) -> int:
+        """``lseek(SEEK_HOLE)``: the first hole offset at or after
+        ``offset``; the end of the file counts as a hole."""
+        for start, _, is_data in self.data_runs(offset):
+            if not is_data:
+                return start
+        return max(offset, self.size)
 
     def _decompressed(self, ext: Extent) -> bytes:
         assert ext.host_offset is not None
