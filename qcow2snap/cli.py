@@ -955,6 +955,31 @@ def mount(images: tuple[str, ...], mountpoint: str, background: bool, force: boo
         serve_fuse(tree, mountpoint, background=background, direct_io=direct_io)
 
 
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True,
+              help="Check and plan (free clusters, bytes to punch and to truncate) and write "
+                   "nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan and the result as JSON.")
+@_progress_option
+def trim(image: str, dry_run: bool, as_json: bool, progress: bool | None) -> None:
+    """Give IMAGE's free clusters back to the file system, in place.
+
+    After a full check, clusters whose refcount is 0 and that nothing
+    references are punched out, and free clusters after the last one in use
+    are truncated away. Refused on a dirty or corrupt image, one whose
+    check finds corruptions or leaks (run `check --repair leaks` first), a
+    block device, and an image a running QEMU or another editor holds.
+    """
+    from .ops.trim import trim_image
+    with _progress_bar(progress, "trim") as callback:
+        result = trim_image(image, dry_run=dry_run, progress=callback)
+    if as_json:
+        _print_json(describe.trim_json(result))
+    else:
+        _echo_text(describe.trim_text(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse

@@ -1187,3 +1187,48 @@ def recover_apply_text(result: RecoverResult) -> str:
 
 __all__ += ["lost_snapshots_json", "lost_snapshots_line", "recover_apply_json",
             "recover_apply_text"]
+
+
+# -- trim -------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from .ops.trim import TrimResult
+
+
+def trim_json(result: TrimResult) -> dict[str, Any]:
+    """``trim --json``."""
+    return {
+        "filename": result.filename,
+        "dry-run": result.dry_run,
+        "cluster-size": result.cluster_size,
+        "free-clusters": result.free_clusters,
+        "file-size-before": result.file_size_before,
+        "file-size-after": result.file_size_after,
+        "punched": [{"offset": o, "length": n} for o, n in result.punched],
+        "planned-punch-bytes": result.planned_punch_bytes,
+        "planned-truncate-bytes": result.planned_truncate_bytes,
+        "planned-bytes": result.planned_bytes,
+        "already-holes-bytes": result.already_holes_bytes,
+        "allocated-before": result.allocated_before,
+        "allocated-after": result.allocated_after,
+        "given-back": result.given_back,
+    }
+
+
+def trim_text(result: TrimResult) -> str:
+    """``trim``'s report for people."""
+    lines = [f"{result.free_clusters} free cluster(s) of {result.cluster_size} bytes; "
+             f"{result.already_holes_bytes} bytes of them are holes already"]
+    verb = "would punch" if result.dry_run else "punched"
+    lines.append(f"{verb} {result.planned_punch_bytes} bytes in {len(result.punched)} range(s)")
+    if result.file_size_after < result.file_size_before:
+        verb = "would truncate" if result.dry_run else "truncated"
+        lines.append(f"{verb} the file from {result.file_size_before} to "
+                     f"{result.file_size_after} bytes ({result.planned_truncate_bytes} bytes of "
+                     f"data)")
+    if result.dry_run:
+        lines.append(f"would give back {result.planned_bytes} bytes (dry run: nothing written)")
+    else:
+        lines.append(f"gave back {result.given_back} bytes (planned {result.planned_bytes}; "
+                     f"allocated {result.allocated_before} -> {result.allocated_after})")
+    return "\n".join(lines)
