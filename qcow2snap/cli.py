@@ -980,6 +980,43 @@ def trim(image: str, dry_run: bool, as_json: bool, progress: bool | None) -> Non
         _echo_text(describe.trim_text(result))
 
 
+@cli.command(name="export-chain")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--order", type=click.Choice(["date", "id", "name"]), default="date",
+              show_default=True,
+              help="Order of the layers in the chain: by snapshot date, ID or name (ties by ID); "
+                   "the active layer is always last.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace DIRECTORY if it is not empty (its old content is removed once the "
+                   "new one is in place).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest written as JSON.")
+@_progress_option
+@image_options
+def export_chain(image: str, directory: str, order: str, force: bool, as_json: bool,
+                 progress: bool | None, backing_file: str | None, no_backing: bool,
+                 data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
+    """Turn IMAGE's internal snapshots into an external backing chain in
+    DIRECTORY.
+
+    One qcow2 file per snapshot and one for the active layer: the first
+    holds its whole disk, each next one only the clusters that differ from
+    the previous one, over it as its backing file (a relative name). Also
+    written: chain.json (IDs, names, dates, VM clocks, sizes) and each VM
+    state as a `vmstate dump` file. DIRECTORY must be absent or empty; it
+    appears only when complete.
+    """
+    from .ops.chain import export_chain as do_export
+    with (_open(image, backing_file, no_backing, data_file, allow_dirs) as img,
+          _progress_bar(progress, "export-chain") as callback):
+        result = do_export(img, directory, order=order,  # type: ignore[arg-type]
+                           overwrite=force, progress=callback)
+    if as_json:
+        _print_json(describe.export_chain_json(result))
+    else:
+        _echo_text(describe.export_chain_text(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse

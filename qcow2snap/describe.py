@@ -1232,3 +1232,31 @@ def trim_text(result: TrimResult) -> str:
         lines.append(f"gave back {result.given_back} bytes (planned {result.planned_bytes}; "
                      f"allocated {result.allocated_before} -> {result.allocated_after})")
     return "\n".join(lines)
+
+
+# -- export-chain -----------------------------------------------------------
+
+if TYPE_CHECKING:
+    from .ops.chain import ChainExport
+
+
+def export_chain_json(result: ChainExport) -> dict[str, Any]:
+    """``export-chain --json``: the directory and its manifest's content."""
+    return {"directory": result.directory, "manifest": result.manifest, **result.to_json()}
+
+
+def export_chain_text(result: ChainExport) -> str:
+    """``export-chain``'s report for people: one line per file."""
+    lines = [f"{len(result.files)} file(s) in {result.directory} (order: {result.order}), "
+             f"manifest {os.path.basename(result.manifest)}"]
+    for f in result.files:
+        sn = f.snapshot
+        what = "active layer" if sn is None else f"snapshot {sn.id} ({sn.name})"
+        if f.backing_file is None:
+            held = "whole disk"
+        else:
+            held = (f"{f.data_clusters} data + {f.zero_clusters} zero cluster(s) over "
+                    f"{f.backing_file}")
+        extra = f", VM state {f.vm_state_file}" if f.vm_state_file else ""
+        lines.append(f"{f.file}: {what}, {size_to_str(f.disk_size)}, {held}{extra}")
+    return "\n".join(lines)

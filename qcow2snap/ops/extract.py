@@ -15,7 +15,7 @@ import os
 import stat
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -333,11 +333,26 @@ def _compressor(kind: str) -> Callable[[bytes], bytes]:
     raise ValueError(f"unknown compression {kind!r} (zlib or zstd)")
 
 
-def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | None,
-                 progress: _Progress, backing: bool) -> int:
-    """Write a standalone qcow2 v3 image of ``layer``'s guest content.
+@dataclass(frozen=True)
+class Overlay:
+    """What makes :func:`_write_qcow2` write an overlay instead of a
+    standalone image: only ``clusters`` (guest cluster index and its
+    content, ``None`` for a zero cluster: QCOW_OFLAG_ZERO, reading zeros
+    whatever the backing file holds), and a backing-file reference
+    ``backing_file`` (written as given: relative names resolve from the
+    overlay's directory) with its format ``backing_format``."""
 
-    Layout: header cluster; data clusters (compressed ones packed at byte
+    backing_file: str
+    clusters: Iterable[tuple[int, bytes | None]]
+    backing_format: str = "qcow2"
+
+
+def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | None,
+                 progress: _Progress, backing: bool, overlay: Overlay | None = None) -> int:
+    """Write a standalone qcow2 v3 image of ``layer``'s guest content (with
+    ``overlay``: an overlay of only its clusters over its backing file).
+
+    Layout: header cluster(s); data clusters (compressed ones packed at byte
     granularity, as QEMU packs them); L2 tables; the L1 table; refcount
     blocks and table sized to describe the whole file including themselves.
     """
@@ -355,8 +370,20 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
     compressor = _compressor(compress) if compress else None
 
     l2_tables: dict[int, list[int]] = {}
-    refcounts: dict[int, int] = {0: 1}     # host cluster index -> refcount
-    write_offset = cs                      # next free byte (data area)
+    header_tail = b""                      # overlay: extensions and backing file name
+    if overlay is not None:
+        fmt_name = overlay.backing_format.encode()
+        header_tail = (fmt.build_struct(fmt.QCowExtensionHeader,
+                                        {"type": fmt.QCOW2_EXT_MAGIC_BACKING_FORMAT,
+                                         "length": len(fmt_name)})
+                       + fmt_name + bytes(-len(fmt_name) % 8) + bytes(8))
+    backing_name = overlay.backing_file.encode() if overlay is not None else b""
+    if len(backing_name) > fmt.QCOW_MAX_BACKING_FILE_NAME:
+        raise ValueError(f"backing file name longer than {fmt.QCOW_MAX_BACKING_FILE_NAME} bytes")
+    header_bytes = fmt.QCOW_HEADER_FULL_SIZE + max(len(header_tail), 8) + len(backing_name)
+    header_clusters = (header_bytes + cs - 1) >> cluster_bits
+    refcounts: dict[int, int] = dict.fromkeys(range(header_clusters), 1)  # host cluster -> count
+    write_offset = header_clusters * cs    # next free byte (data area)
     written = 0
 
     def pwrite(data: bytes | memoryview, offset: int) -> None:
@@ -424,10 +451,14 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
             window.clear()
 
         last_done = 0
-        for guest_cluster, data in clusters():
+        for guest_cluster, content in (overlay.clusters if overlay is not None else clusters()):
             progress(guest_cluster * cs - last_done)
             last_done = guest_cluster * cs
-            if is_zero(data):
+            if content is None:          # an overlay's zero cluster
+                set_l2(guest_cluster, fmt.QCOW_OFLAG_ZERO)
+                continue
+            data = content
+            if is_zero(data) and overlay is None:
                 continue
             fut = pool.submit(compressor, data) if pool is not None and compressor else None
             window.append((guest_cluster, data, fut))
@@ -478,15 +509,15 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
         incompatible |= fmt.QCOW2_INCOMPAT_COMPRESSION
         compression_type = fmt.QCOW2_COMPRESSION_TYPE_ZSTD
     header = Header(
-        version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
+        version=3, backing_file_offset=(header_bytes - len(backing_name)) if backing_name else 0,
+        backing_file_size=len(backing_name), cluster_bits=cluster_bits,
         size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=l1_offset,
         refcount_table_offset=table_start << cluster_bits,
         refcount_table_clusters=nb_table_clusters, nb_snapshots=0, snapshots_offset=0,
         incompatible_features=incompatible, compatible_features=0, autoclear_features=0,
         refcount_order=4, header_length=fmt.QCOW_HEADER_FULL_SIZE,
         compression_type=compression_type, compression_padding=bytes(7), tail=b"")
-    end_marker = bytes(8)
-    pwrite(header.to_bytes() + end_marker, 0)
+    pwrite(header.to_bytes() + (header_tail or bytes(8)) + backing_name, 0)
     os.ftruncate(fd, (table_start + nb_table_clusters) << cluster_bits)
     return written
 
