@@ -1017,6 +1017,34 @@ def export_chain(image: str, directory: str, order: str, force: bool, as_json: b
         _echo_text(describe.export_chain_text(result))
 
 
+@cli.command(name="import-chain")
+@click.argument("top", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output image (written under a temporary name, renamed when complete).")
+@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@_progress_option
+@image_options
+def import_chain(top: str, output: str, force: bool, as_json: bool, progress: bool | None,
+                 backing_file: str | None, no_backing: bool, data_file: str | None,
+                 allow_dirs: tuple[str, ...]) -> None:
+    """Turn TOP's external backing chain into one image with internal
+    snapshots.
+
+    Every qcow2 layer below TOP becomes a snapshot (oldest first, ID 1 up,
+    named after its file without the extension) and TOP's disk the active
+    layer of OUTPUT; clusters are shared where layers read the same bytes.
+    """
+    from .ops.chain_import import import_chain as do_import
+    with (_open(top, backing_file, no_backing, data_file, allow_dirs) as img,
+          _progress_bar(progress, "import-chain") as callback):
+        result = do_import(img, output, overwrite=force, progress=callback)
+    if as_json:
+        _print_json(describe.import_chain_json(result))
+    else:
+        _echo_text(describe.import_chain_text(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .copier import prefer_heap_reuse

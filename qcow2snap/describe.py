@@ -1260,3 +1260,30 @@ def export_chain_text(result: ChainExport) -> str:
         extra = f", VM state {f.vm_state_file}" if f.vm_state_file else ""
         lines.append(f"{f.file}: {what}, {size_to_str(f.disk_size)}, {held}{extra}")
     return "\n".join(lines)
+
+
+# -- import-chain -----------------------------------------------------------
+
+if TYPE_CHECKING:
+    from .ops.chain_import import ChainImport
+
+
+def import_chain_json(result: ChainImport) -> dict[str, Any]:
+    """``import-chain --json``."""
+    return {"output": result.output, "cluster-size": result.cluster_size,
+            "file-size": result.file_size,
+            "layers": [{"file": layer.file, "snapshot-id": layer.snapshot_id,
+                        "name": layer.name, "disk-size": layer.disk_size,
+                        "new-clusters": layer.new_clusters} for layer in result.layers]}
+
+
+def import_chain_text(result: ChainImport) -> str:
+    """``import-chain``'s report for people: one line per layer."""
+    lines = [f"{result.output}: {len(result.layers) - 1} snapshot(s) and the active layer, "
+             f"{size_to_str(result.file_size)}"]
+    for layer in result.layers:
+        what = ("active layer" if layer.snapshot_id is None
+                else f"snapshot {layer.snapshot_id} ({layer.name})")
+        lines.append(f"{what}: {layer.file}, {size_to_str(layer.disk_size)}, "
+                     f"{layer.new_clusters} new cluster(s)")
+    return "\n".join(lines)
