@@ -145,12 +145,11 @@ def import_chain(top: Qcow2Image, output: str | os.PathLike[str], *, overwrite: 
             reader = DiskReader(member, layer)
             nb_clusters = (size + cs - 1) >> bits
             mapping = {c: h for c, h in mapping.items() if c < nb_clusters}
-            candidates: Iterable[int] = range(nb_clusters)
-            if prev_reader is not None:
-                own = _own_clusters(member, bits)
-                if size > prev_size:
-                    own.update(range(prev_size >> bits, nb_clusters))
-                candidates = sorted(c for c in own if c < nb_clusters)
+            # the base has no backing file: only what it maps can be non-zero
+            own = _own_clusters(member, bits)
+            if prev_reader is not None and size > prev_size:
+                own.update(range(prev_size >> bits, nb_clusters))
+            candidates: Iterable[int] = sorted(c for c in own if c < nb_clusters)
             boundary = prev_size >> bits if prev_size & (cs - 1) and size > prev_size else -1
             written = 0
             for cluster in candidates:
@@ -184,7 +183,7 @@ def import_chain(top: Qcow2Image, output: str | os.PathLike[str], *, overwrite: 
             mtime = os.stat(member.path).st_mtime_ns
             assert layer_info.name is not None and layer_info.snapshot_id is not None
             snapshots.append(new_snapshot(
-                id_bytes=layer_info.snapshot_id.encode(), name_bytes=layer_info.name.encode(),
+                id_bytes=layer_info.snapshot_id.encode(), name_bytes=os.fsencode(layer_info.name),
                 l1_table_offset=l1_offset, l1_size=l1_size, date_sec=mtime // 10**9,
                 date_nsec=mtime % 10**9, vm_clock_nsec=0, vm_state_size=0,
                 disk_size=layer_info.disk_size, icount=None))
