@@ -273,3 +273,22 @@ def test_interrupted_export_leaves_nothing(fixture_copy: Any, tmp_path: Path) ->
         export_chain(img, tmp_path / "chain", progress=stop)
     assert seen
     assert sorted(p.name for p in tmp_path.iterdir()) == [image.name]
+
+
+def test_unsafe_names_become_safe_file_names(qemu_img: str, fixture_copy: Any,
+                                             tmp_path: Path) -> None:
+    """Snapshot names with separators, dots and non-ASCII text: file names
+    stay inside DIR; the manifest keeps the names as they are."""
+    image = fixture_copy("empty-snapshot")
+    for name in ("../../escape", "a/b c", ".hidden", "été"):
+        qemu(qemu_img, "snapshot", "-c", name, str(image), cwd=image.parent)
+    out = tmp_path / "chain"
+    result = invoke("export-chain", image, out, "--json")
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert [f["file"] for f in files] == [
+        "01-1-empty.qcow2", "02-2-data.qcow2", "03-3-escape.qcow2", "04-4-a_b_c.qcow2",
+        "05-5-hidden.qcow2", "06-6-t.qcow2", "07-active.qcow2"]
+    assert [f["name"] for f in files][2:6] == ["../../escape", "a/b c", ".hidden", "été"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image.name, "chain"])
+    assert sorted(os.listdir(out)) == sorted(["chain.json", *(f["file"] for f in files)])
