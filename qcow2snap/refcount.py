@@ -13,18 +13,25 @@ touch.  Operations multiply that by the number of L1 paths to the table.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import compress
 from typing import TYPE_CHECKING
 
 from . import format as fmt
 from .errors import CorruptImageError
-from .tables import decode_refcount_block, decode_u64_table, refcount_block_entries
+from .tables import (
+    decode_refcount_block,
+    decode_u64_table,
+    encode_refcount_block,
+    encode_u64_table,
+    refcount_block_entries,
+)
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
 
-__all__ = ["RefcountReader", "compressed_extent", "l2_entry_references", "l2_references"]
+__all__ = ["RefcountReader", "compressed_extent", "l2_entry_references", "l2_references",
+           "write_fresh_refcounts"]
 
 
 class RefcountReader:
@@ -153,3 +160,30 @@ def self_describing_refcounts(first_cluster: int, cluster_bits: int, refcount_or
         if (need_blocks, need_table) == (blocks, table):
             return blocks, table
         blocks, table = need_blocks, need_table
+
+
+def write_fresh_refcounts(pwrite: Callable[[bytes, int], None], refcounts: dict[int, int],
+                          first_cluster: int, cluster_bits: int, refcount_order: int = 4
+                          ) -> tuple[int, int, int]:
+    """Write the refcount blocks and table of a file being written from
+    scratch, contiguously from host cluster ``first_cluster`` (after every
+    other cluster): ``refcounts`` maps host cluster -> count (the blocks and
+    the table are added, at 1).  ``pwrite(data, offset)`` writes the file.
+    Returns (refcount table offset, its clusters, the first cluster after
+    it: the file's end).  Used by qcow2 extraction and chain import."""
+    entries_per_block = refcount_block_entries(cluster_bits, refcount_order)
+    nb_blocks, nb_table_clusters = self_describing_refcounts(first_cluster, cluster_bits,
+                                                             refcount_order, min_blocks=1)
+    blocks_start = first_cluster
+    table_start = blocks_start + nb_blocks
+    for i in range(nb_blocks + nb_table_clusters):
+        refcounts[blocks_start + i] = 1
+    reftable = [0] * (nb_table_clusters << cluster_bits >> 3)
+    blocks = [[0] * entries_per_block for _ in range(nb_blocks)]
+    for cluster, count in refcounts.items():
+        blocks[cluster // entries_per_block][cluster % entries_per_block] = count
+    for b, block in enumerate(blocks):
+        pwrite(encode_refcount_block(block, refcount_order), (blocks_start + b) << cluster_bits)
+        reftable[b] = (blocks_start + b) << cluster_bits
+    pwrite(encode_u64_table(reftable), table_start << cluster_bits)
+    return table_start << cluster_bits, nb_table_clusters, table_start + nb_table_clusters

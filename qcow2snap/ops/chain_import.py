@@ -29,8 +29,8 @@ from ..errors import UnsupportedImageError
 from ..image import Qcow2Image
 from ..model import Header, new_snapshot, serialize_snapshot_table
 from ..reader import DiskReader, ExtentKind, iter_extents
-from ..refcount import self_describing_refcounts
-from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
+from ..refcount import write_fresh_refcounts
+from ..tables import encode_u64_table
 from .extract import _Progress, atomic_output, input_files
 
 __all__ = ["ChainImport", "ImportedLayer", "import_chain"]
@@ -195,32 +195,19 @@ def import_chain(top: Qcow2Image, output: str | os.PathLike[str], *, overwrite: 
                 refcounts[next_cluster] = 1
                 next_cluster += 1
 
-        entries_per_block = refcount_block_entries(bits, 4)
-        nb_blocks, nb_table_clusters = self_describing_refcounts(next_cluster, bits, 4,
-                                                                 min_blocks=1)
-        blocks_start = next_cluster
-        table_start = blocks_start + nb_blocks
-        for i in range(nb_blocks + nb_table_clusters):
-            refcounts[blocks_start + i] = 1
-        reftable = [0] * (nb_table_clusters * cs // 8)
-        blocks = [[0] * entries_per_block for _ in range(nb_blocks)]
-        for cluster, count in refcounts.items():
-            blocks[cluster // entries_per_block][cluster % entries_per_block] = count
-        for b, block in enumerate(blocks):
-            pwrite(encode_refcount_block(block, 4), (blocks_start + b) << bits)
-            reftable[b] = (blocks_start + b) << bits
-        pwrite(encode_u64_table(reftable), table_start << bits)
+        reftable_offset, nb_table_clusters, end_cluster = write_fresh_refcounts(
+            pwrite, refcounts, next_cluster, bits)
         active_l1 = l1_tables[-1]
         header = Header(
             version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=bits,
             size=top.size, crypt_method=0, l1_size=active_l1[1], l1_table_offset=active_l1[0],
-            refcount_table_offset=table_start << bits, refcount_table_clusters=nb_table_clusters,
+            refcount_table_offset=reftable_offset, refcount_table_clusters=nb_table_clusters,
             nb_snapshots=len(snapshots), snapshots_offset=snapshots_offset,
             incompatible_features=0, compatible_features=0, autoclear_features=0,
             refcount_order=4, header_length=fmt.QCOW_HEADER_FULL_SIZE,
             compression_type=fmt.QCOW2_COMPRESSION_TYPE_ZLIB, compression_padding=bytes(7),
             tail=b"")
         pwrite(header.to_bytes() + bytes(8), 0)
-        file_size = (table_start + nb_table_clusters) << bits
+        file_size = end_cluster << bits
         os.ftruncate(fd, file_size)
     return ChainImport(os.fspath(output), cs, tuple(imported), file_size)

@@ -36,8 +36,8 @@ from ..reader import (
     iter_extents,
     read_decrypted,
 )
-from ..refcount import self_describing_refcounts
-from ..tables import encode_refcount_block, encode_u64_table, refcount_block_entries
+from ..refcount import write_fresh_refcounts
+from ..tables import encode_u64_table
 
 __all__ = ["ExtractResult", "OutputError", "OutputExistsError", "atomic_output", "dump_vm_state",
            "extract", "input_files"]
@@ -487,21 +487,8 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
         refcounts[next_cluster + i] = 1
     next_cluster += l1_clusters
 
-    entries_per_block = refcount_block_entries(cluster_bits, 4)
-    nb_blocks, nb_table_clusters = self_describing_refcounts(next_cluster, cluster_bits, 4,
-                                                             min_blocks=1)
-    blocks_start = next_cluster
-    table_start = blocks_start + nb_blocks
-    for i in range(nb_blocks + nb_table_clusters):
-        refcounts[blocks_start + i] = 1
-    reftable = [0] * (nb_table_clusters * cs // 8)
-    blocks = [[0] * entries_per_block for _ in range(nb_blocks)]
-    for cluster, count in refcounts.items():
-        blocks[cluster // entries_per_block][cluster % entries_per_block] = count
-    for b, block in enumerate(blocks):
-        pwrite(encode_refcount_block(block, 4), (blocks_start + b) << cluster_bits)
-        reftable[b] = (blocks_start + b) << cluster_bits
-    pwrite(encode_u64_table(reftable), table_start << cluster_bits)
+    reftable_offset, nb_table_clusters, end_cluster = write_fresh_refcounts(
+        pwrite, refcounts, next_cluster, cluster_bits)
 
     incompatible = 0
     compression_type = fmt.QCOW2_COMPRESSION_TYPE_ZLIB
@@ -512,13 +499,13 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
         version=3, backing_file_offset=(header_bytes - len(backing_name)) if backing_name else 0,
         backing_file_size=len(backing_name), cluster_bits=cluster_bits,
         size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=l1_offset,
-        refcount_table_offset=table_start << cluster_bits,
+        refcount_table_offset=reftable_offset,
         refcount_table_clusters=nb_table_clusters, nb_snapshots=0, snapshots_offset=0,
         incompatible_features=incompatible, compatible_features=0, autoclear_features=0,
         refcount_order=4, header_length=fmt.QCOW_HEADER_FULL_SIZE,
         compression_type=compression_type, compression_padding=bytes(7), tail=b"")
     pwrite(header.to_bytes() + (header_tail or bytes(8)) + backing_name, 0)
-    os.ftruncate(fd, (table_start + nb_table_clusters) << cluster_bits)
+    os.ftruncate(fd, end_cluster << cluster_bits)
     return written
 
 
