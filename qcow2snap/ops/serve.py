@@ -257,8 +257,8 @@ def _python_path() -> str:
     """PYTHONPATH for nbdkit's embedded interpreter: this package's parent
     directory, then this interpreter's ``sys.path`` (its dependencies, a
     virtual environment's site-packages), then any PYTHONPATH already set."""
-    import qcow2snap
-    entries = [os.path.dirname(os.path.dirname(os.path.abspath(qcow2snap.__file__)))]
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../qcow2snap
+    entries = [os.path.dirname(package_dir)]
     entries += [os.path.abspath(p) for p in sys.path if p and os.path.exists(p)]
     entries += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     seen: dict[str, None] = dict.fromkeys(entries)
