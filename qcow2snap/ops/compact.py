@@ -1,0 +1,579 @@
+"""Compaction (operations layer): rewrite an image without its free, leaked
+and punched space, keeping every internal snapshot.
+
+This is a cluster-level copy that renumbers host clusters, not a
+re-encoding of guest data: every distinct host cluster the source's layers
+reference (through the active L1 table and each snapshot's L1 table) is
+written once, and every L2 entry that pointed at it points at that one
+copy, so what layers shared stays shared.  L2 tables shared between layers
+stay shared too.  Compressed clusters are copied as their compressed bytes
+and repacked at byte granularity; zero entries stay zero flags (a zero
+cluster's preallocation, ``ZERO_ALLOC``, is dropped: it reads as zeros
+either way); the extended-L2 subcluster bitmaps are kept as they are.
+
+Layout of the output, in file order: the header cluster (header, kept
+extensions, backing file name); the data clusters, laid out layer by layer
+in guest order -- the active layer first (it is what a running guest
+reads, so its sequential reads become sequential file reads), then each
+snapshot in table order, each placing only the clusters no earlier layer
+placed; the L2 tables (in the same order); the L1 tables (active, then the
+snapshots'); the snapshot table; the refcount blocks and table, built from
+scratch for the new layout (``refcount.self_describing_refcounts``).  The
+``COPIED`` flag is set exactly where a refcount is 1, as QEMU's check
+expects.
+
+Kept as they are: cluster size, refcount width, compression type, extended
+L2, version, lazy-refcounts, the backing file reference and format, the
+feature-name table, legacy AES encryption (its IVs are guest sector numbers,
+so ciphertext stays valid at new host offsets), every snapshot table entry
+field (ID, name, dates, VM clock, icount, disk size, VM state size, extra
+data).  Dropped as ``qemu-img convert`` drops them: persistent dirty
+bitmaps (and their autoclear bit), unknown header extensions and header
+bytes, the dirty bit (refcounts are rebuilt).  Refused: LUKS encryption
+(its IVs are host sector numbers: ciphertext moved to other host offsets
+would decrypt to garbage), external data files, images carrying the
+corrupt bit.
+
+The output is written under a temporary name and renamed only when
+complete (``extract.atomic_output``); ``in_place`` writes the temporary
+file beside the source, verifies it (every layer's disk and VM state
+digest, :mod:`qcow2snap.ops.hashing`, and the snapshot table) and only
+then renames it over the source, holding the editor lock on the source
+throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import stat
+import tempfile
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import format as fmt
+from ..copier import ClusterCopier
+from ..errors import (
+    CorruptImageError,
+    ImageNeedsRepairError,
+    OutputError,
+    RefcountOverflowError,
+    UnsupportedImageError,
+)
+from ..image import Qcow2Image
+from ..model import Snapshot
+from ..refcount import self_describing_refcounts
+from ..tables import (
+    encode_refcount_block,
+    encode_u64_table,
+    refcount_block_entries,
+    refcount_max,
+)
+from .extract import atomic_output, input_files
+
+__all__ = ["CompactResult", "compact", "compact_in_place", "verify"]
+
+ProgressCallback = Callable[[int, int], None]
+
+_MAX_RUN = 64 << 20   # bytes of one coalesced copy run
+
+
+@dataclass(frozen=True, slots=True)
+class CompactResult:
+    """What a compaction wrote."""
+
+    source: str
+    output: str
+    in_place: bool
+    #: file sizes before and after
+    source_size: int
+    output_size: int
+    #: distinct host data clusters written (uncompressed)
+    data_clusters: int
+    #: distinct compressed clusters repacked
+    compressed_clusters: int
+    #: distinct L2 tables written
+    l2_tables: int
+    snapshots: int
+    #: bytes of data copied (clusters and compressed bytes)
+    data_bytes: int
+    #: the copy was re-read and compared with the source (``in_place`` always)
+    verified: bool
+    #: what of the source was not carried over (e.g. "persistent bitmaps")
+    dropped: tuple[str, ...]
+
+
+class _Layout:
+    """The new image's plan: where every distinct host cluster goes, the
+    remapped L2 tables, and the refcounts."""
+
+    def __init__(self, image: Qcow2Image) -> None:
+        self.image = image
+        self.cs = image.cluster_size
+        self.cb = image.cluster_bits
+        self.ext = image.extended_l2
+        self.file_size = image.file_size
+        self.cursor = self.cs               # next free cluster of the data area
+        self.data_map: dict[int, int] = {}  # old host cluster offset -> new
+        self.comp_map: dict[int, int] = {}  # old compressed entry -> new entry
+        self.l2_new: dict[int, array[int]] = {}   # old L2 offset -> remapped table
+        self.l2_refs: dict[int, list[int]] = {}   # old L2 offset -> new clusters referenced
+        self.l2_l1refs: dict[int, int] = {}       # old L2 offset -> L1 entries pointing at it
+        self.l2_order: list[int] = []
+        self.copies: list[list[int]] = []   # [src, dst, length] runs, coalesced
+        self.data_bytes = 0
+        #: the last run of compressed bytes copied: [source start, source end, new start]
+        self.comp_run: list[int] | None = None
+        #: next free byte for compressed data, and the end of the clusters
+        #: taken for compressed data
+        self.comp_pos: int | None = None
+        self.comp_limit = 0
+
+    def _copy(self, src: int, dst: int, length: int) -> None:
+        self.data_bytes += length
+        if self.copies:
+            last = self.copies[-1]
+            if (last[0] + last[2] == src and last[1] + last[2] == dst
+                    and last[2] + length <= _MAX_RUN):
+                last[2] += length
+                return
+        self.copies.append([src, dst, length])
+
+    def _corrupt(self, what: str, offset: int) -> CorruptImageError:
+        return CorruptImageError(
+            f"{self.image.path}: {what}; run 'qcow2snap check'", structure="L2 table",
+            offset=offset)
+
+    def data_cluster(self, old: int, where: int) -> int:
+        new = self.data_map.get(old)
+        if new is None:
+            if old & (self.cs - 1) or old + self.cs > fmt.align_up(self.file_size, self.cs):
+                raise self._corrupt(f"data cluster offset {old:#x} is invalid", where)
+            new = self.cursor
+            self.cursor = new + self.cs
+            self.data_map[old] = new
+            self._copy(old, new, self.cs)
+        return new
+
+    def _fits(self, n: int) -> bool:
+        """Whether ``n`` compressed bytes can go at :attr:`comp_pos`: inside
+        the clusters taken for compressed bytes, or growing them when they
+        end where the next free cluster starts."""
+        return self.comp_pos is not None and (self.comp_pos + n <= self.comp_limit
+                                              or self.comp_limit == self.cursor)
+
+    def _take_bytes(self, n: int, residue: int) -> int:
+        """Room for ``n`` compressed bytes starting at an offset ``residue``
+        modulo 512 (QEMU's free-byte packing, ``qcow2_alloc_bytes``)."""
+        pos = self.comp_pos
+        if pos is not None:
+            pos += (residue - pos) & 511
+        if pos is None or not (pos + n <= self.comp_limit or self.comp_limit == self.cursor):
+            pos = self.cursor + ((residue - self.cursor) & 511)
+        self.comp_pos = pos + n
+        if self.comp_pos > self.comp_limit:
+            self.cursor = fmt.align_up(self.comp_pos, self.cs)
+            self.comp_limit = self.cursor
+        return pos
+
+    def compressed(self, entry: int, where: int) -> tuple[int, list[int]]:
+        """The new entry of a compressed cluster, and the new host clusters
+        it references."""
+        image = self.image
+        key = entry & ~fmt.QCOW_OFLAG_COPIED
+        new_entry = self.comp_map.get(key)
+        if new_entry is None:
+            coffset = entry & image.cluster_offset_mask
+            nb = (entry >> image.csize_shift) & image.csize_mask
+            length = (nb + 1) * 512 - (coffset & 511)
+            if coffset >= self.file_size:
+                raise self._corrupt(f"compressed cluster offset {coffset:#x} is invalid", where)
+            end = coffset + length
+            run = self.comp_run
+            if (run is not None and run[0] <= coffset < run[1]
+                    and run[2] + (run[1] - run[0]) == self.comp_pos
+                    and (end <= run[1] or self._fits(end - run[1]))):
+                # QEMU packs compressed clusters back to back, sharing
+                # sectors: continue the source run at the same distance
+                new = run[2] + (coffset - run[0])
+                if end > run[1]:
+                    at = self._take_bytes(end - run[1], run[1] & 511)
+                    assert at == run[2] + (run[1] - run[0])
+                    self._copy(run[1], at, end - run[1])
+                    run[1] = end
+            else:
+                # a new run keeps each offset's place within its sector, so
+                # every entry keeps its sector count
+                new = self._take_bytes(length, coffset & 511)
+                self._copy(coffset, new, length)
+                self.comp_run = [coffset, end, new]
+            new_entry = fmt.QCOW_OFLAG_COMPRESSED | (nb << image.csize_shift) | new
+            self.comp_map[key] = new_entry
+        new = new_entry & image.cluster_offset_mask
+        new_nb = (new_entry >> image.csize_shift) & image.csize_mask
+        end = (new & ~511) + (new_nb + 1) * 512
+        return new_entry, list(range(new >> self.cb, ((end - 1) >> self.cb) + 1))
+
+    def l2_table(self, old: int) -> None:
+        """Remap one L2 table (once), placing its clusters in guest order."""
+        self.l2_l1refs[old] = self.l2_l1refs.get(old, 0) + 1
+        if old in self.l2_new:
+            return
+        image = self.image
+        if old & (self.cs - 1) or old + self.cs > self.file_size:
+            raise CorruptImageError(f"{image.path}: L2 table offset {old:#x} is invalid; run "
+                                    f"'qcow2snap check'", structure="L1 table", offset=old)
+        cached = image.read_l2(old)
+        table = array(cached.typecode, cached)
+        step = 2 if self.ext else 1
+        refs: list[int] = []
+        mask = fmt.L2E_OFFSET_MASK
+        cb = self.cb
+        for i in range(0, len(table), step):
+            entry = table[i]
+            if not entry:
+                continue
+            where = old + i * 8
+            if entry & fmt.QCOW_OFLAG_COMPRESSED:
+                new_entry, touched = self.compressed(entry, where)
+                table[i] = new_entry
+                refs.extend(touched)
+                continue
+            host = entry & mask
+            if not host:
+                table[i] = entry & ~fmt.QCOW_OFLAG_COPIED
+                continue
+            if not self.ext and entry & fmt.QCOW_OFLAG_ZERO:
+                table[i] = fmt.QCOW_OFLAG_ZERO   # reads as zeros: drop the preallocation
+                continue
+            new = self.data_cluster(host, where)
+            table[i] = new
+            refs.append(new >> cb)
+        self.l2_new[old] = table
+        self.l2_refs[old] = refs
+        self.l2_order.append(old)
+
+
+def _check_source(image: Qcow2Image) -> list[str]:
+    """Refuse what cannot be compacted; return what will be dropped."""
+    h = image.header
+    if h.crypt_method == fmt.QCOW_CRYPT_LUKS:
+        raise UnsupportedImageError(
+            f"{image.path}: LUKS-encrypted images cannot be compacted: LUKS derives each "
+            f"sector's IV from its host offset, so encrypted clusters cannot move",
+            feature="LUKS encryption")
+    if image.has_data_file:
+        raise UnsupportedImageError(
+            f"{image.path}: images with an external data file cannot be compacted (their "
+            f"data lives in the data file)", feature="external data file")
+    if image.corrupt:
+        raise ImageNeedsRepairError(
+            f"{image.path}: the image is marked corrupt; run 'qcow2snap check --repair' first")
+    dropped = []
+    if image.extension(fmt.QCOW2_EXT_MAGIC_BITMAPS) is not None:
+        dropped.append("persistent bitmaps")
+    if image.unknown_extensions:
+        dropped.append(f"{len(image.unknown_extensions)} unknown header extension(s)")
+    if h.version == 3 and h.tail:
+        dropped.append("unknown header fields")
+    return dropped
+
+
+def _backing_name(image: Qcow2Image, out_dir: str) -> bytes:
+    """The backing file name for an output in ``out_dir``: a relative name
+    is rewritten to stay relative to the output's directory."""
+    raw = image.backing_file_name_bytes or b""
+    if not raw:
+        return raw
+    name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    src_dir = os.path.dirname(os.path.abspath(image.path))
+    if (os.path.isabs(name) or ":" in name
+            or os.path.realpath(src_dir) == os.path.realpath(out_dir)):
+        return raw
+    return os.path.relpath(os.path.join(src_dir, name), out_dir).encode("utf-8",
+                                                                      "surrogateescape")
+
+
+def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback | None
+           ) -> tuple[_Layout, int]:
+    """Write the compacted image to ``fd``; return the plan and the file size."""
+    h = image.header
+    plan = _Layout(image)
+    cs, cb = plan.cs, plan.cb
+    layers = [image.layer(None)] + [image.layer(sn) for sn in image.snapshots]
+    l1_tables = []
+    for layer in layers:
+        l1 = image.read_l1(layer)
+        for entry in l1:
+            offset = entry & fmt.L1E_OFFSET_MASK
+            if offset:
+                plan.l2_table(offset)
+        l1_tables.append(l1)
+
+    # data: one pass of coalesced copies (kernel copy_file_range where possible)
+    total = plan.data_bytes
+    done = 0
+    if progress:
+        progress(0, total)
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(min(done, total), total)
+
+    copier = ClusterCopier(image._file.fd, fd, progress=advance, src_path=image.path)
+    try:
+        for src, dst, length in plan.copies:
+            copier.copy(src, dst, length)
+        copier.drain()
+    finally:
+        copier.close()
+
+    # refcounts of data clusters: each L2 reference counts once per L1 path
+    refcounts: dict[int, int] = {0: 1}
+    for old in plan.l2_order:
+        times = plan.l2_l1refs[old]
+        for cluster in plan.l2_refs[old]:
+            refcounts[cluster] = refcounts.get(cluster, 0) + times
+
+    # L2 tables, with COPIED where the data refcount is 1
+    next_cluster = plan.cursor >> cb
+    l2_offsets: dict[int, int] = {}
+    step = 2 if plan.ext else 1
+    mask = fmt.L2E_OFFSET_MASK
+    for old in plan.l2_order:
+        table = plan.l2_new[old]
+        for i in range(0, len(table), step):
+            entry = table[i]
+            if entry and not entry & fmt.QCOW_OFLAG_COMPRESSED:
+                host = entry & mask
+                if host and refcounts[host >> cb] == 1:
+                    table[i] = entry | fmt.QCOW_OFLAG_COPIED
+        new = next_cluster << cb
+        _pwrite(fd, encode_u64_table(table), new)
+        l2_offsets[old] = new
+        refcounts[next_cluster] = plan.l2_l1refs[old]
+        next_cluster += 1
+
+    # L1 tables: the active one, then each snapshot's
+    l1_offsets = []
+    for l1 in l1_tables:
+        out = array(l1.typecode, bytes(len(l1) * 8))
+        for i, entry in enumerate(l1):
+            old = entry & fmt.L1E_OFFSET_MASK
+            if old:
+                new = l2_offsets[old]
+                out[i] = new | (fmt.QCOW_OFLAG_COPIED if refcounts[new >> cb] == 1 else 0)
+        offset = next_cluster << cb
+        l1_offsets.append(offset if len(l1) else 0)
+        nclusters = -(-len(l1) * 8 // cs)
+        if nclusters:
+            _pwrite(fd, encode_u64_table(out), offset)
+        for c in range(nclusters):
+            refcounts[next_cluster + c] = 1
+        next_cluster += nclusters
+
+    # snapshot table, each entry as stored, with its new L1 offset
+    table_bytes = bytearray()
+    for sn, l1_offset in zip(image.snapshots, l1_offsets[1:], strict=True):
+        table_bytes += bytes(fmt.align_up(len(table_bytes), 8) - len(table_bytes))
+        table_bytes += dataclasses.replace(sn, l1_table_offset=l1_offset).to_bytes()
+    snapshots_offset = 0
+    if image.snapshots:
+        snapshots_offset = next_cluster << cb
+        _pwrite(fd, bytes(table_bytes), snapshots_offset)
+        nclusters = -(-len(table_bytes) // cs)
+        for c in range(nclusters):
+            refcounts[next_cluster + c] = 1
+        next_cluster += nclusters
+
+    # refcount blocks and table, describing everything including themselves
+    order = h.refcount_order
+    limit = refcount_max(order)
+    for cluster, count in refcounts.items():
+        if count > limit:
+            raise RefcountOverflowError(
+                f"{image.path}: host cluster {cluster} needs refcount {count}, more than "
+                f"{1 << order}-bit refcounts hold", feature="refcount width")
+    per_block = refcount_block_entries(cb, order)
+    nb_blocks, nb_table = self_describing_refcounts(next_cluster, cb, order, min_blocks=1)
+    blocks_start = next_cluster
+    table_start = blocks_start + nb_blocks
+    for c in range(nb_blocks + nb_table):
+        refcounts[blocks_start + c] = 1
+    blocks = [[0] * per_block for _ in range(nb_blocks)]
+    for cluster, count in refcounts.items():
+        blocks[cluster // per_block][cluster % per_block] = count
+    reftable = [0] * (nb_table * cs // 8)
+    for b, block in enumerate(blocks):
+        _pwrite(fd, encode_refcount_block(block, order), (blocks_start + b) << cb)
+        reftable[b] = (blocks_start + b) << cb
+    _pwrite(fd, encode_u64_table(reftable), table_start << cb)
+    file_end = (table_start + nb_table) << cb
+
+    # header cluster
+    active = layers[0]
+    backing = _backing_name(image, out_dir)
+    incompatible = h.incompatible_features & (fmt.QCOW2_INCOMPAT_COMPRESSION
+                                              | fmt.QCOW2_INCOMPAT_EXTL2)
+    if h.version == 3:
+        header = dataclasses.replace(
+            h, l1_table_offset=l1_offsets[0], refcount_table_offset=table_start << cb,
+            refcount_table_clusters=nb_table, nb_snapshots=len(image.snapshots),
+            snapshots_offset=snapshots_offset, incompatible_features=incompatible,
+            compatible_features=h.compatible_features & fmt.QCOW2_COMPAT_LAZY_REFCOUNTS,
+            autoclear_features=0, header_length=fmt.QCOW_HEADER_FULL_SIZE,
+            compression_type=h.effective_compression_type, compression_padding=bytes(7),
+            tail=b"", l1_size=active.l1_size, backing_file_offset=0, backing_file_size=0)
+    else:
+        header = dataclasses.replace(
+            h, l1_table_offset=l1_offsets[0], refcount_table_offset=table_start << cb,
+            refcount_table_clusters=nb_table, nb_snapshots=len(image.snapshots),
+            snapshots_offset=snapshots_offset, l1_size=active.l1_size,
+            backing_file_offset=0, backing_file_size=0)
+    extensions = b""
+    for ext in image.extensions:
+        if ext.type in (fmt.QCOW2_EXT_MAGIC_BACKING_FORMAT, fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE):
+            data = ext.data
+            extensions += (fmt.build_struct(fmt.QCowExtensionHeader,
+                                            {"type": ext.type, "length": len(data)})
+                           + data + bytes(fmt.align_up(len(data), 8) - len(data)))
+    extensions += bytes(8)   # end marker
+    head_len = len(header.to_bytes()) + len(extensions)
+    if backing:
+        header = dataclasses.replace(header, backing_file_offset=head_len,
+                                     backing_file_size=len(backing))
+    blob = header.to_bytes() + extensions + backing
+    if len(blob) > cs:
+        raise OutputError(f"{image.path}: the header, its extensions and the backing file name "
+                          f"({len(blob)} bytes) do not fit in one {cs}-byte cluster")
+    _pwrite(fd, blob, 0)
+    os.ftruncate(fd, file_end)
+    return plan, file_end
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
+
+
+def _snapshot_fields(sn: Snapshot) -> tuple[object, ...]:
+    return (sn.id_bytes, sn.name_bytes, sn.l1_size, sn.date_sec, sn.date_nsec,
+            sn.vm_clock_nsec, sn.vm_state_size, sn.disk_size, sn.icount_field,
+            sn.extra_data_size, sn.unknown_extra)
+
+
+def verify(source: Qcow2Image, copy_path: str) -> None:
+    """Compare a compacted copy with its source: the snapshot table's
+    fields, and every layer's disk and VM state digest (backing files not
+    read: unallocated clusters must stay unallocated).  Raises
+    :class:`OutputError` on a difference."""
+    from .hashing import hash_image
+    with Qcow2Image(copy_path, backing_file=False, check_locks=False) as copy:
+        if [_snapshot_fields(s) for s in copy.snapshots] != [
+                _snapshot_fields(s) for s in source.snapshots]:
+            raise OutputError(f"{copy_path}: verification failed: the snapshot table differs")
+        if copy.size != source.size or copy.header.size != source.header.size:
+            raise OutputError(f"{copy_path}: verification failed: the virtual size differs")
+        ours = hash_image(copy, backing=False)
+    theirs = hash_image(source, backing=False)
+    for a, b in zip(ours.layers, theirs.layers, strict=True):
+        if (a.disk_digest, a.vm_state_digest) != (b.disk_digest, b.vm_state_digest):
+            what = "the active layer" if b.snapshot is None else f"snapshot {b.snapshot.label}"
+            raise OutputError(f"{copy_path}: verification failed: {what} differs")
+
+
+def compact_in_place(path: str | os.PathLike[str], *, progress: ProgressCallback | None = None,
+                     sync: bool = True) -> CompactResult:
+    """Compact the image at ``path`` over itself: the copy is written beside
+    it under a temporary name, verified against it, and renamed over it
+    only then.  The editor lock is held on the image throughout, so editors
+    (qcow2snap's and QEMU's) are refused meanwhile.  Interrupted at any
+    point, the image is untouched and the temporary file removed."""
+    from .edit import EditableImage
+    with EditableImage(path, backing_file=False) as editable:
+        return compact(editable.image, in_place=True, progress=progress, sync=sync)
+
+
+def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
+            in_place: bool = False, overwrite: bool = False,
+            progress: ProgressCallback | None = None, sync: bool = True) -> CompactResult:
+    """Write ``image`` compacted to ``output``, or with ``in_place`` over
+    itself (``image`` must then be opened for editing, holding the editor
+    lock: use :func:`compact_in_place`).
+
+    ``progress(done, total)`` counts data bytes copied.  ``sync`` fsyncs the
+    new file before it is renamed into place (and the directory after).
+    ``in_place`` also re-reads the result and compares every layer with
+    the source before the rename."""
+    dropped = tuple(_check_source(image))
+    source_size = image.file_size
+    if in_place:
+        if output is not None:
+            raise ValueError("give an output or in_place, not both")
+        if image.mode != "r+":
+            raise ValueError("in_place needs the image opened for editing (compact_in_place)")
+        target = os.path.realpath(image.path)
+        plan, size = _replace_in_place(image, target, progress, sync)
+        verified = True
+    else:
+        if output is None:
+            raise ValueError("an output path is needed (or in_place=True)")
+        target = os.fspath(output)
+        out_dir = os.path.dirname(os.path.abspath(target))
+        with atomic_output(target, overwrite=overwrite, inputs=input_files(image),
+                           sync=sync) as fd:
+            plan, size = _write(image, fd, out_dir, progress)
+        verified = False
+    return CompactResult(
+        source=image.path, output=target, in_place=in_place, source_size=source_size,
+        output_size=size, data_clusters=len(plan.data_map),
+        compressed_clusters=len(plan.comp_map), l2_tables=len(plan.l2_order),
+        snapshots=len(image.snapshots), data_bytes=plan.data_bytes, verified=verified,
+        dropped=dropped)
+
+
+def _replace_in_place(image: Qcow2Image, target: str, progress: ProgressCallback | None,
+                      sync: bool) -> tuple[_Layout, int]:
+    directory = os.path.dirname(target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
+                                   suffix=".qcow2snap-tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot create the compacted copy in {directory}: "
+                          f"{exc.strerror or exc}") from exc
+    try:
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.fstat(image._file.fd).st_mode))
+            plan, size = _write(image, fd, directory, progress)
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OutputError(f"{target}: writing the compacted copy failed: "
+                              f"{exc.strerror or exc}; the image is unchanged") from exc
+        verify(image, tmp)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+        tmp = ""
+        if sync:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return plan, size
