@@ -604,7 +604,7 @@ def compact_text(result: CompactResult) -> str:
         lines.append("Dropped (as qemu-img convert drops them): " + ", ".join(result.dropped))
     if result.verified:
         lines.append("Verified: every layer's disk and VM state equal the source's")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 __all__ += ["compact_json", "compact_text"]

@@ -1,0 +1,364 @@
+"""``qcow2snap compact``: QEMU is the oracle.
+
+Over every fixture kind with snapshots: the compacted image passes
+``qemu-img check``, lists the same snapshots, and every snapshot's disk
+(``qemu-img convert -l``) and VM state, and the active layer, are equal;
+it is never larger than the source, and on an image with freed space it is
+smaller and bounded by its distinct clusters plus metadata.  A savevm
+snapshot can be loaded by QEMU from the compacted image.  Killed part-way,
+the source is untouched and nothing appears under the output's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, sha256_file
+from helpers import invoke, qemu_img_check, require_tool
+
+import qcow2snap
+from qcow2snap import format as fmt
+from qcow2snap.errors import ImageInUseError, OutputExistsError, UnsupportedImageError
+from qcow2snap.ops.compact import compact, compact_in_place
+from qcow2snap.ops.edit import EditableImage
+from qcow2snap.ops.hashing import hash_image
+
+SECRET = ["--object", "secret,id=sec0,data=qcow2snap"]
+REFUSED = {"luks", "data-file"}
+COMPACTABLE = [f["name"] for f in FIXTURE_ENTRIES
+               if f["snapshots"] and f["name"] not in REFUSED]
+
+
+def _qemu_target(name: str, path: Path) -> list[str]:
+    """qemu-img arguments naming ``path`` (with its key where it has one)."""
+    if FIXTURES_BY_NAME.get(name, {}).get("secret"):
+        return [*SECRET, "--image-opts",
+                f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"]
+    return [os.fspath(path)]
+
+
+def _snapshot_list(qemu_img: str, name: str, path: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run([qemu_img, "info", "--output=json", "--force-share",
+                           *_qemu_target(name, path)],
+                          capture_output=True, text=True, check=True, cwd=path.parent)
+    return [{k: s[k] for k in ("id", "name", "date-sec", "date-nsec", "vm-clock-sec",
+                               "vm-clock-nsec", "vm-state-size", "icount") if k in s}
+            for s in json.loads(proc.stdout).get("snapshots", [])]
+
+
+def _convert_digest(qemu_img: str, name: str, path: Path, snapshot_id: str | None,
+                    tmp: Path) -> str:
+    raw = tmp / "layer.raw"
+    args = [qemu_img, "convert", "-O", "raw"]
+    if snapshot_id is not None:
+        args += ["-l", f"snapshot.id={snapshot_id}"]
+    subprocess.run([*args, *_qemu_target(name, path), os.fspath(raw)], check=True,
+                   capture_output=True, cwd=path.parent, timeout=120)
+    try:
+        return sha256_file(raw)
+    finally:
+        raw.unlink()
+
+
+def _digests(path: Path, passphrase: str | None) -> list[tuple[str | None, str, str | None]]:
+    with qcow2snap.open(path, backing_file=False, passphrase=passphrase) as image:
+        report = hash_image(image, backing=False)
+    return [(None if d.snapshot is None else d.snapshot.id, d.disk_digest, d.vm_state_digest)
+            for d in report.layers]
+
+
+def _check_clean(qemu_img: str, name: str, path: Path) -> dict[str, Any]:
+    target = _qemu_target(name, path)
+    check = qemu_img_check(qemu_img, target[-1], *target[:-1])
+    assert check.clean, check.problems
+    return check.report
+
+
+@pytest.mark.parametrize("name", COMPACTABLE)
+def test_compact_keeps_every_layer(fixture_copy: Any, qemu_img: str, tmp_path: Path,
+                                   name: str) -> None:
+    src = fixture_copy(name)
+    out = tmp_path / "out.qcow2"
+    before = sha256_file(src)
+    passphrase = FIXTURES_BY_NAME[name].get("secret")
+    with qcow2snap.open(src, backing_file=False) as image:
+        cs = image.cluster_size
+        result = compact(image, out)
+        header = image.header
+    assert sha256_file(src) == before, "the source was written"
+    assert result.output_size == out.stat().st_size
+    assert out.stat().st_size <= fmt.align_up(src.stat().st_size, cs)
+    _check_clean(qemu_img, name, out)
+    assert _snapshot_list(qemu_img, name, out) == _snapshot_list(qemu_img, name, src)
+    # every layer: disk and VM state digests (qcow2snap's reader) ...
+    assert _digests(out, passphrase) == _digests(src, passphrase)
+    # ... and QEMU's reading of the active layer and of (a sample of) the snapshots
+    snapshots = FIXTURES_BY_NAME[name]["snapshots"]
+    sample = snapshots if len(snapshots) <= 4 else snapshots[::len(snapshots) // 3]
+    for ref in [None, *(s["id"] for s in sample)]:
+        assert (_convert_digest(qemu_img, name, out, ref, tmp_path)
+                == _convert_digest(qemu_img, name, src, ref, tmp_path)), ref
+    with qcow2snap.open(out, backing_file=False) as copy:
+        new = copy.header
+        assert (new.cluster_bits, new.refcount_order, new.effective_compression_type,
+                new.version, new.crypt_method, new.size) == (
+            header.cluster_bits, header.refcount_order, header.effective_compression_type,
+            header.version, header.crypt_method, header.size)
+        assert copy.extended_l2 == bool(header.incompatible_features & fmt.QCOW2_INCOMPAT_EXTL2)
+        with qcow2snap.open(src, backing_file=False) as image:
+            assert copy.backing_file_name == image.backing_file_name
+            assert copy.backing_format == image.backing_format
+            assert [s.to_bytes()[8:] for s in copy.snapshots] == [
+                s.to_bytes()[8:] for s in image.snapshots]   # all but the L1 offset
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_images(fixture_copy: Any, tmp_path: Path, name: str) -> None:
+    src = fixture_copy(name)
+    with qcow2snap.open(src, backing_file=False) as image, \
+            pytest.raises(UnsupportedImageError):
+        compact(image, tmp_path / "out.qcow2")
+    assert not (tmp_path / "out.qcow2").exists()
+    assert [p.name for p in tmp_path.iterdir() if "qcow2snap-tmp" in p.name] == []
+
+
+def _qemu_io(qemu_io: str, path: Path, *commands: str) -> None:
+    args = [qemu_io, "-f", "qcow2"]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run([*args, os.fspath(path)], check=True, capture_output=True, timeout=300)
+
+
+def _fragmented(qemu_img: str, qemu_io: str, path: Path, size: str = "64M",
+                step: int = 1 << 20) -> None:
+    """Snapshots that share most of their data, two of them deleted again
+    (the file keeps their freed clusters), compressed clusters among them."""
+    subprocess.run([qemu_img, "create", "-f", "qcow2", os.fspath(path), size], check=True,
+                   capture_output=True)
+    total = int(size[:-1]) << 20
+    _qemu_io(qemu_io, path, *(f"write -P {0x10 + i % 200} {i * step} {step // 2}"
+                              for i in range(total // step // 2)))
+    _qemu_io(qemu_io, path, f"write -c -P 0x77 {total - (1 << 20)} 64k")
+    for n in range(1, 5):
+        subprocess.run([qemu_img, "snapshot", "-c", f"s{n}", os.fspath(path)], check=True)
+        _qemu_io(qemu_io, path, *(f"write -P {0x40 + n} {i * step * 4 + 4096 * n} 8k"
+                                  for i in range(total // step // 4)))
+    for n in (2, 3):
+        subprocess.run([qemu_img, "snapshot", "-d", f"s{n}", os.fspath(path)], check=True)
+
+
+def _needed_clusters(path: Path) -> int:
+    """Distinct host clusters the layers reference (data and L2 tables),
+    plus L1 tables, snapshot table and header: a compacted image needs
+    these plus its refcount structures, nothing more."""
+    with qcow2snap.open(path, backing_file=False) as image:
+        cs = image.cluster_size
+        data: set[int] = set()
+        l2s: set[int] = set()
+        l1_clusters = 0
+        table = 0
+        layers = [image.layer(None), *(image.layer(s) for s in image.snapshots)]
+        for layer in layers:
+            l1 = image.read_l1(layer)
+            l1_clusters += -(-len(l1) * 8 // cs)
+            for e in l1:
+                l2 = e & fmt.L1E_OFFSET_MASK
+                if not l2 or l2 in l2s:
+                    continue
+                l2s.add(l2)
+                for entry in image.read_l2(l2):
+                    if entry & fmt.QCOW_OFLAG_COMPRESSED:
+                        data.add((entry & image.cluster_offset_mask) >> image.cluster_bits)
+                    elif entry & fmt.L2E_OFFSET_MASK and not entry & fmt.QCOW_OFLAG_ZERO:
+                        data.add((entry & fmt.L2E_OFFSET_MASK) >> image.cluster_bits)
+        for s in image.snapshots:
+            table += s.entry_length + 8
+        return len(data) + len(l2s) + l1_clusters + -(-table // cs) + 1
+
+
+def test_compact_gives_back_freed_space_and_keeps_sharing(qemu_img: str, qemu_io: str,
+                                                          tmp_path: Path) -> None:
+    src = tmp_path / "frag.qcow2"
+    _fragmented(qemu_img, qemu_io, src)
+    out = tmp_path / "out.qcow2"
+    result = invoke("compact", src, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["output-size"] == out.stat().st_size < src.stat().st_size
+    assert report["bytes-given-back"] == src.stat().st_size - out.stat().st_size
+    _check_clean(qemu_img, "frag", out)
+    assert _digests(out, None) == _digests(src, None)
+    # no larger than its distinct clusters plus metadata (refcounts: 2 clusters here)
+    cs = 65536
+    needed = _needed_clusters(src)
+    assert out.stat().st_size <= (needed + 2) * cs
+    # sharing kept: the two remaining snapshots and the active layer share
+    # most of 16 MiB of data; unshared they would need three times that
+    assert report["data-clusters"] < 1.5 * (16 << 20) / cs
+    for ref in (None, "1", "4"):
+        assert (_convert_digest(qemu_img, "frag", out, ref, tmp_path)
+                == _convert_digest(qemu_img, "frag", src, ref, tmp_path))
+    # compacting again changes nothing in size
+    again = tmp_path / "again.qcow2"
+    assert invoke("compact", out, "-o", again).exit_code == 0
+    assert again.stat().st_size == out.stat().st_size
+
+
+def test_layout_is_guest_ordered(qemu_img: str, qemu_io: str, tmp_path: Path) -> None:
+    """Written in reverse guest order, the active layer comes out in guest order."""
+    src = tmp_path / "rev.qcow2"
+    subprocess.run([qemu_img, "create", "-f", "qcow2", os.fspath(src), "16M"], check=True,
+                   capture_output=True)
+    _qemu_io(qemu_io, src, *(f"write -P {i + 1} {i << 16} 64k" for i in reversed(range(64))))
+    subprocess.run([qemu_img, "snapshot", "-c", "s", os.fspath(src)], check=True)
+    out = tmp_path / "out.qcow2"
+    with qcow2snap.open(src) as image:
+        compact(image, out)
+    proc = subprocess.run([qemu_img, "map", "--output=json", os.fspath(out)], check=True,
+                          capture_output=True, text=True)
+    runs = [r for r in json.loads(proc.stdout) if r["data"]]
+    assert len(runs) == 1 and runs[0]["length"] == 64 << 16   # one host run, in order
+
+
+def test_output_rules(fixture_copy: Any, tmp_path: Path) -> None:
+    src = fixture_copy("v3-basic")
+    out = tmp_path / "out.qcow2"
+    out.write_bytes(b"keep")
+    with qcow2snap.open(src) as image:
+        with pytest.raises(OutputExistsError):
+            compact(image, out)
+        assert out.read_bytes() == b"keep"
+        with pytest.raises(OutputExistsError, match="source image"):
+            compact(image, src, overwrite=True)
+        compact(image, out, overwrite=True)
+    assert invoke("compact", src).exit_code == 2          # neither -o nor --in-place
+    assert invoke("compact", src, "-o", out, "--in-place").exit_code == 2
+
+
+def test_in_place(fixture_copy: Any, qemu_img: str, tmp_path: Path) -> None:
+    src = fixture_copy("savevm")
+    digests = _digests(src, None)
+    listing = _snapshot_list(qemu_img, "savevm", src)
+    inode = src.stat().st_ino
+    result = invoke("compact", "--in-place", src)
+    assert result.exit_code == 0, result.output
+    assert "Verified" in result.output
+    assert src.stat().st_ino != inode          # replaced by the new file
+    _check_clean(qemu_img, "savevm", src)
+    assert _digests(src, None) == digests
+    assert _snapshot_list(qemu_img, "savevm", src) == listing
+    assert [p.name for p in tmp_path.iterdir() if "qcow2snap-tmp" in p.name] == []
+
+
+def test_in_place_refused_while_edited(fixture_copy: Any) -> None:
+    src = fixture_copy("v3-basic")
+    before = sha256_file(src)
+    with EditableImage(src), pytest.raises(ImageInUseError):
+        compact_in_place(src)
+    assert sha256_file(src) == before
+
+
+def test_editors_refused_during_in_place(fixture_copy: Any, monkeypatch: Any) -> None:
+    from qcow2snap.ops import compact as compact_module
+    src = fixture_copy("v3-basic")
+    seen: list[type[BaseException]] = []
+    real_verify = compact_module.verify
+
+    def verify_and_try_editing(source: Any, copy_path: str) -> None:
+        try:
+            EditableImage(src).close()
+        except ImageInUseError as exc:
+            seen.append(type(exc))
+        real_verify(source, copy_path)
+
+    monkeypatch.setattr(compact_module, "verify", verify_and_try_editing)
+    compact_in_place(src)
+    assert seen == [ImageInUseError]
+
+
+def test_loadvm_from_compacted(fixture_copy: Any, tmp_path: Path) -> None:
+    qemu = require_tool("qemu-system-x86_64")
+    entry = FIXTURES_BY_NAME["savevm"]
+    src = fixture_copy("savevm")   # unpacks its companion BIOS beside it
+    bios = tmp_path / entry["savevm"]["bios"][:-3]
+    out = tmp_path / "out.qcow2"
+    with qcow2snap.open(src) as image:
+        compact(image, out)
+
+    def dump(path: Path, tag: str) -> bytes:
+        monitor = f"loadvm run\ndump-guest-memory {tag}.elf\nquit\n"
+        proc = subprocess.run([qemu, "-machine", "pc,accel=tcg", "-nodefaults", "-display",
+                               "none", "-m", "16", "-drive", f"file={path},format=qcow2,if=ide",
+                               "-monitor", "stdio", "-S", "-bios", os.fspath(bios)],
+                              input=monitor, text=True, cwd=tmp_path, capture_output=True,
+                              timeout=120, check=True)
+        assert "rror" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        return (tmp_path / f"{tag}.elf").read_bytes()
+
+    ours, theirs = dump(out, "out"), dump(src, "src")
+    fill = entry["savevm"]["ram_fill"]
+    assert bytes.fromhex(fill["bytes_hex"]) * (fill["length"] // 2) in ours   # the RAM saved
+    assert ours == theirs
+
+
+def _big_image(qemu_img: str, qemu_io: str, path: Path) -> None:
+    subprocess.run([qemu_img, "create", "-f", "qcow2", os.fspath(path), "512M"], check=True,
+                   capture_output=True)
+    _qemu_io(qemu_io, path, "write -P 0x5a 0 384M")
+    subprocess.run([qemu_img, "snapshot", "-c", "a", os.fspath(path)], check=True)
+    _qemu_io(qemu_io, path, "write -P 0x6b 0 64M")
+    subprocess.run([qemu_img, "snapshot", "-c", "b", os.fspath(path)], check=True)
+
+
+def _start_and_kill(args: list[str], tmp_path: Path, sig: int) -> int:
+    """Run the CLI, and send ``sig`` once its temporary file exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "qcow2snap", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any("qcow2snap-tmp" in p.name for p in tmp_path.iterdir()):
+            time.sleep(0.05)
+            break
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_compaction_leaves_source_and_no_output(qemu_img: str, qemu_io: str,
+                                                       tmp_path: Path, sig: int) -> None:
+    src = tmp_path / "big.qcow2"
+    _big_image(qemu_img, qemu_io, src)
+    before = sha256_file(src)
+    out = tmp_path / "out.qcow2"
+    code = _start_and_kill(["compact", os.fspath(src), "-o", os.fspath(out)], tmp_path, sig)
+    assert code != 0, "finished before the signal: make the image larger"
+    assert not out.exists()
+    assert sha256_file(src) == before
+    if sig == signal.SIGINT:   # an interrupt cleans up its temporary file too
+        assert [p.name for p in tmp_path.iterdir()] == ["big.qcow2"]
+    # --in-place, killed: the image is the old one
+    code = _start_and_kill(["compact", "--in-place", os.fspath(src)], tmp_path, sig)
+    assert code != 0
+    assert sha256_file(src) == before
+    _check_clean(qemu_img, "big", src)
+
+
+def test_compacted_hashes_match_manifest(fixture_copy: Any, qemu_img: str,
+                                         tmp_path: Path) -> None:
+    """The oracle digests recorded when the fixture was made by QEMU."""
+    src = fixture_copy("compressed-zstd")
+    out = tmp_path / "out.qcow2"
+    with qcow2snap.open(src) as image:
+        compact(image, out)
+    for s in FIXTURES_BY_NAME["compressed-zstd"]["snapshots"]:
+        assert _convert_digest(qemu_img, "x", out, s["id"], tmp_path) == s["sha256"]
