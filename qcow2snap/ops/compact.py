@@ -532,7 +532,8 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
             plan, size = _write(image, fd, out_dir, progress)
         verified = False
     return CompactResult(
-        source=image.path, output=target, in_place=in_place, source_size=source_size,
+        source=image.path, output=image.path if in_place else target, in_place=in_place,
+        source_size=source_size,
         output_size=size, data_clusters=len(plan.data_map),
         compressed_clusters=len(plan.comp_map), l2_tables=len(plan.l2_order),
         snapshots=len(image.snapshots), data_bytes=plan.data_bytes, verified=verified,
