@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import stat
 import tempfile
@@ -54,7 +55,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import format as fmt
-from ..copier import ClusterCopier
 from ..errors import (
     CorruptImageError,
     ImageNeedsRepairError,
@@ -78,6 +78,7 @@ __all__ = ["CompactResult", "compact", "compact_in_place", "verify"]
 ProgressCallback = Callable[[int, int], None]
 
 _MAX_RUN = 64 << 20   # bytes of one coalesced copy run
+_STEP = 8 << 20       # bytes per copy call (the unit of progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,13 +325,7 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
         if progress:
             progress(min(done, total), total)
 
-    copier = ClusterCopier(image._file.fd, fd, progress=advance, src_path=image.path)
-    try:
-        for src, dst, length in plan.copies:
-            copier.copy(src, dst, length)
-        copier.drain()
-    finally:
-        copier.close()
+    _copy_runs(image, fd, plan.copies, advance)
 
     # refcounts of data clusters: each L2 reference counts once per L1 path
     refcounts: dict[int, int] = {0: 1}
@@ -455,7 +450,50 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
     return plan, file_end
 
 
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
+#: copy_file_range errors meaning "not between these files": copy through a buffer
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                             errno.EBADF, errno.ETXTBSY, errno.EPERM})
+
+
+def _copy_runs(image: Qcow2Image, fd: int, copies: list[list[int]],
+               advance: Callable[[int], None]) -> None:
+    """Copy the planned ``[src, dst, length]`` runs from the image file:
+    in the kernel with ``copy_file_range`` (page cache to page cache, no
+    byte through Python; measured as fast as a read/write loop here and
+    without its copies), else through a reused buffer.  Bytes past the
+    source's end (a compressed cluster's last sector) stay holes."""
+    src_fd = image._file.fd
+    src_size = image.file_size
+    kernel = hasattr(os, "copy_file_range")
+    buf = memoryview(bytearray(_STEP))
+    for src, dst, length in copies:
+        end = min(src + length, src_size)
+        while src < end:
+            n = min(_STEP, end - src)
+            if kernel:
+                try:
+                    copied = os.copy_file_range(src_fd, fd, n, src, dst)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    kernel = False
+                    continue
+                if copied <= 0:
+                    raise CorruptImageError(f"{image.path}: the file ended while it was read",
+                                            structure="data", offset=src)
+            else:
+                got = os.preadv(src_fd, [buf[:n]], src)
+                if got <= 0:
+                    raise CorruptImageError(f"{image.path}: the file ended while it was read",
+                                            structure="data", offset=src)
+                _pwrite(fd, buf[:got], dst)
+                copied = got
+            src += copied
+            dst += copied
+            advance(copied)
+
+
+def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while len(view):
         n = os.pwrite(fd, view, offset)
