@@ -362,3 +362,54 @@ def test_compacted_hashes_match_manifest(fixture_copy: Any, qemu_img: str,
         compact(image, out)
     for s in FIXTURES_BY_NAME["compressed-zstd"]["snapshots"]:
         assert _convert_digest(qemu_img, "x", out, s["id"], tmp_path) == s["sha256"]
+
+
+def test_bitmaps_dropped(qemu_img: str, qemu_io: str, tmp_path: Path) -> None:
+    src = tmp_path / "bm.qcow2"
+    subprocess.run([qemu_img, "create", "-f", "qcow2", os.fspath(src), "16M"], check=True,
+                   capture_output=True)
+    _qemu_io(qemu_io, src, "write -P 0x11 0 1M")
+    subprocess.run([qemu_img, "snapshot", "-c", "s", os.fspath(src)], check=True)
+    subprocess.run([qemu_img, "bitmap", "--add", os.fspath(src), "b0"], check=True)
+    out = tmp_path / "out.qcow2"
+    with qcow2snap.open(src) as image:
+        assert image.extension(fmt.QCOW2_EXT_MAGIC_BITMAPS) is not None
+        result = compact(image, out)
+    assert result.dropped == ("persistent bitmaps",)
+    _check_clean(qemu_img, "bm", out)
+    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", os.fspath(out)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert "bitmaps" not in info["format-specific"]["data"]
+    assert _digests(out, None) == _digests(src, None)
+
+
+def test_output_elsewhere_keeps_the_backing_file_reachable(fixture_copy: Any, qemu_img: str,
+                                                           tmp_path: Path) -> None:
+    src = fixture_copy("backing-chain")
+    other = tmp_path / "sub" / "dir"
+    other.mkdir(parents=True)
+    out = other / "out.qcow2"
+    with qcow2snap.open(src) as image:
+        compact(image, out)
+        base_name = image.backing_file_name
+    with qcow2snap.open(out, backing_file=False) as copy:
+        assert copy.backing_file_name == os.path.join("..", "..", base_name or "")
+    for ref in (None, "1", "2"):   # QEMU follows the rewritten name to the same base
+        assert (_convert_digest(qemu_img, "b", out, ref, tmp_path)
+                == _convert_digest(qemu_img, "b", src, ref, tmp_path))
+
+
+def test_damaged_image_is_refused_without_output(fixture_copy: Any, tmp_path: Path) -> None:
+    src = fixture_copy("v3-basic")
+    with qcow2snap.open(src) as image:
+        l1 = image.read_l1(image.layer(None))
+        l1_offset = image.header.l1_table_offset
+        index = next(i for i, e in enumerate(l1) if e & fmt.L1E_OFFSET_MASK)
+    with open(src, "r+b") as f:   # the active L1 entry points past the end of the file
+        f.seek(l1_offset + 8 * index)
+        f.write(((1 << 40) | fmt.QCOW_OFLAG_COPIED).to_bytes(8, "big"))
+    out = tmp_path / "out.qcow2"
+    result = invoke("compact", src, "-o", out)
+    assert result.exit_code == 3, result.output   # CorruptImageError
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if "qcow2snap-tmp" in p.name] == []

@@ -326,6 +326,8 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
             progress(min(done, total), total)
 
     _copy_runs(image, fd, plan.copies, advance)
+    if progress:
+        progress(total, total)   # bytes past the source's end were not copied, but are done
 
     # refcounts of data clusters: each L2 reference counts once per L1 path
     refcounts: dict[int, int] = {0: 1}
