@@ -440,11 +440,14 @@ def extract(snapshot: str, image: str, output: str, out_format: str, compress: b
 @click.option("--in-place", is_flag=True,
               help="Replace IMAGE: write the compacted copy beside it, verify every layer "
                    "against it, then rename it over IMAGE (editors are refused meanwhile).")
+@click.option("--compress", type=click.Choice(["zlib", "zstd"]), default=None,
+              help="Compress the data clusters of every layer (snapshots included) with "
+                   "deflate (zlib) or zstd; sets the image's compression type.")
 @click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @_progress_option
-def compact(image: str, output: str | None, in_place: bool, force: bool, as_json: bool,
-            progress: bool | None) -> None:
+def compact(image: str, output: str | None, in_place: bool, compress: str | None, force: bool,
+            as_json: bool, progress: bool | None) -> None:
     """Rewrite IMAGE without its free, leaked and punched space, keeping
     every internal snapshot (and its VM state) and the active layer.
 
@@ -458,11 +461,12 @@ def compact(image: str, output: str | None, in_place: bool, force: bool, as_json
         raise click.UsageError("give -o OUTPUT or --in-place (one of them)")
     with _progress_bar(progress, "compact") as callback:
         if in_place:
-            result = compact_in_place(image, progress=callback)
+            result = compact_in_place(image, progress=callback, compress=compress)
         else:
             assert output is not None
             with open_image(image, backing_file=False) as img:
-                result = do_compact(img, output, overwrite=force, progress=callback)
+                result = do_compact(img, output, overwrite=force, progress=callback,
+                                    compress=compress)
     if as_json:
         _print_json(describe.compact_json(result))
     else:

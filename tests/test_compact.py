@@ -26,7 +26,12 @@ from helpers import invoke, qemu_img_check, require_tool
 
 import qcow2snap
 from qcow2snap import format as fmt
-from qcow2snap.errors import ImageInUseError, OutputExistsError, UnsupportedImageError
+from qcow2snap.errors import (
+    ImageInUseError,
+    OutputExistsError,
+    RefcountOverflowError,
+    UnsupportedImageError,
+)
 from qcow2snap.ops.compact import compact, compact_in_place
 from qcow2snap.ops.edit import EditableImage
 from qcow2snap.ops.hashing import hash_image
@@ -413,3 +418,54 @@ def test_damaged_image_is_refused_without_output(fixture_copy: Any, tmp_path: Pa
     assert result.exit_code == 3, result.output   # CorruptImageError
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if "qcow2snap-tmp" in p.name] == []
+
+
+COMPRESSIBLE = ["v3-basic", "compressed-zlib", "compressed-zstd", "savevm", "clusters-512",
+                "clusters-2m", "backing-chain", "resized-shrink", "zero-clusters"]
+
+
+@pytest.mark.parametrize("kind", ["zlib", "zstd"])
+@pytest.mark.parametrize("name", COMPRESSIBLE)
+def test_compress_every_layer(fixture_copy: Any, qemu_img: str, tmp_path: Path, name: str,
+                              kind: str) -> None:
+    src = fixture_copy(name)
+    out = tmp_path / "out.qcow2"
+    result = invoke("compact", src, "-o", out, "--compress", kind, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["compressed-clusters"] > 0
+    _check_clean(qemu_img, name, out)
+    assert _snapshot_list(qemu_img, name, out) == _snapshot_list(qemu_img, name, src)
+    assert _digests(out, None) == _digests(src, None)
+    snapshots = FIXTURES_BY_NAME[name]["snapshots"]
+    for ref in [None, snapshots[0]["id"], snapshots[-1]["id"]]:
+        assert (_convert_digest(qemu_img, name, out, ref, tmp_path)
+                == _convert_digest(qemu_img, name, src, ref, tmp_path)), ref
+    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", os.fspath(out)],
+                                     check=True, capture_output=True, text=True,
+                                     cwd=tmp_path).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == kind
+    if name in ("v3-basic", "savevm", "clusters-512"):   # compressible data: smaller
+        assert out.stat().st_size < src.stat().st_size / 2
+
+
+@pytest.mark.parametrize(("name", "kind", "error"), [
+    ("aes", "zlib", UnsupportedImageError), ("extended-l2", "zlib", UnsupportedImageError),
+    ("v2", "zstd", UnsupportedImageError), ("refcount-2", "zlib", RefcountOverflowError)])
+def test_compress_refused(fixture_copy: Any, tmp_path: Path, name: str, kind: str,
+                          error: type[Exception]) -> None:
+    src = fixture_copy(name)
+    with qcow2snap.open(src, backing_file=False) as image, pytest.raises(error):
+        compact(image, tmp_path / "out.qcow2", compress=kind)
+    assert not (tmp_path / "out.qcow2").exists()
+    assert [p.name for p in tmp_path.iterdir() if "qcow2snap-tmp" in p.name] == []
+
+
+def test_compress_in_place(fixture_copy: Any, qemu_img: str) -> None:
+    src = fixture_copy("savevm")
+    digests = _digests(src, None)
+    size = src.stat().st_size
+    result = compact_in_place(src, compress="zstd")
+    assert result.verified and result.output_size == src.stat().st_size < size
+    _check_clean(qemu_img, "savevm", src)
+    assert _digests(src, None) == digests

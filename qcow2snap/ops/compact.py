@@ -79,6 +79,9 @@ ProgressCallback = Callable[[int, int], None]
 
 _MAX_RUN = 64 << 20   # bytes of one coalesced copy run
 _STEP = 8 << 20       # bytes per copy call (the unit of progress)
+_SLOT = 1 << 61       # marks a --compress placeholder in a remapped L2 table
+_COMPRESSION_TYPES = {"zlib": fmt.QCOW2_COMPRESSION_TYPE_ZLIB,
+                      "zstd": fmt.QCOW2_COMPRESSION_TYPE_ZSTD}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +113,14 @@ class _Layout:
     """The new image's plan: where every distinct host cluster goes, the
     remapped L2 tables, and the refcounts."""
 
-    def __init__(self, image: Qcow2Image) -> None:
+    def __init__(self, image: Qcow2Image, compress: str | None = None) -> None:
         self.image = image
+        #: --compress: every data cluster becomes a slot, compressed and
+        #: placed in :meth:`place_slots` (its place depends on its size)
+        self.compress = compress
+        self.slots: list[tuple[int, int]] = []   # (kind, old offset or entry)
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.slot_entries: list[int] = []
         self.cs = image.cluster_size
         self.cb = image.cluster_bits
         self.ext = image.extended_l2
@@ -165,14 +174,15 @@ class _Layout:
         return self.comp_pos is not None and (self.comp_pos + n <= self.comp_limit
                                               or self.comp_limit == self.cursor)
 
-    def _take_bytes(self, n: int, residue: int) -> int:
+    def _take_bytes(self, n: int, residue: int | None) -> int:
         """Room for ``n`` compressed bytes starting at an offset ``residue``
-        modulo 512 (QEMU's free-byte packing, ``qcow2_alloc_bytes``)."""
+        modulo 512 (None: anywhere) (QEMU's free-byte packing,
+        ``qcow2_alloc_bytes``)."""
         pos = self.comp_pos
-        if pos is not None:
+        if pos is not None and residue is not None:
             pos += (residue - pos) & 511
         if pos is None or not (pos + n <= self.comp_limit or self.comp_limit == self.cursor):
-            pos = self.cursor + ((residue - self.cursor) & 511)
+            pos = self.cursor + (0 if residue is None else (residue - self.cursor) & 511)
         self.comp_pos = pos + n
         if self.comp_pos > self.comp_limit:
             self.cursor = fmt.align_up(self.comp_pos, self.cs)
@@ -217,6 +227,106 @@ class _Layout:
         end = (new & ~511) + (new_nb + 1) * 512
         return new_entry, list(range(new >> self.cb, ((end - 1) >> self.cb) + 1))
 
+    def _slot(self, entry: int, where: int) -> int:
+        if entry & fmt.QCOW_OFLAG_COMPRESSED:
+            key = (1, entry & ~fmt.QCOW_OFLAG_COPIED)
+            if entry & self.image.cluster_offset_mask >= self.file_size:
+                raise self._corrupt("compressed cluster offset is invalid", where)
+        else:
+            old = entry & fmt.L2E_OFFSET_MASK
+            if old & (self.cs - 1) or old + self.cs > fmt.align_up(self.file_size, self.cs):
+                raise self._corrupt(f"data cluster offset {old:#x} is invalid", where)
+            key = (0, old)
+        slot = self.slot_of.get(key)
+        if slot is None:
+            slot = self.slot_of[key] = len(self.slots)
+            self.slots.append(key)
+        return slot
+
+    def place_slots(self, fd: int, advance: Callable[[int], None]) -> None:
+        """--compress: read, compress and place every slot in order
+        (compression on a thread pool, a bounded window in flight)."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        from ..reader import decompress_cluster
+        from .extract import INFLIGHT_BYTES, _compressor
+        assert self.compress is not None
+        image, cs = self.image, self.cs
+        squeeze = _compressor(self.compress)
+        source_type = image.header.effective_compression_type
+        same_type = source_type == _COMPRESSION_TYPES[self.compress]
+
+        def produce(kind: int, value: int) -> tuple[bytes, bytes | None, int]:
+            """(cluster data or the compressed bytes kept, compressed, residue)"""
+            if kind == 0:
+                data = image.pread(value, cs)
+                return data, squeeze(data), -1
+            coffset = value & image.cluster_offset_mask
+            nb = (value >> image.csize_shift) & image.csize_mask
+            raw = image.pread(coffset, (nb + 1) * 512 - (coffset & 511))
+            if same_type:
+                return raw, None, coffset & 511
+            data = decompress_cluster(raw, source_type, cs, coffset)
+            return data, squeeze(data), -1
+
+        window: list[Future[tuple[bytes, bytes | None, int]]] = []
+        limit = max(4, INFLIGHT_BYTES // cs)
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            try:
+                for kind, value in self.slots:
+                    window.append(pool.submit(produce, kind, value))
+                    if len(window) >= limit:
+                        self._place(fd, window.pop(0).result())
+                        advance(cs)
+                while window:
+                    self._place(fd, window.pop(0).result())
+                    advance(cs)
+            finally:
+                for future in window:
+                    future.cancel()
+
+    def _place(self, fd: int, produced: tuple[bytes, bytes | None, int]) -> None:
+        data, packed, residue = produced
+        image = self.image
+        if residue >= 0:   # compressed bytes kept as they are, in their sector place
+            pos = self._take_bytes(len(data), residue)
+            nb = ((residue + len(data) - 1) >> 9)
+        elif packed is not None and len(packed) < self.cs:
+            data = packed
+            pos = self._take_bytes(len(data), None)
+            nb = ((pos + len(data) - 1) >> 9) - (pos >> 9)
+        else:
+            pos = self.cursor
+            self.cursor += self.cs
+            _pwrite(fd, data, pos)
+            self.data_bytes += self.cs
+            self.slot_entries.append(pos)
+            return
+        _pwrite(fd, data, pos)
+        self.data_bytes += len(data)
+        self.slot_entries.append(fmt.QCOW_OFLAG_COMPRESSED | (nb << image.csize_shift) | pos)
+
+    def resolve_slots(self) -> None:
+        """--compress: the placed entries into the L2 tables, and what each
+        table references."""
+        cb = self.cb
+        image = self.image
+        for old in self.l2_order:
+            table = self.l2_new[old]
+            refs = self.l2_refs[old]
+            for i, entry in enumerate(table):
+                if not entry & _SLOT:
+                    continue
+                new = self.slot_entries[entry & (_SLOT - 1)]
+                table[i] = new
+                if new & fmt.QCOW_OFLAG_COMPRESSED:
+                    start = new & image.cluster_offset_mask
+                    nb = (new >> image.csize_shift) & image.csize_mask
+                    end = (start & ~511) + (nb + 1) * 512
+                    refs.extend(range(start >> cb, ((end - 1) >> cb) + 1))
+                else:
+                    refs.append(new >> cb)
+
     def l2_table(self, old: int) -> None:
         """Remap one L2 table (once), placing its clusters in guest order."""
         self.l2_l1refs[old] = self.l2_l1refs.get(old, 0) + 1
@@ -237,6 +347,11 @@ class _Layout:
             if not entry:
                 continue
             where = old + i * 8
+            if self.compress is not None and (
+                    entry & fmt.QCOW_OFLAG_COMPRESSED
+                    or (entry & mask and not entry & fmt.QCOW_OFLAG_ZERO)):
+                table[i] = _SLOT | self._slot(entry, where)
+                continue
             if entry & fmt.QCOW_OFLAG_COMPRESSED:
                 new_entry, touched = self.compressed(entry, where)
                 table[i] = new_entry
@@ -257,9 +372,22 @@ class _Layout:
         self.l2_order.append(old)
 
 
-def _check_source(image: Qcow2Image) -> list[str]:
+def _check_source(image: Qcow2Image, compress: str | None = None) -> list[str]:
     """Refuse what cannot be compacted; return what will be dropped."""
     h = image.header
+    if compress is not None:
+        if compress not in _COMPRESSION_TYPES:
+            raise ValueError(f"unknown compression {compress!r} (zlib or zstd)")
+        if image.encrypted:
+            raise UnsupportedImageError(f"{image.path}: encrypted images cannot be compressed "
+                                        f"(QEMU: compression can't be used with encryption)",
+                                        feature="compression with encryption")
+        if image.extended_l2:
+            raise UnsupportedImageError(f"{image.path}: --compress is not supported with "
+                                        f"extended L2 entries", feature="extended L2")
+        if h.version < 3 and compress != "zlib":
+            raise UnsupportedImageError(f"{image.path}: version 2 images have no compression "
+                                        f"type: only zlib", feature="compression type")
     if h.crypt_method == fmt.QCOW_CRYPT_LUKS:
         raise UnsupportedImageError(
             f"{image.path}: LUKS-encrypted images cannot be compacted: LUKS derives each "
@@ -297,11 +425,11 @@ def _backing_name(image: Qcow2Image, out_dir: str) -> bytes:
                                                                       "surrogateescape")
 
 
-def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback | None
-           ) -> tuple[_Layout, int]:
+def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback | None,
+           compress: str | None = None) -> tuple[_Layout, int]:
     """Write the compacted image to ``fd``; return the plan and the file size."""
     h = image.header
-    plan = _Layout(image)
+    plan = _Layout(image, compress)
     cs, cb = plan.cs, plan.cb
     layers = [image.layer(None)] + [image.layer(sn) for sn in image.snapshots]
     l1_tables = []
@@ -314,7 +442,7 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
         l1_tables.append(l1)
 
     # data: one pass of coalesced copies (kernel copy_file_range where possible)
-    total = plan.data_bytes
+    total = len(plan.slots) * cs if compress else plan.data_bytes
     done = 0
     if progress:
         progress(0, total)
@@ -325,7 +453,11 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
         if progress:
             progress(min(done, total), total)
 
-    _copy_runs(image, fd, plan.copies, advance)
+    if compress:
+        plan.place_slots(fd, advance)
+        plan.resolve_slots()
+    else:
+        _copy_runs(image, fd, plan.copies, advance)
     if progress:
         progress(total, total)   # bytes past the source's end were not copied, but are done
 
@@ -416,6 +548,12 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
     backing = _backing_name(image, out_dir)
     incompatible = h.incompatible_features & (fmt.QCOW2_INCOMPAT_COMPRESSION
                                               | fmt.QCOW2_INCOMPAT_EXTL2)
+    compression_type = h.effective_compression_type
+    if compress:
+        compression_type = _COMPRESSION_TYPES[compress]
+        incompatible &= ~fmt.QCOW2_INCOMPAT_COMPRESSION
+        if compression_type != fmt.QCOW2_COMPRESSION_TYPE_ZLIB:
+            incompatible |= fmt.QCOW2_INCOMPAT_COMPRESSION
     if h.version == 3:
         header = dataclasses.replace(
             h, l1_table_offset=l1_offsets[0], refcount_table_offset=table_start << cb,
@@ -423,7 +561,7 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
             snapshots_offset=snapshots_offset, incompatible_features=incompatible,
             compatible_features=h.compatible_features & fmt.QCOW2_COMPAT_LAZY_REFCOUNTS,
             autoclear_features=0, header_length=fmt.QCOW_HEADER_FULL_SIZE,
-            compression_type=h.effective_compression_type, compression_padding=bytes(7),
+            compression_type=compression_type, compression_padding=bytes(7),
             tail=b"", l1_size=active.l1_size, backing_file_offset=0, backing_file_size=0)
     else:
         header = dataclasses.replace(
@@ -530,7 +668,7 @@ def verify(source: Qcow2Image, copy_path: str) -> None:
 
 
 def compact_in_place(path: str | os.PathLike[str], *, progress: ProgressCallback | None = None,
-                     sync: bool = True) -> CompactResult:
+                     sync: bool = True, compress: str | None = None) -> CompactResult:
     """Compact the image at ``path`` over itself: the copy is written beside
     it under a temporary name, verified against it, and renamed over it
     only then.  The editor lock is held on the image throughout, so editors
@@ -538,12 +676,14 @@ def compact_in_place(path: str | os.PathLike[str], *, progress: ProgressCallback
     point, the image is untouched and the temporary file removed."""
     from .edit import EditableImage
     with EditableImage(path, backing_file=False) as editable:
-        return compact(editable.image, in_place=True, progress=progress, sync=sync)
+        return compact(editable.image, in_place=True, progress=progress, sync=sync,
+                       compress=compress)
 
 
 def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
             in_place: bool = False, overwrite: bool = False,
-            progress: ProgressCallback | None = None, sync: bool = True) -> CompactResult:
+            progress: ProgressCallback | None = None, sync: bool = True,
+            compress: str | None = None) -> CompactResult:
     """Write ``image`` compacted to ``output``, or with ``in_place`` over
     itself (``image`` must then be opened for editing, holding the editor
     lock: use :func:`compact_in_place`).
@@ -551,8 +691,11 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
     ``progress(done, total)`` counts data bytes copied.  ``sync`` fsyncs the
     new file before it is renamed into place (and the directory after).
     ``in_place`` also re-reads the result and compares every layer with
-    the source before the rename."""
-    dropped = tuple(_check_source(image))
+    the source before the rename.  ``compress`` ("zlib" or "zstd")
+    compresses every data cluster of every layer (each distinct cluster
+    once; one that does not shrink stays uncompressed) and sets the image's
+    compression type."""
+    dropped = tuple(_check_source(image, compress))
     source_size = image.file_size
     if in_place:
         if output is not None:
@@ -560,7 +703,7 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
         if image.mode != "r+":
             raise ValueError("in_place needs the image opened for editing (compact_in_place)")
         target = os.path.realpath(image.path)
-        plan, size = _replace_in_place(image, target, progress, sync)
+        plan, size = _replace_in_place(image, target, progress, sync, compress)
         verified = True
     else:
         if output is None:
@@ -569,19 +712,22 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
         out_dir = os.path.dirname(os.path.abspath(target))
         with atomic_output(target, overwrite=overwrite, inputs=input_files(image),
                            sync=sync) as fd:
-            plan, size = _write(image, fd, out_dir, progress)
+            plan, size = _write(image, fd, out_dir, progress, compress)
         verified = False
     return CompactResult(
         source=image.path, output=image.path if in_place else target, in_place=in_place,
         source_size=source_size,
-        output_size=size, data_clusters=len(plan.data_map),
-        compressed_clusters=len(plan.comp_map), l2_tables=len(plan.l2_order),
+        output_size=size, data_clusters=len(plan.data_map) + sum(
+            1 for e in plan.slot_entries if not e & fmt.QCOW_OFLAG_COMPRESSED),
+        compressed_clusters=len(plan.comp_map) + sum(
+            1 for e in plan.slot_entries if e & fmt.QCOW_OFLAG_COMPRESSED),
+        l2_tables=len(plan.l2_order),
         snapshots=len(image.snapshots), data_bytes=plan.data_bytes, verified=verified,
         dropped=dropped)
 
 
 def _replace_in_place(image: Qcow2Image, target: str, progress: ProgressCallback | None,
-                      sync: bool) -> tuple[_Layout, int]:
+                      sync: bool, compress: str | None) -> tuple[_Layout, int]:
     directory = os.path.dirname(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
@@ -592,7 +738,7 @@ def _replace_in_place(image: Qcow2Image, target: str, progress: ProgressCallback
     try:
         try:
             os.fchmod(fd, stat.S_IMODE(os.fstat(image._file.fd).st_mode))
-            plan, size = _write(image, fd, directory, progress)
+            plan, size = _write(image, fd, directory, progress, compress)
             if sync:
                 os.fsync(fd)
         except OSError as exc:
