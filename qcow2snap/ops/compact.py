@@ -40,6 +40,13 @@ file beside the source, verifies it (every layer's disk and VM state
 digest, :mod:`qcow2snap.ops.hashing`, and the snapshot table) and only
 then renames it over the source, holding the editor lock on the source
 throughout.
+
+The module is about 770 lines because the plan (``_Layout``: where each
+distinct cluster goes, the remapped tables), its two data paths (the
+kernel copy of planned runs, and ``--compress``'s placement of clusters
+whose place depends on their compressed size) and the writer of the
+metadata share that private plan's state; the public surface is
+``compact``, ``compact_in_place``, ``verify`` and ``CompactResult``.
 """
 
 from __future__ import annotations
