@@ -443,11 +443,17 @@ def extract(snapshot: str, image: str, output: str, out_format: str, compress: b
 @click.option("--compress", type=click.Choice(["zlib", "zstd"]), default=None,
               help="Compress the data clusters of every layer (snapshots included) with "
                    "deflate (zlib) or zstd; sets the image's compression type.")
+@click.option("--no-backing", "merge", is_flag=True,
+              help="Merge the backing chain into the output (every layer reads as before, "
+                   "without a backing file).")
+@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="With --no-backing: also follow backing files IMAGE names in DIR.")
 @click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @_progress_option
-def compact(image: str, output: str | None, in_place: bool, compress: str | None, force: bool,
-            as_json: bool, progress: bool | None) -> None:
+def compact(image: str, output: str | None, in_place: bool, compress: str | None, merge: bool,
+            allow_dirs: tuple[str, ...], force: bool, as_json: bool,
+            progress: bool | None) -> None:
     """Rewrite IMAGE without its free, leaked and punched space, keeping
     every internal snapshot (and its VM state) and the active layer.
 
@@ -461,12 +467,14 @@ def compact(image: str, output: str | None, in_place: bool, compress: str | None
         raise click.UsageError("give -o OUTPUT or --in-place (one of them)")
     with _progress_bar(progress, "compact") as callback:
         if in_place:
-            result = compact_in_place(image, progress=callback, compress=compress)
+            result = compact_in_place(image, progress=callback, compress=compress,
+                                      merge_backing=merge, allow_dirs=allow_dirs)
         else:
             assert output is not None
-            with open_image(image, backing_file=False) as img:
+            with open_image(image, backing_file=None if merge else False,
+                            allow_dirs=allow_dirs) as img:
                 result = do_compact(img, output, overwrite=force, progress=callback,
-                                    compress=compress)
+                                    compress=compress, merge_backing=merge)
     if as_json:
         _print_json(describe.compact_json(result))
     else:

@@ -164,6 +164,11 @@ def _needed_clusters(path: Path) -> int:
     """Distinct host clusters the layers reference (data and L2 tables),
     plus L1 tables, snapshot table and header: a compacted image needs
     these plus its refcount structures, nothing more."""
+    return sum(_referenced(path))
+
+
+def _referenced(path: Path) -> tuple[int, int]:
+    """(distinct data clusters, metadata clusters) of :func:`_needed_clusters`."""
     with qcow2snap.open(path, backing_file=False) as image:
         cs = image.cluster_size
         data: set[int] = set()
@@ -186,7 +191,7 @@ def _needed_clusters(path: Path) -> int:
                         data.add((entry & fmt.L2E_OFFSET_MASK) >> image.cluster_bits)
         for s in image.snapshots:
             table += s.entry_length + 8
-        return len(data) + len(l2s) + l1_clusters + -(-table // cs) + 1
+        return len(data), len(l2s) + l1_clusters + -(-table // cs) + 1
 
 
 def test_compact_gives_back_freed_space_and_keeps_sharing(qemu_img: str, qemu_io: str,
@@ -277,12 +282,12 @@ def test_editors_refused_during_in_place(fixture_copy: Any, monkeypatch: Any) ->
     seen: list[type[BaseException]] = []
     real_verify = compact_module.verify
 
-    def verify_and_try_editing(source: Any, copy_path: str) -> None:
+    def verify_and_try_editing(source: Any, copy_path: str, **options: Any) -> None:
         try:
             EditableImage(src).close()
         except ImageInUseError as exc:
             seen.append(type(exc))
-        real_verify(source, copy_path)
+        real_verify(source, copy_path, **options)
 
     monkeypatch.setattr(compact_module, "verify", verify_and_try_editing)
     compact_in_place(src)
@@ -469,3 +474,77 @@ def test_compress_in_place(fixture_copy: Any, qemu_img: str) -> None:
     assert result.verified and result.output_size == src.stat().st_size < size
     _check_clean(qemu_img, "savevm", src)
     assert _digests(src, None) == digests
+
+
+def _digests_through_backing(path: Path) -> list[tuple[str | None, str, str | None]]:
+    with qcow2snap.open(path) as image:
+        report = hash_image(image, backing=True)
+    return [(None if d.snapshot is None else d.snapshot.id, d.disk_digest, d.vm_state_digest)
+            for d in report.layers]
+
+
+@pytest.mark.parametrize("compress", [None, "zlib"])
+@pytest.mark.parametrize("name", ["backing-chain", "raw-backing"])
+def test_no_backing_merges_the_chain(fixture_copy: Any, qemu_img: str, tmp_path: Path,
+                                     name: str, compress: str | None) -> None:
+    src = fixture_copy(name)
+    out = tmp_path / "merged.qcow2"
+    args = ["compact", src, "-o", out, "--no-backing", "--json"]
+    if compress:
+        args += ["--compress", compress]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    _check_clean(qemu_img, name, out)
+    with qcow2snap.open(out) as copy:
+        assert copy.backing_file_name is None and copy.backing_format is None
+    assert _digests(out, None) == _digests_through_backing(src)
+    for ref in (None, "1", "2"):
+        assert (_convert_digest(qemu_img, name, out, ref, tmp_path)
+                == _convert_digest(qemu_img, name, src, ref, tmp_path)), ref
+    # the same backing cluster seen by several layers is written once
+    with qcow2snap.open(src) as image:
+        below = image.backing_disk()
+        assert below is not None
+        cs = image.cluster_size
+        base_clusters = sum(1 for g in range(-(-image.size // cs))
+                            if any(below.pread(g * cs, cs)))
+    if compress is None:
+        assert base_clusters > 0
+        data, metadata = _referenced(src)
+        assert json.loads(result.output)["data-clusters"] <= data + base_clusters
+        assert out.stat().st_size <= (data + base_clusters + metadata + 2) * cs
+
+
+def test_no_backing_in_place(fixture_copy: Any, qemu_img: str) -> None:
+    src = fixture_copy("backing-chain")
+    digests = _digests_through_backing(src)
+    result = compact_in_place(src, merge_backing=True)
+    assert result.verified
+    _check_clean(qemu_img, "backing-chain", src)
+    with qcow2snap.open(src) as copy:
+        assert copy.backing_file_name is None
+    assert _digests(src, None) == digests
+
+
+def test_no_backing_writes_each_backing_cluster_once(qemu_img: str, qemu_io: str,
+                                                     tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    subprocess.run([qemu_img, "create", "-f", "qcow2", os.fspath(base), "16M"], check=True,
+                   capture_output=True)
+    _qemu_io(qemu_io, base, "write -P 0x21 0 4M")
+    top = tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    os.fspath(top)], check=True, capture_output=True, cwd=tmp_path)
+    _qemu_io(qemu_io, top, "write -P 0x31 8M 64k")
+    subprocess.run([qemu_img, "snapshot", "-c", "s1", os.fspath(top)], check=True)
+    # the active layer's L2 table is copied on this write: the two layers
+    # then reach the 4 MiB of backing data through different L2 tables
+    _qemu_io(qemu_io, top, "write -P 0x32 8M 64k")
+    out = tmp_path / "merged.qcow2"
+    with qcow2snap.open(top) as image:
+        result = compact(image, out, merge_backing=True)
+    # 4 MiB of backing data once, two own clusters, and ten of metadata at most
+    assert result.data_clusters == 64 + 2
+    assert out.stat().st_size <= (64 + 2 + 10) << 16
+    _check_clean(qemu_img, "top", out)
+    assert _digests(out, None) == _digests_through_backing(top)

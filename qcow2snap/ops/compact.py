@@ -41,11 +41,12 @@ digest, :mod:`qcow2snap.ops.hashing`, and the snapshot table) and only
 then renames it over the source, holding the editor lock on the source
 throughout.
 
-The module is about 770 lines because the plan (``_Layout``: where each
+The module is about 850 lines because the plan (``_Layout``: where each
 distinct cluster goes, the remapped tables), its two data paths (the
 kernel copy of planned runs, and ``--compress``'s placement of clusters
-whose place depends on their compressed size) and the writer of the
-metadata share that private plan's state; the public surface is
+whose place depends on their compressed size, ``--no-backing``'s backing
+clusters and L2 tables) and the writer of the metadata share that private
+plan's state; the public surface is
 ``compact``, ``compact_in_place``, ``verify`` and ``CompactResult``.
 """
 
@@ -62,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import format as fmt
+from ..copier import is_zero
 from ..errors import (
     CorruptImageError,
     ImageNeedsRepairError,
@@ -71,6 +73,7 @@ from ..errors import (
 )
 from ..image import Qcow2Image
 from ..model import Snapshot
+from ..reader import GuestDisk
 from ..refcount import self_describing_refcounts
 from ..tables import (
     encode_refcount_block,
@@ -87,6 +90,7 @@ ProgressCallback = Callable[[int, int], None]
 _MAX_RUN = 64 << 20   # bytes of one coalesced copy run
 _STEP = 8 << 20       # bytes per copy call (the unit of progress)
 _SLOT = 1 << 61       # marks a --compress placeholder in a remapped L2 table
+_FAKE_L2 = 1 << 55    # keys of L2 tables made for --no-backing (beyond any real offset)
 _COMPRESSION_TYPES = {"zlib": fmt.QCOW2_COMPRESSION_TYPE_ZLIB,
                       "zstd": fmt.QCOW2_COMPRESSION_TYPE_ZSTD}
 
@@ -128,6 +132,11 @@ class _Layout:
         self.slots: list[tuple[int, int]] = []   # (kind, old offset or entry)
         self.slot_of: dict[tuple[int, int], int] = {}
         self.slot_entries: list[int] = []
+        #: --no-backing: the backing disk read into unallocated clusters
+        self.below: GuestDisk | None = None
+        self.fd = -1
+        self.backing_map: dict[int, int] = {}        # guest cluster -> new entry (0: zeros)
+        self.backing_tables: dict[tuple[int, int], int] = {}   # (L1 index, limit) -> key
         self.cs = image.cluster_size
         self.cb = image.cluster_bits
         self.ext = image.extended_l2
@@ -268,6 +277,10 @@ class _Layout:
             if kind == 0:
                 data = image.pread(value, cs)
                 return data, squeeze(data), -1
+            if kind == 2:
+                assert self.below is not None
+                data = self.below.pread(value * cs, cs).ljust(cs, b"\0")
+                return data, squeeze(data), -1
             coffset = value & image.cluster_offset_mask
             nb = (value >> image.csize_shift) & image.csize_mask
             raw = image.pread(coffset, (nb + 1) * 512 - (coffset & 511))
@@ -334,8 +347,66 @@ class _Layout:
                 else:
                     refs.append(new >> cb)
 
-    def l2_table(self, old: int) -> None:
-        """Remap one L2 table (once), placing its clusters in guest order."""
+    def backing_cluster(self, guest_cluster: int) -> int:
+        """--no-backing: the new entry holding the backing disk's content of
+        one guest cluster (0 where it reads as zeros), placed once."""
+        new = self.backing_map.get(guest_cluster)
+        if new is not None:
+            return new
+        assert self.below is not None
+        data = self.below.pread(guest_cluster * self.cs, self.cs)
+        if is_zero(data):
+            new = 0
+        elif self.compress is not None:
+            key = (2, guest_cluster)
+            new = _SLOT | len(self.slots)
+            self.slot_of[key] = len(self.slots)
+            self.slots.append(key)
+        else:
+            new = self.cursor
+            self.cursor += self.cs
+            _pwrite(self.fd, data, new)
+            self.data_bytes += len(data)
+        self.backing_map[guest_cluster] = new
+        return new
+
+    def _fill(self, table: array[int], refs: list[int], first: int, limit: int) -> None:
+        """Unallocated entries of ``table`` (guest cluster ``first`` at index
+        0) below guest cluster ``limit``: the backing disk's data."""
+        for i in range(min(len(table), limit - first)):
+            if table[i] == 0:
+                new = self.backing_cluster(first + i)
+                if new:
+                    table[i] = new
+                    if not new & _SLOT:
+                        refs.append(new >> self.cb)
+
+    def backing_table(self, l1_index: int, limit: int) -> int:
+        """--no-backing: a new L2 table for an unmapped L1 entry, holding
+        the backing disk's data (0: it is all zeros); one per L1 index and
+        layer size, shared by the layers that need it."""
+        key = (l1_index, limit)
+        fake = self.backing_tables.get(key)
+        if fake is None:
+            table = array("Q", bytes(self.cs))
+            refs: list[int] = []
+            self._fill(table, refs, l1_index * len(table), limit)
+            fake = 0
+            if any(table):
+                fake = _FAKE_L2 + len(self.backing_tables) * self.cs
+                self.l2_new[fake] = table
+                self.l2_refs[fake] = refs
+                self.l2_order.append(fake)
+            self.backing_tables[key] = fake
+        if fake:
+            self.l2_l1refs[fake] = self.l2_l1refs.get(fake, 0) + 1
+        return fake
+
+    def l2_table(self, old: int, first: int = 0, limit: int = 0) -> None:
+        """Remap one L2 table (once), placing its clusters in guest order;
+        with --no-backing, its unallocated entries below guest cluster
+        ``limit`` (guest cluster ``first`` at index 0) take the backing
+        disk's data."""
         self.l2_l1refs[old] = self.l2_l1refs.get(old, 0) + 1
         if old in self.l2_new:
             return
@@ -374,6 +445,8 @@ class _Layout:
             new = self.data_cluster(host, where)
             table[i] = new
             refs.append(new >> cb)
+        if self.below is not None:
+            self._fill(table, refs, first, limit)
         self.l2_new[old] = table
         self.l2_refs[old] = refs
         self.l2_order.append(old)
@@ -433,19 +506,26 @@ def _backing_name(image: Qcow2Image, out_dir: str) -> bytes:
 
 
 def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback | None,
-           compress: str | None = None) -> tuple[_Layout, int]:
+           compress: str | None = None, merge: bool = False) -> tuple[_Layout, int]:
     """Write the compacted image to ``fd``; return the plan and the file size."""
     h = image.header
     plan = _Layout(image, compress)
+    plan.fd = fd
+    if merge:
+        plan.below = image.backing_disk()
     cs, cb = plan.cs, plan.cb
     layers = [image.layer(None)] + [image.layer(sn) for sn in image.snapshots]
     l1_tables = []
+    per_table = image.l2_entries
     for layer in layers:
         l1 = image.read_l1(layer)
-        for entry in l1:
+        limit = -(-layer.size // cs)   # guest clusters of the layer's disk
+        for i, entry in enumerate(l1):
             offset = entry & fmt.L1E_OFFSET_MASK
             if offset:
-                plan.l2_table(offset)
+                plan.l2_table(offset, i * per_table, limit)
+            elif plan.below is not None and i * per_table < limit:
+                l1[i] = plan.backing_table(i, limit)
         l1_tables.append(l1)
 
     # data: one pass of coalesced copies (kernel copy_file_range where possible)
@@ -552,7 +632,7 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
 
     # header cluster
     active = layers[0]
-    backing = _backing_name(image, out_dir)
+    backing = b"" if merge else _backing_name(image, out_dir)
     incompatible = h.incompatible_features & (fmt.QCOW2_INCOMPAT_COMPRESSION
                                               | fmt.QCOW2_INCOMPAT_EXTL2)
     compression_type = h.effective_compression_type
@@ -578,7 +658,8 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
             backing_file_offset=0, backing_file_size=0)
     extensions = b""
     for ext in image.extensions:
-        if ext.type in (fmt.QCOW2_EXT_MAGIC_BACKING_FORMAT, fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE):
+        if ext.type == fmt.QCOW2_EXT_MAGIC_FEATURE_TABLE or (
+                ext.type == fmt.QCOW2_EXT_MAGIC_BACKING_FORMAT and not merge):
             data = ext.data
             extensions += (fmt.build_struct(fmt.QCowExtensionHeader,
                                             {"type": ext.type, "length": len(data)})
@@ -654,10 +735,11 @@ def _snapshot_fields(sn: Snapshot) -> tuple[object, ...]:
             sn.extra_data_size, sn.unknown_extra)
 
 
-def verify(source: Qcow2Image, copy_path: str) -> None:
+def verify(source: Qcow2Image, copy_path: str, *, merged: bool = False) -> None:
     """Compare a compacted copy with its source: the snapshot table's
     fields, and every layer's disk and VM state digest (backing files not
-    read: unallocated clusters must stay unallocated).  Raises
+    read: unallocated clusters must stay unallocated; with ``merged``, the
+    source is read through its backing chain).  Raises
     :class:`OutputError` on a difference."""
     from .hashing import hash_image
     with Qcow2Image(copy_path, backing_file=False, check_locks=False) as copy:
@@ -667,7 +749,7 @@ def verify(source: Qcow2Image, copy_path: str) -> None:
         if copy.size != source.size or copy.header.size != source.header.size:
             raise OutputError(f"{copy_path}: verification failed: the virtual size differs")
         ours = hash_image(copy, backing=False)
-    theirs = hash_image(source, backing=False)
+    theirs = hash_image(source, backing=merged)
     for a, b in zip(ours.layers, theirs.layers, strict=True):
         if (a.disk_digest, a.vm_state_digest) != (b.disk_digest, b.vm_state_digest):
             what = "the active layer" if b.snapshot is None else f"snapshot {b.snapshot.label}"
@@ -675,22 +757,25 @@ def verify(source: Qcow2Image, copy_path: str) -> None:
 
 
 def compact_in_place(path: str | os.PathLike[str], *, progress: ProgressCallback | None = None,
-                     sync: bool = True, compress: str | None = None) -> CompactResult:
+                     sync: bool = True, compress: str | None = None,
+                     merge_backing: bool = False,
+                     allow_dirs: tuple[str | os.PathLike[str], ...] = ()) -> CompactResult:
     """Compact the image at ``path`` over itself: the copy is written beside
     it under a temporary name, verified against it, and renamed over it
     only then.  The editor lock is held on the image throughout, so editors
     (qcow2snap's and QEMU's) are refused meanwhile.  Interrupted at any
     point, the image is untouched and the temporary file removed."""
     from .edit import EditableImage
-    with EditableImage(path, backing_file=False) as editable:
+    with EditableImage(path, backing_file=None if merge_backing else False,
+                       allow_dirs=allow_dirs) as editable:
         return compact(editable.image, in_place=True, progress=progress, sync=sync,
-                       compress=compress)
+                       compress=compress, merge_backing=merge_backing)
 
 
 def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
             in_place: bool = False, overwrite: bool = False,
             progress: ProgressCallback | None = None, sync: bool = True,
-            compress: str | None = None) -> CompactResult:
+            compress: str | None = None, merge_backing: bool = False) -> CompactResult:
     """Write ``image`` compacted to ``output``, or with ``in_place`` over
     itself (``image`` must then be opened for editing, holding the editor
     lock: use :func:`compact_in_place`).
@@ -701,8 +786,14 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
     the source before the rename.  ``compress`` ("zlib" or "zstd")
     compresses every data cluster of every layer (each distinct cluster
     once; one that does not shrink stays uncompressed) and sets the image's
-    compression type."""
+    compression type.  ``merge_backing`` reads the backing chain into
+    every layer's unallocated clusters (each distinct backing cluster
+    written once) and drops the backing file reference: the output stands
+    alone (``image`` must have been opened with its backing file)."""
     dropped = tuple(_check_source(image, compress))
+    if merge_backing and image.extended_l2 and image.backing_file_name:
+        raise UnsupportedImageError(f"{image.path}: merging the backing chain is not supported "
+                                    f"with extended L2 entries", feature="extended L2")
     source_size = image.file_size
     if in_place:
         if output is not None:
@@ -710,7 +801,7 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
         if image.mode != "r+":
             raise ValueError("in_place needs the image opened for editing (compact_in_place)")
         target = os.path.realpath(image.path)
-        plan, size = _replace_in_place(image, target, progress, sync, compress)
+        plan, size = _replace_in_place(image, target, progress, sync, compress, merge_backing)
         verified = True
     else:
         if output is None:
@@ -719,13 +810,14 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
         out_dir = os.path.dirname(os.path.abspath(target))
         with atomic_output(target, overwrite=overwrite, inputs=input_files(image),
                            sync=sync) as fd:
-            plan, size = _write(image, fd, out_dir, progress, compress)
+            plan, size = _write(image, fd, out_dir, progress, compress, merge_backing)
         verified = False
     return CompactResult(
         source=image.path, output=image.path if in_place else target, in_place=in_place,
         source_size=source_size,
         output_size=size, data_clusters=len(plan.data_map) + sum(
-            1 for e in plan.slot_entries if not e & fmt.QCOW_OFLAG_COMPRESSED),
+            1 for e in plan.slot_entries if not e & fmt.QCOW_OFLAG_COMPRESSED) + sum(
+            1 for e in plan.backing_map.values() if e and not e & _SLOT),
         compressed_clusters=len(plan.comp_map) + sum(
             1 for e in plan.slot_entries if e & fmt.QCOW_OFLAG_COMPRESSED),
         l2_tables=len(plan.l2_order),
@@ -734,7 +826,7 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
 
 
 def _replace_in_place(image: Qcow2Image, target: str, progress: ProgressCallback | None,
-                      sync: bool, compress: str | None) -> tuple[_Layout, int]:
+                      sync: bool, compress: str | None, merge: bool) -> tuple[_Layout, int]:
     directory = os.path.dirname(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
@@ -745,7 +837,7 @@ def _replace_in_place(image: Qcow2Image, target: str, progress: ProgressCallback
     try:
         try:
             os.fchmod(fd, stat.S_IMODE(os.fstat(image._file.fd).st_mode))
-            plan, size = _write(image, fd, directory, progress, compress)
+            plan, size = _write(image, fd, directory, progress, compress, merge)
             if sync:
                 os.fsync(fd)
         except OSError as exc:
@@ -753,7 +845,7 @@ def _replace_in_place(image: Qcow2Image, target: str, progress: ProgressCallback
                 raise
             raise OutputError(f"{target}: writing the compacted copy failed: "
                               f"{exc.strerror or exc}; the image is unchanged") from exc
-        verify(image, tmp)
+        verify(image, tmp, merged=merge)
         os.close(fd)
         fd = -1
         os.replace(tmp, target)
