@@ -331,10 +331,12 @@ class _Layout:
         table references."""
         cb = self.cb
         image = self.image
+        step = 2 if self.ext else 1
         for old in self.l2_order:
             table = self.l2_new[old]
             refs = self.l2_refs[old]
-            for i, entry in enumerate(table):
+            for i in range(0, len(table), step):
+                entry = table[i]
                 if not entry & _SLOT:
                     continue
                 new = self.slot_entries[entry & (_SLOT - 1)]
@@ -436,8 +438,8 @@ class _Layout:
                 refs.extend(touched)
                 continue
             host = entry & mask
-            if not host:
-                table[i] = entry & ~fmt.QCOW_OFLAG_COPIED
+            if not host:   # unallocated or zero: only the zero flag means anything
+                table[i] = 0 if self.ext else entry & fmt.QCOW_OFLAG_ZERO
                 continue
             if not self.ext and entry & fmt.QCOW_OFLAG_ZERO:
                 table[i] = fmt.QCOW_OFLAG_ZERO   # reads as zeros: drop the preallocation
