@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, sha256_file
+from conftest import FIXTURE_ENTRIES, FIXTURES_BY_NAME, fixture_path, sha256_file
 from helpers import invoke, qemu_img_check, require_tool
 
 import qcow2snap
@@ -29,6 +30,7 @@ from qcow2snap import format as fmt
 from qcow2snap.errors import (
     ImageInUseError,
     OutputExistsError,
+    Qcow2Error,
     RefcountOverflowError,
     UnsupportedImageError,
 )
@@ -548,3 +550,40 @@ def test_no_backing_writes_each_backing_cluster_once(qemu_img: str, qemu_io: str
     assert out.stat().st_size <= (64 + 2 + 10) << 16
     _check_clean(qemu_img, "top", out)
     assert _digests(out, None) == _digests_through_backing(top)
+
+
+@pytest.mark.parametrize("compress", [None, "zlib"])
+def test_reserved_bits_of_unallocated_entries_are_dropped(fixture_copy: Any, qemu_img: str,
+                                                          tmp_path: Path,
+                                                          compress: str | None) -> None:
+    src = fixture_copy("savevm")
+    with qcow2snap.open(src) as image:
+        l1 = image.read_l1(image.layer(None))
+        l2 = next(e & fmt.L1E_OFFSET_MASK for e in l1 if e & fmt.L1E_OFFSET_MASK)
+        index = next(i for i, e in enumerate(image.read_l2(l2)) if e == 0)
+    with open(src, "r+b") as f:   # a reserved bit in an unallocated entry
+        f.seek(l2 + 8 * index)
+        f.write((1 << 61).to_bytes(8, "big"))
+    out = tmp_path / "out.qcow2"
+    with qcow2snap.open(src) as image:
+        compact(image, out, compress=compress)
+    _check_clean(qemu_img, "savevm", out)
+    assert _digests(out, None) == _digests(src, None)
+
+
+def test_damaged_images_give_only_qcow2_errors(fixture_dir: Path, tmp_path: Path) -> None:
+    rng = random.Random(15)
+    names = ["v3-basic", "compressed-zlib", "extended-l2", "savevm", "clusters-512", "v2"]
+    path, out = tmp_path / "damaged.qcow2", tmp_path / "out.qcow2"
+    for _ in range(40):
+        data = bytearray(fixture_path(fixture_dir, rng.choice(names)).read_bytes())
+        for _ in range(rng.randint(1, 6)):
+            limit = min(len(data), 1 << 18) if rng.random() < 0.5 else len(data)
+            data[rng.randrange(limit)] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+        for compress in (None, "zlib"):
+            try:
+                with qcow2snap.open(path, backing_file=False) as image:
+                    compact(image, out, compress=compress, overwrite=True)
+            except Qcow2Error:
+                pass
