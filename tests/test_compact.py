@@ -589,3 +589,28 @@ def test_damaged_images_give_only_qcow2_errors(fixture_dir: Path, tmp_path: Path
                     compact(image, out, compress=compress, overwrite=True)
             except Qcow2Error:
                 pass
+
+
+def test_no_backing_with_a_shrunk_active_layer(qemu_img: str, qemu_io: str,
+                                               tmp_path: Path) -> None:
+    """The active layer (16 MiB, walked first) is smaller than its 32 MiB
+    snapshot: the snapshot still gets the backing data past 16 MiB."""
+    base = tmp_path / "base.qcow2"
+    subprocess.run([qemu_img, "create", "-f", "qcow2", os.fspath(base), "32M"], check=True,
+                   capture_output=True)
+    _qemu_io(qemu_io, base, "write -P 0x21 0 32M")
+    top = tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    os.fspath(top)], check=True, capture_output=True, cwd=tmp_path)
+    _qemu_io(qemu_io, top, "write -P 0x31 0 64k")
+    subprocess.run([qemu_img, "snapshot", "-c", "s1", os.fspath(top)], check=True)
+    subprocess.run([qemu_img, "resize", "--shrink", os.fspath(top), "16M"], check=True,
+                   capture_output=True, cwd=tmp_path)
+    out = tmp_path / "merged.qcow2"
+    with qcow2snap.open(top) as image:
+        compact(image, out, merge_backing=True)
+    _check_clean(qemu_img, "top", out)
+    assert _digests(out, None) == _digests_through_backing(top)
+    for ref in (None, "1"):
+        assert (_convert_digest(qemu_img, "top", out, ref, tmp_path)
+                == _convert_digest(qemu_img, "top", top, ref, tmp_path)), ref

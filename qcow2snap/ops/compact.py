@@ -519,13 +519,22 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
     layers = [image.layer(None)] + [image.layer(sn) for sn in image.snapshots]
     l1_tables = []
     per_table = image.l2_entries
-    for layer in layers:
-        l1 = image.read_l1(layer)
-        limit = -(-layer.size // cs)   # guest clusters of the layer's disk
+    l1s = [image.read_l1(layer) for layer in layers]
+    limits = [-(-layer.size // cs) for layer in layers]   # guest clusters of each disk
+    table_limit: dict[int, int] = {}
+    if plan.below is not None:
+        # an L2 table shared by layers of different sizes takes the backing
+        # data up to the largest of them (past a layer's size it is not read)
+        for l1, limit in zip(l1s, limits, strict=True):
+            for entry in l1:
+                offset = entry & fmt.L1E_OFFSET_MASK
+                if offset:
+                    table_limit[offset] = max(table_limit.get(offset, 0), limit)
+    for l1, limit in zip(l1s, limits, strict=True):
         for i, entry in enumerate(l1):
             offset = entry & fmt.L1E_OFFSET_MASK
             if offset:
-                plan.l2_table(offset, i * per_table, limit)
+                plan.l2_table(offset, i * per_table, table_limit.get(offset, limit))
             elif plan.below is not None and i * per_table < limit:
                 l1[i] = plan.backing_table(i, limit)
         l1_tables.append(l1)
