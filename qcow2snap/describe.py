@@ -586,7 +586,8 @@ def compact_json(result: CompactResult) -> dict[str, Any]:
             "snapshots": result.snapshots, "data-clusters": result.data_clusters,
             "compressed-clusters": result.compressed_clusters, "l2-tables": result.l2_tables,
             "data-bytes": result.data_bytes, "verified": result.verified,
-            "dropped": list(result.dropped)}
+            "dropped": list(result.dropped), "backing-merged": result.merged_backing,
+            "compress": result.compress}
 
 
 def compact_text(result: CompactResult) -> str:
@@ -600,6 +601,10 @@ def compact_text(result: CompactResult) -> str:
              f"{result.snapshots} snapshot(s) and the active layer kept: "
              f"{result.data_clusters} data cluster(s), {result.compressed_clusters} compressed "
              f"cluster(s), {result.l2_tables} L2 table(s), each written once"]
+    if result.compress:
+        lines.append(f"Data clusters compressed with {result.compress}")
+    if result.merged_backing:
+        lines.append("Backing chain merged in: the output has no backing file")
     if result.dropped:
         lines.append("Dropped (as qemu-img convert drops them): " + ", ".join(result.dropped))
     if result.verified:

@@ -498,6 +498,8 @@ def test_no_backing_merges_the_chain(fixture_copy: Any, qemu_img: str, tmp_path:
         args += ["--compress", compress]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["backing-merged"] is True
+    assert json.loads(result.output)["compress"] == compress
     _check_clean(qemu_img, name, out)
     with qcow2snap.open(out) as copy:
         assert copy.backing_file_name is None and copy.backing_format is None

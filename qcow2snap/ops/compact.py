@@ -118,6 +118,10 @@ class CompactResult:
     verified: bool
     #: what of the source was not carried over (e.g. "persistent bitmaps")
     dropped: tuple[str, ...]
+    #: the backing chain was merged in (the output has no backing file)
+    merged_backing: bool = False
+    #: the data clusters' compression ("zlib", "zstd"), None: as the source's
+    compress: str | None = None
 
 
 class _Layout:
@@ -833,7 +837,8 @@ def compact(image: Qcow2Image, output: str | os.PathLike[str] | None = None, *,
             1 for e in plan.slot_entries if e & fmt.QCOW_OFLAG_COMPRESSED),
         l2_tables=len(plan.l2_order),
         snapshots=len(image.snapshots), data_bytes=plan.data_bytes, verified=verified,
-        dropped=dropped)
+        dropped=dropped, merged_backing=merge_backing and plan.below is not None,
+        compress=compress)
 
 
 def _replace_in_place(image: Qcow2Image, target: str, progress: ProgressCallback | None,
