@@ -432,6 +432,55 @@ def extract(snapshot: str, image: str, output: str, out_format: str, compress: b
         _print_json(describe.extract_result_json(result))
 
 
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output file (written under a temporary name, fsynced, renamed when "
+                   "complete).")
+@click.option("--in-place", is_flag=True,
+              help="Replace IMAGE: write the compacted copy beside it, verify every layer "
+                   "against it, then rename it over IMAGE (editors are refused meanwhile).")
+@click.option("--compress", type=click.Choice(["zlib", "zstd"]), default=None,
+              help="Compress the data clusters of every layer (snapshots included) with "
+                   "deflate (zlib) or zstd; sets the image's compression type.")
+@click.option("--no-backing", "merge", is_flag=True,
+              help="Merge the backing chain into the output (every layer reads as before, "
+                   "without a backing file).")
+@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="With --no-backing: also follow backing files IMAGE names in DIR.")
+@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@_progress_option
+def compact(image: str, output: str | None, in_place: bool, compress: str | None, merge: bool,
+            allow_dirs: tuple[str, ...], force: bool, as_json: bool,
+            progress: bool | None) -> None:
+    """Rewrite IMAGE without its free, leaked and punched space, keeping
+    every internal snapshot (and its VM state) and the active layer.
+
+    Clusters that layers share stay shared (each written once); each layer's
+    data lies in guest order, the active layer's first.  Give -o OUTPUT or
+    --in-place.
+    """
+    from .ops.compact import compact as do_compact
+    from .ops.compact import compact_in_place
+    if in_place == (output is not None):
+        raise click.UsageError("give -o OUTPUT or --in-place (one of them)")
+    with _progress_bar(progress, "compact") as callback:
+        if in_place:
+            result = compact_in_place(image, progress=callback, compress=compress,
+                                      merge_backing=merge, allow_dirs=allow_dirs)
+        else:
+            assert output is not None
+            with open_image(image, backing_file=None if merge else False,
+                            allow_dirs=allow_dirs) as img:
+                result = do_compact(img, output, overwrite=force, progress=callback,
+                                    compress=compress, merge_backing=merge)
+    if as_json:
+        _print_json(describe.compact_json(result))
+    else:
+        _echo_text(describe.compact_text(result))
+
+
 @cli.group()
 def vmstate() -> None:
     """Work with the VM state saved by `savevm` in a snapshot."""

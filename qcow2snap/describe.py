@@ -31,6 +31,7 @@ from .model import Snapshot
 from .ops.check_report import CheckReport, RepairReport
 
 if TYPE_CHECKING:
+    from .ops.compact import CompactResult
     from .ops.edit import EditResult
     from .ops.extract import ExtractResult
     from .ops.inspection import ImageFacts, SnapshotComparison, SnapshotFacts
@@ -575,6 +576,43 @@ def vm_state_dump_json(result: ExtractResult) -> dict[str, Any]:
     assert result.snapshot is not None
     return {"output": result.output, "vm-state-size": result.virtual_size,
             "snapshot": result.snapshot.id}
+
+
+def compact_json(result: CompactResult) -> dict[str, Any]:
+    """``compact --json``."""
+    return {"source": result.source, "output": result.output, "in-place": result.in_place,
+            "source-size": result.source_size, "output-size": result.output_size,
+            "bytes-given-back": max(0, result.source_size - result.output_size),
+            "snapshots": result.snapshots, "data-clusters": result.data_clusters,
+            "compressed-clusters": result.compressed_clusters, "l2-tables": result.l2_tables,
+            "data-bytes": result.data_bytes, "verified": result.verified,
+            "dropped": list(result.dropped), "backing-merged": result.merged_backing,
+            "compress": result.compress}
+
+
+def compact_text(result: CompactResult) -> str:
+    """``compact``'s report."""
+    target = "in place" if result.in_place else f"into {escape_controls(result.output)}"
+    saved = result.source_size - result.output_size
+    lines = [f"Compacted {escape_controls(result.source)} {target}: "
+             f"{size_to_str(result.source_size)} -> {size_to_str(result.output_size)} "
+             + (f"({size_to_str(saved)} given back)" if saved >= 0
+                else f"({size_to_str(-saved)} more)"),
+             f"{result.snapshots} snapshot(s) and the active layer kept: "
+             f"{result.data_clusters} data cluster(s), {result.compressed_clusters} compressed "
+             f"cluster(s), {result.l2_tables} L2 table(s), each written once"]
+    if result.compress:
+        lines.append(f"Data clusters compressed with {result.compress}")
+    if result.merged_backing:
+        lines.append("Backing chain merged in: the output has no backing file")
+    if result.dropped:
+        lines.append("Dropped (as qemu-img convert drops them): " + ", ".join(result.dropped))
+    if result.verified:
+        lines.append("Verified: every layer's disk and VM state equal the source's")
+    return "\n".join(lines)
+
+
+__all__ += ["compact_json", "compact_text"]
 
 
 # ---------------------------------------------------------------------------
