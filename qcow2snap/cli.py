@@ -143,12 +143,24 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qcow2snap")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-def cli(debug: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Inspect and edit internal snapshots of stopped qcow2 images.
 
     Reading commands never modify the image. SNAPSHOT arguments match a
     snapshot ID or name; use --by-id / --by-name when that is ambiguous.
     """
+    if _tune_heap and ctx.invoked_subcommand not in _METADATA_ONLY_COMMANDS:
+        from .copier import prefer_heap_reuse
+        prefer_heap_reuse()  # this process is ours: tune the allocator for bulk copies
+
+
+#: set by :func:`main` (the process is ours): commands that read data then
+#: tune the allocator through :func:`~qcow2snap.copier.prefer_heap_reuse`
+_tune_heap = False
+#: commands that read metadata only: they make no bulk buffers, so they do
+#: not load the copier (threads, mmap) and ctypes for it (start-up time)
+_METADATA_ONLY_COMMANDS = frozenset({"info", "list"})
 
 
 def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
@@ -1096,8 +1108,8 @@ def import_chain(top: str, output: str, force: bool, as_json: bool, progress: bo
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from .copier import prefer_heap_reuse
-    prefer_heap_reuse()  # this process is ours: tune the allocator for bulk copies
+    global _tune_heap
+    _tune_heap = True  # the command, once known, tunes the allocator (see cli())
     for signum in (signal.SIGTERM, signal.SIGHUP):  # clean up as Ctrl-C does
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays so
             signal.signal(signum, _terminate)

@@ -20,7 +20,6 @@ IEEE 1619) computed for all sectors at once.  The result is the same bytes
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from .errors import UnsupportedImageError
@@ -92,6 +91,7 @@ class SectorCipher:
         self._tweak_key = algorithms.AES(key[half:]) if mode == "xts" else None
         self._essiv_key: Any = None
         if ivgen == "essiv":
+            import hashlib  # loaded for encrypted images only (start-up time)
             salt = hashlib.new(_essiv_hash(ivhash), key).digest()
             if len(salt) not in (16, 24, 32):
                 raise UnsupportedImageError(   # QEMU's qcrypto_block_luks_essiv_cipher

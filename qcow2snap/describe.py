@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 from . import format as fmt
 from .image import Qcow2Image
 from .model import Snapshot
-from .ops.check_report import CheckReport, RepairReport
 
 if TYPE_CHECKING:
+    from .ops.check_report import CheckReport, RepairReport
     from .ops.compact import CompactResult
     from .ops.edit import EditResult
     from .ops.extract import ExtractResult
@@ -701,6 +701,7 @@ def check_json(result: CheckReport | RepairReport) -> dict[str, Any]:
     ``exit-code`` and, for a repair, ``repair``, ``dry-run``, ``changes``
     and ``rebuilt-refcounts``.  A repair's counts and findings are the
     final check's (the re-check), its snapshots the repair's verdicts."""
+    from .ops.check_report import RepairReport  # the check commands load it
     repair = result if isinstance(result, RepairReport) else None
     report = result.final if isinstance(result, RepairReport) else result
     obj: dict[str, Any] = {"filename": report.filename, "format": report.format,
@@ -764,6 +765,7 @@ def check_text(result: CheckReport | RepairReport) -> str:
     qcow2snap makes of each snapshot that is not simply ok, the repair's
     changes, then qemu-img check's summary (of the re-check after a
     repair)."""
+    from .ops.check_report import RepairReport  # the check commands load it
     repair = result if isinstance(result, RepairReport) else None
     first = result.before if isinstance(result, RepairReport) else result
     report = result.final if isinstance(result, RepairReport) else result

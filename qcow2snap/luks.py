@@ -16,7 +16,6 @@ encrypted in place with 512-byte sectors whose IV sector number is the
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -128,6 +127,7 @@ def af_merge(hash_name: str, material: bytes | bytearray, block_len: int,
              stripes: int) -> bytes:
     """QEMU's ``qcrypto_afsplit_decode``: XOR the stripes together, each
     partial sum diffused with the hash (``qcrypto_afsplit_hash``)."""
+    import hashlib  # loaded for encrypted images only (start-up time)
     digest_len = hashlib.new(_hash_name(hash_name)).digest_size
     if len(material) < block_len * stripes:
         raise ValueError("short AF-split key material")

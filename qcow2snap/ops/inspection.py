@@ -64,11 +64,12 @@ def snapshot_facts(image: Qcow2Image, snapshots: Iterable[Snapshot] | None = Non
                    ) -> Iterator[SnapshotFacts]:
     """The facts of ``snapshots`` (default: all of the image's), one at a
     time, so a listing of 65,536 snapshots can be written as it is read."""
-    # loaded on first use: the savevm-stream walker costs start-up time that
-    # commands listing nothing should not pay
-    from .runstate import snapshot_runstate
+    # loaded on first use, by the first snapshot with a VM state: the
+    # savevm-stream walker costs start-up time that listings of disk-only
+    # snapshots should not pay
     for sn in image.snapshots if snapshots is None else snapshots:
         if sn.has_vm_state:
+            from .runstate import snapshot_runstate
             yield SnapshotFacts(sn, image.vm_state_offset(sn), snapshot_runstate(image, sn))
         else:
             yield SnapshotFacts(sn)

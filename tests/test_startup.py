@@ -1,0 +1,92 @@
+"""Start-up: what ``qcow2snap info``/``list`` import (no timings).
+
+A command pays at start for every module it imports.  These tests run the
+real command line in a child process under ``python -X importtime`` (which
+names every module as it is imported) and check that the metadata-only
+commands load none of the modules that only other commands use
+(docs/performance.md, "Start-up").
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: loaded by commands that copy, decompress in threads, export memory,
+#: check or hash; or by construct for features qcow2snap does not use
+NOT_AT_START = frozenset({
+    "pdb", "bdb", "cmd",                     # construct.debug's Debugger
+    "hashlib", "_hashlib",                   # construct's compile, LUKS
+    "ctypes", "mmap", "concurrent.futures",  # the copier and heap tuning
+    "qcow2snap.copier",
+    "qcow2snap.vmstate", "qcow2snap.ops.runstate",  # savevm streams
+    "qcow2snap.ops.check_report", "qcow2snap.ops.edit", "qcow2snap.ops.extract",
+    "zstandard",
+})
+
+
+def imported_by(*args: str | Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
+    """The modules ``python -m qcow2snap ARGS`` imports, and its run."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qcow2snap",
+                           *map(str, args)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    rows = [line.split("|") for line in proc.stderr.splitlines()
+            if line.startswith("import time:")]
+    # "import time: SELF | CUMULATIVE | NAME" (indented by depth), after a header
+    return {row[2].strip() for row in rows if len(row) == 3 and row[1].strip().isdigit()}, proc
+
+
+@pytest.mark.parametrize("command", [("list",), ("list", "--json"), ("info",),
+                                     ("info", "--json")],
+                         ids=["list", "list-json", "info", "info-json"])
+def test_metadata_commands_import_only_what_they_use(fixture_copy: Any,
+                                                    command: tuple[str, ...]) -> None:
+    image = fixture_copy("v3-basic")
+    modules, proc = imported_by(*command, image)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "third" in proc.stdout  # the listing itself is there
+    # the importtime report is read right: these are imported by every command
+    assert {"construct", "qcow2snap.format", "qcow2snap.cli", "click"} <= modules
+    assert sorted(modules & NOT_AT_START) == []
+
+
+def test_listing_a_vm_state_loads_the_stream_reader(fixture_copy: Any) -> None:
+    """The savevm walker loads when a snapshot has a VM state (its run
+    state is listed), and the same report shows it."""
+    image = fixture_copy("savevm")
+    modules, proc = imported_by("list", image)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "qcow2snap.ops.runstate" in modules
+
+
+def test_data_commands_still_tune_the_allocator(fixture_copy: Any, tmp_path: Path) -> None:
+    """Commands other than info/list load the copier to tune glibc's heap
+    (copier.prefer_heap_reuse), as main() always did."""
+    image = fixture_copy("v3-basic")
+    modules, proc = imported_by("extract", "first", image, "-o", tmp_path / "out.raw")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"qcow2snap.copier", "ctypes"} <= modules
+
+
+def test_pdb_and_hashlib_stay_whole_after_construct() -> None:
+    """The stand-ins used while construct is imported leave no trace: pdb and
+    hashlib import as the real modules afterwards, and construct's own uses
+    of them (Debugger, compile) work."""
+    script = (
+        "import sys, qcow2snap.cli\n"
+        "assert 'pdb' not in sys.modules and 'hashlib' not in sys.modules\n"
+        "import construct, hashlib, pdb, types\n"
+        "assert type(pdb) is types.ModuleType and type(hashlib) is types.ModuleType\n"
+        "assert pdb.Pdb and hashlib.sha256(b'').hexdigest().startswith('e3b0c442')\n"
+        "assert construct.debug.pdb.post_mortem is pdb.post_mortem\n"
+        "assert construct.Debugger(construct.Int8ub).parse(b'\\x05') == 5\n"
+        "assert construct.Struct('a' / construct.Int8ub).compile().parse(b'\\x07').a == 7\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "ok\n"
