@@ -21,6 +21,7 @@ import pytest
 NOT_AT_START = frozenset({
     "pdb", "bdb", "cmd",                     # construct.debug's Debugger
     "hashlib", "_hashlib",                   # construct's compile, LUKS
+    "pickle",                                # construct's Pickled
     "ctypes", "mmap", "concurrent.futures",  # the copier and heap tuning
     "qcow2snap.copier",
     "qcow2snap.vmstate", "qcow2snap.ops.runstate",  # savevm streams
@@ -72,15 +73,16 @@ def test_data_commands_still_tune_the_allocator(fixture_copy: Any, tmp_path: Pat
     assert {"qcow2snap.copier", "ctypes"} <= modules
 
 
-def test_pdb_and_hashlib_stay_whole_after_construct() -> None:
+def test_pdb_hashlib_and_pickle_stay_whole_after_construct() -> None:
     """The stand-ins used while construct is imported leave no trace: pdb and
     hashlib import as the real modules afterwards, and construct's own uses
     of them (Debugger, compile) work."""
     script = (
         "import sys, qcow2snap.cli\n"
-        "assert 'pdb' not in sys.modules and 'hashlib' not in sys.modules\n"
-        "import construct, hashlib, pdb, types\n"
-        "assert type(pdb) is types.ModuleType and type(hashlib) is types.ModuleType\n"
+        "assert not {'pdb', 'hashlib', 'pickle'} & set(sys.modules)\n"
+        "import construct, hashlib, pdb, pickle, types\n"
+        "assert {type(m) for m in (pdb, hashlib, pickle)} == {types.ModuleType}\n"
+        "assert construct.Pickled.parse(pickle.dumps([1, 'a'])) == [1, 'a']\n"
         "assert pdb.Pdb and hashlib.sha256(b'').hexdigest().startswith('e3b0c442')\n"
         "assert construct.debug.pdb.post_mortem is pdb.post_mortem\n"
         "assert construct.Debugger(construct.Int8ub).parse(b'\\x05') == 5\n"
