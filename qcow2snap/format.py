@@ -22,52 +22,11 @@ parse is total.
 
 from __future__ import annotations
 
-import importlib
 import struct
-import sys
-import types
 from typing import Any, NamedTuple
 
-
-class _OnFirstUse(types.ModuleType):
-    """Stands for a module while construct is imported: the first use of a
-    name through it imports the real module (the ordinary way) and answers
-    from it, for construct's ``Debugger`` or ``compile``."""
-
-    def __getattr__(self, name: str) -> Any:
-        module = importlib.import_module(self.__name__)
-        if module is self:  # asked during construct's own import: not there yet
-            raise AttributeError(name)
-        return getattr(module, name)
-
-
-def _import_construct() -> None:
-    """Import construct without paying for what qcow2snap never uses.
-
-    construct's package always imports ``construct.debug`` and so ``pdb``
-    (~3 ms of every command's start-up) for its ``Debugger``, ``hashlib``
-    (OpenSSL's library, ~2.5 ms) to name the modules its ``compile`` makes,
-    and ``pickle`` (~1 ms) for its ``Pickled``; the layouts here use none.
-    While construct is imported those names stand for :class:`_OnFirstUse`
-    modules (unless already loaded); afterwards they are removed from
-    ``sys.modules``, so every other ``import pdb`` (``hashlib``, ``pickle``)
-    gets the real module, as does construct if it ever uses them.
-    construct's code is not changed."""
-    stand_ins = {name: _OnFirstUse(name) for name in ("pdb", "hashlib", "pickle")
-                 if name not in sys.modules and "construct" not in sys.modules}
-    sys.modules.update(stand_ins)
-    try:
-        import construct  # noqa: F401
-    finally:
-        for name, stand_in in stand_ins.items():
-            if sys.modules.get(name) is stand_in:
-                del sys.modules[name]
-
-
-_import_construct()
-
-import construct  # noqa: E402  (after _import_construct)
-from construct import (  # noqa: E402
+import construct
+from construct import (
     Bytes,
     Const,
     GreedyBytes,
@@ -80,7 +39,7 @@ from construct import (  # noqa: E402
     this,
 )
 
-from .errors import CorruptImageError  # noqa: E402
+from .errors import CorruptImageError
 
 # ---------------------------------------------------------------------------
 # Magic numbers and limits (block/qcow2.h)

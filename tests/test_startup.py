@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 
 #: loaded by commands that copy, decompress in threads, export memory,
-#: check or hash; or by construct for features qcow2snap does not use
+#: check or hash (construct's own ``pdb``, ``hashlib`` and ``pickle`` stay:
+#: its package imports them, and faking modules in ``sys.modules`` to avoid
+#: ~6 ms is not worth a library's surprise)
 NOT_AT_START = frozenset({
-    "pdb", "bdb", "cmd",                     # construct.debug's Debugger
-    "hashlib", "_hashlib",                   # construct's compile, LUKS
-    "pickle",                                # construct's Pickled
     "ctypes", "mmap", "concurrent.futures",  # the copier and heap tuning
     "qcow2snap.copier",
     "qcow2snap.vmstate", "qcow2snap.ops.runstate",  # savevm streams
@@ -71,24 +70,3 @@ def test_data_commands_still_tune_the_allocator(fixture_copy: Any, tmp_path: Pat
     modules, proc = imported_by("extract", "first", image, "-o", tmp_path / "out.raw")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"qcow2snap.copier", "ctypes"} <= modules
-
-
-def test_pdb_hashlib_and_pickle_stay_whole_after_construct() -> None:
-    """The stand-ins used while construct is imported leave no trace: pdb and
-    hashlib import as the real modules afterwards, and construct's own uses
-    of them (Debugger, compile) work."""
-    script = (
-        "import sys, qcow2snap.cli\n"
-        "assert not {'pdb', 'hashlib', 'pickle'} & set(sys.modules)\n"
-        "import construct, hashlib, pdb, pickle, types\n"
-        "assert {type(m) for m in (pdb, hashlib, pickle)} == {types.ModuleType}\n"
-        "assert construct.Pickled.parse(pickle.dumps([1, 'a'])) == [1, 'a']\n"
-        "assert pdb.Pdb and hashlib.sha256(b'').hexdigest().startswith('e3b0c442')\n"
-        "assert construct.debug.pdb.post_mortem is pdb.post_mortem\n"
-        "assert construct.Debugger(construct.Int8ub).parse(b'\\x05') == 5\n"
-        "assert construct.Struct('a' / construct.Int8ub).compile().parse(b'\\x07').a == 7\n"
-        "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout == "ok\n"
