@@ -443,41 +443,39 @@ def serialize_snapshot_table(snapshots: Sequence[Snapshot]) -> bytes:
     """A snapshot table as QEMU's ``qcow2_write_snapshots`` writes it: the
     entries normalized (:meth:`Snapshot.to_bytes`), back to back, each
     starting 8-byte aligned (padding before an entry, none after the last)."""
-    out = bytearray()
+    parts: list[bytes] = []
+    pos = 0
     for snapshot in snapshots:
-        out += bytes(fmt.align_up(len(out), 8) - len(out))
-        out += snapshot.to_bytes(normalize=True)
-    return bytes(out)
+        entry = snapshot.to_bytes(normalize=True)
+        pad = -pos & 7
+        if pad:
+            parts.append(bytes(pad))
+        parts.append(entry)
+        pos += pad + len(entry)
+    return b"".join(parts)
 
 
 def _build_entry(snapshot: Snapshot, *, vm_state_size_field: int, extra_data_size: int,
                  vm_state_size_large: int | None, disk_size: int | None,
                  icount: int | None, unknown_extra: bytes) -> bytes:
-    """One snapshot table entry (no padding) through the construct layouts;
-    extra-data fields that ``extra_data_size`` does not cover must be
-    ``None``."""
-    extra = fmt.build_struct(fmt.QCowSnapshotExtraData, {
-        "vm_state_size_large": vm_state_size_large,
-        "disk_size": disk_size,
-        "icount": icount,
-        "unknown": unknown_extra,
-    }, extra_data_size=extra_data_size)
-    return fmt.build_struct(fmt.QCowSnapshotEntry, {
-        "header": {
-            "l1_table_offset": snapshot.l1_table_offset,
-            "l1_size": snapshot.l1_size,
-            "id_str_size": len(snapshot.id_bytes),
-            "name_size": len(snapshot.name_bytes),
-            "date_sec": snapshot.date_sec,
-            "date_nsec": snapshot.date_nsec,
-            "vm_clock_nsec": snapshot.vm_clock_nsec,
-            "vm_state_size": vm_state_size_field,
-            "extra_data_size": extra_data_size,
-        },
-        "extra_data": extra,
-        "id_str": snapshot.id_bytes,
-        "name": snapshot.name_bytes,
-    })
+    """One snapshot table entry (no padding) as :data:`fmt.QCowSnapshotEntry`
+    lays it out; extra-data fields that ``extra_data_size`` does not cover
+    must be ``None``.  Packed with the header layout's ``struct.Struct`` and
+    :func:`fmt.pack_snapshot_extra` (an edit rewrites up to 65,536 entries;
+    construct's builder gives the same bytes, tests/test_model.py compares)."""
+    extra = fmt.pack_snapshot_extra(vm_state_size_large, disk_size, icount, unknown_extra,
+                                    extra_data_size)
+    if len(extra) != extra_data_size:  # what the layout's Bytes(extra_data_size) refuses
+        raise ValueError(f"snapshot extra data is {len(extra)} bytes, its size field says "
+                         f"{extra_data_size}")
+    return b"".join((
+        _pack_header(snapshot.l1_table_offset, snapshot.l1_size, len(snapshot.id_bytes),
+                     len(snapshot.name_bytes), snapshot.date_sec, snapshot.date_nsec,
+                     snapshot.vm_clock_nsec, vm_state_size_field, extra_data_size),
+        extra, snapshot.id_bytes, snapshot.name_bytes))
+
+
+_pack_header = fmt.SNAPSHOT_HEADER_STRUCT.pack
 
 
 @dataclass(frozen=True, slots=True)

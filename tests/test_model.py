@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_ENTRIES, fixture_path
 from hypothesis import given
 from hypothesis import strategies as st
 
+import qcow2snap
 from qcow2snap import format as fmt
 from qcow2snap.errors import CorruptImageError, NotQcow2Error, UnsupportedImageError
 from qcow2snap.model import (
@@ -253,3 +256,86 @@ def test_serialized_table_aligns_entries_like_qemu() -> None:
     parsed = _parse(table, 2)
     assert [s.id_bytes for s in parsed.snapshots] == [b"1", b"22"]
     assert parsed.size == len(table)
+
+
+# -- the table serializer against construct's builder -------------------------
+# Edits pack entries with struct (model._build_entry); the layout's own
+# builder is the reference and must give the same bytes.
+
+def _layout_entry(sn: Snapshot, *, normalize: bool = False) -> bytes:
+    """``sn.to_bytes(normalize=...)`` through construct's interpreted builder
+    (the serializer's code before it packed with struct)."""
+    if normalize:
+        unknown = sn.qemu_unknown_extra
+        legacy = sn.vm_state_size if sn.vm_state_size <= fmt.UINT32_MAX else 0
+        extra_size = fmt.QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE + len(unknown)
+        large, disk = sn.vm_state_size, sn.disk_size
+        icount = fmt.QCOW_ICOUNT_NONE if sn.icount_field is None else sn.icount_field
+    else:
+        unknown, legacy, extra_size = sn.unknown_extra, sn.vm_state_size_field, sn.extra_data_size
+        large, disk, icount = sn.vm_state_size_large_field, sn.disk_size_field, sn.icount_field
+    extra = fmt.QCowSnapshotExtraData.build(
+        {"vm_state_size_large": large, "disk_size": disk, "icount": icount, "unknown": unknown},
+        extra_data_size=extra_size)
+    return fmt.QCowSnapshotEntry.build({
+        "header": {"l1_table_offset": sn.l1_table_offset, "l1_size": sn.l1_size,
+                   "id_str_size": len(sn.id_bytes), "name_size": len(sn.name_bytes),
+                   "date_sec": sn.date_sec, "date_nsec": sn.date_nsec,
+                   "vm_clock_nsec": sn.vm_clock_nsec, "vm_state_size": legacy,
+                   "extra_data_size": extra_size},
+        "extra_data": extra, "id_str": sn.id_bytes, "name": sn.name_bytes})
+
+
+def _layout_table(snapshots: list[Snapshot]) -> bytes:
+    return _table(*(_layout_entry(s, normalize=True) for s in snapshots))
+
+
+@given(extra=st.binary(max_size=48), id_=st.binary(max_size=20), name=st.binary(max_size=40),
+       l1=u64, l1_size=u32, date=u32, nsec=u32, clock=u64, vm_state=u32,
+       large=u64, disk=u64, icount=u64)
+def test_entry_packing_matches_the_layout_builder(
+        extra: bytes, id_: bytes, name: bytes, l1: int, l1_size: int, date: int, nsec: int,
+        clock: int, vm_state: int, large: int, disk: int, icount: int) -> None:
+    """Every extra-data size (0-48, so each known field present or not, with
+    unknown bytes or without), both as stored and normalized."""
+    known = struct.pack(">QQQ", large, disk, icount)
+    extra = (known + extra)[:len(extra)]
+    sn = _parse(_entry(extra, id_, name, l1_table_offset=l1, l1_size=l1_size, date_sec=date,
+                       date_nsec=nsec, vm_clock_nsec=clock, vm_state_size=vm_state),
+                1, current_size=disk ^ 1).snapshots[0]
+    assert sn.to_bytes() == _layout_entry(sn)
+    assert sn.to_bytes(normalize=True) == _layout_entry(sn, normalize=True)
+    second = dataclasses.replace(sn, id_bytes=id_ + b"9", name_bytes=b"n")
+    assert serialize_snapshot_table([sn, second, sn]) == _layout_table([sn, second, sn])
+
+
+def test_entry_packing_refuses_what_the_layout_refuses() -> None:
+    """A known field that the extra-data size covers must be present, and the
+    extra data must fill the size (construct's Bytes field checks that)."""
+    sn = _parse(_table(_entry(bytes(24))), 1).snapshots[0]
+    with pytest.raises(struct.error):
+        dataclasses.replace(sn, icount_field=None).to_bytes()
+    with pytest.raises(ValueError, match="extra data is 28 bytes"):
+        dataclasses.replace(sn, unknown_extra=b"abcd").to_bytes()
+
+
+def _fixtures_with_snapshots() -> list[str]:
+    return [f["name"] for f in FIXTURE_ENTRIES if f.get("info", {}).get("snapshots")]
+
+
+@pytest.mark.parametrize("name", _fixtures_with_snapshots())
+def test_fixture_tables_serialize_as_qemu_wrote_them(fixture_dir: Path, name: str) -> None:
+    """For every fixture with snapshots (QEMU wrote each table):
+    serialize_snapshot_table gives the bytes on disk, the bytes construct's
+    builder gives, and each entry as stored rebuilds the same way."""
+    path = fixture_path(fixture_dir, name)
+    with qcow2snap.open(path) as image:
+        table = image.snapshot_table
+        snapshots = list(table.snapshots)
+    assert snapshots
+    on_disk = path.read_bytes()[table.offset:table.offset + table.size]
+    out = serialize_snapshot_table(snapshots)
+    assert out == on_disk
+    assert out == _layout_table(snapshots)
+    assert table.to_bytes() == b"".join(
+        pad + _layout_entry(s) for pad, s in zip(table.paddings, table.snapshots, strict=True))
