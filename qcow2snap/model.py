@@ -588,6 +588,8 @@ def snapshot_id_number(id_bytes: bytes) -> int:
     then digits; a value past ULONG_MAX saturates to it (whatever the sign),
     a negative one wraps.  IDs may be 65535 digits long, so the digits are
     never handed whole to ``int``."""
+    if len(id_bytes) <= 19 and id_bytes.isdigit():  # what IDs are: < 10**19 < ULONG_MAX
+        return int(id_bytes)
     s = id_bytes.split(b"\0", 1)[0].lstrip(b" \t\n\r\f\v")
     negative = s[:1] == b"-"
     if s[:1] in (b"+", b"-"):

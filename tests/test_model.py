@@ -202,6 +202,15 @@ def test_snapshot_id_number_is_strtoul(raw: bytes, number: int) -> None:
     assert snapshot_id_number(raw) == number
 
 
+@given(digits=st.text("0123456789", min_size=1, max_size=24))
+def test_snapshot_id_number_fast_path_is_the_general_one(digits: str) -> None:
+    """Plain digit IDs take a short cut; a leading blank forces the general
+    strtoul path, which must agree."""
+    raw = digits.encode()
+    assert snapshot_id_number(raw) == snapshot_id_number(b" " + raw)
+    assert snapshot_id_number(raw) == min(int(digits), 2**64 - 1)
+
+
 def test_snapshot_header_fields_follow_the_layout() -> None:
     """fmt.SnapshotHeaderFields names QCowSnapshotHeader's fields in order,
     and unpacks what the layout parses."""
