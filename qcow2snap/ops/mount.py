@@ -365,10 +365,15 @@ def _load_binding() -> Any:
 READAHEAD_KB = 1024
 
 
-def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KB) -> None:
-    """Set the mount's own readahead (its backing device info in sysfs;
-    root only, best effort: where it cannot be set, reads are just
-    smaller)."""
+def _finish_start(mountpoint: str, ready_fd: int | None,
+                  kib: int = READAHEAD_KB) -> None:
+    """Once the kernel has taken libfuse's INIT reply: set the mount's own
+    readahead (its backing device info in sysfs; root only, best effort:
+    where it cannot be set, reads are just smaller), then, for
+    ``--background``, tell the waiting parent the mount is ready
+    (:func:`_fork_to_background`).  Nothing here keeps a file in the mount
+    open: an unmount right after the command returns must not find the
+    mount busy."""
     path = os.path.abspath(mountpoint)
     try:
         before = os.stat(os.path.dirname(path)).st_dev
@@ -377,13 +382,57 @@ def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KB) -> None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.01)
-        # a request waits for the kernel to take libfuse's INIT reply, which
-        # lowers the readahead to what that reply allows: set it after that
-        os.listdir(path)
-        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
-            f.write(str(kib))
+        # FUSE_STATFS waits for the kernel to take libfuse's INIT reply,
+        # which lowers the readahead to what that reply allows: set it after
+        os.statvfs(path)
+        if os.geteuid() == 0:
+            with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb",
+                      "w") as f:
+                f.write(str(kib))
     except OSError:
         pass
+    finally:
+        if ready_fd is not None:
+            _detach(ready_fd)
+
+
+def _fork_to_background() -> int:
+    """``--background``: fork; the parent waits until the child's mount is
+    ready (``_finish_start`` writes one byte to the pipe) and exits 0, or
+    exits with the child's status when the child fails first (its message
+    is already on stderr).  Returns the pipe's write end, in the child.
+
+    Not libfuse's own fork: its parent returns before the kernel has the
+    INIT reply, so the readahead was set after the command returned, while
+    the user's ``fusermount3 -u`` could find the mount busy."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        said = os.read(read_fd, 1)
+        if said == b"1":
+            os._exit(0)   # not exit(): the child owns the images, locks and temp files
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) or 1)
+    os.close(read_fd)
+    os.setsid()
+    return write_fd
+
+
+def _detach(ready_fd: int) -> None:
+    """The background child is serving: release the parent, leave the
+    terminal and the working directory (as a daemon does)."""
+    try:
+        os.write(ready_fd, b"1")
+    finally:
+        os.close(ready_fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
 
 
 @contextmanager
@@ -402,9 +451,11 @@ class _Operations:
 
     use_ns = True
 
-    def __init__(self, tree: MountTree, mountpoint: str = "") -> None:
+    def __init__(self, tree: MountTree, mountpoint: str = "",
+                 ready_fd: int | None = None) -> None:
         self.tree = tree
         self.mountpoint = mountpoint
+        self.ready_fd = ready_fd
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, Any] = {}
         self._next = 1
@@ -417,10 +468,11 @@ class _Operations:
         return node
 
     def init(self, path: str) -> None:
-        """The mount is up (in the serving process, after --background's
-        fork): raise its readahead once the kernel has it."""
-        if self.mountpoint and os.geteuid() == 0:
-            threading.Thread(target=_raise_readahead, args=(self.mountpoint,),
+        """The mount is up (libfuse is answering the kernel's INIT): raise
+        its readahead and release a ``--background`` parent once the kernel
+        has taken the answer."""
+        if self.mountpoint and (os.geteuid() == 0 or self.ready_fd is not None):
+            threading.Thread(target=_finish_start, args=(self.mountpoint, self.ready_fd),
                              daemon=True).start()
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
@@ -501,12 +553,15 @@ def serve_fuse(tree: MountTree, mountpoint: str, *, background: bool = False,
                debug: bool = False, direct_io: bool = False) -> None:
     """Mount ``tree`` read-only at ``mountpoint`` and serve it until it is
     unmounted (``fusermount3 -u``) or the process gets SIGINT, SIGTERM or
-    SIGHUP (libfuse unmounts then).  ``background``: libfuse forks into the
-    background once the mount is ready (the caller's process exits 0).
+    SIGHUP (libfuse unmounts then).  ``background``: fork into the
+    background; the caller's process exits 0 once the mount is ready and
+    its readahead set, or with the serving process's status if it fails.
     ``direct_io``: the disk files bypass the kernel's page cache (faster
     big sequential reads; no shared mmap, nothing cached between reads)."""
     check_mountpoint(mountpoint)
     mfusepy = _load_binding()
+    mountpoint = os.path.abspath(mountpoint)   # the background child leaves the cwd
+    ready_fd = _fork_to_background() if background else None
 
     base: Any = mfusepy.FUSE
 
@@ -546,10 +601,9 @@ def serve_fuse(tree: MountTree, mountpoint: str, *, background: bool = False,
         if signal.getsignal(signum) is not signal.SIG_IGN:
             saved[signum] = signal.signal(signum, signal.SIG_DFL)
     try:
-        # absolute: libfuse changes directory to / (daemonizing).
         # max_idle_threads given: libfuse 3.14 complains about its default
-        _FUSE(_Operations(tree, os.path.abspath(mountpoint)), mountpoint,
-              foreground=not background, debug=debug, nothreads=False, ro=True,
+        _FUSE(_Operations(tree, mountpoint, ready_fd), mountpoint,
+              foreground=True, debug=debug, nothreads=False, ro=True,
               fsname="qcow2snap", subtype="qcow2snap", default_permissions=True,
               max_idle_threads=10)
     except RuntimeError as exc:
