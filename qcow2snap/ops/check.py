@@ -33,7 +33,9 @@ independent parts live beside it.  Repair is :mod:`qcow2snap.ops.repair`.
 from __future__ import annotations
 
 import os
+import sys
 from array import array
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from functools import reduce
@@ -78,7 +80,12 @@ class Checker:
         self.progress = progress
         self.report = CheckReport(filename=image.path)
         self._counts: Counter[str] = Counter()
-        self.ref: array[int] = array("Q", bytes(8 * (self.file_clusters + 1)))
+        #: computed references per host cluster, in the width of the image's
+        #: refcounts (two bytes at least: QEMU's default), so that comparing
+        #: them with the stored ones is a memcmp; widened to 8 bytes when a
+        #: count outgrows it (:meth:`_bump`)
+        self.ref: array[int] = _zeros(_refcount_typecode(self.h.refcount_order),
+                                      self.file_clusters + 1)
         self.past_eof: set[int] = set()
         #: host clusters holding guest data that QEMU reads but its check
         #: does not count (see L2Info.unreferenced_data): a repair keeps them
@@ -125,7 +132,38 @@ class Checker:
 
     def _grow(self, cluster: int) -> None:
         if cluster >= len(self.ref):
-            self.ref.extend(array("Q", bytes(8 * (cluster + 1 - len(self.ref)))))
+            self.ref.extend(_zeros(self.ref.typecode, cluster + 1 - len(self.ref)))
+
+    def _bump(self, first: int, count: int, amount: int) -> None:
+        """+``amount`` on the ``count`` clusters from ``first`` (grown before),
+        in bulk: the low bytes of the counts translated through an adding
+        table when none carries (the usual case), else one slice assignment
+        when they all hold the same count; widened to 8 bytes on overflow."""
+        ref = self.ref
+        if count == 1:
+            value = ref[first] + amount
+            if value > _MAX[ref.typecode]:
+                self.ref = ref = array("Q", ref)
+            ref[first] = value
+            return
+        stop = first + count
+        size = ref.itemsize
+        if amount < 256 and _LITTLE:
+            with memoryview(ref) as view, view.cast("B") as octets:
+                low = octets[first * size:stop * size:size]
+                old = low.tobytes()
+                if not old.translate(None, _NO_CARRY[amount]):
+                    low[:] = old.translate(_ADD[amount])
+                    return
+        segment = ref[first:stop]
+        value = segment[0] + amount
+        if value > _MAX[ref.typecode]:
+            self.ref = array("Q", ref)
+            self._bump(first, count, amount)
+        elif segment.count(segment[0]) == count:
+            ref[first:stop] = array(ref.typecode, (value,)) * count
+        else:
+            self._bump_each(range(first, stop), amount)
 
     def inc_range(self, offset: int, length: int, structure: str) -> bool:
         """+1 on every cluster of ``[offset, offset+length)``; QEMU's rule for
@@ -144,9 +182,7 @@ class Checker:
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
         self._grow(last)
-        ref = self.ref
-        for c in range(first, last + 1):
-            ref[c] += 1
+        self._bump(first, last - first + 1, 1)
         return True
 
     def claim(self, offset: int, length: int, kind: str, structure: str) -> None:
@@ -337,8 +373,18 @@ class Checker:
         """Data clusters that are also metadata (a C-level set test per L2
         table)."""
         meta = self.owner
+        ordered = sorted(meta)
         for l2, info in self._l2_info.items():
-            if l2 not in self._walked or meta.keys().isdisjoint(info.hosts):
+            if l2 not in self._walked:
+                continue
+            runs = info.runs
+            if runs is not None:
+                # a run overlaps metadata iff a metadata cluster lies in it
+                if not any(bisect_left(ordered, a) < len(ordered)
+                           and ordered[bisect_left(ordered, a)] < a + c
+                           for a, c in zip(runs[0::2], runs[1::2], strict=True)):
+                    continue
+            elif meta.keys().isdisjoint(info.hosts):
                 continue
             for hc in sorted(set(info.hosts).intersection(meta)):
                 self.add("overlap", "corruption", hc << self.bits, f"L2 table at {l2:#x}",
@@ -349,20 +395,36 @@ class Checker:
         """Add the references of every L2 table walked so far, times its
         number of paths."""
         for l2, paths in self._pending.items():
-            hosts = self._l2_info[l2].hosts
+            info = self._l2_info[l2]
+            runs = info.runs
+            if runs is not None:
+                if runs:
+                    self._grow(max(map(int.__add__, runs[0::2], runs[1::2])) - 1)
+                    bump = self._bump
+                    for first, count in zip(runs[0::2], runs[1::2], strict=True):
+                        bump(first, count, paths)
+                continue
+            hosts = info.hosts
             if not hosts:
                 continue
             top = max(hosts)
             if top >= len(self.ref):
                 self._grow(top)
-            ref = self.ref
-            if paths == 1:
-                for hc in hosts:
-                    ref[hc] += 1
-            else:
-                for hc in hosts:
-                    ref[hc] += paths
+            self._bump_each(hosts, paths)
         self._pending.clear()
+
+    def _bump_each(self, hosts: list[int] | array[int] | range, amount: int) -> None:
+        """+``amount`` on every cluster of ``hosts`` (grown before)."""
+        ref = self.ref
+        done = 0
+        try:
+            for hc in hosts:
+                ref[hc] += amount
+                done += 1
+        except OverflowError:
+            self.ref = ref = array("Q", ref)
+            for hc in hosts[done:]:
+                ref[hc] += amount
 
     def _count_extensions(self) -> None:
         image = self.image
@@ -430,7 +492,7 @@ class Checker:
             self.claim(h.refcount_table_offset, table_len, "refcount table", "refcount table")
             table = decode_u64_table(self.image.pread(h.refcount_table_offset, table_len))
         n = max(len(self.ref), self.file_clusters + 1)
-        disk = array("Q", bytes(8 * n))
+        disk = _zeros(_refcount_typecode(order), n)
         for index in compress(range(len(table)), table):
             entry = table[index]
             off = entry & fmt.REFT_OFFSET_MASK
@@ -460,7 +522,9 @@ class Checker:
                 continue
             block = decode_refcount_block(self.image.pread(off, cs), order)
             stop = min(n, base + entries_per_block)
-            disk[base:stop] = array("Q", block[:stop - base])
+            part = block[:stop - base]
+            disk[base:stop] = part if part.typecode == disk.typecode else array(
+                disk.typecode, part)
         self.disk = disk
         for index, off in self.refblocks:
             count = self.ref[off >> self.bits]
@@ -475,10 +539,9 @@ class Checker:
         ref = self.ref
         disk = self.disk
         if len(disk) < len(ref):
-            disk.extend(array("Q", bytes(8 * (len(ref) - len(disk)))))
+            disk.extend(_zeros(disk.typecode, len(ref) - len(disk)))
         n = max(self.file_clusters, self._highest_ref() + 1)
         step = 4096
-        highest = 0
         for base in range(0, n, step):
             a = disk[base:min(base + step, n)]
             b = ref[base:min(base + step, n)]
@@ -495,19 +558,11 @@ class Checker:
                         self.add("leak", "leak", cluster << self.bits, f"cluster {cluster}",
                                  f"Leaked cluster {cluster} refcount={d} reference={c}",
                                  "leaks")
-            if any(a) or any(b):
-                for k in range(len(a) - 1, -1, -1):
-                    if a[k] or b[k]:
-                        highest = max(highest, base + k)
-                        break
+        highest = max(_last_nonzero(disk, n), _last_nonzero(ref, n), 0)
         self.report.image_end_offset = (highest + 1) << self.bits
 
     def _highest_ref(self) -> int:
-        ref = self.ref
-        for i in range(len(ref) - 1, -1, -1):
-            if ref[i]:
-                return i
-        return 0
+        return max(_last_nonzero(self.ref, len(self.ref)), 0)
 
     def _check_copied(self) -> None:
         """OFLAG_COPIED in the active L1 and its L2 tables, against the
@@ -533,6 +588,9 @@ class Checker:
                          f"ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={entry:x} "
                          f"refcount={count}", "all")
             if l2 & (self.cs - 1):
+                continue
+            info = self._l2_info.get(l2)
+            if info is not None and info.runs is not None and _copied_agree(info, disk):
                 continue
             table = image.read_l2(l2)
             entries = table[0::step] if ext else table
@@ -717,6 +775,63 @@ class Checker:
             out.append(SnapshotVerdict(e.index, e.id, e.name, status, detail,
                                        l1[0] if l1 else e.l1_table_offset,
                                        l1[1] if l1 else e.l1_size))
+
+
+_LITTLE = sys.byteorder == "little"
+#: per amount below 256: byte values to which adding it does not carry, and
+#: the translate table adding it
+_NO_CARRY = [bytes(range(256 - amount)) for amount in range(256)]
+_ADD = [bytes((value + amount) & 0xFF for value in range(256)) for amount in range(256)]
+#: array type codes by item size
+_TYPECODE = {array(code).itemsize: code for code in "QLIHB"}
+_MAX = {code: (1 << (8 * array(code).itemsize)) - 1 for code in "QLIHB"}
+
+
+def _refcount_typecode(refcount_order: int) -> str:
+    """The array type holding refcounts of ``1 << refcount_order`` bits
+    (two bytes at least)."""
+    return _TYPECODE[min(8, max(2, 1 << max(0, refcount_order - 3)))]
+
+
+def _zeros(typecode: str, count: int) -> array[int]:
+    out = array(typecode)
+    out.frombytes(bytes(out.itemsize * count))
+    return out
+
+
+def _last_nonzero(counts: array[int], stop: int) -> int:
+    """Index of the last non-zero item of ``counts[:stop]``, -1 if none (a
+    C-level strip of the zero bytes at its end)."""
+    size = counts.itemsize
+    raw = memoryview(counts).cast("B")[:min(stop, len(counts)) * size]
+    return (len(bytes(raw).rstrip(b"\0")) + size - 1) // size - 1
+
+
+def _copied_agree(info: L2Info, disk: array[int]) -> bool:
+    """Whether every entry of a table scanned into runs has OFLAG_COPIED set
+    exactly when its cluster's stored refcount is 1, judged run by run with
+    byte comparisons (a run with some refcounts 1 and some not says no: the
+    per-entry check then decides)."""
+    runs = info.runs
+    assert runs is not None
+    flags = info.copied
+    n = len(disk)
+    size = disk.itemsize
+    one = (1).to_bytes(size, sys.byteorder)
+    pos = 0
+    with memoryview(disk) as view, view.cast("B") as octets:
+        for first, count in zip(runs[0::2], runs[1::2], strict=True):
+            if first + count > n:
+                return False
+            have = flags.count(b"\xfd", pos, pos + count)
+            if have == count:
+                if octets[first * size:(first + count) * size] != one * count:
+                    return False
+            elif have or (b"\x01" in octets[first * size:(first + count) * size:size]
+                          and 1 in disk[first:first + count]):
+                return False
+            pos += count
+    return True
 
 
 def refcount_differences(disk: array[int], ref: array[int]) -> Iterator[tuple[int, int, int]]:

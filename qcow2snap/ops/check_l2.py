@@ -12,10 +12,11 @@ checker applies the result once per path to the table
 
 from __future__ import annotations
 
+import struct
+import sys
 from array import array
-from dataclasses import dataclass, field
-from functools import reduce
-from itertools import compress, islice, repeat
+from functools import lru_cache, reduce
+from itertools import chain, compress, islice, repeat
 from operator import and_, or_, rshift, sub
 
 from .. import format as fmt
@@ -24,26 +25,218 @@ from .check_report import RepairMode
 
 __all__ = ["L2Info", "scan_l2"]
 
+_LITTLE = sys.byteorder == "little"
 
-@dataclass
+
 class L2Info:
-    """What one L2 table references (computed once, applied per path)."""
+    """What one L2 table references (computed once, applied per path).
 
-    hosts: list[int] | array[int]         # host clusters, with repetition
-    findings: list[tuple[str, int | None, str, RepairMode | None]]
-    past_eof: list[int]
-    allocated: int = 0
-    fragmented: int = 0
-    compressed: int = 0
-    fixes: dict[int, int] = field(default_factory=dict)   # entry index -> fixed value (repair all)
-    #: findings beyond the ones kept in ``findings`` (counted, not listed)
-    more_findings: int = 0
-    #: ``hosts`` is exactly one cluster per entry with a host offset, in order
-    bulk: bool = False
-    #: host clusters of compressed clusters that QEMU's check calls errors and
-    #: so does not count (a non-zero subcluster bitmap), though QEMU reads them
-    unreferenced_data: list[int] = field(default_factory=list)
+    A table of plain entries (nearly all) keeps its references as *runs*:
+    ``runs`` is a flat ``array`` of (first host cluster, cluster count)
+    pairs, maximal stretches of entries (in entry order, unallocated entries
+    skipped) whose host clusters follow each other, and ``copied`` one byte
+    per allocated entry (0xFD: OFLAG_COPIED set, 0xFF: clear).  ``hosts``
+    then expands the runs on demand; other tables store ``hosts``."""
 
+    __slots__ = (
+        "_hosts",
+        "allocated",
+        "bulk",
+        "compressed",
+        "copied",
+        "findings",
+        "fixes",
+        "fragmented",
+        "more_findings",
+        "past_eof",
+        "runs",
+        "unreferenced_data",
+    )
+
+    def __init__(self, hosts: list[int] | array[int], findings: list[tuple[str, int | None,
+                 str, RepairMode | None]], past_eof: list[int]) -> None:
+        self._hosts = hosts                   # host clusters, with repetition
+        self.findings = findings
+        self.past_eof = past_eof
+        self.allocated = 0
+        self.fragmented = 0
+        self.compressed = 0
+        #: entry index -> fixed value (repair all)
+        self.fixes: dict[int, int] = {}
+        #: findings beyond the ones kept in ``findings`` (counted, not listed)
+        self.more_findings = 0
+        #: ``hosts`` is exactly one cluster per entry with a host offset, in order
+        self.bulk = False
+        #: host clusters of compressed clusters that QEMU's check calls errors and
+        #: so does not count (a non-zero subcluster bitmap), though QEMU reads them
+        self.unreferenced_data: list[int] = []
+        self.runs: array[int] | None = None
+        self.copied: bytes = b""
+
+    @property
+    def hosts(self) -> list[int] | array[int]:
+        runs = self.runs
+        if runs is None:
+            return self._hosts
+        return array("Q", chain.from_iterable(map(range, runs[0::2], map(
+            int.__add__, runs[0::2], runs[1::2]))))
+
+    @hosts.setter
+    def hosts(self, value: list[int] | array[int]) -> None:
+        self._hosts = value
+        self.runs = None
+
+
+class _Geometry:
+    """Per cluster size constants of the bulk scan."""
+
+    def __init__(self, cluster_bits: int) -> None:
+        cs = 1 << cluster_bits
+        n = cs // 8
+        self.n = n
+        self.zero = bytes(cs)
+        bad = (fmt.QCOW_OFLAG_COMPRESSED | fmt.L2E_STD_RESERVED_MASK
+               | ((cs - 1) & fmt.L2E_OFFSET_MASK))
+        self.bad = bad
+        #: (byte position in an entry, byte values allowed there)
+        self.checks: list[tuple[int, bytes]] = []
+        for position in range(8):
+            m = (bad >> (8 * (7 - position))) & 0xFF
+            if m:
+                self.checks.append((position, bytes(v for v in range(256) if not v & m)))
+        #: byte 0 of an entry -> marker: 0xFD with OFLAG_COPIED, 0xFF without
+        self.mark = bytes(0xFD if v & 0x80 else 0xFF for v in range(256))
+        self.fe = b"\xfe" * n
+        self.zeros_n = bytes(n)
+        self.nonzero = bytes([0] + [1] * 255)
+        # an entry without a host offset, once marked; it cannot match
+        # across two entries (its 0xFE would have to be one of its zeros)
+        self.unallocated = (b"\xff" + bytes(6) + b"\xfe", b"\xfd" + bytes(6) + b"\xfe")
+        # n big-endian u64 slots holding 1, and 0, 1, ..., n-1
+        self.ones = int.from_bytes((bytes(7) + b"\x01") * n, "big")
+        ramp = array("Q", range(n))
+        if _LITTLE:
+            ramp.byteswap()
+        self.ramp = int.from_bytes(ramp.tobytes(), "big")
+        self.cs = cs
+        self.bits = cluster_bits
+
+
+@lru_cache(maxsize=8)
+def _geometry(cluster_bits: int) -> _Geometry:
+    return _Geometry(cluster_bits)
+
+
+def _consecutive(geom: _Geometry, offsets: bytes | bytearray, count: int) -> bool:
+    """Whether ``count`` big-endian offsets follow each other by one cluster
+    (one multiplication and one comparison of the whole table)."""
+    first = int.from_bytes(offsets[:8], "big")
+    if int.from_bytes(offsets[-8:], "big") != first + (count - 1) * geom.cs:
+        return False
+    drop = 64 * (geom.n - count)
+    expected = first * (geom.ones >> drop) + geom.cs * (geom.ramp >> drop)
+    return expected.to_bytes(8 * count, "big") == offsets
+
+
+#: a table with more allocated entries than this is scanned densely
+_SPARSE_ENTRIES = 256
+
+
+def _sparse_entries(nonzero: bytes | bytearray) -> list[int] | None:
+    """Indexes of the entries with a host offset (``nonzero``: one byte per
+    table byte, 1 where the offset bytes are not zero), found one by one
+    with ``find``; None when there are more than :data:`_SPARSE_ENTRIES`."""
+    found: list[int] = []
+    find = nonzero.find
+    position = find(1)
+    while position >= 0:
+        if len(found) == _SPARSE_ENTRIES:
+            return None
+        entry = position >> 3
+        found.append(entry)
+        position = find(1, (entry + 1) << 3)
+    return found
+
+
+def _runs(hosts: list[int]) -> array[int]:
+    """Flat (first, count) pairs of the stretches of ``hosts`` that follow
+    each other (``hosts`` not empty); the breaks are found by C-level passes
+    (differences, then the positions where one is not 1)."""
+    count = len(hosts)
+    steps = map(sub, islice(hosts, 1, None), hosts)
+    starts = [0, *compress(range(1, count), map((1).__ne__, steps)), count]
+    runs = array("Q", bytes(16 * (len(starts) - 1)))
+    runs[0::2] = array("Q", map(hosts.__getitem__, starts[:-1]))
+    runs[1::2] = array("Q", map(sub, islice(starts, 1, None), starts))
+    return runs
+
+
+_ENTRY = struct.Struct(">Q")
+
+
+def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None:
+    """The references of a table of plain entries as host-cluster runs, by
+    whole-table byte operations; None when an entry needs the per-entry
+    rules (compressed, reserved bits, misaligned, past the end of the file)."""
+    info = L2Info([], [], [])
+    info.bulk = True
+    info.runs = array("Q")
+    if raw == geom.zero:
+        return info
+    bits = geom.bits
+    mask = fmt.L2E_OFFSET_MASK
+    nonzero = raw.translate(geom.nonzero)
+    # an allocated entry has 1 to 8 bytes that are not zero
+    hits = (_sparse_entries(nonzero) if len(nonzero) - nonzero.count(0) <= 8 * _SPARSE_ENTRIES
+            else None)
+    if hits is not None:
+        # few entries that are not zero: take them one by one
+        values = [_ENTRY.unpack_from(raw, j << 3)[0] for j in hits]
+        if reduce(or_, values, 0) & geom.bad:
+            return None
+        live = [v for v in values if v & mask]
+        if not live:
+            return info
+        info.allocated = len(live)
+        info.copied = bytes([0xFD if v >> 63 else 0xFF for v in live])
+        hosts = [(v & mask) >> bits for v in live]
+        if max(hosts) >= file_clusters:
+            return None
+        info.runs = runs = _runs(hosts)
+        info.fragmented = (len(runs) >> 1) - 1
+        return info
+    for position, allowed in geom.checks:
+        if raw[position::8].translate(None, allowed):
+            return None
+    # many: drop the unallocated entries (few, as a rule) with two replaces
+    marked = bytearray(raw)
+    marked[0::8] = raw[0::8].translate(geom.mark)
+    marked[7::8] = geom.fe
+    p1, p2 = geom.unallocated
+    offsets_be = marked.replace(p1, b"").replace(p2, b"")
+    count = len(offsets_be) >> 3
+    info.allocated = count
+    if not count:
+        return info
+    info.copied = bytes(offsets_be[0::8])
+    offsets_be[0::8] = bytes(count)
+    offsets_be[7::8] = bytes(count)
+    if count == 1 or _consecutive(geom, offsets_be, count):
+        first = int.from_bytes(offsets_be[:8], "big") >> bits
+        if first + count > file_clusters:
+            return None
+        info.runs = array("Q", (first, count))
+        return info
+    offsets = array("Q")
+    offsets.frombytes(offsets_be)
+    if _LITTLE:
+        offsets.byteswap()
+    hosts = list(map(rshift, offsets, repeat(bits)))
+    if max(hosts) >= file_clusters:
+        return None
+    info.runs = runs = _runs(hosts)
+    info.fragmented = (len(runs) >> 1) - 1
+    return info
 
 
 def scan_l2(image: Qcow2Image, l2: int) -> L2Info:
@@ -56,8 +249,13 @@ def scan_l2(image: Qcow2Image, l2: int) -> L2Info:
     bits = image.cluster_bits
     file_size = image.file_size
     file_clusters = (file_size + cs - 1) >> bits
-    table = image.read_l2(l2)
     ext = image.extended_l2
+    data_file = image.has_data_file
+    if not ext and not data_file:
+        bulk = _scan_bulk(image.pread(l2, cs), _geometry(bits), file_clusters)
+        if bulk is not None:
+            return bulk
+    table = image.read_l2(l2)
     entries = table[0::2] if ext else table
     bitmaps = table[1::2] if ext else None
     info = L2Info([], [], [])
