@@ -303,6 +303,13 @@ class Checker:
         table = decode_u64_table(self.image.pread(l1_offset, l1_size * 8))
         reserved = fmt.L1E_RESERVED_MASK
         mask = fmt.L1E_OFFSET_MASK
+        bits = self.bits
+        file_size = self.file_size
+        owner = self.owner
+        pending = self._pending
+        walked = self._walked
+        r = self.report
+        progress = self.progress is not None
         for index in compress(range(len(table)), table):
             entry = table[index]
             if entry & reserved:
@@ -315,6 +322,31 @@ class Checker:
                 self.add("l1-entry", "corruption", l1_offset + 8 * index, label,
                          f"L1 entry {index} ({entry:#x}) has flags but no L2 table offset "
                          f"(qemu-img check reads the header cluster as its L2 table)", "all")
+                continue
+            cluster = l2 >> bits
+            if not l2 & (cs - 1) and l2 < file_size and cluster not in owner:
+                # the usual case, without the strings of the general one
+                if cluster >= len(self.ref):
+                    self._grow(cluster)
+                self._bump(cluster, 1, 1)
+                owner[cluster] = "L2 table"
+                if active:
+                    self.active_l2.append((index, l2))
+                info = self._l2_info.get(l2)
+                if info is None:
+                    info = self.l2_info(l2)
+                if info.findings or info.more_findings or info.past_eof or \
+                        info.unreferenced_data:
+                    self._apply_l2(info, l2, label, active)
+                else:
+                    pending[l2] += 1
+                    walked.add(l2)
+                    if active:
+                        r.allocated_clusters += info.allocated
+                        r.fragmented_clusters += info.fragmented
+                        r.compressed_clusters += info.compressed
+                if progress:
+                    self._tick(cs)
                 continue
             counted = self.inc_range(l2, cs, f"L2 table (from {label} entry {index})")
             if l2 & (cs - 1):
@@ -827,7 +859,7 @@ def _copied_agree(info: L2Info, disk: array[int]) -> bool:
             if have == count:
                 if octets[first * size:(first + count) * size] != one * count:
                     return False
-            elif have or (b"\x01" in octets[first * size:(first + count) * size:size]
+            elif have or (b"\x01" in octets[first * size:(first + count) * size:size].tobytes()
                           and 1 in disk[first:first + count]):
                 return False
             pos += count

@@ -187,8 +187,8 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
     mask = fmt.L2E_OFFSET_MASK
     nonzero = raw.translate(geom.nonzero)
     # an allocated entry has 1 to 8 bytes that are not zero
-    hits = (_sparse_entries(nonzero) if len(nonzero) - nonzero.count(0) <= 8 * _SPARSE_ENTRIES
-            else None)
+    hits = (_sparse_entries(nonzero) if geom.n > 4 * _SPARSE_ENTRIES
+            and len(nonzero) - nonzero.count(0) <= 8 * _SPARSE_ENTRIES else None)
     if hits is not None:
         # few entries that are not zero: take them one by one
         values = [_ENTRY.unpack_from(raw, j << 3)[0] for j in hits]
