@@ -93,8 +93,9 @@ class Checker:
         self.owner: dict[int, str] = {}       # metadata cluster -> structure kind
         self.data_clusters: set[int] = set()  # only filled for overlap detection of metadata
         self._l2_info: dict[int, L2Info] = {}
-        self._pending: Counter[int] = Counter()   # L2 offset -> paths not yet counted
-        self._walked: set[int] = set()            # L2 tables reached from a counted L1
+        #: L2 tables with paths not yet counted (the count is ``L2Info.paths``;
+        #: ``L2Info.walked``: reached from a counted L1 table)
+        self._pending: list[int] = []
         #: L2 entry problems counted but not listed (their kinds are unknown)
         self.unlisted_l2_findings = 0
         self.table: SalvagedTable | None = None
@@ -104,7 +105,10 @@ class Checker:
         self.rebuild_reasons: list[str] = []
         self.refblocks: list[tuple[int, int]] = []   # (table index, offset) of valid blocks
         self.refcount_structure_refs: list[int] = []
-        self.active_l2: list[tuple[int, int]] = []    # (l1 index, l2 offset)
+        #: the active L1 table's entries leading to a counted L2 table: their
+        #: indexes, and the L2 tables' offsets
+        self.active_l1_index: array[int] = array("Q")
+        self.active_l2: array[int] = array("Q")
         self.l1_tables: list[tuple[str, int, int]] = []  # (label, offset, size) walked
         #: L1 tables whose own clusters were counted (not past the end of the file)
         self.l1_counted: set[tuple[int, int]] = set()
@@ -307,7 +311,6 @@ class Checker:
         file_size = self.file_size
         owner = self.owner
         pending = self._pending
-        walked = self._walked
         r = self.report
         progress = self.progress is not None
         for index in compress(range(len(table)), table):
@@ -324,14 +327,15 @@ class Checker:
                          f"(qemu-img check reads the header cluster as its L2 table)", "all")
                 continue
             cluster = l2 >> bits
-            if not l2 & (cs - 1) and l2 < file_size and cluster not in owner:
+            if not l2 & (cs - 1) and l2 < file_size and owner.get(cluster, _L2) is _L2:
                 # the usual case, without the strings of the general one
                 if cluster >= len(self.ref):
                     self._grow(cluster)
                 self._bump(cluster, 1, 1)
-                owner[cluster] = "L2 table"
+                owner[cluster] = _L2
                 if active:
-                    self.active_l2.append((index, l2))
+                    self.active_l1_index.append(index)
+                    self.active_l2.append(l2)
                 info = self._l2_info.get(l2)
                 if info is None:
                     info = self.l2_info(l2)
@@ -339,8 +343,10 @@ class Checker:
                         info.unreferenced_data:
                     self._apply_l2(info, l2, label, active)
                 else:
-                    pending[l2] += 1
-                    walked.add(l2)
+                    if not info.paths:
+                        pending.append(l2)
+                    info.paths += 1
+                    info.walked = True
                     if active:
                         r.allocated_clusters += info.allocated
                         r.fragmented_clusters += info.fragmented
@@ -357,7 +363,8 @@ class Checker:
                 continue
             self.claim(l2, cs, "L2 table", f"L2 table at {l2:#x}")
             if active:
-                self.active_l2.append((index, l2))
+                self.active_l1_index.append(index)
+                self.active_l2.append(l2)
             info = self.l2_info(l2)
             self._apply_l2(info, l2, label, active)
             self._tick(cs)
@@ -374,7 +381,7 @@ class Checker:
     def walked_l2(self) -> dict[int, L2Info]:
         """The L2 tables the live layers reach (each scanned once), after
         :meth:`run`."""
-        return {l2: info for l2, info in self._l2_info.items() if l2 in self._walked}
+        return {l2: info for l2, info in self._l2_info.items() if info.walked}
 
     def _apply_l2(self, info: L2Info, l2: int, label: str, active: bool) -> None:
         """One more path to an L2 table: its findings now (QEMU counts them
@@ -393,8 +400,10 @@ class Checker:
                      f"(data cluster in L2 table at {l2:#x}, {label})", None)
             self.past_eof.add(hc)
         self.unreferenced_data.update(info.unreferenced_data)
-        self._pending[l2] += 1
-        self._walked.add(l2)
+        if not info.paths:
+            self._pending.append(l2)
+        info.paths += 1
+        info.walked = True
         if active:
             r = self.report
             r.allocated_clusters += info.allocated
@@ -407,7 +416,7 @@ class Checker:
         meta = self.owner
         ordered = sorted(meta)
         for l2, info in self._l2_info.items():
-            if l2 not in self._walked:
+            if not info.walked:
                 continue
             runs = info.runs
             if runs is not None:
@@ -426,8 +435,10 @@ class Checker:
     def _flush_pending(self) -> None:
         """Add the references of every L2 table walked so far, times its
         number of paths."""
-        for l2, paths in self._pending.items():
+        for l2 in self._pending:
             info = self._l2_info[l2]
+            paths = info.paths
+            info.paths = 0
             runs = info.runs
             if runs is not None:
                 if runs:
@@ -611,7 +622,7 @@ class Checker:
         step = 2 if ext else 1
         seen_l2: set[int] = set()
         n = len(disk)
-        for index, l2 in self.active_l2:
+        for index, l2 in zip(self.active_l1_index, self.active_l2, strict=True):
             entry = l1[index]
             count = disk[l2 >> bits] if (l2 >> bits) < n else 0
             if (count == 1) != bool(entry & copied):
@@ -810,6 +821,7 @@ class Checker:
 
 
 _LITTLE = sys.byteorder == "little"
+_L2 = "L2 table"
 #: per amount below 256: byte values to which adding it does not carry, and
 #: the translate table adding it
 _NO_CARRY = [bytes(range(256 - amount)) for amount in range(256)]

@@ -18,6 +18,7 @@ from array import array
 from functools import lru_cache, reduce
 from itertools import chain, compress, islice, repeat
 from operator import and_, or_, rshift, sub
+from typing import Any
 
 from .. import format as fmt
 from ..image import Qcow2Image
@@ -26,6 +27,12 @@ from .check_report import RepairMode
 __all__ = ["L2Info", "scan_l2"]
 
 _LITTLE = sys.byteorder == "little"
+
+
+#: the empty containers of every table scanned in bulk, shared (a table
+#: scanned per entry gets its own: only that scan fills them)
+_SHARED_LIST: list[Any] = []
+_SHARED_FIXES: dict[int, int] = {}
 
 
 class L2Info:
@@ -49,8 +56,10 @@ class L2Info:
         "fragmented",
         "more_findings",
         "past_eof",
+        "paths",
         "runs",
         "unreferenced_data",
+        "walked",
     )
 
     def __init__(self, hosts: list[int] | array[int], findings: list[tuple[str, int | None,
@@ -62,15 +71,18 @@ class L2Info:
         self.fragmented = 0
         self.compressed = 0
         #: entry index -> fixed value (repair all)
-        self.fixes: dict[int, int] = {}
+        self.fixes: dict[int, int] = _SHARED_FIXES
         #: findings beyond the ones kept in ``findings`` (counted, not listed)
         self.more_findings = 0
         #: ``hosts`` is exactly one cluster per entry with a host offset, in order
         self.bulk = False
         #: host clusters of compressed clusters that QEMU's check calls errors and
         #: so does not count (a non-zero subcluster bitmap), though QEMU reads them
-        self.unreferenced_data: list[int] = []
+        self.unreferenced_data: list[int] = _SHARED_LIST
         self.runs: array[int] | None = None
+        #: the checker's: paths to this table not yet counted; reached at all
+        self.paths = 0
+        self.walked = False
         self.copied: bytes = b""
 
     @property
@@ -174,11 +186,23 @@ def _runs(hosts: list[int]) -> array[int]:
 _ENTRY = struct.Struct(">Q")
 
 
+@lru_cache(maxsize=64)
+def _uniform(flags: bytes) -> bytes:
+    return flags
+
+
+def _flags(flags: bytes) -> bytes:
+    """``flags``, one shared object when all are alike (most tables)."""
+    if flags.count(flags[:1]) == len(flags):
+        return _uniform(flags)
+    return flags
+
+
 def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None:
     """The references of a table of plain entries as host-cluster runs, by
     whole-table byte operations; None when an entry needs the per-entry
     rules (compressed, reserved bits, misaligned, past the end of the file)."""
-    info = L2Info([], [], [])
+    info = L2Info(_SHARED_LIST, _SHARED_LIST, _SHARED_LIST)
     info.bulk = True
     info.runs = array("Q")
     if raw == geom.zero:
@@ -198,7 +222,7 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
         if not live:
             return info
         info.allocated = len(live)
-        info.copied = bytes([0xFD if v >> 63 else 0xFF for v in live])
+        info.copied = _flags(bytes([0xFD if v >> 63 else 0xFF for v in live]))
         hosts = [(v & mask) >> bits for v in live]
         if max(hosts) >= file_clusters:
             return None
@@ -218,7 +242,7 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
     info.allocated = count
     if not count:
         return info
-    info.copied = bytes(offsets_be[0::8])
+    info.copied = _flags(bytes(offsets_be[0::8]))
     offsets_be[0::8] = bytes(count)
     offsets_be[7::8] = bytes(count)
     if count == 1 or _consecutive(geom, offsets_be, count):
@@ -259,6 +283,8 @@ def scan_l2(image: Qcow2Image, l2: int) -> L2Info:
     entries = table[0::2] if ext else table
     bitmaps = table[1::2] if ext else None
     info = L2Info([], [], [])
+    info.fixes = {}
+    info.unreferenced_data = []
     mask = fmt.L2E_OFFSET_MASK
     compressed = fmt.QCOW_OFLAG_COMPRESSED
     reserved = fmt.L2E_STD_RESERVED_MASK
