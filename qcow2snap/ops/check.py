@@ -844,11 +844,18 @@ def _zeros(typecode: str, count: int) -> array[int]:
 
 
 def _last_nonzero(counts: array[int], stop: int) -> int:
-    """Index of the last non-zero item of ``counts[:stop]``, -1 if none (a
-    C-level strip of the zero bytes at its end)."""
+    """Index of the last non-zero item of ``counts[:stop]``, -1 if none
+    (zero bytes stripped at C speed, 64 KiB at a time from the end)."""
     size = counts.itemsize
-    raw = memoryview(counts).cast("B")[:min(stop, len(counts)) * size]
-    return (len(bytes(raw).rstrip(b"\0")) + size - 1) // size - 1
+    end = min(stop, len(counts)) * size
+    with memoryview(counts) as view, view.cast("B") as octets:
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            kept = len(octets[start:end].tobytes().rstrip(b"\0"))
+            if kept:
+                return (start + kept + size - 1) // size - 1
+            end = start
+    return -1
 
 
 def _copied_agree(info: L2Info, disk: array[int]) -> bool:

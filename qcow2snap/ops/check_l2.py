@@ -198,6 +198,41 @@ def _flags(flags: bytes) -> bytes:
     return flags
 
 
+def _full_runs(raw: bytes, geom: _Geometry) -> tuple[list[int], bytes] | None:
+    """A table every entry of which has a host offset (as preallocated
+    images have), as runs of offsets following each other: the table as one
+    integer, XORed with the run its first entry starts; the highest bit left
+    is where the next run starts.  A few integer operations per run, none
+    per entry.  Returns (flat offset/count pairs, the entries' marked first
+    bytes), or None when an entry is unallocated or needs a closer look."""
+    col0 = raw[0::8]
+    if col0.translate(None, b"\x00\x80") or raw[7::8].translate(None, b"\x00\x01"):
+        return None
+    masked = bytearray(raw)
+    masked[0::8] = geom.zeros_n
+    masked[7::8] = geom.zeros_n
+    rest = int.from_bytes(masked, "big")
+    n = geom.n
+    cs = geom.cs
+    ones = geom.ones
+    ramp = geom.ramp
+    runs: list[int] = []
+    width = n
+    while True:
+        first = rest >> (64 * (width - 1))
+        if not first or first & (cs - 1):
+            return None
+        drop = 64 * (n - width)
+        diff = rest ^ (first * (ones >> drop) + cs * (ramp >> drop))
+        if not diff:
+            runs += (first, width)
+            return runs, col0.translate(geom.mark)
+        count = width - 1 - ((diff.bit_length() - 1) >> 6)
+        runs += (first, count)
+        width -= count
+        rest &= (1 << (64 * width)) - 1
+
+
 def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None:
     """The references of a table of plain entries as host-cluster runs, by
     whole-table byte operations; None when an entry needs the per-entry
@@ -209,6 +244,21 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
         return info
     bits = geom.bits
     mask = fmt.L2E_OFFSET_MASK
+    if raw[1:7] != bytes(6) and raw[-7:-1] != bytes(6):
+        # first and last entries allocated: likely all are
+        full = _full_runs(raw, geom)
+        if full is not None:
+            pairs, flags = full
+            runs = array("Q", pairs)
+            firsts = array("Q", map(rshift, pairs[0::2], repeat(bits)))
+            runs[0::2] = firsts
+            if max(map(int.__add__, firsts, pairs[1::2])) > file_clusters:
+                return None
+            info.runs = runs
+            info.allocated = geom.n
+            info.fragmented = len(firsts) - 1
+            info.copied = _flags(flags)
+            return info
     nonzero = raw.translate(geom.nonzero)
     # an allocated entry has 1 to 8 bytes that are not zero
     hits = (_sparse_entries(nonzero) if geom.n > 4 * _SPARSE_ENTRIES
@@ -251,11 +301,11 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
             return None
         info.runs = array("Q", (first, count))
         return info
-    offsets = array("Q")
-    offsets.frombytes(offsets_be)
+    decoded = array("Q")
+    decoded.frombytes(offsets_be)
     if _LITTLE:
-        offsets.byteswap()
-    hosts = list(map(rshift, offsets, repeat(bits)))
+        decoded.byteswap()
+    hosts = list(map(rshift, decoded, repeat(bits)))
     if max(hosts) >= file_clusters:
         return None
     info.runs = runs = _runs(hosts)
