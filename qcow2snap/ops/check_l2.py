@@ -120,6 +120,9 @@ class _Geometry:
         self.mark = bytes(0xFD if v & 0x80 else 0xFF for v in range(256))
         self.fe = b"\xfe" * n
         self.zeros_n = bytes(n)
+        self.ff_n = b"\xff" * n
+        #: offset bytes of five entries spread over a table
+        self.samples = sorted({8 * ((n - 1) * k // 4) + 1 for k in range(5)})
         self.nonzero = bytes([0] + [1] * 255)
         # an entry without a host offset, once marked; it cannot match
         # across two entries (its 0xFE would have to be one of its zeros)
@@ -150,27 +153,65 @@ def _consecutive(geom: _Geometry, offsets: bytes | bytearray, count: int) -> boo
     return expected.to_bytes(8 * count, "big") == offsets
 
 
-#: a table with more allocated entries than this is scanned densely
-_SPARSE_ENTRIES = 256
+#: a table with more stretches of allocated entries than this is scanned
+#: with replaces
+_MAX_SPANS = 1024
 
 
-def _sparse_entries(nonzero: bytes | bytearray) -> list[int] | None:
-    """Indexes of the entries with a host offset (``nonzero``: one byte per
-    table byte, 1 where the offset bytes are not zero), found one by one
-    with ``find``; None when there are more than :data:`_SPARSE_ENTRIES`."""
-    found: list[int] = []
-    find = nonzero.find
-    position = find(1)
+def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | None:
+    """Byte ranges of the stretches of entries with a host offset: the
+    next byte of an offset that is not zero (``find`` in a translated copy),
+    then the next entry without one (``find`` of its marked form, which
+    matches only whole entries).  None past :data:`_MAX_SPANS` stretches."""
+    offsets = bytearray(raw)
+    offsets[0::8] = geom.zeros_n
+    offsets[7::8] = geom.zeros_n
+    find_live = offsets.translate(geom.nonzero).find
+    offsets[0::8] = geom.ff_n
+    offsets[7::8] = geom.fe
+    find_gap = offsets.find
+    gap = geom.unallocated[0]
+    size = len(raw)
+    spans: list[tuple[int, int]] = []
+    position = find_live(1)
     while position >= 0:
-        if len(found) == _SPARSE_ENTRIES:
+        if len(spans) == _MAX_SPANS:
             return None
-        entry = position >> 3
-        found.append(entry)
-        position = find(1, (entry + 1) << 3)
-    return found
+        start = position & ~7
+        stop = find_gap(gap, start)
+        if stop < 0:
+            stop = size
+        spans.append((start, stop))
+        position = find_live(1, stop)
+    return spans
 
 
-def _runs(hosts: list[int]) -> array[int]:
+_SIX_ZEROS = bytes(6)
+
+
+def _host_clusters(entries: bytes, bits: int) -> array[int] | list[int]:
+    """Host cluster indexes of big-endian plain entries with a host offset
+    (no reserved or misaligned bits): with a whole number of bytes of
+    cluster bits (64 KiB clusters: 2), the index's bytes are moved into place
+    by strided slices; otherwise shifted entry by entry at C speed."""
+    if bits % 8 == 0 and _LITTLE:
+        shift = bits >> 3
+        moved = bytearray(len(entries))
+        # entry byte 0 holds flags only: index bytes are 1 .. 7 - shift
+        for position in range(1, 8 - shift):
+            moved[position + shift::8] = entries[position::8]
+        hosts = array("Q")
+        hosts.frombytes(moved)
+        hosts.byteswap()
+        return hosts
+    offsets = array("Q")
+    offsets.frombytes(entries)
+    if _LITTLE:
+        offsets.byteswap()
+    return list(map(rshift, map(and_, offsets, repeat(fmt.L2E_OFFSET_MASK)), repeat(bits)))
+
+
+def _runs(hosts: list[int] | array[int]) -> array[int]:
     """Flat (first, count) pairs of the stretches of ``hosts`` that follow
     each other (``hosts`` not empty); the breaks are found by C-level passes
     (differences, then the positions where one is not 1)."""
@@ -243,9 +284,8 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
     if raw == geom.zero:
         return info
     bits = geom.bits
-    mask = fmt.L2E_OFFSET_MASK
-    if raw[1:7] != bytes(6) and raw[-7:-1] != bytes(6):
-        # first and last entries allocated: likely all are
+    if all(raw[at:at + 6] != _SIX_ZEROS for at in geom.samples):
+        # five entries spread over the table allocated: likely all are
         full = _full_runs(raw, geom)
         if full is not None:
             pairs, flags = full
@@ -259,29 +299,22 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
             info.fragmented = len(firsts) - 1
             info.copied = _flags(flags)
             return info
-    nonzero = raw.translate(geom.nonzero)
-    # an allocated entry has 1 to 8 bytes that are not zero
-    hits = (_sparse_entries(nonzero) if geom.n > 4 * _SPARSE_ENTRIES
-            and len(nonzero) - nonzero.count(0) <= 8 * _SPARSE_ENTRIES else None)
-    if hits is not None:
-        # few entries that are not zero: take them one by one
-        values = [_ENTRY.unpack_from(raw, j << 3)[0] for j in hits]
-        if reduce(or_, values, 0) & geom.bad:
-            return None
-        live = [v for v in values if v & mask]
-        if not live:
-            return info
-        info.allocated = len(live)
-        info.copied = _flags(bytes([0xFD if v >> 63 else 0xFF for v in live]))
-        hosts = [(v & mask) >> bits for v in live]
-        if max(hosts) >= file_clusters:
-            return None
-        info.runs = runs = _runs(hosts)
-        info.fragmented = (len(runs) >> 1) - 1
-        return info
     for position, allowed in geom.checks:
         if raw[position::8].translate(None, allowed):
             return None
+    spans = _allocated_spans(raw, geom)
+    if spans is not None:
+        if not spans:
+            return info
+        live = b"".join([raw[a:b] for a, b in spans])
+        info.copied = _flags(live[0::8].translate(geom.mark))
+        hosts = _host_clusters(live, bits)
+        if max(hosts) >= file_clusters:
+            return None
+        info.allocated = len(hosts)
+        info.runs = runs = _runs(hosts)
+        info.fragmented = (len(runs) >> 1) - 1
+        return info
     # many: drop the unallocated entries (few, as a rule) with two replaces
     marked = bytearray(raw)
     marked[0::8] = raw[0::8].translate(geom.mark)
