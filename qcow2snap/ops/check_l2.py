@@ -159,17 +159,16 @@ _MAX_SPANS = 1024
 
 
 def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | None:
-    """Byte ranges of the stretches of entries with a host offset: the
-    next byte of an offset that is not zero (``find`` in a translated copy),
-    then the next entry without one (``find`` of its marked form, which
-    matches only whole entries).  None past :data:`_MAX_SPANS` stretches."""
-    offsets = bytearray(raw)
-    offsets[0::8] = geom.zeros_n
-    offsets[7::8] = geom.zeros_n
-    find_live = offsets.translate(geom.nonzero).find
-    offsets[0::8] = geom.ff_n
-    offsets[7::8] = geom.fe
-    find_gap = offsets.find
+    """Byte ranges of the stretches of entries with a host offset: ``find``
+    the next byte that is not zero (in a translated copy; one of flags only
+    makes an empty stretch), then the next entry without a host offset
+    (``find`` of its marked form, which matches only whole entries).  None
+    past :data:`_MAX_SPANS` stretches."""
+    find_live = raw.translate(geom.nonzero).find
+    marked = bytearray(raw)
+    marked[0::8] = geom.ff_n
+    marked[7::8] = geom.fe
+    find_gap = marked.find
     gap = geom.unallocated[0]
     size = len(raw)
     spans: list[tuple[int, int]] = []
@@ -181,6 +180,9 @@ def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | Non
         stop = find_gap(gap, start)
         if stop < 0:
             stop = size
+        elif stop == start:       # flags without a host offset
+            position = find_live(1, start + 8)
+            continue
         spans.append((start, stop))
         position = find_live(1, stop)
     return spans
