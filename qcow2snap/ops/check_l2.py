@@ -160,12 +160,14 @@ _MAX_SPANS = 1024
 
 def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | None:
     """Byte ranges of the stretches of entries with a host offset: ``find``
-    the next byte that is not zero (in a translated copy; one of flags only
-    makes an empty stretch), then the next entry without a host offset
+    the next offset byte that is not zero (in a translated copy without the
+    flag bytes), then the next entry without a host offset
     (``find`` of its marked form, which matches only whole entries).  None
     past :data:`_MAX_SPANS` stretches."""
-    find_live = raw.translate(geom.nonzero).find
     marked = bytearray(raw)
+    marked[0::8] = geom.zeros_n
+    marked[7::8] = geom.zeros_n
+    find_live = marked.translate(geom.nonzero).find
     marked[0::8] = geom.ff_n
     marked[7::8] = geom.fe
     find_gap = marked.find
@@ -180,9 +182,6 @@ def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | Non
         stop = find_gap(gap, start)
         if stop < 0:
             stop = size
-        elif stop == start:       # flags without a host offset
-            position = find_live(1, start + 8)
-            continue
         spans.append((start, stop))
         position = find_live(1, stop)
     return spans
@@ -241,6 +240,11 @@ def _flags(flags: bytes) -> bytes:
     return flags
 
 
+#: runs the whole-table integer path follows before leaving a table to
+#: :func:`_allocated_spans` (each run costs a few passes over the table)
+_MAX_FULL_RUNS = 16
+
+
 def _full_runs(raw: bytes, geom: _Geometry) -> tuple[list[int], bytes] | None:
     """A table every entry of which has a host offset (as preallocated
     images have), as runs of offsets following each other: the table as one
@@ -261,7 +265,7 @@ def _full_runs(raw: bytes, geom: _Geometry) -> tuple[list[int], bytes] | None:
     ramp = geom.ramp
     runs: list[int] = []
     width = n
-    while True:
+    while len(runs) < 2 * _MAX_FULL_RUNS:
         first = rest >> (64 * (width - 1))
         if not first or first & (cs - 1):
             return None
@@ -274,6 +278,7 @@ def _full_runs(raw: bytes, geom: _Geometry) -> tuple[list[int], bytes] | None:
         runs += (first, count)
         width -= count
         rest &= (1 << (64 * width)) - 1
+    return None   # fragmented: each run costs operations on the whole table
 
 
 def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None:
