@@ -18,7 +18,9 @@ check errors, allocated / fragmented clusters, image end offset) from
 Timing is whole-process, the two commands alternated in ABBA order after
 one untimed run of each, the ratio (qcow2snap / qemu-img; below 1 = faster)
 taken pair by pair and its median printed with each tool's peak RSS (GNU
-time's %M; ``bench_list.paired``).  ``--in-process`` also times the check
+time's %M), as ``bench_list.paired`` does, plus the median ratio of CPU
+time (user + system, GNU time's %U %S): on a loaded machine the wall
+ratio also measures who waited longer for a processor.  ``--in-process`` also times the check
 inside this Python process (open + :class:`~qcow2snap.ops.check.Checker`
 run, imports excluded) against qemu-img's whole run, paired the same way:
 the figure a Python CLI's start-up cannot spoil.
@@ -46,8 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import QCOW2SNAP, ROOT, sh, timed
-from bench_list import paired
+from bench import QCOW2SNAP, ROOT, TIME, sh, timed
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -159,36 +160,87 @@ def agree(img: Path) -> dict[str, int]:
     return want
 
 
+def timed_cpu(cmd: list[str], cwd: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS in bytes of
+    ``cmd`` (GNU time), after a sync so no run pays another's writeback."""
+    os.sync()
+    out = cwd / ".bench-check-time"
+    start = time.perf_counter()
+    proc = subprocess.run([TIME, "-f", "%M %U %S", "-o", str(out), *cmd], cwd=cwd,
+                          stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    rss, user, system = out.read_text().split()[-3:]
+    return wall, float(user) + float(system), int(rss) * 1024
+
+
+def paired_cpu(name: str, ours: list[str], theirs: list[str], rounds: int,
+               cwd: Path) -> dict[str, float | str]:
+    """ABBA-alternated runs; wall and CPU ratios pair by pair, medians."""
+    for cmd in (ours, theirs):            # untimed: imports, page cache
+        timed_cpu(cmd, cwd)
+    runs: dict[bool, list[tuple[float, float, int]]] = {True: [], False: []}
+    for i in range(rounds):
+        for is_ours in (True, False) if i % 2 == 0 else (False, True):
+            runs[is_ours].append(timed_cpu(ours if is_ours else theirs, cwd))
+    a, b = runs[True], runs[False]
+    result: dict[str, float | str] = {
+        "case": name,
+        "qcow2snap_s": statistics.median(r[0] for r in a),
+        "qemu_img_s": statistics.median(r[0] for r in b),
+        "ratio": statistics.median(x[0] / y[0] for x, y in zip(a, b, strict=True)),
+        "qcow2snap_cpu_s": statistics.median(r[1] for r in a),
+        "qemu_img_cpu_s": statistics.median(r[1] for r in b),
+        "cpu_ratio": statistics.median(x[1] / max(y[1], 0.005)
+                                       for x, y in zip(a, b, strict=True)),
+        "qcow2snap_rss_mib": max(r[2] for r in a) / MiB,
+        "qemu_img_rss_mib": max(r[2] for r in b) / MiB,
+    }
+    print(f"{name:<44} wall {result['qcow2snap_s']:7.3f}s vs {result['qemu_img_s']:7.3f}s "
+          f"ratio {result['ratio']:5.2f} | cpu {result['qcow2snap_cpu_s']:6.3f}s vs "
+          f"{result['qemu_img_cpu_s']:6.3f}s ratio {result['cpu_ratio']:5.2f} | RSS "
+          f"{result['qcow2snap_rss_mib']:6.1f} vs {result['qemu_img_rss_mib']:5.1f} MiB",
+          flush=True)
+    return result
+
+
 def in_process(name: str, img: Path, rounds: int, cwd: Path) -> dict[str, float | str]:
     """The check run inside this process (open, Checker.run, close) against
     qemu-img's whole run, alternated and paired as :func:`paired`."""
     sys.path.insert(0, str(ROOT))
     from qcow2snap.ops.check import check_image
 
-    def ours() -> float:
-        start = time.perf_counter()
+    def ours() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         check_image(img)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     theirs = ["qemu-img", "check", str(img)]
     ours()
     timed(theirs, cwd)
-    ours_t: list[float] = []
-    theirs_t: list[float] = []
+    a: list[tuple[float, float]] = []
+    b: list[tuple[float, float]] = []
     for i in range(rounds):
         order = [True, False] if i % 2 == 0 else [False, True]
         for is_ours in order:
             if is_ours:
                 os.sync()
-                ours_t.append(ours())
+                a.append(ours())
             else:
-                theirs_t.append(timed(theirs, cwd)[0])
-    ratios = [a / b for a, b in zip(ours_t, theirs_t, strict=True)]
+                b.append(timed_cpu(theirs, cwd)[:2])
     result: dict[str, float | str] = {
-        "case": name, "qcow2snap_s": statistics.median(ours_t),
-        "qemu_img_s": statistics.median(theirs_t), "ratio": statistics.median(ratios)}
-    print(f"{name:<34} in-process {result['qcow2snap_s']:7.3f}s  qemu-img (whole) "
-          f"{result['qemu_img_s']:7.3f}s  ratio {result['ratio']:5.2f}", flush=True)
+        "case": name, "qcow2snap_s": statistics.median(r[0] for r in a),
+        "qemu_img_s": statistics.median(r[0] for r in b),
+        "ratio": statistics.median(x[0] / y[0] for x, y in zip(a, b, strict=True)),
+        "qcow2snap_cpu_s": statistics.median(r[1] for r in a),
+        "qemu_img_cpu_s": statistics.median(r[1] for r in b),
+        "cpu_ratio": statistics.median(x[1] / max(y[1], 0.005)
+                                       for x, y in zip(a, b, strict=True))}
+    print(f"{name:<44} wall {result['qcow2snap_s']:7.3f}s vs {result['qemu_img_s']:7.3f}s "
+          f"ratio {result['ratio']:5.2f} | cpu {result['qcow2snap_cpu_s']:6.3f}s vs "
+          f"{result['qemu_img_cpu_s']:6.3f}s ratio {result['cpu_ratio']:5.2f}  (in-process: "
+          f"open + check, no start-up)", flush=True)
     return result
 
 
@@ -227,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = agree(img)   # also warms the page cache (a 200 GiB sparse file
         # is not read whole)
         print(f"{name}: both tools agree: {counts}", flush=True)
-        results.append(paired(name, [*QCOW2SNAP, "check", str(img)],
-                              ["qemu-img", "check", str(img)], args.rounds, args.workdir))
+        results.append(paired_cpu(name, [*QCOW2SNAP, "check", str(img)],
+                                  ["qemu-img", "check", str(img)], args.rounds, args.workdir))
         if args.in_process:
             results.append(in_process(f"{name} (in-process)", img, args.rounds, args.workdir))
     if args.json:

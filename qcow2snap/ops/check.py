@@ -8,9 +8,11 @@ snapshot's L1 table, each L2 table once *per path* (an L2 shared by k L1
 tables gives its data clusters k references), compressed clusters +1 per
 touched host cluster, the snapshot table's exact byte range, the LUKS
 header and the persistent-bitmap structures.  Tables are decoded in bulk
-(:mod:`qcow2snap.tables`; one L2 table by :mod:`.check_l2`) and counts are
-kept in one ``array`` indexed by host cluster, so memory is one machine
-word per host cluster and time is one pass over the metadata.
+(:mod:`qcow2snap.tables`; one L2 table by :mod:`.check_l2`, into runs of
+consecutive host clusters) and counts are kept in one ``array`` indexed by
+host cluster, in the width of the image's refcounts, so memory is two bytes
+per host cluster (twice: computed and stored) and time is one pass over the
+metadata with a few operations per run.
 
 What is reported (each a :class:`~.check_report.Finding`): refcounts too
 high (leaks) and too low, misaligned tables and data clusters, reserved
@@ -25,9 +27,10 @@ status does too (0 clean, 2 corruptions, 3 leaks only, 1 the check could not
 be completed -- which QEMU also says when it cannot read the snapshot table
 without ``-r all``; qcow2snap still reports everything else it found).
 
-This module is about 700 lines because the checker is one pass with shared
-state (the reference counts, the cluster owners, the L2 results); its
-independent parts live beside it.  Repair is :mod:`qcow2snap.ops.repair`.
+This module is about 900 lines because the checker is one pass with shared
+state (the reference counts, the cluster owners, the L2 results) and
+counts in bulk (runs, byte-level refcount arithmetic); its independent
+parts live beside it.  Repair is :mod:`qcow2snap.ops.repair`.
 """
 
 from __future__ import annotations

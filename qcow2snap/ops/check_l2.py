@@ -8,11 +8,19 @@ problems QEMU reports (reserved bits, misaligned clusters, COPIED on a
 compressed cluster, subcluster bitmaps that contradict the entry).  The
 checker applies the result once per path to the table
 (:meth:`qcow2snap.ops.check.Checker.walk_l1`).
+
+Tables of plain entries (nearly all) are scanned in bulk, with no Python
+work per entry: their references become *runs* (first host cluster,
+count) of clusters that follow each other.  A table whose entries are all
+allocated (preallocated images) is one integer XORed with the run its first
+entry starts (the highest bit left is where the next run starts); others
+are cut into stretches of allocated entries with ``bytes.find``, their host
+clusters moved into place with strided slices.  Any entry the bulk path
+cannot vouch for sends the table to the per-entry rules.
 """
 
 from __future__ import annotations
 
-import struct
 import sys
 from array import array
 from functools import lru_cache, reduce
@@ -223,9 +231,6 @@ def _runs(hosts: list[int] | array[int]) -> array[int]:
     runs[0::2] = array("Q", map(hosts.__getitem__, starts[:-1]))
     runs[1::2] = array("Q", map(sub, islice(starts, 1, None), starts))
     return runs
-
-
-_ENTRY = struct.Struct(">Q")
 
 
 @lru_cache(maxsize=64)
