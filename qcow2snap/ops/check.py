@@ -154,6 +154,9 @@ class Checker:
             ref[first] = value
             return
         stop = first + count
+        if count <= 8:        # a short run: item by item is cheaper
+            self._bump_each(range(first, stop), amount)
+            return
         size = ref.itemsize
         if amount < 256 and _LITTLE:
             with memoryview(ref) as view, view.cast("B") as octets:
@@ -424,9 +427,9 @@ class Checker:
             runs = info.runs
             if runs is not None:
                 # a run overlaps metadata iff a metadata cluster lies in it
-                if not any(bisect_left(ordered, a) < len(ordered)
-                           and ordered[bisect_left(ordered, a)] < a + c
-                           for a, c in zip(runs[0::2], runs[1::2], strict=True)):
+                if not any(ordered[i] < a + c for i, a, c in zip(
+                        map(bisect_left, repeat(ordered), runs[0::2]), runs[0::2], runs[1::2],
+                        strict=True) if i < len(ordered)):
                     continue
             elif meta.keys().isdisjoint(info.hosts):
                 continue
