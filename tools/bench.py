@@ -63,6 +63,26 @@ def timed(cmd: Sequence[str], cwd: Path | None = None) -> tuple[float, int]:
     return elapsed, rss
 
 
+def require_qemu(parser: argparse.ArgumentParser) -> None:
+    """Stop with a usage error unless qemu-img and qemu-io are installed."""
+    for tool in ("qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is needed (apt-get install qemu-utils)")
+
+
+def prepare_timing() -> str:
+    """Compile qcow2snap's bytecode (time it as pip installs it: an
+    environment with PYTHONDONTWRITEBYTECODE=1 would make every run
+    recompile every module) and describe the machine and the qemu-img."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    import compileall
+    compileall.compile_dir(str(ROOT / "qcow2snap"), quiet=1)
+    version = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True,
+                             check=True).stdout.splitlines()[0]
+    return (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}, {version}")
+
+
 def warm(path: Path) -> None:
     with open(path, "rb") as f:
         while f.read(16 * MiB):
@@ -356,21 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per tool")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
-    for tool in ("qemu-img", "qemu-io"):
-        if shutil.which(tool) is None:
-            parser.error(f"{tool} is needed (apt-get install qemu-utils)")
+    require_qemu(parser)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    # Time qcow2snap as installed: with its bytecode compiled (pip does that
-    # on install; an environment with PYTHONDONTWRITEBYTECODE=1 would make
-    # every run recompile every module, ~15 ms of start-up that users do not
-    # pay).
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    import compileall
-    compileall.compile_dir(str(ROOT / "qcow2snap"), quiet=1)
-    version = subprocess.run(["qemu-img", "--version"], capture_output=True,
-                             text=True).stdout.splitlines()[0]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, {version}", flush=True)
+    print(prepare_timing(), flush=True)
     results = []
     if args.suite == "build":
         suite_build(args.workdir, args.rounds)

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import QCOW2SNAP, ROOT, TIME, sh, timed
+from bench import QCOW2SNAP, ROOT, TIME, prepare_timing, require_qemu, sh, timed
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -184,7 +182,15 @@ def paired_cpu(name: str, ours: list[str], theirs: list[str], rounds: int,
     for i in range(rounds):
         for is_ours in (True, False) if i % 2 == 0 else (False, True):
             runs[is_ours].append(timed_cpu(ours if is_ours else theirs, cwd))
-    a, b = runs[True], runs[False]
+    rss = {"qcow2snap_rss_mib": max(r[2] for r in runs[True]) / MiB,
+           "qemu_img_rss_mib": max(r[2] for r in runs[False]) / MiB}
+    return summary(name, [r[:2] for r in runs[True]], [r[:2] for r in runs[False]], rss)
+
+
+def summary(name: str, a: list[tuple[float, float]], b: list[tuple[float, float]],
+            extra: dict[str, float]) -> dict[str, float | str]:
+    """Medians of wall and CPU time of each side, pairwise median ratios;
+    printed on one line."""
     result: dict[str, float | str] = {
         "case": name,
         "qcow2snap_s": statistics.median(r[0] for r in a),
@@ -194,13 +200,12 @@ def paired_cpu(name: str, ours: list[str], theirs: list[str], rounds: int,
         "qemu_img_cpu_s": statistics.median(r[1] for r in b),
         "cpu_ratio": statistics.median(x[1] / max(y[1], 0.005)
                                        for x, y in zip(a, b, strict=True)),
-        "qcow2snap_rss_mib": max(r[2] for r in a) / MiB,
-        "qemu_img_rss_mib": max(r[2] for r in b) / MiB,
-    }
+        **extra}
+    memory = (f" | RSS {extra['qcow2snap_rss_mib']:6.1f} vs {extra['qemu_img_rss_mib']:5.1f} MiB"
+              if extra else "  (in-process: open + check, no start-up)")
     print(f"{name:<44} wall {result['qcow2snap_s']:7.3f}s vs {result['qemu_img_s']:7.3f}s "
           f"ratio {result['ratio']:5.2f} | cpu {result['qcow2snap_cpu_s']:6.3f}s vs "
-          f"{result['qemu_img_cpu_s']:6.3f}s ratio {result['cpu_ratio']:5.2f} | RSS "
-          f"{result['qcow2snap_rss_mib']:6.1f} vs {result['qemu_img_rss_mib']:5.1f} MiB",
+          f"{result['qemu_img_cpu_s']:6.3f}s ratio {result['cpu_ratio']:5.2f}{memory}",
           flush=True)
     return result
 
@@ -229,19 +234,7 @@ def in_process(name: str, img: Path, rounds: int, cwd: Path) -> dict[str, float 
                 a.append(ours())
             else:
                 b.append(timed_cpu(theirs, cwd)[:2])
-    result: dict[str, float | str] = {
-        "case": name, "qcow2snap_s": statistics.median(r[0] for r in a),
-        "qemu_img_s": statistics.median(r[0] for r in b),
-        "ratio": statistics.median(x[0] / y[0] for x, y in zip(a, b, strict=True)),
-        "qcow2snap_cpu_s": statistics.median(r[1] for r in a),
-        "qemu_img_cpu_s": statistics.median(r[1] for r in b),
-        "cpu_ratio": statistics.median(x[1] / max(y[1], 0.005)
-                                       for x, y in zip(a, b, strict=True))}
-    print(f"{name:<44} wall {result['qcow2snap_s']:7.3f}s vs {result['qemu_img_s']:7.3f}s "
-          f"ratio {result['ratio']:5.2f} | cpu {result['qcow2snap_cpu_s']:6.3f}s vs "
-          f"{result['qemu_img_cpu_s']:6.3f}s ratio {result['cpu_ratio']:5.2f}  (in-process: "
-          f"open + check, no start-up)", flush=True)
-    return result
+    return summary(name, a, b, {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,18 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-only", action="store_true", help="only build the images")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
-    for tool in ("qemu-img", "qemu-io"):
-        if shutil.which(tool) is None:
-            parser.error(f"{tool} is needed (apt-get install qemu-utils)")
+    require_qemu(parser)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    # as bench.py: time qcow2snap with its bytecode compiled, as pip installs it
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    import compileall
-    compileall.compile_dir(str(ROOT / "qcow2snap"), quiet=1)
-    version = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True,
-                             check=True).stdout.splitlines()[0]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, {version}; images in {args.workdir}", flush=True)
+    print(f"{prepare_timing()}; images in {args.workdir}", flush=True)
     results = []
     for kind in args.kinds:
         name, build = KINDS[kind]
