@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
@@ -91,4 +92,4 @@ def test_nonzero_runs(values: list[int]) -> None:
     runs = tables.nonzero_runs(array("Q", values))
     assert [i for start, stop in runs for i in range(start, stop)] == [
         i for i, v in enumerate(values) if v]
-    assert all(a[1] < b[0] for a, b in zip(runs, runs[1:]))   # maximal runs
+    assert all(a[1] < b[0] for a, b in pairwise(runs))   # maximal runs
