@@ -237,32 +237,33 @@ def check_clean(img: Path) -> None:
 # ---------------------------------------------------------------------------
 # suites
 
-def suite_inproc(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int,
-                 big_gib: float) -> list[dict[str, float | str]]:
-    import qcow2snap  # noqa: F401  - imported once, as a long-lived program would
-    results = []
-    for key in images:
-        img = BUILDERS[key](work, big_gib)
-        warm(img)
-        for op in ops:
-            results.append(paired_op(f"({key}) API {op}", op, img, rounds,
-                                     lambda op=op, img=img: _api_timed(op, img), work))
-        check_clean(img)
-    return results
-
-
-def suite_cli(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int,
-              big_gib: float) -> list[dict[str, float | str]]:
+def _paired_suite(kind: str, work: Path, images: Sequence[str], ops: Sequence[str],
+                  rounds: int, big_gib: float) -> list[dict[str, float | str]]:
+    """``kind`` "API" (in this process) or "CLI" against qemu-img, every
+    image and operation; each image is checked clean afterwards."""
     results = []
     for key in images:
         img = BUILDERS[key](work, big_gib)
         warm(img)
         for op in ops:
             cmd = [*QCOW2SNAP, *CLI_ARGS[op], str(img)]
-            results.append(paired_op(f"({key}) CLI {op}", op, img, rounds,
-                                     lambda cmd=cmd: _run_timed(cmd, work), work))
+            ours: Callable[[], tuple[float, int]] = (
+                (lambda op=op, img=img: _api_timed(op, img)) if kind == "API"
+                else (lambda cmd=cmd: _run_timed(cmd, work)))
+            results.append(paired_op(f"({key}) {kind} {op}", op, img, rounds, ours, work))
         check_clean(img)
     return results
+
+
+def suite_inproc(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int,
+                 big_gib: float) -> list[dict[str, float | str]]:
+    import qcow2snap  # noqa: F401  - imported once, as a long-lived program would
+    return _paired_suite("API", work, images, ops, rounds, big_gib)
+
+
+def suite_cli(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int,
+              big_gib: float) -> list[dict[str, float | str]]:
+    return _paired_suite("CLI", work, images, ops, rounds, big_gib)
 
 
 def suite_rss(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int,

@@ -189,7 +189,7 @@ class SnapshotEditor:
         #: L2 tables a refcount pass read, kept for the COPIED pass that
         #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
         #: clusters make 65,536 tables of a 2 GiB disk)
-        self._memo: dict[int, tuple[array[int], LiveEntries]] = {}
+        self._memo: dict[int, tuple[array[int], LiveEntries | None]] = {}
         self._memo_bytes = 0
         self.check_editable()
         txn.mark_in_use([0])
@@ -263,8 +263,12 @@ class SnapshotEditor:
             else:
                 refs = list(compress(hosts, hosts))
             if self._memo_bytes < MEMO_BYTES:
-                self._memo[l2] = (table, info)
-                self._memo_bytes += (len(table) + 2 * len(live)) * 8 + 256
+                if type(hosts) is list:   # per-entry route: a tuple and an int an entry
+                    self._memo[l2] = (table, None)   # only spare the read
+                    self._memo_bytes += len(table) * 8 + 128
+                else:
+                    self._memo[l2] = (table, info)
+                    self._memo_bytes += (len(table) + 2 * len(live) + 16 * len(info[0])) * 8 + 256
             txn.add_references(refs, addend)
 
     def _l2_table(self, offset: int) -> tuple[array[int], LiveEntries | None]:
