@@ -15,7 +15,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterable
 from itertools import compress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from . import format as fmt
 from .errors import CorruptImageError
@@ -24,6 +24,8 @@ from .tables import (
     decode_u64_table,
     encode_refcount_block,
     encode_u64_table,
+    l2_host_clusters,
+    nonzero_runs,
     refcount_block_entries,
 )
 
@@ -112,19 +114,59 @@ def l2_entry_references(image: Qcow2Image, entry: int) -> list[int]:
     return []
 
 
-def l2_references(image: Qcow2Image, l2_offset: int) -> list[int]:
-    """Host cluster indexes referenced by the entries of one L2 table
-    (with repetitions: one per referencing entry)."""
-    table = image.read_l2(l2_offset)
-    entries = table[0::2] if image.extended_l2 else table
+#: tables of fewer entries (small clusters) take the per-entry route: the
+#: bulk one's fixed cost is more than a comprehension over 64 entries
+BULK_ENTRIES = 512
+
+
+#: what :func:`l2_live` returns
+LiveEntries: TypeAlias = "tuple[list[tuple[int, int]], array[int], array[int] | list[int], bool]"
+
+
+def l2_live(entries: array[int], cluster_bits: int) -> LiveEntries:
+    """The entries of an L2 table that are not all-zero, as ``(runs, live,
+    hosts, compressed)``: the index runs they occupy, their values, their
+    host clusters (0 for a compressed entry or one without an offset), and
+    whether any is compressed.  Big tables are done in bulk
+    (:func:`~qcow2snap.tables.nonzero_runs`,
+    :func:`~qcow2snap.tables.l2_host_clusters`), small ones entry by
+    entry.  ``entries`` holds plain entries (``table[0::2]`` when extended)."""
     mask = fmt.L2E_OFFSET_MASK
     compressed = fmt.QCOW_OFLAG_COMPRESSED
-    bits = image.cluster_bits
-    live = list(compress(entries, entries))  # drop unallocated entries at C speed
-    out = [(e & mask) >> bits for e in live if e & mask and not e & compressed]
-    for entry in live:
-        if entry & compressed:
-            out.extend(l2_entry_references(image, entry))
+    if len(entries) < BULK_ENTRIES:
+        indexes = list(compress(range(len(entries)), entries))
+        live = array(entries.typecode, [entries[j] for j in indexes])
+        hosts = [(e & mask) >> cluster_bits if not e & compressed else 0 for e in live]
+        return ([(j, j + 1) for j in indexes], live, hosts,
+                any(e & compressed for e in live))
+    runs = nonzero_runs(entries)
+    live = array(entries.typecode)
+    for start, stop in runs:
+        live += entries[start:stop]
+    all_hosts = l2_host_clusters(entries, cluster_bits)
+    if all_hosts is None:
+        return (runs, live, [(e & mask) >> cluster_bits if not e & compressed else 0
+                             for e in live], True)
+    bulk = array(all_hosts.typecode)
+    for start, stop in runs:
+        bulk += all_hosts[start:stop]
+    return runs, live, bulk, False
+
+
+def l2_references(image: Qcow2Image, l2_offset: int,
+                  table: array[int] | None = None) -> list[int]:
+    """Host cluster indexes referenced by the entries of one L2 table
+    (with repetitions: one per referencing entry); ``table`` if the caller
+    read it already."""
+    if table is None:
+        table = image.read_l2(l2_offset)
+    entries = table[0::2] if image.extended_l2 else table
+    _, live, hosts, has_compressed = l2_live(entries, image.cluster_bits)
+    out = list(compress(hosts, hosts))
+    if has_compressed:
+        for entry in live:
+            if entry & fmt.QCOW_OFLAG_COMPRESSED:
+                out.extend(l2_entry_references(image, entry))
     return out
 
 

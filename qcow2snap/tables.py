@@ -14,8 +14,10 @@ the least significant bits of byte 0, as the spec says.
 
 from __future__ import annotations
 
+import re
 import sys
 from array import array
+from typing import Literal
 
 _LITTLE = sys.byteorder == "little"
 
@@ -113,3 +115,74 @@ def encode_refcount_block(block: array[int] | list[int], refcount_order: int) ->
 def refcount_max(refcount_order: int) -> int:
     """Largest refcount a width can hold."""
     return (1 << (1 << refcount_order)) - 1
+
+
+# --- L2 entries -> host clusters, in bulk -------------------------------------
+
+_KEEP_COMPRESSED_BIT = bytes(b & 0x40 for b in range(256))
+#: per bit count n: byte -> byte with its n low bits cleared
+_CLEAR_LOW = [bytes(b & (0xFF << n) & 0xFF for b in range(256)) for n in range(8)]
+
+
+def _byte_index(k: int) -> int:
+    """Position in an entry stored in native byte order of its byte k
+    (bits 8k..8k+7)."""
+    return k if _LITTLE else 7 - k
+
+
+def l2_host_clusters(table: array[int], cluster_bits: int) -> array[int] | None:
+    """Host cluster index of every entry of an L2 table (its
+    ``L2E_OFFSET_MASK`` bits >> ``cluster_bits``; 0 where there is none), at
+    C speed: the flag byte and the bits below ``cluster_bits`` are cleared
+    with strided slices, then the whole table, read as one integer, is
+    shifted right by ``cluster_bits`` (each entry's cleared low bits are
+    what the entry below receives, so no bits cross from one entry to the
+    next).  None when the table holds a COMPRESSED entry, whose bits mean
+    something else (the caller takes the entry-by-entry route).  ``table``
+    holds plain entries (for extended L2, the caller passes ``table[0::2]``)."""
+    raw = bytearray(table.tobytes())
+    top = _byte_index(7)
+    flags = raw[top::8]
+    if 0x40 in flags.translate(_KEEP_COMPRESSED_BIT):
+        return None
+    zeros = bytes(len(flags))
+    if cluster_bits % 8 == 0:
+        # whole bytes (64 KiB clusters): move byte lanes down, no integer work
+        q = cluster_bits // 8
+        out_raw = bytearray(len(raw))
+        for k in range(q, 7):                 # bits 8q..55 -> 0..55-8q
+            out_raw[_byte_index(k - q)::8] = raw[_byte_index(k)::8]
+        lanes = array(_U64)
+        lanes.frombytes(out_raw)
+        return lanes
+    raw[top::8] = zeros                       # bits 56-63: flags, reserved
+    for k in range(cluster_bits // 8):        # whole low bytes
+        raw[_byte_index(k)::8] = zeros
+    if cluster_bits % 8:
+        k = _byte_index(cluster_bits // 8)
+        raw[k::8] = raw[k::8].translate(_CLEAR_LOW[cluster_bits % 8])
+    if cluster_bits < 9:                      # pragma: no cover - clusters are >= 512 bytes
+        raise ValueError("cluster_bits below 9")
+    order: Literal["little", "big"] = "little" if _LITTLE else "big"
+    shifted = (int.from_bytes(raw, order) >> cluster_bits).to_bytes(len(raw), order)
+    out = array(_U64)
+    out.frombytes(shifted)
+    return out
+
+
+_NONZERO_RUN = re.compile(rb"[^\x00]+")
+
+
+def nonzero_runs(table: array[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` index ranges of the runs of non-zero entries of a
+    u64 table, found at C speed: the table's eight byte lanes (every
+    entry's byte k, a strided slice) are OR-ed together as integers, which
+    leaves one byte per entry, zero iff the entry is; a regular expression
+    then finds the runs of non-zero bytes.  A sparse table costs per run,
+    not per entry."""
+    raw = table.tobytes()
+    lanes = 0
+    for k in range(8):
+        lanes |= int.from_bytes(raw[k::8], "little")
+    per_entry = lanes.to_bytes(len(table), "little")
+    return [m.span() for m in _NONZERO_RUN.finditer(per_entry)]

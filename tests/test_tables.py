@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
@@ -67,3 +68,28 @@ def test_extended_l2_split() -> None:
     entries, bitmaps = tables.split_extended_l2(tables.decode_u64_table(
         struct.pack(">4Q", 1, 2, 3, 4)))
     assert list(entries) == [1, 3] and list(bitmaps) == [2, 4]
+
+
+_ENTRY = st.one_of(st.just(0), st.integers(0, 2**64 - 1), st.integers(1, 2**64 - 1).map(
+    lambda v: v & ~(1 << 62)), st.sampled_from([1, 1 << 63, (1 << 63) | (5 << 16)]))
+
+
+@given(st.lists(_ENTRY, max_size=200), st.sampled_from([9, 12, 16, 21, 24]))
+def test_l2_host_clusters_is_the_per_entry_rule(values: list[int], cluster_bits: int) -> None:
+    from array import array
+    table = array("Q", values)
+    hosts = tables.l2_host_clusters(table, cluster_bits)
+    if any(v & (1 << 62) for v in values):      # COMPRESSED: the caller's per-entry route
+        assert hosts is None
+    else:
+        assert hosts is not None
+        assert list(hosts) == [(v & 0x00FFFFFFFFFFFE00) >> cluster_bits for v in values]
+
+
+@given(st.lists(st.one_of(st.just(0), st.integers(0, 63).map(lambda b: 1 << b)), max_size=300))
+def test_nonzero_runs(values: list[int]) -> None:
+    from array import array
+    runs = tables.nonzero_runs(array("Q", values))
+    assert [i for start, stop in runs for i in range(start, stop)] == [
+        i for i, v in enumerate(values) if v]
+    assert all(a[1] < b[0] for a, b in pairwise(runs))   # maximal runs

@@ -27,7 +27,7 @@ import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from itertools import compress
+from itertools import chain, compress
 
 from .. import format as fmt
 from ..errors import (
@@ -39,8 +39,8 @@ from ..errors import (
 )
 from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
-from ..refcount import decode_l1, l2_references
-from ..tables import encode_u64_table
+from ..refcount import LiveEntries, decode_l1, l2_live, l2_references
+from ..tables import decode_u64_table, encode_u64_table
 from .transaction import CommitResult, Transaction
 
 __all__ = [
@@ -51,6 +51,9 @@ __all__ = [
     "SnapshotExistsError",
     "next_snapshot_id",
 ]
+
+#: bytes of L2 tables kept between an edit's refcount and COPIED passes
+MEMO_BYTES = 32 << 20
 
 #: QEMU's tools hold names in char[256] and IDs in char[128]
 QEMU_MAX_NAME_BYTES = 255
@@ -90,6 +93,77 @@ class _Slot:
         return self.snapshot.label
 
 
+_COPIED_BIT_IN_TOP_BYTE = 0x80
+#: byte -> byte with / without bit 7 (COPIED is bit 63: bit 7 of an entry's
+#: most significant byte)
+_KEEP_TOP_BIT = bytes(b & 0x80 for b in range(256))
+_CLEAR_TOP_BIT = bytes(b & 0x7F for b in range(256))
+#: a refcount (0-255) -> the COPIED bit in the top byte iff it is 1
+_ONE_TO_TOP_BIT = bytes(0x80 if b == 1 else 0 for b in range(256))
+
+
+def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Transaction,
+                       live_info: LiveEntries | None = None) -> array[int] | None:
+    """The L2 table with COPIED recomputed from the new refcounts (set iff
+    a NORMAL/ZERO_ALLOC entry's cluster has refcount exactly 1), or None
+    when no entry changes.  ``live_info``: :func:`l2_live` of the table,
+    if a refcount pass computed it already.
+
+    Per-entry Python work is what made edits slow (issue 16), so the
+    common cases are done on the table's bytes at C speed: every referenced
+    cluster has a count of 2 or more (after a create, always) - COPIED
+    cleared everywhere; every live entry has a cluster (no compressed or
+    offset-less entry) - the top bytes of the live entries rewritten from
+    the counts in one integer operation.  Other tables take the
+    entry-by-entry route."""
+    entries = table[0::step] if step == 2 else table
+    runs, live, hosts, _ = live_info or l2_live(entries, cluster_bits)
+    if not runs:
+        return None
+    copied = fmt.QCOW_OFLAG_COPIED
+    counted = list(compress(hosts, hosts))
+    counts = txn.refcounts_of(counted)
+    if not counts or min(counts) >= 2:
+        # COPIED nowhere: clear bit 7 of every entry's top byte
+        raw = bytearray(encode_u64_table(table))   # big-endian: top byte first
+        top = raw[0::8 * step]
+        if _COPIED_BIT_IN_TOP_BYTE not in top.translate(_KEEP_TOP_BIT):
+            return None
+        raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
+        return decode_u64_table(raw)
+    if len(counted) == len(live) and max(counts) <= 255:
+        # every live entry has a cluster: its top byte becomes (top & 0x7F)
+        # | (0x80 if its count is 1), computed on the bytes of those top
+        # bytes (one per live entry) as integers, written back per run
+        raw = bytearray(encode_u64_table(table))   # big-endian: top byte first
+        lane = raw[0::8 * step]
+        live_top = b"".join(lane[start:stop] for start, stop in runs)
+        new_top = (int.from_bytes(live_top.translate(_CLEAR_TOP_BIT), "big")
+                   | int.from_bytes(bytes(counts).translate(_ONE_TO_TOP_BIT), "big")
+                   ).to_bytes(len(live_top), "big")
+        if new_top == live_top:
+            return None
+        done = 0
+        for start, stop in runs:
+            lane[start:stop] = new_top[done:done + stop - start]
+            done += stop - start
+        raw[0::8 * step] = lane
+        return decode_u64_table(raw)
+    not_copied = ~copied & ((1 << 64) - 1)
+    count_iter = iter(counts)
+    wants = array(live.typecode, [
+        (e & not_copied) | copied if h and next(count_iter) == 1 else e & not_copied
+        for e, h in zip(live, hosts, strict=True)])
+    if wants == live:
+        return None
+    desired = array(table.typecode, table)
+    indexes = chain.from_iterable(range(start, stop) for start, stop in runs)
+    for j, want, e in zip(indexes, wants, live, strict=True):
+        if want != e:
+            desired[j * step] = want
+    return desired
+
+
 class SnapshotEditor:
     """Plans snapshot operations on one image into a :class:`Transaction`.
 
@@ -111,8 +185,12 @@ class SnapshotEditor:
         self.table_dirty = False
         # read_l1 decodes a fresh array: the editor owns it
         self.active = _L1(h.l1_table_offset, h.l1_size, image.read_l1(image.layer()))
-        self._l2_content: dict[int, array[int]] = {}   # new L2 offset -> content
-        self._remap: dict[int, int] = {}               # old L2 offset -> new offset
+        self._moved_l2: set[int] = set()     # offsets of the L2 copies this edit made
+        #: L2 tables a refcount pass read, kept for the COPIED pass that
+        #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
+        #: clusters make 65,536 tables of a 2 GiB disk)
+        self._memo: dict[int, tuple[array[int], LiveEntries | None]] = {}
+        self._memo_bytes = 0
         self.check_editable()
         txn.mark_in_use([0])
         txn.mark_in_use(txn.clusters_of(h.l1_table_offset, h.l1_size * 8))
@@ -176,17 +254,29 @@ class SnapshotEditor:
             l2 = self._l2_offset(entry, where)
             if not l2:
                 continue
-            refs = l2_references(self.image, l2)
-            txn.mark_in_use([l2 >> bits])
-            txn.mark_in_use(refs)
-            txn.add_refcount(l2 >> bits, addend)
-            txn.add_refcounts(refs, addend)
+            txn.add_references([l2 >> bits], addend)
+            table = self.image.read_l2(l2)
+            info = l2_live(table[0::2] if self.image.extended_l2 else table, bits)
+            _, live, hosts, has_compressed = info
+            if has_compressed:
+                refs = l2_references(self.image, l2, table)
+            else:
+                refs = list(compress(hosts, hosts))
+            if self._memo_bytes < MEMO_BYTES:
+                if type(hosts) is list:   # per-entry route: a tuple and an int an entry
+                    self._memo[l2] = (table, None)   # only spare the read
+                    self._memo_bytes += len(table) * 8 + 128
+                else:
+                    self._memo[l2] = (table, info)
+                    self._memo_bytes += (len(table) + 2 * len(live) + 16 * len(info[0])) * 8 + 256
+            txn.add_references(refs, addend)
 
-    def _l2_table(self, offset: int) -> array[int]:
-        content = self._l2_content.get(offset)
-        if content is not None:
-            return content
-        return self.image.read_l2(offset)
+    def _l2_table(self, offset: int) -> tuple[array[int], LiveEntries | None]:
+        """An L2 table of the new state, with its :func:`l2_live` if known."""
+        if offset in self._moved_l2:   # a copy this edit made: decode what it writes
+            return decode_u64_table(self.txn.new_data[offset]), None
+        memo = self._memo.get(offset)
+        return memo if memo is not None else (self.image.read_l2(offset), None)
 
     def _all_l1s(self) -> list[_L1]:
         return [self.active, *(self._snapshot_l1(slot) for slot in self.slots)]
@@ -203,9 +293,6 @@ class SnapshotEditor:
         bits = self.cluster_bits
         step = 2 if self.image.extended_l2 else 1
         copied = fmt.QCOW_OFLAG_COPIED
-        not_copied = ~copied & ((1 << 64) - 1)
-        compressed = fmt.QCOW_OFLAG_COMPRESSED
-        mask = fmt.L2E_OFFSET_MASK
         referrers: dict[int, list[tuple[_L1, int]]] | None = None
         active = self.active
         l2_offsets = [self._l2_offset(e, "the active L1 table") for e in active.entries]
@@ -215,25 +302,9 @@ class SnapshotEditor:
             if not l2:
                 continue
             paths = next(l2_count)
-            table = self._l2_table(l2)
-            entries = table[0::step] if step == 2 else table
-            # only entries that are not all-zero can change
-            indexes = list(compress(range(len(entries)), entries))  # nonzero, at C speed
-            live = [(j, entries[j]) for j in indexes]
-            hosts = [(e & mask) >> bits if not e & compressed else 0 for _, e in live]
-            counts = txn.refcounts_of([h for h in hosts if h])
-            count_iter = iter(counts)
-            changes: list[tuple[int, int]] = []
-            for (j, e), h in zip(live, hosts, strict=True):
-                want = e & not_copied
-                if h and next(count_iter) == 1:
-                    want |= copied
-                if want != e:
-                    changes.append((j * step, want))
-            if changes:
-                desired = array(table.typecode, table)
-                for index, value in changes:
-                    desired[index] = value
+            table, info = self._l2_table(l2)
+            desired = _copied_recomputed(table, step, bits, txn, info)
+            if desired is not None:
                 if referrers is None:
                     referrers = self._referrers()
                 l2 = self._move_l2(l2, desired, referrers)
@@ -242,6 +313,8 @@ class SnapshotEditor:
             if new_entry != entry:
                 active.entries[i] = new_entry
                 active.moved = True
+        self._memo.clear()
+        self._memo_bytes = 0
 
     def _referrers(self) -> dict[int, list[tuple[_L1, int]]]:
         out: dict[int, list[tuple[_L1, int]]] = {}
@@ -259,10 +332,9 @@ class SnapshotEditor:
         paths = txn.refcount(old >> bits)
         new = txn.allocate(self.cluster_size)
         txn.add_refcount(new >> bits, paths - 1)
-        txn.add_refcount(old >> bits, -paths)
+        txn.release_relocated([old >> bits], paths)
         txn.write_new(new, encode_u64_table(content))
-        self._l2_content[new] = content
-        self._remap[old] = new
+        self._moved_l2.add(new)
         for l1, index in referrers.pop(old, []):
             entry = l1.entries[index]
             l1.entries[index] = (entry & ~fmt.L1E_OFFSET_MASK) | new
@@ -357,8 +429,8 @@ class SnapshotEditor:
         self.txn.check_increments_fit(f"reverting to snapshot {record.label}")
         self._refupdate(self.active, -1, "the active L1 table")
         old = self.active
-        if old.size:
-            self.txn.add_refcounts(self.txn.clusters_of(old.offset, old.byte_length()), -1)
+        if old.size:   # QEMU overwrites the active L1 in place: relocated metadata
+            self.txn.release_relocated(self.txn.clusters_of(old.offset, old.byte_length()))
         self.active = _L1(0, new_size, entries, moved=True)
         self._fix_active_copied()
         return record
@@ -383,7 +455,7 @@ class SnapshotEditor:
             l1 = self.active
             if l1.offset:
                 # old location freed (revert already released it)
-                txn.add_refcounts(txn.clusters_of(l1.offset, l1.byte_length()), -1)
+                txn.release_relocated(txn.clusters_of(l1.offset, l1.byte_length()))
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
             if l1.size:
                 txn.write_new(l1.offset, encode_u64_table(l1.entries))
@@ -392,7 +464,7 @@ class SnapshotEditor:
                 continue
             l1 = slot.l1
             if slot.original is not None and l1.offset:
-                txn.add_refcounts(txn.clusters_of(l1.offset, l1.byte_length()), -1)
+                txn.release_relocated(txn.clusters_of(l1.offset, l1.byte_length()))
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
             if l1.size:
                 txn.write_new(l1.offset, encode_u64_table(l1.entries))
@@ -413,8 +485,8 @@ class SnapshotEditor:
             else:
                 offset = 0
             if h.nb_snapshots:
-                txn.add_refcounts(txn.clusters_of(h.snapshots_offset, image.snapshot_table.size),
-                                  -1)
+                txn.release_relocated(txn.clusters_of(h.snapshots_offset,
+                                                      image.snapshot_table.size))
             fields.update(nb_snapshots=len(self.slots), snapshots_offset=offset)
         txn.set_header(**fields)
         return txn.commit(dry_run=dry_run)
