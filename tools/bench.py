@@ -235,6 +235,51 @@ def build_edit_image(work: Path) -> Path:
     return img
 
 
+def _text_chunks(work: Path, count: int = 8) -> list[Path]:
+    """``count`` files of 1 MiB compressible, non-repeating text (for
+    ``qemu-io write -s``)."""
+    files = []
+    for k in range(count):
+        path = work / f"text-{k}.bin"
+        if not path.exists():
+            lines = "".join(f"{k:02d}{i:010d} the quick brown fox {(i * 2654435761) % 1000003:07d}"
+                            f" jumps over the lazy dog\n" for i in range(16000)).encode()
+            path.write_bytes(lines[:MiB].ljust(MiB, b"."))
+        files.append(path)
+    return files
+
+
+def build_scattered(work: Path, compressible: bool = False) -> Path:
+    """32 GiB virtual, ~3 GiB allocated in scattered writes of 64 KiB to
+    1 MiB (64 KiB aligned), a snapshot after each GiB (3 snapshots), then
+    256 MiB more so the active layer differs.  ``compressible``: the writes
+    carry text (``qemu-io write -s``) instead of one-byte patterns."""
+    img = work / ("s-32g-text.qcow2" if compressible else "s-32g.qcow2")
+    if img.exists():
+        return img
+    import random
+    rng = random.Random(16)
+    texts = _text_chunks(work) if compressible else []
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "32G")
+    slots = (32 * GiB) >> 16
+    for phase, budget in enumerate((GiB, GiB, GiB, 256 * MiB)):
+        lines = []
+        done = 0
+        while done < budget:
+            length = rng.randint(1, 16) << 16
+            offset = rng.randrange(slots - 16) << 16
+            fill = f"-s {texts[len(lines) % len(texts)]}" if texts else f"-P {len(lines) % 250 + 1}"
+            lines.append(f"write {fill} {offset} {length}")
+            done += length
+        subprocess.run(["qemu-io", str(tmp)], input=("\n".join(lines) + "\n").encode(),
+                       check=True, stdout=subprocess.DEVNULL)
+        if phase < 3:
+            sh("qemu-img", "snapshot", "-c", f"s{phase + 1}", str(tmp))
+    tmp.rename(img)
+    return img
+
+
 # ---------------------------------------------------------------------------
 # Suites
 # ---------------------------------------------------------------------------
