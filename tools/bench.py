@@ -8,6 +8,7 @@ time of each, their ratio (qcow2snap / qemu-img; below 1.0 = faster) and
 the peak RSS of each child process (from wait4's rusage).
 
     python tools/bench.py extract     # extraction cases (a)-(d)
+    python tools/bench.py qcow2       # qcow2 output (extract -O qcow2 [-c]) vs qemu-img convert
     python tools/bench.py list        # 10,000-snapshot listing
     python tools/bench.py all
     python tools/bench.py build       # only build the images (do it ahead)
@@ -93,11 +94,14 @@ def compare(name: str, ours: Callable[[], Sequence[str]], theirs: Callable[[], S
             else:
                 theirs_rss = max(theirs_rss, rss)
             cleanup()
-    result = {
+    result: dict[str, float | str] = {
         "case": name,
         "qcow2snap_s": statistics.median(ours_t),
         "other_s": statistics.median(theirs_t),
         "ratio": statistics.median(ours_t) / statistics.median(theirs_t),
+        # the median of each round's own ratio (the two runs of a round are
+        # back to back, so a drift of the machine's speed cancels out)
+        "pair_ratio": statistics.median([a / b for a, b in zip(ours_t, theirs_t, strict=True)]),
         "qcow2snap_min_s": min(ours_t),
         "other_min_s": min(theirs_t),
         "min_ratio": min(ours_t) / min(theirs_t),
@@ -105,7 +109,8 @@ def compare(name: str, ours: Callable[[], Sequence[str]], theirs: Callable[[], S
         "other_rss_mib": theirs_rss / MiB,
     }
     print(f"{name:<44} qcow2snap {result['qcow2snap_s']:7.3f}s  other {result['other_s']:7.3f}s"
-          f"  ratio {result['ratio']:5.2f} (best-of {result['min_ratio']:5.2f})"
+          f"  ratio {result['ratio']:5.2f} (paired {result['pair_ratio']:5.2f},"
+          f" best-of {result['min_ratio']:5.2f})"
           f"  RSS {result['qcow2snap_rss_mib']:6.1f} MiB"
           f" vs {result['other_rss_mib']:6.1f} MiB", flush=True)
     return result
@@ -264,7 +269,7 @@ def build_scattered(work: Path, compressible: bool = False) -> Path:
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "32G")
     slots = (32 * GiB) >> 16
     for phase, budget in enumerate((GiB, GiB, GiB, 256 * MiB)):
-        lines = []
+        lines: list[str] = []
         done = 0
         while done < budget:
             length = rng.randint(1, 16) << 16
@@ -331,6 +336,34 @@ def suite_extract(work: Path, rounds: int) -> list[dict[str, float | str]]:
     return results
 
 
+def suite_qcow2(work: Path, rounds: int) -> list[dict[str, float | str]]:
+    """qcow2 output: ``extract -O qcow2 [-c]`` against ``qemu-img convert -O
+    qcow2 [-c] -l snapshot.name=...`` on the scattered 32 GiB images, both
+    writing their output in ``work`` (the same file system as the source)."""
+    out = work / "out.qcow2"
+
+    def cleanup() -> None:
+        if out.exists():
+            out.unlink()
+
+    plain, text = build_scattered(work), build_scattered(work, compressible=True)
+    cases = [
+        ("qcow2 out: 32 GiB, 3 GiB scattered, snapshot s3", plain, "s3", []),
+        ("qcow2 out: the same, active layer", plain, None, []),
+        ("qcow2 out -c: 32 GiB, 3 GiB of text, snapshot s3", text, "s3", ["-c"]),
+    ]
+    results = []
+    for name, img, layer, flags in cases:
+        warm(img)
+        ours = [*QCOW2SNAP, "extract", "--no-progress", "-O", "qcow2", *flags, layer or "-",
+                str(img), "-o", str(out)]
+        theirs = ["qemu-img", "convert", "-O", "qcow2", *flags,
+                  *(["-l", f"snapshot.name={layer}"] if layer else []), str(img), str(out)]
+        results.append(compare(name, lambda ours=ours: ours, lambda theirs=theirs: theirs,
+                               rounds, cleanup, work))
+    return results
+
+
 def suite_list(work: Path, rounds: int) -> list[dict[str, float | str]]:
     img = build_many_snapshots(work)
     warm(img)
@@ -382,14 +415,16 @@ def suite_edit(work: Path, rounds: int) -> list[dict[str, float | str]]:
 def suite_build(work: Path, rounds: int) -> list[dict[str, float | str]]:
     """Only build every suite's images (slow, once), timing nothing: run it
     ahead, then time on a quiet machine."""
-    for build in (build_uncompressed, lambda w: build_compressed(w, "zlib"),
+    for build in (build_uncompressed, build_scattered, lambda w: build_scattered(w, True),
+                  lambda w: build_compressed(w, "zlib"),
                   lambda w: build_compressed(w, "zstd"), build_many_snapshots,
                   build_edit_image):
         print(f"built {build(work)}", flush=True)
     return []
 
 
-SUITES = {"extract": suite_extract, "list": suite_list, "edit": suite_edit}
+SUITES = {"extract": suite_extract, "qcow2": suite_qcow2, "list": suite_list,
+          "edit": suite_edit}
 
 
 def main(argv: list[str] | None = None) -> int:
