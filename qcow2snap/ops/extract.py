@@ -450,8 +450,8 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
             copies.add(host + i * cs, offset, cs)
             offset += cs
         write_offset = offset
-        if len(copies.runs) >= 4096 or copies.bytes >= 256 << 20:
-            copies.copy(src_fd, src_size, fd, image.path)
+        if len(copies.runs) >= 1024 or copies.bytes >= 64 << 20:
+            copies.copy(src_fd, src_size, fd, image.path, wait=False)
 
     def items() -> Iterator[tuple[int, int, int]]:
         """``(first guest cluster, host offset, count)``, in guest order:
@@ -547,6 +547,7 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
             flush_window()
         progress(size - last_done)
     finally:
+        copies.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
