@@ -507,7 +507,8 @@ def _write_qcow2(image: Qcow2Image, layer: Layer, fd: int, *, compress: str | No
                 for j in range(n):
                     yield first + i + j, chunk[j << cluster_bits:(j + 1) << cluster_bits]
 
-    pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if compressor else None
+    # at least 4 compressing threads, as QEMU's qcow2 driver (QCOW2_MAX_THREADS)
+    pool = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1)) if compressor else None
     try:
         last_done = 0
         if compressor is None and overlay is None:   # plan kernel copies of runs
