@@ -8,6 +8,7 @@ time of each, their ratio (qcow2snap / qemu-img; below 1.0 = faster) and
 the peak RSS of each child process (from wait4's rusage).
 
     python tools/bench.py extract     # extraction cases (a)-(d)
+    python tools/bench.py qcow2       # qcow2 output (extract -O qcow2 [-c]) vs qemu-img convert
     python tools/bench.py list        # 10,000-snapshot listing
     python tools/bench.py all
     python tools/bench.py build       # only build the images (do it ahead)
@@ -113,11 +114,14 @@ def compare(name: str, ours: Callable[[], Sequence[str]], theirs: Callable[[], S
             else:
                 theirs_rss = max(theirs_rss, rss)
             cleanup()
-    result = {
+    result: dict[str, float | str] = {
         "case": name,
         "qcow2snap_s": statistics.median(ours_t),
         "other_s": statistics.median(theirs_t),
         "ratio": statistics.median(ours_t) / statistics.median(theirs_t),
+        # the median of each round's own ratio (the two runs of a round are
+        # back to back, so a drift of the machine's speed cancels out)
+        "pair_ratio": statistics.median([a / b for a, b in zip(ours_t, theirs_t, strict=True)]),
         "qcow2snap_min_s": min(ours_t),
         "other_min_s": min(theirs_t),
         "min_ratio": min(ours_t) / min(theirs_t),
@@ -125,7 +129,8 @@ def compare(name: str, ours: Callable[[], Sequence[str]], theirs: Callable[[], S
         "other_rss_mib": theirs_rss / MiB,
     }
     print(f"{name:<44} qcow2snap {result['qcow2snap_s']:7.3f}s  other {result['other_s']:7.3f}s"
-          f"  ratio {result['ratio']:5.2f} (best-of {result['min_ratio']:5.2f})"
+          f"  ratio {result['ratio']:5.2f} (paired {result['pair_ratio']:5.2f},"
+          f" best-of {result['min_ratio']:5.2f})"
           f"  RSS {result['qcow2snap_rss_mib']:6.1f} MiB"
           f" vs {result['other_rss_mib']:6.1f} MiB", flush=True)
     return result
@@ -255,6 +260,51 @@ def build_edit_image(work: Path) -> Path:
     return img
 
 
+def _text_chunks(work: Path, count: int = 8) -> list[Path]:
+    """``count`` files of 1 MiB compressible, non-repeating text (for
+    ``qemu-io write -s``)."""
+    files = []
+    for k in range(count):
+        path = work / f"text-{k}.bin"
+        if not path.exists():
+            lines = "".join(f"{k:02d}{i:010d} the quick brown fox {(i * 2654435761) % 1000003:07d}"
+                            f" jumps over the lazy dog\n" for i in range(16000)).encode()
+            path.write_bytes(lines[:MiB].ljust(MiB, b"."))
+        files.append(path)
+    return files
+
+
+def build_scattered(work: Path, compressible: bool = False) -> Path:
+    """32 GiB virtual, ~3 GiB allocated in scattered writes of 64 KiB to
+    1 MiB (64 KiB aligned), a snapshot after each GiB (3 snapshots), then
+    256 MiB more so the active layer differs.  ``compressible``: the writes
+    carry text (``qemu-io write -s``) instead of one-byte patterns."""
+    img = work / ("s-32g-text.qcow2" if compressible else "s-32g.qcow2")
+    if img.exists():
+        return img
+    import random
+    rng = random.Random(16)
+    texts = _text_chunks(work) if compressible else []
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "32G")
+    slots = (32 * GiB) >> 16
+    for phase, budget in enumerate((GiB, GiB, GiB, 256 * MiB)):
+        lines: list[str] = []
+        done = 0
+        while done < budget:
+            length = rng.randint(1, 16) << 16
+            offset = rng.randrange(slots - 16) << 16
+            fill = f"-s {texts[len(lines) % len(texts)]}" if texts else f"-P {len(lines) % 250 + 1}"
+            lines.append(f"write {fill} {offset} {length}")
+            done += length
+        subprocess.run(["qemu-io", str(tmp)], input=("\n".join(lines) + "\n").encode(),
+                       check=True, stdout=subprocess.DEVNULL)
+        if phase < 3:
+            sh("qemu-img", "snapshot", "-c", f"s{phase + 1}", str(tmp))
+    tmp.rename(img)
+    return img
+
+
 # ---------------------------------------------------------------------------
 # Suites
 # ---------------------------------------------------------------------------
@@ -303,6 +353,34 @@ def suite_extract(work: Path, rounds: int) -> list[dict[str, float | str]]:
         lambda: [*QCOW2SNAP, "extract", "--no-progress", "1", str(img), "-o", str(out)],
         lambda: ["cp", "--sparse=always", str(img), str(copy)],
         rounds, cleanup_copy, work))
+    return results
+
+
+def suite_qcow2(work: Path, rounds: int) -> list[dict[str, float | str]]:
+    """qcow2 output: ``extract -O qcow2 [-c]`` against ``qemu-img convert -O
+    qcow2 [-c] -l snapshot.name=...`` on the scattered 32 GiB images, both
+    writing their output in ``work`` (the same file system as the source)."""
+    out = work / "out.qcow2"
+
+    def cleanup() -> None:
+        if out.exists():
+            out.unlink()
+
+    plain, text = build_scattered(work), build_scattered(work, compressible=True)
+    cases = [
+        ("qcow2 out: 32 GiB, 3 GiB scattered, snapshot s3", plain, "s3", []),
+        ("qcow2 out: the same, active layer", plain, None, []),
+        ("qcow2 out -c: 32 GiB, 3 GiB of text, snapshot s3", text, "s3", ["-c"]),
+    ]
+    results = []
+    for name, img, layer, flags in cases:
+        warm(img)
+        ours = [*QCOW2SNAP, "extract", "--no-progress", "-O", "qcow2", *flags, layer or "-",
+                str(img), "-o", str(out)]
+        theirs = ["qemu-img", "convert", "-O", "qcow2", *flags,
+                  *(["-l", f"snapshot.name={layer}"] if layer else []), str(img), str(out)]
+        results.append(compare(name, lambda ours=ours: ours, lambda theirs=theirs: theirs,
+                               rounds, cleanup, work))
     return results
 
 
@@ -357,14 +435,16 @@ def suite_edit(work: Path, rounds: int) -> list[dict[str, float | str]]:
 def suite_build(work: Path, rounds: int) -> list[dict[str, float | str]]:
     """Only build every suite's images (slow, once), timing nothing: run it
     ahead, then time on a quiet machine."""
-    for build in (build_uncompressed, lambda w: build_compressed(w, "zlib"),
+    for build in (build_uncompressed, build_scattered, lambda w: build_scattered(w, True),
+                  lambda w: build_compressed(w, "zlib"),
                   lambda w: build_compressed(w, "zstd"), build_many_snapshots,
                   build_edit_image):
         print(f"built {build(work)}", flush=True)
     return []
 
 
-SUITES = {"extract": suite_extract, "list": suite_list, "edit": suite_edit}
+SUITES = {"extract": suite_extract, "qcow2": suite_qcow2, "list": suite_list,
+          "edit": suite_edit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import stat
 import tempfile
@@ -80,13 +79,12 @@ from ..tables import (
     refcount_max,
 )
 from .extract import atomic_output, input_files
+from .qcow2_writer import BatchWriter, CopyRuns
 
 __all__ = ["CompactResult", "compact", "compact_in_place", "verify"]
 
 ProgressCallback = Callable[[int, int], None]
 
-_MAX_RUN = 64 << 20   # bytes of one coalesced copy run
-_STEP = 8 << 20       # bytes per copy call (the unit of progress)
 _SLOT = 1 << 61       # marks a --compress placeholder in a remapped L2 table
 _FAKE_L2 = 1 << 55    # keys of L2 tables made for --no-backing (beyond any real offset)
 _COMPRESSION_TYPES = {"zlib": fmt.QCOW2_COMPRESSION_TYPE_ZLIB,
@@ -150,8 +148,10 @@ class _Layout:
         self.l2_refs: dict[int, list[int]] = {}   # old L2 offset -> new clusters referenced
         self.l2_l1refs: dict[int, int] = {}       # old L2 offset -> L1 entries pointing at it
         self.l2_order: list[int] = []
-        self.copies: list[list[int]] = []   # [src, dst, length] runs, coalesced
+        self.copies = CopyRuns()   # [src, dst, length] runs, coalesced
         self.data_bytes = 0
+        #: --compress's placed bytes and every table, written by contiguous run
+        self.out: BatchWriter | None = None
         #: the last run of compressed bytes copied: [source start, source end, new start]
         self.comp_run: list[int] | None = None
         #: next free byte for compressed data, and the end of the clusters
@@ -161,13 +161,12 @@ class _Layout:
 
     def _copy(self, src: int, dst: int, length: int) -> None:
         self.data_bytes += length
-        if self.copies:
-            last = self.copies[-1]
-            if (last[0] + last[2] == src and last[1] + last[2] == dst
-                    and last[2] + length <= _MAX_RUN):
-                last[2] += length
-                return
-        self.copies.append([src, dst, length])
+        self.copies.add(src, dst, length)
+
+    def _write(self, fd: int, data: bytes, offset: int) -> None:
+        if self.out is None:
+            self.out = BatchWriter(fd)
+        self.out.write(data, offset)
 
     def _corrupt(self, what: str, offset: int) -> CorruptImageError:
         return CorruptImageError(
@@ -320,11 +319,11 @@ class _Layout:
         else:
             pos = self.cursor
             self.cursor += self.cs
-            _pwrite(fd, data, pos)
+            self._write(fd, data, pos)
             self.data_bytes += self.cs
             self.slot_entries.append(pos)
             return
-        _pwrite(fd, data, pos)
+        self._write(fd, data, pos)
         self.data_bytes += len(data)
         self.slot_entries.append(fmt.QCOW_OFLAG_COMPRESSED | (nb << image.csize_shift) | pos)
 
@@ -369,7 +368,7 @@ class _Layout:
         else:
             new = self.cursor
             self.cursor += self.cs
-            _pwrite(self.fd, data, new)
+            self._write(self.fd, data, new)
             self.data_bytes += len(data)
         self.backing_map[guest_cluster] = new
         return new
@@ -557,11 +556,12 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
         plan.place_slots(fd, advance)
         plan.resolve_slots()
     else:
-        _copy_runs(image, fd, plan.copies, advance)
+        plan.copies.copy(image._file.fd, image.file_size, fd, image.path, advance)
     if progress:
         progress(total, total)   # bytes past the source's end were not copied, but are done
 
     # refcounts of data clusters: each L2 reference counts once per L1 path
+    out = plan.out if plan.out is not None else BatchWriter(fd)
     refcounts: dict[int, int] = {0: 1}
     for old in plan.l2_order:
         times = plan.l2_l1refs[old]
@@ -582,7 +582,7 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
                 if host and refcounts[host >> cb] == 1:
                     table[i] = entry | fmt.QCOW_OFLAG_COPIED
         new = next_cluster << cb
-        _pwrite(fd, encode_u64_table(table), new)
+        out.write(encode_u64_table(table), new)
         l2_offsets[old] = new
         refcounts[next_cluster] = plan.l2_l1refs[old]
         next_cluster += 1
@@ -590,17 +590,17 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
     # L1 tables: the active one, then each snapshot's
     l1_offsets = []
     for l1 in l1_tables:
-        out = array(l1.typecode, bytes(len(l1) * 8))
+        l1_out = array(l1.typecode, bytes(len(l1) * 8))
         for i, entry in enumerate(l1):
             old = entry & fmt.L1E_OFFSET_MASK
             if old:
                 new = l2_offsets[old]
-                out[i] = new | (fmt.QCOW_OFLAG_COPIED if refcounts[new >> cb] == 1 else 0)
+                l1_out[i] = new | (fmt.QCOW_OFLAG_COPIED if refcounts[new >> cb] == 1 else 0)
         offset = next_cluster << cb
         l1_offsets.append(offset if len(l1) else 0)
         nclusters = -(-len(l1) * 8 // cs)
         if nclusters:
-            _pwrite(fd, encode_u64_table(out), offset)
+            out.write(encode_u64_table(l1_out), offset)
         for c in range(nclusters):
             refcounts[next_cluster + c] = 1
         next_cluster += nclusters
@@ -613,7 +613,7 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
     snapshots_offset = 0
     if image.snapshots:
         snapshots_offset = next_cluster << cb
-        _pwrite(fd, bytes(table_bytes), snapshots_offset)
+        out.write(bytes(table_bytes), snapshots_offset)
         nclusters = -(-len(table_bytes) // cs)
         for c in range(nclusters):
             refcounts[next_cluster + c] = 1
@@ -628,7 +628,7 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
                 f"{image.path}: host cluster {cluster} needs refcount {count}, more than "
                 f"{1 << order}-bit refcounts hold", feature="refcount width")
     reftable_offset, nb_table, end_cluster = write_fresh_refcounts(
-        lambda data, offset: _pwrite(fd, data, offset), refcounts, next_cluster, cb, order)
+        out.write, refcounts, next_cluster, cb, order)
     file_end = end_cluster << cb
 
     # header cluster
@@ -674,60 +674,10 @@ def _write(image: Qcow2Image, fd: int, out_dir: str, progress: ProgressCallback 
     if len(blob) > cs:
         raise OutputError(f"{image.path}: the header, its extensions and the backing file name "
                           f"({len(blob)} bytes) do not fit in one {cs}-byte cluster")
-    _pwrite(fd, blob, 0)
+    out.write(blob, 0)
+    out.flush()
     os.ftruncate(fd, file_end)
     return plan, file_end
-
-
-#: copy_file_range errors meaning "not between these files": copy through a buffer
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                             errno.EBADF, errno.ETXTBSY, errno.EPERM})
-
-
-def _copy_runs(image: Qcow2Image, fd: int, copies: list[list[int]],
-               advance: Callable[[int], None]) -> None:
-    """Copy the planned ``[src, dst, length]`` runs from the image file:
-    in the kernel with ``copy_file_range`` (page cache to page cache, no
-    byte through Python; measured as fast as a read/write loop here and
-    without its copies), else through a reused buffer.  Bytes past the
-    source's end (a compressed cluster's last sector) stay holes."""
-    src_fd = image._file.fd
-    src_size = image.file_size
-    kernel = hasattr(os, "copy_file_range")
-    buf = memoryview(bytearray(_STEP))
-    for src, dst, length in copies:
-        end = min(src + length, src_size)
-        while src < end:
-            n = min(_STEP, end - src)
-            if kernel:
-                try:
-                    copied = os.copy_file_range(src_fd, fd, n, src, dst)
-                except OSError as exc:
-                    if exc.errno not in _NO_KERNEL_COPY:
-                        raise
-                    kernel = False
-                    continue
-                if copied <= 0:
-                    raise CorruptImageError(f"{image.path}: the file ended while it was read",
-                                            structure="data", offset=src)
-            else:
-                got = os.preadv(src_fd, [buf[:n]], src)
-                if got <= 0:
-                    raise CorruptImageError(f"{image.path}: the file ended while it was read",
-                                            structure="data", offset=src)
-                _pwrite(fd, buf[:got], dst)
-                copied = got
-            src += copied
-            dst += copied
-            advance(copied)
-
-
-def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        offset += n
-        view = view[n:]
 
 
 def _snapshot_fields(sn: Snapshot) -> tuple[object, ...]:
