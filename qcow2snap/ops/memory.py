@@ -520,6 +520,44 @@ def _lime_layout(ranges: list[PhysRange]
 FLUSH_BYTES = 4 << 20
 
 
+#: The most buffers one ``pwritev`` takes (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def _set_bits(bits: bytearray, start: int, count: int) -> None:
+    """Set bits ``start`` .. ``start + count - 1`` (bit ``i``: byte ``i >> 3``,
+    value ``1 << (i & 7)``)."""
+    end = start + count
+    while start < end and start & 7:
+        bits[start >> 3] |= 1 << (start & 7)
+        start += 1
+    whole = (end - start) >> 3
+    if whole:
+        bits[start >> 3:(start >> 3) + whole] = b"\xff" * whole
+        start += whole << 3
+    while start < end:
+        bits[start >> 3] |= 1 << (start & 7)
+        start += 1
+
+
+def _any_bits(bits: bytearray, start: int, count: int) -> bool:
+    """Is any of bits ``start`` .. ``start + count - 1`` set?"""
+    end = start + count
+    while start < end and start & 7:
+        if bits[start >> 3] & (1 << (start & 7)):
+            return True
+        start += 1
+    whole = (end - start) >> 3
+    if whole and bits[start >> 3:(start >> 3) + whole].strip(b"\0"):
+        return True
+    start += whole << 3
+    while start < end:
+        if bits[start >> 3] & (1 << (start & 7)):
+            return True
+        start += 1
+    return False
+
+
 class _PageWriter:
     """RamSink writing pages to the output through per-block segment lists
     (block offset range -> file offset); one bit per page records whether it
@@ -578,6 +616,50 @@ class _PageWriter:
         bits[index >> 3] |= 1 << (index & 7)
         for file_offset, start, n in targets:
             self._write(file_offset, data[start:start + n])
+
+    def pages(self, block: RamBlock, offset: int, count: int, records: memoryview,
+              stride: int) -> None:
+        """A run of consecutive pages: each mapped part written with one
+        ``pwritev`` of the pages' slices (no copy)."""
+        ps = self.page_size
+        end = offset + count * ps
+        targets = self._targets(block, offset, count * ps)
+        if end > block.size or any((start % ps) or (n % ps) for _, start, n in targets):
+            for j in range(count):   # a part not on page boundaries: page by page
+                self.page(block, offset + j * ps, records[j * stride + 8:(j + 1) * stride])
+            return
+        if not targets:
+            return
+        _set_bits(self.written[block.name], offset // ps, count)
+        self.flush()
+        for file_offset, start, n in targets:
+            first = start // ps
+            views = [records[j * stride + 8:(j + 1) * stride]
+                     for j in range(first, first + n // ps)]
+            for k in range(0, len(views), _IOV_MAX):
+                chunk = views[k:k + _IOV_MAX]
+                length = len(chunk) * ps
+                done = os.pwritev(self.fd, chunk, file_offset)
+                if done < length:   # a short write: the rest one piece at a time
+                    rest = memoryview(b"".join(chunk))[done:]
+                    at = file_offset + done
+                    while len(rest):
+                        n_done = os.pwrite(self.fd, rest, at)
+                        at += n_done
+                        rest = rest[n_done:]
+                file_offset += length
+                self.bytes_written += length
+
+    def zeros(self, block: RamBlock, offset: int, count: int) -> None:
+        """A run of consecutive zero pages: nothing to write (the output is
+        sparse) unless one of them was written before."""
+        bits = self.written.get(block.name)
+        if bits is None:
+            return
+        ps = self.page_size
+        if _any_bits(bits, offset // ps, count):
+            for j in range(count):
+                self.zero(block, offset + j * ps, 0)
 
     def zero(self, block: RamBlock, offset: int, fill: int) -> None:
         bits = self.written.get(block.name)

@@ -70,6 +70,8 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 _WINDOW = 1 << 20
+#: The window the RAM walk's bulk step reads (runs of page records).
+BULK_WINDOW = 16 << 20
 
 
 class StreamFile(Protocol):
@@ -90,6 +92,22 @@ class RamSink(Protocol):
 
     def zero(self, block: RamBlock, offset: int, fill: int) -> None:
         """A zero page (every byte is ``fill``, 0 from any modern QEMU)."""
+
+
+class BulkRamSink(RamSink, Protocol):
+    """A :class:`RamSink` that also takes runs of records of consecutive
+    pages at once (the walk finds them at C speed; see ``_Walker.bulk``)."""
+
+    def pages(self, block: RamBlock, offset: int, count: int, records: memoryview,
+              stride: int) -> None:
+        """``count`` normal pages at ``offset``, ``offset + page_size``, ...
+        of ``block``: page ``j``'s bytes are ``records[j * stride + 8:
+        (j + 1) * stride]`` (each record is its 8-byte header and the page;
+        ``records`` is valid only during the call)."""
+
+    def zeros(self, block: RamBlock, offset: int, count: int) -> None:
+        """``count`` zero pages (fill 0) at ``offset``, ``offset +
+        page_size``, ... of ``block``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +266,29 @@ class _Cursor:
             self.buf_start = self.pos
             index = 0
         return index
+
+    def window(self, need: int, read: int) -> int:
+        """Make ``need`` bytes at pos available (fewer at the end of the
+        stream), reading ``read`` bytes from pos when fewer are buffered;
+        return their index in buf (``len(buf) - index`` bytes are there:
+        fewer only if the file is shorter than the stream's size)."""
+        index = self.pos - self.buf_start
+        left = self.size - self.pos
+        if index >= 0 and len(self.buf) - index >= min(need, left):
+            return index
+        length = min(max(need, read), left)
+        out = bytearray(length)
+        view = memoryview(out)
+        self.f.seek(self.pos)
+        got = 0
+        while got < length:
+            n = self.f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        self.buf = view[:got]
+        self.buf_start = self.pos
+        return 0
 
     def u8(self, what: str) -> int:
         i = self._need(1, what)
