@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcow2snap import tables
@@ -67,3 +67,16 @@ def test_extended_l2_split() -> None:
     entries, bitmaps = tables.split_extended_l2(tables.decode_u64_table(
         struct.pack(">4Q", 1, 2, 3, 4)))
     assert list(entries) == [1, 3] and list(bitmaps) == [2, 4]
+
+
+@settings(deadline=None)
+@given(size=st.integers(0, 3000),
+       set_entries=st.lists(st.tuples(st.integers(0, 2999), st.integers(1, (1 << 64) - 1)),
+                            max_size=40))
+def test_nonzero_indexes_equal_a_plain_scan(size: int, set_entries: list[tuple[int, int]]
+                                            ) -> None:
+    table = tables.decode_u64_table(bytes(8 * size))
+    for index, value in set_entries:
+        if index < size:
+            table[index] = value
+    assert tables.nonzero_indexes(table) == [i for i, e in enumerate(table) if e]

@@ -109,6 +109,73 @@ def scaled(cmd: Sequence[str], undo: Sequence[Sequence[str]], base: Path, img: P
     return statistics.median(ratios), statistics.median(tb), statistics.median(ti), ti
 
 
+def in_process(name: str, img: Path) -> float:
+    """Seconds of one command through the API in this process (no start-up:
+    what grows with the virtual size shows here undiluted)."""
+    import qcow2snap
+    from qcow2snap.ops.check import check_image
+    from qcow2snap.ops.inspection import image_facts, snapshot_facts
+
+    start = time.perf_counter()
+    if name == "info":
+        with qcow2snap.open(img) as image:
+            image_facts(image, str(img))
+    elif name == "list":
+        with qcow2snap.open(img) as image:
+            snapshot_facts(image)
+    elif name == "check":
+        check_image(img)
+    else:
+        with qcow2snap.open(img, "r+") as editor:
+            if name == "create":
+                editor.create_snapshot("x")
+            elif name == "delete":
+                editor.delete_snapshot("x")
+            elif name == "revert":
+                editor.revert_to_snapshot("s1")
+            else:
+                editor.rename_snapshot("s2", "s2b")
+    elapsed = time.perf_counter() - start
+    undo = {"create": lambda e: e.delete_snapshot("x"), "delete": lambda e: e.create_snapshot("x"),
+            "rename": lambda e: e.rename_snapshot("s2b", "s2")}.get(name)
+    if undo is not None:
+        with qcow2snap.open(img, "r+") as editor:
+            undo(editor)
+    return elapsed
+
+
+def main_in_process(args: argparse.Namespace, base: Path, images: dict[str, Path]) -> list[
+        dict[str, float | str | None]]:
+    results: list[dict[str, float | str | None]] = []
+    for name in args.commands:
+        if name == "list --json":   # the same facts as list
+            continue
+        for label, img in images.items():
+            if name == "delete":
+                for path in (base, img):
+                    with __import__("qcow2snap").open(path, "r+") as editor:
+                        editor.create_snapshot("x")
+            in_process(name, base)
+            in_process(name, img)
+            tb: list[float] = []
+            ti: list[float] = []
+            for i in range(args.rounds):
+                order = [(base, tb), (img, ti)] if i % 2 == 0 else [(img, ti), (base, tb)]
+                for path, times in order:
+                    times.append(in_process(name, path))
+            ratio = statistics.median([b / a for a, b in zip(tb, ti, strict=True)])
+            print(f"{name:<12} {label:>4} in-process: {statistics.median(ti) * 1e3:8.1f} ms "
+                  f"({ratio:5.2f}x its 1 GiB {statistics.median(tb) * 1e3:7.1f} ms)", flush=True)
+            results.append({"command": name, "size": label, "in_process_vs_1g": ratio,
+                            "in_process_1g_s": statistics.median(tb),
+                            "in_process_s": statistics.median(ti)})
+            if name == "delete":
+                for path in (base, img):
+                    with __import__("qcow2snap").open(path, "r+") as editor:
+                        editor.delete_snapshot("x")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["1T", "64T"])
     parser.add_argument("--commands", nargs="+", choices=list(COMMANDS), default=list(COMMANDS))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--in-process", action="store_true",
+                        help="time the API calls in this process instead of whole runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -126,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     images = {label: build(args.workdir, label) for label in args.sizes}
     print(f"# {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}; "
           f"ratio = median of paired (size / 1 GiB) times", flush=True)
+    if args.in_process:
+        rows = main_in_process(args, base, images)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     results = []
     for name in args.commands:
         ours, theirs, ours_undo, theirs_undo = COMMANDS[name]

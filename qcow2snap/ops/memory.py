@@ -49,7 +49,9 @@ from construct import Const, Int32ul, Int64ul, Padding, Struct
 from ..errors import UnsupportedImageError
 from ..image import Qcow2Image
 from ..model import Snapshot
+from ..reader import DiskReader
 from ..vmstate import DeviceState, RamBlock, VMState, parse_stream
+from ..vmstate.walk import parse_layout
 from .extract import atomic_output, input_files
 from .pcibars import pci_bar_ranges, vga_chain4_range
 from .runstate import snapshot_runstate, vm_state_label
@@ -721,14 +723,44 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
     size = sn.vm_state_size
     label = vm_state_label(image, sn)
 
+    # the layout from the stream's two ends when they give it (one walk of
+    # the RAM), else from a first whole walk (two)
+    layout_state = parse_layout(reader, size, label=label)
+    passes = 1 if layout_state is not None else 2
+
     def pass_progress(base: int) -> ProgressCallback | None:
         if progress is None:
             return None
-        return lambda done, total: progress(base + done, 2 * total)
+        return lambda done, total: progress(base + done, passes * total)
 
     if progress is not None:
-        progress(0, 2 * size)
-    state = parse_stream(reader, size, progress=pass_progress(0), label=label)
+        progress(0, passes * size)
+    if layout_state is None:
+        layout_state = parse_stream(reader, size, progress=pass_progress(0), label=label)
+    result = _export(image, reader, sn, size, label, layout_state, output, format, block,
+                     max_ram_below_4g, pass_progress((passes - 1) * size), overwrite, sync)
+    if passes == 1 and not _same_layout(result.state, layout_state):
+        # the ends said something the whole walk does not: write it again
+        # with what the whole walk found (never for QEMU's streams)
+        result = _export(image, reader, sn, size, label, result.state, output, format, block,
+                         max_ram_below_4g, None, True, sync)
+    if progress is not None:
+        progress(passes * size, passes * size)
+    return result
+
+
+def _same_layout(a: VMState, b: VMState) -> bool:
+    """Do two walks agree on everything the output's layout depends on?"""
+    return (a.machine_type, a.page_size, a.ram_blocks, a.device_states, a.complete) == (
+        b.machine_type, b.page_size, b.ram_blocks, b.device_states, b.complete)
+
+
+def _export(image: Qcow2Image, reader: DiskReader, sn: Snapshot, size: int, label: str,
+            state: VMState, output: str | os.PathLike[str], format: str, block: str | None,
+            max_ram_below_4g: int | None, progress: ProgressCallback | None,
+            overwrite: bool, sync: bool) -> MemoryResult:
+    """Write the pages of the stream in ``reader`` laid out as ``state``
+    says; the result carries the state of this (whole, strict) walk."""
     unmapped: tuple[str, ...]
     headers: list[tuple[int, bytes]] = []     # (file offset, bytes) written after the pages
     if block is not None:
@@ -765,7 +797,7 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
     with atomic_output(output, overwrite=overwrite, inputs=input_files(image), sync=sync) as fd:
         os.ftruncate(fd, out_size)
         writer = _PageWriter(fd, state.page_size, segments, state.ram_blocks)
-        parse_stream(reader, size, ram_sink=writer, progress=pass_progress(size), label=label)
+        walked = parse_stream(reader, size, ram_sink=writer, progress=progress, label=label)
         writer.flush()
         if head:
             os.pwrite(fd, head, 0)
@@ -773,7 +805,5 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
             os.pwrite(fd, tail, out_size - len(tail))
         for at, data in headers:
             os.pwrite(fd, data, at)
-    if progress is not None:
-        progress(2 * size, 2 * size)
     return MemoryResult(os.fspath(output), out_format, out_size, writer.bytes_written,
-                        tuple(ranges), unmapped, sn, state)
+                        tuple(ranges), unmapped, sn, walked)

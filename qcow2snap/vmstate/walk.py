@@ -483,6 +483,12 @@ def parse_stream(f: StreamFile, size: int, *, ram_sink: RamSink | None = None,
         problem = str(exc)
     if strict and complete is False:
         raise walker.corrupt(problem or "the stream is incomplete")
+    return _state(walker, size, version, described, desc, complete, problem)
+
+
+def _state(walker: _Walker, size: int, version: int,
+           described: list[tuple[Device, dict[str, Any]]], desc: dict[str, Any] | None,
+           complete: bool | None, problem: str | None) -> VMState:
     return VMState(
         size=size, file_version=version, machine_type=walker.machine_type,
         page_size=walker.page_size, page_size_source=walker.page_size_source,
@@ -494,6 +500,60 @@ def parse_stream(f: StreamFile, size: int, *, ram_sink: RamSink | None = None,
         vm_was_suspended=walker.vm_was_suspended,
         globalstate_layout=walker.globalstate_layout, complete=complete, problem=problem,
         device_states=tuple(walker.kept))
+
+
+def parse_layout(f: StreamFile, size: int, *, label: str = "VM state") -> VMState | None:
+    """What a full walk learns of the machine, without walking the RAM: the
+    header, the configuration and the RAM block list from the start of the
+    stream, then the device sections, found from its end (they fill the
+    bytes between the last RAM section and the EOF marker before the VM
+    description, whose sizes they have).  ``None`` when that does not work
+    out (no usable description, sections other than QEMU's savevm order,
+    anything damaged): the caller walks the whole stream instead.  Page
+    counts and the RAM sections are not in the result."""
+    cur = _Cursor(f, size, label)
+    walker = _Walker(cur, None, None)
+    try:
+        desc_offset, desc, desc_problem = _find_vm_description(cur)
+        if desc is None or desc_problem is not None:
+            return None
+        page_size = desc.get("page_size")
+        if isinstance(page_size, int) and page_size >= 512 and not page_size & (page_size - 1):
+            walker.page_size = page_size
+            walker.page_size_source = "vm-description"
+        described = _described_devices(desc)
+        version = walker.header()
+        kind = cur.u8("a section type")
+        if kind == QEMU_VM_CONFIGURATION:
+            walker.configuration()
+            kind = cur.u8("a section type")
+        if kind != QEMU_VM_SECTION_START:
+            return None
+        section_id = cur.u32("a section id")
+        if cur.string("a section name") != "ram":
+            return None
+        cur.u32("an instance id")
+        cur.u32("a version id")
+        walker.started[section_id] = "ram"
+        walker.ram_records(first=True)
+        if not walker.blocks:
+            return None
+        footer = 5 if cur.peek_u8() == QEMU_VM_SECTION_FOOTER else 0
+        walker.footer(section_id)
+        tail = 1 + sum(1 + 4 + 1 + len(d.name.encode()) + 4 + 4 + d.size + footer
+                       for d, _ in described)
+        start = desc_offset - tail
+        if start < cur.pos or not described:
+            return None
+        cur.pos = start
+        if cur.peek_u8() != QEMU_VM_SECTION_FULL:
+            return None
+        complete, problem = _walk_sections(walker, described, desc_offset)
+    except Qcow2Error:
+        return None
+    if complete is not True or walker.normal_pages or walker.zero_pages:
+        return None
+    return _state(walker, size, version, described, desc, complete, problem)
 
 
 def _walk_sections(walker: _Walker, described: list[tuple[Device, dict[str, Any]]],
