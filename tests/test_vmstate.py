@@ -49,6 +49,7 @@ from qcow2snap.vmstate import (
     parse_stream,
     read_runstate,
 )
+from qcow2snap.vmstate.walk import parse_layout
 
 VM_FIXTURES = fixtures_with("vmstate")
 VM_SNAPSHOTS = [(name, s["name"]) for name in VM_FIXTURES
@@ -570,6 +571,32 @@ def test_bulk_walk_equals_page_by_page(tmp_path_factory: Any, runs: list[tuple[s
     assert outputs[0] == bytes(expected)
     plain = parse_stream(io.BytesIO(data), len(data))
     assert (plain.normal_pages, plain.zero_pages) == counts[0][:2]
+
+
+def test_layout_from_the_ends_equals_the_whole_walk() -> None:
+    """parse_layout finds the device sections back from the VM description
+    and agrees with the whole walk; it gives None (the caller then walks
+    everything) without a description or when the sections do not fill the
+    end exactly."""
+    records = (page(0, RAM_SAVE_FLAG_PAGE, payload=b"\x11" * 4096)
+               + page(0x1000, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE, None, b"\0"))
+    devices = [(GLOBALSTATE_9_0, globalstate_9_0("running", False))]
+    data = synthetic(records, devices=devices)
+    quick = parse_layout(io.BytesIO(data), len(data))
+    full = parse_stream(io.BytesIO(data), len(data))
+    assert quick is not None
+    assert (quick.machine_type, quick.page_size, quick.ram_blocks, quick.device_states,
+            quick.complete, quick.runstate) == (full.machine_type, full.page_size,
+                                                full.ram_blocks, full.device_states,
+                                                full.complete, full.runstate)
+    bare = synthetic(records, devices=devices, description=False)
+    assert parse_layout(io.BytesIO(bare), len(bare)) is None
+    # a device section without its footer: the sizes no longer reach back
+    # to a section start
+    cut = data.index(b"\x7e", data.index(b"globalstate"))
+    unfooted = data[:cut] + data[cut + 5:]
+    assert parse_layout(io.BytesIO(unfooted), len(unfooted)) is None
+    assert parse_stream(io.BytesIO(unfooted), len(unfooted)).complete is True
 
 
 def test_not_a_stream() -> None:

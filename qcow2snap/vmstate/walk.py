@@ -509,8 +509,9 @@ def parse_layout(f: StreamFile, size: int, *, label: str = "VM state") -> VMStat
     bytes between the last RAM section and the EOF marker before the VM
     description, whose sizes they have).  ``None`` when that does not work
     out (no usable description, sections other than QEMU's savevm order,
-    anything damaged): the caller walks the whole stream instead.  Page
-    counts and the RAM sections are not in the result."""
+    anything damaged): the caller walks the whole stream instead.  The
+    page counts and sections of the result cover only the first RAM
+    section (QEMU's holds just the block list)."""
     cur = _Cursor(f, size, label)
     walker = _Walker(cur, None, None)
     try:
@@ -551,7 +552,7 @@ def parse_layout(f: StreamFile, size: int, *, label: str = "VM state") -> VMStat
         complete, problem = _walk_sections(walker, described, desc_offset)
     except Qcow2Error:
         return None
-    if complete is not True or walker.normal_pages or walker.zero_pages:
+    if complete is not True:
         return None
     return _state(walker, size, version, described, desc, complete, problem)
 
