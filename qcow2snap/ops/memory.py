@@ -1,11 +1,16 @@
 """Guest memory out of a savevm snapshot (operations layer), with no QEMU.
 
-The snapshot's VM state (:meth:`Qcow2Image.open_vm_state`) is walked twice
-with :func:`qcow2snap.vmstate.parse_stream`: once to learn the machine, the
-CPUs and the chipset registers (they come after the RAM in the stream), then
-again to write every RAM page where it belongs.  Nothing per page is kept
-but one bit (was it written), so memory stays bounded; zero pages are left
-as holes of the sparse output.
+The machine, the CPUs and the chipset registers come after the RAM in the
+snapshot's VM state (:meth:`Qcow2Image.open_vm_state`):
+:func:`qcow2snap.vmstate.walk.parse_layout` reads them from the stream's two
+ends (the device sections found back from the VM description's sizes), and
+only when that does not work out a first whole walk with
+:func:`qcow2snap.vmstate.parse_stream` learns them; then one walk writes
+every RAM page where it belongs (runs of pages with one ``pwritev``; see
+``_PageWriter.pages``).  Should the whole walk disagree with the ends, the
+output is written again from what it found.  Nothing per page is kept but
+one bit (was it written), so memory stays bounded; zero pages are left as
+holes of the sparse output.
 
 Output forms:
 

@@ -237,17 +237,21 @@ class _Cursor:
         self.buf_start = 0
         self.pos = 0
 
-    def _read_at(self, offset: int, length: int) -> bytes:
+    def _fill(self, offset: int, length: int) -> memoryview:
+        """Up to ``length`` bytes from ``offset`` (fewer at the file's end),
+        in a new buffer."""
         self.f.seek(offset)
-        out = bytearray(length)
-        view = memoryview(out)
+        view = memoryview(bytearray(length))
         got = 0
         while got < length:
             n = self.f.readinto(view[got:])
             if not n:
                 break
             got += n
-        return bytes(out) if got == length else bytes(out[:got])
+        return view[:got]
+
+    def _read_at(self, offset: int, length: int) -> bytes:
+        return bytes(self._fill(offset, length))
 
     def _need(self, n: int, what: str) -> int:
         """Make ``n`` bytes at pos available; return their index in buf."""
@@ -276,17 +280,7 @@ class _Cursor:
         left = self.size - self.pos
         if index >= 0 and len(self.buf) - index >= min(need, left):
             return index
-        length = min(max(need, read), left)
-        out = bytearray(length)
-        view = memoryview(out)
-        self.f.seek(self.pos)
-        got = 0
-        while got < length:
-            n = self.f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-        self.buf = view[:got]
+        self.buf = self._fill(self.pos, min(max(need, read), left))
         self.buf_start = self.pos
         return 0
 
