@@ -37,6 +37,11 @@ machines the way QEMU's memory API flattens it: RAM below and above 4 GiB
 option-ROM area, the PAM registers that switch 0xC0000-0xFFFFF between RAM
 and ROM, SMRAM and (q35) TSEG.  Adjacent ranges of one RAM block merge as in
 QEMU's ``guest_phys_blocks_region_add``.
+
+The module runs past 700 lines because the three parts that must agree
+byte for byte with QEMU's dump live together: the guest-physical map, the
+output layouts (ELF notes and headers, LiME) and the page writer with its
+bulk paths; splitting them would spread one format's rules over modules.
 """
 
 from __future__ import annotations
