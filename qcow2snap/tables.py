@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import sys
 from array import array
+from itertools import compress
 from typing import Literal
 
 _LITTLE = sys.byteorder == "little"
@@ -38,6 +39,32 @@ def decode_u64_table(data: bytes | bytearray | memoryview) -> array[int]:
     if _LITTLE:
         table.byteswap()
     return table
+
+
+#: Entries per probe of :func:`nonzero_indexes` (4 KiB of a u64 table).
+ZERO_PROBE_ENTRIES = 512
+_ZERO_PROBE = bytes(8 * ZERO_PROBE_ENTRIES)
+
+
+def nonzero_indexes(table: array[int]) -> list[int]:
+    """The indexes of the non-zero entries of a u64 table, in order.
+
+    Runs of zero entries are skipped 512 at a time by comparing their bytes
+    with zeros (C speed, no int per entry), so the cost follows the entries
+    that are set: an L1 table of a 64 TiB disk (131,072 entries) with a few
+    L2 tables costs ~0.1 ms, where ``compress(range(n), table)`` boxes every
+    entry (~10 ms)."""
+    raw = table.tobytes()
+    step = ZERO_PROBE_ENTRIES
+    size = len(table)
+    zero = _ZERO_PROBE
+    out: list[int] = []
+    for start in range(0, size, step):
+        if raw[8 * start:8 * (start + step)] == zero:
+            continue
+        end = min(start + step, size)
+        out.extend(compress(range(start, end), table[start:end]))
+    return out
 
 
 def encode_u64_table(table: array[int] | list[int]) -> bytes:

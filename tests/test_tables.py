@@ -6,7 +6,7 @@ import struct
 from itertools import pairwise
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcow2snap import tables
@@ -93,3 +93,16 @@ def test_nonzero_runs(values: list[int]) -> None:
     assert [i for start, stop in runs for i in range(start, stop)] == [
         i for i, v in enumerate(values) if v]
     assert all(a[1] < b[0] for a, b in pairwise(runs))   # maximal runs
+
+
+@settings(deadline=None)
+@given(size=st.integers(0, 3000),
+       set_entries=st.lists(st.tuples(st.integers(0, 2999), st.integers(1, (1 << 64) - 1)),
+                            max_size=40))
+def test_nonzero_indexes_equal_a_plain_scan(size: int, set_entries: list[tuple[int, int]]
+                                            ) -> None:
+    table = tables.decode_u64_table(bytes(8 * size))
+    for index, value in set_entries:
+        if index < size:
+            table[index] = value
+    assert tables.nonzero_indexes(table) == [i for i, e in enumerate(table) if e]

@@ -49,6 +49,7 @@ from qcow2snap.vmstate import (
     parse_stream,
     read_runstate,
 )
+from qcow2snap.vmstate.walk import parse_layout
 
 VM_FIXTURES = fixtures_with("vmstate")
 VM_SNAPSHOTS = [(name, s["name"]) for name in VM_FIXTURES
@@ -502,6 +503,100 @@ def test_resent_page_as_zero_is_written_as_zeros(tmp_path: Path) -> None:
         writer.flush()
     assert (state.normal_pages, state.zero_pages) == (2, 2)
     assert out.read_bytes() == bytes(0x2000) + b"\xbb" * 4096 + b"\x07" * 4096
+
+
+class _PerPageWriter(_PageWriter):
+    """The writer without its bulk methods: the walk hands it every record
+    one by one (the reference for the bulk path)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("pages", "zeros"):
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+_RUN = st.tuples(st.sampled_from(["page", "zero", "fill"]), st.integers(0, 599),
+                 st.integers(1, 300), st.integers(1, 255))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs=st.lists(_RUN, min_size=1, max_size=8), split=st.integers(0, 100),
+       gap=st.booleans())
+def test_bulk_walk_equals_page_by_page(tmp_path_factory: Any, runs: list[tuple[str, int, int,
+                                                                                int]],
+                                       split: int, gap: bool) -> None:
+    """Runs of records (consecutive pages, long ones past the bulk step's
+    limit, pages written twice, zero pages over written ones, fill bytes,
+    a block's last pages) give the same output and counts through the bulk
+    step as record by record, and as a model of the stream."""
+    ps, npages = 4096, 600
+    size = npages * ps - (512 if gap else 0)    # gap: a partial last page
+    records = b""
+    model = bytearray(npages * ps)
+    first = True
+    for kind, start, count, byte in runs:
+        for index in range(start, min(start + count, npages)):
+            flags = RAM_SAVE_FLAG_PAGE if kind == "page" else RAM_SAVE_FLAG_ZERO
+            block = "pc.ram" if first else None
+            flags |= 0 if first else RAM_SAVE_FLAG_CONTINUE
+            first = False
+            fill = byte if kind == "fill" else 0
+            payload = bytes([byte]) * ps if kind == "page" else bytes([fill])
+            if index == npages // 2 and split:    # one stray record names its block
+                block, flags = "pc.ram", flags & ~RAM_SAVE_FLAG_CONTINUE
+            records += page(index * ps, flags, block, payload)
+            model[index * ps:(index + 1) * ps] = payload if kind == "page" else bytes([fill]) * ps
+    blocks = (("pc.ram", size), ("pad", 512)) if gap else (("pc.ram", size),)
+    data = synthetic(records, blocks=blocks)   # the total stays page-aligned
+    # a segment boundary inside the block, page-aligned or not
+    cut = split * ps if split % 2 else split * ps + 100
+    cut = min(cut, size)
+    segments = {"pc.ram": [(0, cut, 0), (cut, size, cut + 8192)]}
+    outputs = []
+    counts = []
+    for cls in (_PageWriter, _PerPageWriter):
+        out = tmp_path_factory.mktemp("bulk") / "out"
+        with open(out, "wb") as f:
+            f.truncate(size + 8192)
+            writer = cls(f.fileno(), ps, segments, (RamBlock("pc.ram", size, 0),))
+            state = parse_stream(io.BytesIO(data), len(data), ram_sink=writer)
+            writer.flush()
+        outputs.append(out.read_bytes())
+        counts.append((state.normal_pages, state.zero_pages, writer.bytes_written))
+    assert outputs[0] == outputs[1]
+    assert counts[0] == counts[1]
+    expected = bytearray(size + 8192)
+    expected[:cut] = model[:cut]
+    expected[cut + 8192:size + 8192] = model[cut:size]
+    assert outputs[0] == bytes(expected)
+    plain = parse_stream(io.BytesIO(data), len(data))
+    assert (plain.normal_pages, plain.zero_pages) == counts[0][:2]
+
+
+def test_layout_from_the_ends_equals_the_whole_walk() -> None:
+    """parse_layout finds the device sections back from the VM description
+    and agrees with the whole walk; it gives None (the caller then walks
+    everything) without a description or when the sections do not fill the
+    end exactly."""
+    records = (page(0, RAM_SAVE_FLAG_PAGE, payload=b"\x11" * 4096)
+               + page(0x1000, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE, None, b"\0"))
+    devices = [(GLOBALSTATE_9_0, globalstate_9_0("running", False))]
+    data = synthetic(records, devices=devices)
+    quick = parse_layout(io.BytesIO(data), len(data))
+    full = parse_stream(io.BytesIO(data), len(data))
+    assert quick is not None
+    assert (quick.machine_type, quick.page_size, quick.ram_blocks, quick.device_states,
+            quick.complete, quick.runstate) == (full.machine_type, full.page_size,
+                                                full.ram_blocks, full.device_states,
+                                                full.complete, full.runstate)
+    bare = synthetic(records, devices=devices, description=False)
+    assert parse_layout(io.BytesIO(bare), len(bare)) is None
+    # a device section without its footer: the sizes no longer reach back
+    # to a section start
+    cut = data.index(b"\x7e", data.index(b"globalstate"))
+    unfooted = data[:cut] + data[cut + 5:]
+    assert parse_layout(io.BytesIO(unfooted), len(unfooted)) is None
+    assert parse_stream(io.BytesIO(unfooted), len(unfooted)).complete is True
 
 
 def test_not_a_stream() -> None:

@@ -1,11 +1,16 @@
 """Guest memory out of a savevm snapshot (operations layer), with no QEMU.
 
-The snapshot's VM state (:meth:`Qcow2Image.open_vm_state`) is walked twice
-with :func:`qcow2snap.vmstate.parse_stream`: once to learn the machine, the
-CPUs and the chipset registers (they come after the RAM in the stream), then
-again to write every RAM page where it belongs.  Nothing per page is kept
-but one bit (was it written), so memory stays bounded; zero pages are left
-as holes of the sparse output.
+The machine, the CPUs and the chipset registers come after the RAM in the
+snapshot's VM state (:meth:`Qcow2Image.open_vm_state`):
+:func:`qcow2snap.vmstate.walk.parse_layout` reads them from the stream's two
+ends (the device sections found back from the VM description's sizes), and
+only when that does not work out a first whole walk with
+:func:`qcow2snap.vmstate.parse_stream` learns them; then one walk writes
+every RAM page where it belongs (runs of pages with one ``pwritev``; see
+``_PageWriter.pages``).  Should the whole walk disagree with the ends, the
+output is written again from what it found.  Nothing per page is kept but
+one bit (was it written), so memory stays bounded; zero pages are left as
+holes of the sparse output.
 
 Output forms:
 
@@ -32,6 +37,11 @@ machines the way QEMU's memory API flattens it: RAM below and above 4 GiB
 option-ROM area, the PAM registers that switch 0xC0000-0xFFFFF between RAM
 and ROM, SMRAM and (q35) TSEG.  Adjacent ranges of one RAM block merge as in
 QEMU's ``guest_phys_blocks_region_add``.
+
+The module runs past 700 lines because the three parts that must agree
+byte for byte with QEMU's dump live together: the guest-physical map, the
+output layouts (ELF notes and headers, LiME) and the page writer with its
+bulk paths; splitting them would spread one format's rules over modules.
 """
 
 from __future__ import annotations
@@ -49,7 +59,9 @@ from construct import Const, Int32ul, Int64ul, Padding, Struct
 from ..errors import UnsupportedImageError
 from ..image import Qcow2Image
 from ..model import Snapshot
+from ..reader import DiskReader
 from ..vmstate import DeviceState, RamBlock, VMState, parse_stream
+from ..vmstate.walk import parse_layout
 from .extract import atomic_output, input_files
 from .pcibars import pci_bar_ranges, vga_chain4_range
 from .runstate import snapshot_runstate, vm_state_label
@@ -520,6 +532,44 @@ def _lime_layout(ranges: list[PhysRange]
 FLUSH_BYTES = 4 << 20
 
 
+#: The most buffers one ``pwritev`` takes (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def _set_bits(bits: bytearray, start: int, count: int) -> None:
+    """Set bits ``start`` .. ``start + count - 1`` (bit ``i``: byte ``i >> 3``,
+    value ``1 << (i & 7)``)."""
+    end = start + count
+    while start < end and start & 7:
+        bits[start >> 3] |= 1 << (start & 7)
+        start += 1
+    whole = (end - start) >> 3
+    if whole:
+        bits[start >> 3:(start >> 3) + whole] = b"\xff" * whole
+        start += whole << 3
+    while start < end:
+        bits[start >> 3] |= 1 << (start & 7)
+        start += 1
+
+
+def _any_bits(bits: bytearray, start: int, count: int) -> bool:
+    """Is any of bits ``start`` .. ``start + count - 1`` set?"""
+    end = start + count
+    while start < end and start & 7:
+        if bits[start >> 3] & (1 << (start & 7)):
+            return True
+        start += 1
+    whole = (end - start) >> 3
+    if whole and bits[start >> 3:(start >> 3) + whole].strip(b"\0"):
+        return True
+    start += whole << 3
+    while start < end:
+        if bits[start >> 3] & (1 << (start & 7)):
+            return True
+        start += 1
+    return False
+
+
 class _PageWriter:
     """RamSink writing pages to the output through per-block segment lists
     (block offset range -> file offset); one bit per page records whether it
@@ -578,6 +628,50 @@ class _PageWriter:
         bits[index >> 3] |= 1 << (index & 7)
         for file_offset, start, n in targets:
             self._write(file_offset, data[start:start + n])
+
+    def pages(self, block: RamBlock, offset: int, count: int, records: memoryview,
+              stride: int) -> None:
+        """A run of consecutive pages: each mapped part written with one
+        ``pwritev`` of the pages' slices (no copy)."""
+        ps = self.page_size
+        end = offset + count * ps
+        targets = self._targets(block, offset, count * ps)
+        if end > block.size or any((start % ps) or (n % ps) for _, start, n in targets):
+            for j in range(count):   # a part not on page boundaries: page by page
+                self.page(block, offset + j * ps, records[j * stride + 8:(j + 1) * stride])
+            return
+        if not targets:
+            return
+        _set_bits(self.written[block.name], offset // ps, count)
+        self.flush()
+        for file_offset, start, n in targets:
+            first = start // ps
+            views = [records[j * stride + 8:(j + 1) * stride]
+                     for j in range(first, first + n // ps)]
+            for k in range(0, len(views), _IOV_MAX):
+                chunk = views[k:k + _IOV_MAX]
+                length = len(chunk) * ps
+                done = os.pwritev(self.fd, chunk, file_offset)
+                if done < length:   # a short write: the rest one piece at a time
+                    rest = memoryview(b"".join(chunk))[done:]
+                    at = file_offset + done
+                    while len(rest):
+                        n_done = os.pwrite(self.fd, rest, at)
+                        at += n_done
+                        rest = rest[n_done:]
+                file_offset += length
+                self.bytes_written += length
+
+    def zeros(self, block: RamBlock, offset: int, count: int) -> None:
+        """A run of consecutive zero pages: nothing to write (the output is
+        sparse) unless one of them was written before."""
+        bits = self.written.get(block.name)
+        if bits is None:
+            return
+        ps = self.page_size
+        if _any_bits(bits, offset // ps, count):
+            for j in range(count):
+                self.zero(block, offset + j * ps, 0)
 
     def zero(self, block: RamBlock, offset: int, fill: int) -> None:
         bits = self.written.get(block.name)
@@ -639,14 +733,44 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
     size = sn.vm_state_size
     label = vm_state_label(image, sn)
 
+    # the layout from the stream's two ends when they give it (one walk of
+    # the RAM), else from a first whole walk (two)
+    layout_state = parse_layout(reader, size, label=label)
+    passes = 1 if layout_state is not None else 2
+
     def pass_progress(base: int) -> ProgressCallback | None:
         if progress is None:
             return None
-        return lambda done, total: progress(base + done, 2 * total)
+        return lambda done, total: progress(base + done, passes * total)
 
     if progress is not None:
-        progress(0, 2 * size)
-    state = parse_stream(reader, size, progress=pass_progress(0), label=label)
+        progress(0, passes * size)
+    if layout_state is None:
+        layout_state = parse_stream(reader, size, progress=pass_progress(0), label=label)
+    result = _export(image, reader, sn, size, label, layout_state, output, format, block,
+                     max_ram_below_4g, pass_progress((passes - 1) * size), overwrite, sync)
+    if passes == 1 and not _same_layout(result.state, layout_state):
+        # the ends said something the whole walk does not: write it again
+        # with what the whole walk found (never for QEMU's streams)
+        result = _export(image, reader, sn, size, label, result.state, output, format, block,
+                         max_ram_below_4g, None, True, sync)
+    if progress is not None:
+        progress(passes * size, passes * size)
+    return result
+
+
+def _same_layout(a: VMState, b: VMState) -> bool:
+    """Do two walks agree on everything the output's layout depends on?"""
+    return (a.machine_type, a.page_size, a.ram_blocks, a.device_states, a.complete) == (
+        b.machine_type, b.page_size, b.ram_blocks, b.device_states, b.complete)
+
+
+def _export(image: Qcow2Image, reader: DiskReader, sn: Snapshot, size: int, label: str,
+            state: VMState, output: str | os.PathLike[str], format: str, block: str | None,
+            max_ram_below_4g: int | None, progress: ProgressCallback | None,
+            overwrite: bool, sync: bool) -> MemoryResult:
+    """Write the pages of the stream in ``reader`` laid out as ``state``
+    says; the result carries the state of this (whole, strict) walk."""
     unmapped: tuple[str, ...]
     headers: list[tuple[int, bytes]] = []     # (file offset, bytes) written after the pages
     if block is not None:
@@ -683,7 +807,7 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
     with atomic_output(output, overwrite=overwrite, inputs=input_files(image), sync=sync) as fd:
         os.ftruncate(fd, out_size)
         writer = _PageWriter(fd, state.page_size, segments, state.ram_blocks)
-        parse_stream(reader, size, ram_sink=writer, progress=pass_progress(size), label=label)
+        walked = parse_stream(reader, size, ram_sink=writer, progress=progress, label=label)
         writer.flush()
         if head:
             os.pwrite(fd, head, 0)
@@ -691,7 +815,5 @@ def export_memory(image: Qcow2Image, snapshot: str | Snapshot,
             os.pwrite(fd, tail, out_size - len(tail))
         for at, data in headers:
             os.pwrite(fd, data, at)
-    if progress is not None:
-        progress(2 * size, 2 * size)
     return MemoryResult(os.fspath(output), out_format, out_size, writer.bytes_written,
-                        tuple(ranges), unmapped, sn, state)
+                        tuple(ranges), unmapped, sn, walked)

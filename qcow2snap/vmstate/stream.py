@@ -70,6 +70,8 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 _WINDOW = 1 << 20
+#: The window the RAM walk's bulk step reads (runs of page records).
+BULK_WINDOW = 16 << 20
 
 
 class StreamFile(Protocol):
@@ -90,6 +92,22 @@ class RamSink(Protocol):
 
     def zero(self, block: RamBlock, offset: int, fill: int) -> None:
         """A zero page (every byte is ``fill``, 0 from any modern QEMU)."""
+
+
+class BulkRamSink(RamSink, Protocol):
+    """A :class:`RamSink` that also takes runs of records of consecutive
+    pages at once (the walk finds them at C speed; see ``_Walker.bulk``)."""
+
+    def pages(self, block: RamBlock, offset: int, count: int, records: memoryview,
+              stride: int) -> None:
+        """``count`` normal pages at ``offset``, ``offset + page_size``, ...
+        of ``block``: page ``j``'s bytes are ``records[j * stride + 8:
+        (j + 1) * stride]`` (each record is its 8-byte header and the page;
+        ``records`` is valid only during the call)."""
+
+    def zeros(self, block: RamBlock, offset: int, count: int) -> None:
+        """``count`` zero pages (fill 0) at ``offset``, ``offset +
+        page_size``, ... of ``block``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,17 +237,21 @@ class _Cursor:
         self.buf_start = 0
         self.pos = 0
 
-    def _read_at(self, offset: int, length: int) -> bytes:
+    def _fill(self, offset: int, length: int) -> memoryview:
+        """Up to ``length`` bytes from ``offset`` (fewer at the file's end),
+        in a new buffer."""
         self.f.seek(offset)
-        out = bytearray(length)
-        view = memoryview(out)
+        view = memoryview(bytearray(length))
         got = 0
         while got < length:
             n = self.f.readinto(view[got:])
             if not n:
                 break
             got += n
-        return bytes(out) if got == length else bytes(out[:got])
+        return view[:got]
+
+    def _read_at(self, offset: int, length: int) -> bytes:
+        return bytes(self._fill(offset, length))
 
     def _need(self, n: int, what: str) -> int:
         """Make ``n`` bytes at pos available; return their index in buf."""
@@ -248,6 +270,19 @@ class _Cursor:
             self.buf_start = self.pos
             index = 0
         return index
+
+    def window(self, need: int, read: int) -> int:
+        """Make ``need`` bytes at pos available (fewer at the end of the
+        stream), reading ``read`` bytes from pos when fewer are buffered;
+        return their index in buf (``len(buf) - index`` bytes are there:
+        fewer only if the file is shorter than the stream's size)."""
+        index = self.pos - self.buf_start
+        left = self.size - self.pos
+        if index >= 0 and len(self.buf) - index >= min(need, left):
+            return index
+        self.buf = self._fill(self.pos, min(max(need, read), left))
+        self.buf_start = self.pos
+        return 0
 
     def u8(self, what: str) -> int:
         i = self._need(1, what)

@@ -8,12 +8,15 @@ its section or, without a VM description, found by its byte pattern.
 
 from __future__ import annotations
 
+import functools
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import CorruptImageError, Qcow2Error, UnsupportedImageError
 from .description import _described_devices, _find_vm_description, _layout
 from .stream import (
+    BULK_WINDOW,
     QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF,
@@ -80,6 +83,22 @@ def _device_path(name: str) -> str:
     path, sep, _ = name.rpartition("/")
     return path if sep and path and not path.startswith("/") else ""
 
+#: The RAM walk's bulk step (``_Walker.bulk``): 4 KiB pages, whose record
+#: flags are the header's last byte and the low half of the one before it;
+#: at most this many records a step (a page run: 1 MiB of pages).
+BULK_PAGE_SIZE = 4096
+BULK_RECORDS = 256
+_ZERO_CONTINUE = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
+_PAGE_CONTINUE = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+_LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
+
+
+@functools.lru_cache(maxsize=2 * BULK_RECORDS)
+def _run_struct(stride: int, count: int) -> struct.Struct:
+    """The headers of ``count`` records of ``stride`` bytes, in one unpack."""
+    return struct.Struct(">" + f"Q{stride - 8}x" * count)
+
+
 #: The bytes a run state name may hold (0x20-0x7E).
 _PRINTABLE = bytes(range(0x20, 0x7F))
 
@@ -90,6 +109,7 @@ class _Walker:
         self.cur = cur
         self.label = cur.label
         self.sink = sink
+        self.bulk_sink = hasattr(sink, "pages") and hasattr(sink, "zeros")
         self.progress = progress
         self.machine_type: str | None = None
         self.page_size = DEFAULT_PAGE_SIZE
@@ -198,7 +218,13 @@ class _Walker:
         sink = self.sink
         blocks_by_name = self.blocks_by_name
         progress = self.progress
+        bulk = page_size == BULK_PAGE_SIZE
         while True:
+            if bulk and self.last_block is not None and self.bulk(self.last_block):
+                if progress is not None and cur.pos >= self.next_progress:
+                    progress(cur.pos, cur.size)
+                    self.next_progress = cur.pos + (8 << 20)
+                continue
             record_offset = cur.pos
             word = cur.u64("a RAM record")
             flags = word & low
@@ -247,6 +273,70 @@ class _Walker:
             if progress is not None and cur.pos >= self.next_progress:
                 progress(cur.pos, cur.size)
                 self.next_progress = cur.pos + (8 << 20)
+
+    def bulk(self, block: RamBlock) -> bool:
+        """Take the run of records at pos that continue ``block`` and are
+        all zero pages (fill 0) or all normal pages, up to
+        :data:`BULK_RECORDS` of them, at C speed: their flag bytes are
+        checked through strided slices of the window, their headers
+        unpacked by one ``struct`` call, and a run of consecutive pages
+        handed to the sink at once.  Return False (nothing taken) when the
+        record at pos is anything else; the record-by-record walk then takes
+        it (and reports any problem).  Only for 4 KiB pages, whose flags
+        fill the header's last byte and the low half of the one before."""
+        cur = self.cur
+        index = cur.window(BULK_RECORDS * (8 + BULK_PAGE_SIZE), BULK_WINDOW)
+        buf = cur.buf
+        avail = len(buf) - index
+        if avail < 9:
+            return False
+        flag_byte = buf[index + 7]
+        if flag_byte == _ZERO_CONTINUE:
+            stride = 9
+        elif flag_byte == _PAGE_CONTINUE:
+            stride = 8 + BULK_PAGE_SIZE
+        else:
+            return False
+        limit = min(avail // stride, BULK_RECORDS)
+        if not limit:
+            return False
+        end = index + limit * stride
+        run = bytes(buf[index + 7:end:stride])
+        count = len(run) - len(run.lstrip(bytes((flag_byte,))))
+        high = bytes(buf[index + 6:index + 6 + count * stride:stride]).translate(_LOW_NIBBLE)
+        count = len(high) - len(high.lstrip(b"\0"))   # flag bits 8-11: must be clear
+        if stride == 9 and count:                       # fill bytes: must be 0
+            fills = bytes(buf[index + 8:index + 8 + count * 9:9])
+            count = len(fills) - len(fills.lstrip(b"\0"))
+        if not count:
+            return False
+        words = _run_struct(stride, count).unpack_from(buf, index)
+        first = words[0] ^ flag_byte
+        last = words[-1] ^ flag_byte
+        if max(words) ^ flag_byte >= block.size or \
+                words != tuple(range(words[0], words[0] + count * BULK_PAGE_SIZE, BULK_PAGE_SIZE)):
+            return False   # beyond the block, or not consecutive: record by record
+        sink = self.sink
+        if stride == 9:
+            self.zero_pages += count
+            if sink is not None:
+                if self.bulk_sink:
+                    sink.zeros(block, first, count)  # type: ignore[attr-defined]
+                else:
+                    for addr in range(first, last + 1, BULK_PAGE_SIZE):
+                        sink.zero(block, addr, 0)
+        else:
+            self.normal_pages += count
+            if sink is not None:
+                records = buf[index:index + count * stride]
+                if self.bulk_sink:
+                    sink.pages(block, first, count, records, stride)  # type: ignore[attr-defined]
+                else:
+                    for j in range(count):
+                        sink.page(block, first + j * BULK_PAGE_SIZE,
+                                  records[j * stride + 8:(j + 1) * stride])
+        cur.pos += count * stride
+        return True
 
     def _bad_flags(self, flags: int, offset: int) -> None:
         for bit, why in _UNDECODABLE.items():
@@ -393,6 +483,12 @@ def parse_stream(f: StreamFile, size: int, *, ram_sink: RamSink | None = None,
         problem = str(exc)
     if strict and complete is False:
         raise walker.corrupt(problem or "the stream is incomplete")
+    return _state(walker, size, version, described, desc, complete, problem)
+
+
+def _state(walker: _Walker, size: int, version: int,
+           described: list[tuple[Device, dict[str, Any]]], desc: dict[str, Any] | None,
+           complete: bool | None, problem: str | None) -> VMState:
     return VMState(
         size=size, file_version=version, machine_type=walker.machine_type,
         page_size=walker.page_size, page_size_source=walker.page_size_source,
@@ -404,6 +500,61 @@ def parse_stream(f: StreamFile, size: int, *, ram_sink: RamSink | None = None,
         vm_was_suspended=walker.vm_was_suspended,
         globalstate_layout=walker.globalstate_layout, complete=complete, problem=problem,
         device_states=tuple(walker.kept))
+
+
+def parse_layout(f: StreamFile, size: int, *, label: str = "VM state") -> VMState | None:
+    """What a full walk learns of the machine, without walking the RAM: the
+    header, the configuration and the RAM block list from the start of the
+    stream, then the device sections, found from its end (they fill the
+    bytes between the last RAM section and the EOF marker before the VM
+    description, whose sizes they have).  ``None`` when that does not work
+    out (no usable description, sections other than QEMU's savevm order,
+    anything damaged): the caller walks the whole stream instead.  The
+    page counts and sections of the result cover only the first RAM
+    section (QEMU's holds just the block list)."""
+    cur = _Cursor(f, size, label)
+    walker = _Walker(cur, None, None)
+    try:
+        desc_offset, desc, desc_problem = _find_vm_description(cur)
+        if desc is None or desc_problem is not None:
+            return None
+        page_size = desc.get("page_size")
+        if isinstance(page_size, int) and page_size >= 512 and not page_size & (page_size - 1):
+            walker.page_size = page_size
+            walker.page_size_source = "vm-description"
+        described = _described_devices(desc)
+        version = walker.header()
+        kind = cur.u8("a section type")
+        if kind == QEMU_VM_CONFIGURATION:
+            walker.configuration()
+            kind = cur.u8("a section type")
+        if kind != QEMU_VM_SECTION_START:
+            return None
+        section_id = cur.u32("a section id")
+        if cur.string("a section name") != "ram":
+            return None
+        cur.u32("an instance id")
+        cur.u32("a version id")
+        walker.started[section_id] = "ram"
+        walker.ram_records(first=True)
+        if not walker.blocks:
+            return None
+        footer = 5 if cur.peek_u8() == QEMU_VM_SECTION_FOOTER else 0
+        walker.footer(section_id)
+        tail = 1 + sum(1 + 4 + 1 + len(d.name.encode()) + 4 + 4 + d.size + footer
+                       for d, _ in described)
+        start = desc_offset - tail
+        if start < cur.pos or not described:
+            return None
+        cur.pos = start
+        if cur.peek_u8() != QEMU_VM_SECTION_FULL:
+            return None
+        complete, problem = _walk_sections(walker, described, desc_offset)
+    except Qcow2Error:
+        return None
+    if complete is not True:
+        return None
+    return _state(walker, size, version, described, desc, complete, problem)
 
 
 def _walk_sections(walker: _Walker, described: list[tuple[Device, dict[str, Any]]],
