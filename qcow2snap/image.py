@@ -290,8 +290,8 @@ class Qcow2Image:
         if f.size < fmt.QCOW_HEADER_V2_SIZE:
             raise NotQcow2Error(
                 f"Image is not in qcow2 format: file too short for a header ({f.size} bytes)")
-        fields = fmt.parse_struct(fmt.QCowHeaderV2, first[:fmt.QCOW_HEADER_V2_SIZE],
-                                  structure="header", offset=0)
+        fields = fmt.parse_fixed("QCowHeaderV2", first[:fmt.QCOW_HEADER_V2_SIZE],
+                                 structure="header", offset=0)
         cluster_bits, version = fields.cluster_bits, fields.version
         if version in (2, 3) and not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
             raise UnsupportedImageError(f"Unsupported cluster size: 2^{cluster_bits}",
