@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import click
 
 from . import __version__, describe
+from .crypto import DEFAULT_KDF_ITERATION_LIMIT
 from .errors import ImageInUseWarning, Qcow2Error
 from .image import Qcow2Image
 from .image import open as open_image
-from .luks import DEFAULT_KDF_ITERATION_LIMIT
 from .model import Snapshot
 from .ops import inspection
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, Self
 
 from . import cache
 from . import format as fmt
-from .crypto import SectorCipher, legacy_aes_cipher
+from .crypto import DEFAULT_KDF_ITERATION_LIMIT, SectorCipher, legacy_aes_cipher
 from .errors import (
     AmbiguousSnapshotError,
     BadPassphraseError,
@@ -44,7 +44,6 @@ from .errors import (
 )
 from .hostfile import CompanionPolicy, HostFile, open_read_only, open_read_write
 from .locks import EditorLock, LockState, ReaderLock, probe_locks
-from .luks import DEFAULT_KDF_ITERATION_LIMIT, parse_luks_header, unlock
 from .model import (
     Extension,
     FeatureName,
@@ -915,6 +914,7 @@ class Qcow2Image:
             if ext is None:
                 raise self._corrupt("Missing CRYPTO header for crypt method 2",
                                     "full disk encryption header extension")
+            from .luks import parse_luks_header, unlock  # encrypted images only (start-up)
             where = ext.crypto_header()
             header = parse_luks_header(
                 self.pread(where.offset, fmt.QCRYPTO_BLOCK_LUKS_HEADER_SIZE),
