@@ -30,6 +30,7 @@ NOT_AT_START = frozenset({
     "zstandard",
     "construct", "qcow2snap.layouts", "pdb", "hashlib", "pickle",  # the layouts
     "qcow2snap.luks",  # encrypted images
+    "qcow2snap.commands",  # the other commands (cli.LazyGroup)
 })
 
 
