@@ -38,6 +38,12 @@ class LazyGroup(click.Group):
             importlib.import_module(self.lazy_commands[cmd_name][0])
         return self.commands.get(cmd_name)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and args[0] not in self.lazy_commands:
+            self.load_all()  # a name click does not know: it suggests from every command
+        return super().resolve_command(ctx, args)
+
     def load_all(self) -> None:
         """Import every command's module (what documentation checks walk)."""
         for module, _ in self.lazy_commands.values():

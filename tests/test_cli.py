@@ -70,6 +70,17 @@ def test_lazy_commands_table_is_the_commands() -> None:
     assert set(cli.commands) == {*cli_module._LAZY_COMMANDS, "info", "list"}
 
 
+def test_unknown_command_suggests_a_lazy_one() -> None:
+    """click's "Did you mean" looks at every command, loaded or not."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qcow2snap", "extrac"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "No such command 'extrac'. Did you mean 'extract'?" in proc.stderr
+
+
 def ok(*args: str | os.PathLike[str]) -> Result:
     result = invoke(*args)
     assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr,
