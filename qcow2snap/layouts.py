@@ -3,9 +3,12 @@
 Every fixed layout is a declarative ``construct`` definition named after the
 structure in QEMU's ``docs/interop/qcow2.txt``; every field uses the spec's
 field name, so ``grep`` works in both directions.  All integers are
-big-endian.  The sizes and constants they use are in :mod:`qcow2snap.format`,
-which is where the rest of the package reaches these layouts
-(``fmt.QCowHeaderV2``).
+big-endian.  Their sizes and constants are in :mod:`qcow2snap.format`, which
+is where the rest of the package reaches these layouts
+(``fmt.QCowHeaderV2``); the three constants written here as numbers (the
+magic, the LUKS digest length and key slot count) are format's, named
+beside them (this module imports nothing of the package, which loads it
+lazily; ``tests/test_model.py`` checks them against format's).
 
 This module is loaded on first use (:mod:`qcow2snap.format`'s module
 ``__getattr__``), not at start-up: importing ``construct`` costs about as
@@ -35,8 +38,6 @@ from construct import (
     this,
 )
 
-from .format import QCOW_MAGIC, QCRYPTO_BLOCK_LUKS_DIGEST_LEN, QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS
-
 __all__ = [
     "QCowBitmapDirEntry",
     "QCowExtensionHeader",
@@ -56,7 +57,7 @@ __all__ = [
 
 
 QCowHeaderV2 = "qcow2 header, version 2 part (qcow2.txt 'Header', bytes 0-71)" * Struct(
-    "magic" / Const(QCOW_MAGIC),            # bytes 0-3
+    "magic" / Const(b"QFI\xfb"),             # bytes 0-3, format.QCOW_MAGIC
     "version" / Int32ub,                     # 4-7
     "backing_file_offset" / Int64ub,         # 8-15
     "backing_file_size" / Int32ub,           # 16-19
@@ -125,11 +126,11 @@ QCryptoBlockLUKSHeader = "LUKS1 partition header (592 bytes)" * Struct(
     "hash_spec" / Bytes(32),
     "payload_offset_sector" / Int32ub,
     "master_key_len" / Int32ub,
-    "master_key_digest" / Bytes(QCRYPTO_BLOCK_LUKS_DIGEST_LEN),
+    "master_key_digest" / Bytes(20),         # format.QCRYPTO_BLOCK_LUKS_DIGEST_LEN
     "master_key_salt" / Bytes(32),
     "master_key_iterations" / Int32ub,
     "uuid" / Bytes(40),
-    "key_slots" / construct.Array(QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS, QCryptoBlockLUKSKeySlot),
+    "key_slots" / construct.Array(8, QCryptoBlockLUKSKeySlot),  # ..._LUKS_NUM_KEY_SLOTS
 )
 
 QCowSnapshotHeader = "snapshot table entry, fixed part (qcow2.txt 'Snapshot table entry')" * Struct(

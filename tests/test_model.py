@@ -230,6 +230,12 @@ def test_every_declared_layout_is_reached_through_format() -> None:
     assert all(getattr(fmt, name) is getattr(layouts, name) for name in layouts.__all__)
     with pytest.raises(AttributeError):
         fmt.QCowNoSuchLayout  # noqa: B018
+    # the constants layouts.py writes as numbers are format's
+    fields = {sub.name: sub.subcon for sub in fmt.QCryptoBlockLUKSHeader.subcon.subcons}
+    assert fields["master_key_digest"].length == fmt.QCRYPTO_BLOCK_LUKS_DIGEST_LEN
+    assert fields["key_slots"].count == fmt.QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS
+    assert fmt.QCryptoBlockLUKSHeader.sizeof() == fmt.QCRYPTO_BLOCK_LUKS_HEADER_SIZE
+    assert fmt.FIXED_LAYOUTS["QCowHeaderV2"].consts == ((0, fmt.QCOW_MAGIC),)
 
 
 @pytest.mark.parametrize("name", sorted(fmt.FIXED_LAYOUTS))
