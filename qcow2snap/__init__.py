@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, BinaryIO, Literal, overload
 
+from .crypto import DEFAULT_KDF_ITERATION_LIMIT
 from .errors import (
     AmbiguousSnapshotError,
     BadPassphraseError,
@@ -46,7 +47,6 @@ from .errors import (
 )
 from .image import Layer, Qcow2Image, RawImage
 from .image import open as _open_read_only
-from .luks import DEFAULT_KDF_ITERATION_LIMIT
 from .model import Extension, FeatureName, Header, Snapshot
 from .reader import DiskReader, Extent, ExtentKind
 

@@ -24,7 +24,15 @@ from typing import Any
 
 from .errors import UnsupportedImageError
 
-__all__ = ["SECTOR", "SectorCipher", "legacy_aes_cipher"]
+__all__ = ["DEFAULT_KDF_ITERATION_LIMIT", "SECTOR", "SectorCipher", "legacy_aes_cipher"]
+
+#: the most PBKDF2 iterations one key slot (or the master key digest) may
+#: ask for before unlocking refuses it: a hostile header can ask for 2^32-1,
+#: hours of work.  QEMU's default ``iter-time`` of 2 s calibrates to a few
+#: million on today's machines; 20 million leaves ample room (~10 s here).
+#: :mod:`qcow2snap.luks` applies it; it is here so that opening an image
+#: (whose signatures name it) does not load luks.
+DEFAULT_KDF_ITERATION_LIMIT = 20_000_000
 
 #: QEMU's encryption sector size (``QCRYPTO_BLOCK_LUKS_SECTOR_SIZE``,
 #: ``QCRYPTO_BLOCK_QCOW_SECTOR_SIZE``)

@@ -1,22 +1,34 @@
 """On-disk layouts and constants of the qcow2 format (layer 1: bytes <-> fields).
 
 Every fixed layout is a declarative ``construct`` definition named after the
-structure in QEMU's ``docs/interop/qcow2.txt``; every field uses the spec's
-field name, every constant QEMU's macro name (``block/qcow2.h``), so ``grep``
-works in both directions.  All integers are big-endian.
+structure in QEMU's ``docs/interop/qcow2.txt``, declared in
+:mod:`qcow2snap.layouts` and reached here (``fmt.QCowHeaderV2``): that module
+is loaded on first use, since importing construct costs about as much as
+starting the interpreter.  Every field uses the spec's field name, every
+constant QEMU's macro name (``block/qcow2.h``), so ``grep`` works in both
+directions.  All integers are big-endian.
 
 This module does no I/O and holds no logic beyond derived constants and one
 error-translating parse helper.  Bulk tables (L1, L2, refcount) are *not*
 described here: see :mod:`qcow2snap.tables`, which decodes them with
 ``array`` (construct per entry is 20-80x slower; docs/design.md).
 
-Construct is used interpreted on image data, with one measured exception:
-the snapshot table (up to 65,536 entries) is unpacked, and packed when an
-edit rewrites it, with the ``struct.Struct`` that :func:`fixed_struct` derives from the *fixed-size,
-integer-only* entry header layout, and its extra data field by field as
-:data:`QCowSnapshotExtraData` lays it out (construct's compiled parser, used
-before, cost ~9 us an entry, 0.6-1 s of a 65,536-entry listing; struct 0.3 us;
-its interpreted builder ~70 us an entry, 0.7 s of an edit at 10,000 entries).
+Construct is used interpreted on image data, with two measured exceptions:
+
+- the snapshot table (up to 65,536 entries) is unpacked, and packed when an
+  edit rewrites it, with the ``struct.Struct`` that :func:`fixed_struct` derives
+  from the *fixed-size, integer-only* entry header layout, and its extra data
+  field by field as :data:`QCowSnapshotExtraData` lays it out (construct's
+  compiled parser, used before, cost ~9 us an entry, 0.6-1 s of a
+  65,536-entry listing; struct 0.3 us; its interpreted builder ~70 us an
+  entry, 0.7 s of an edit at 10,000 entries);
+- the header, its extension headers, the feature-name table and the bitmaps
+  and encryption extensions are parsed with :data:`FIXED_LAYOUTS`, the
+  ``struct.Struct`` form of each of those fixed layouts (what
+  :func:`fixed_struct` derives from the declaration; a test derives each and
+  compares), so that reading an image's metadata does not import construct
+  (start-up: docs/performance.md, "Start-up, second pass").
+
 The table reader zero-fills past EOF, so every unpack has its bytes and the
 parse is total.
 """
@@ -24,23 +36,28 @@ parse is total.
 from __future__ import annotations
 
 import struct
-from typing import Any, NamedTuple
-
-import construct
-from construct import (
-    Bytes,
-    Const,
-    GreedyBytes,
-    If,
-    Int8ub,
-    Int16ub,
-    Int32ub,
-    Int64ub,
-    Struct,
-    this,
-)
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import CorruptImageError
+
+if TYPE_CHECKING:  # loaded on first use: see __getattr__
+    import construct
+
+    # re-exported: fmt.QCowHeaderV2 and so on
+    from .layouts import Qcow2BitmapHeaderExt as Qcow2BitmapHeaderExt
+    from .layouts import Qcow2CryptoHeaderExtension as Qcow2CryptoHeaderExtension
+    from .layouts import Qcow2Feature as Qcow2Feature
+    from .layouts import QCowBitmapDirEntry as QCowBitmapDirEntry
+    from .layouts import QCowExtensionHeader as QCowExtensionHeader
+    from .layouts import QCowHeaderCompression as QCowHeaderCompression
+    from .layouts import QCowHeaderV2 as QCowHeaderV2
+    from .layouts import QCowHeaderV3 as QCowHeaderV3
+    from .layouts import QCowNbSnapshotsAndOffset as QCowNbSnapshotsAndOffset
+    from .layouts import QCowSnapshotEntry as QCowSnapshotEntry
+    from .layouts import QCowSnapshotExtraData as QCowSnapshotExtraData
+    from .layouts import QCowSnapshotHeader as QCowSnapshotHeader
+    from .layouts import QCryptoBlockLUKSHeader as QCryptoBlockLUKSHeader
+    from .layouts import QCryptoBlockLUKSKeySlot as QCryptoBlockLUKSKeySlot
 
 # ---------------------------------------------------------------------------
 # Magic numbers and limits (block/qcow2.h)
@@ -164,64 +181,14 @@ HEADER_OFFSET_SNAPSHOTS_OFFSET = 64
 HEADER_OFFSET_INCOMPATIBLE_FEATURES = 72
 
 # ---------------------------------------------------------------------------
-# Layouts
+# Layouts: declared with construct in qcow2snap.layouts, loaded on first use
+# (see __getattr__ below); their sizes and the constants they use are here
 # ---------------------------------------------------------------------------
 
-QCowHeaderV2 = "qcow2 header, version 2 part (qcow2.txt 'Header', bytes 0-71)" * Struct(
-    "magic" / Const(QCOW_MAGIC),            # bytes 0-3
-    "version" / Int32ub,                     # 4-7
-    "backing_file_offset" / Int64ub,         # 8-15
-    "backing_file_size" / Int32ub,           # 16-19
-    "cluster_bits" / Int32ub,                # 20-23
-    "size" / Int64ub,                        # 24-31  virtual disk size in bytes
-    "crypt_method" / Int32ub,                # 32-35
-    "l1_size" / Int32ub,                     # 36-39  entries in the active L1
-    "l1_table_offset" / Int64ub,             # 40-47
-    "refcount_table_offset" / Int64ub,       # 48-55
-    "refcount_table_clusters" / Int32ub,     # 56-59
-    "nb_snapshots" / Int32ub,                # 60-63
-    "snapshots_offset" / Int64ub,            # 64-71
-)
 QCOW_HEADER_V2_SIZE = 72
-
-QCowHeaderV3 = "qcow2 header, version 3 additions (bytes 72-103)" * Struct(
-    "incompatible_features" / Int64ub,       # 72-79
-    "compatible_features" / Int64ub,         # 80-87
-    "autoclear_features" / Int64ub,          # 88-95
-    "refcount_order" / Int32ub,              # 96-99
-    "header_length" / Int32ub,               # 100-103
-)
 QCOW_HEADER_V3_SIZE = 104
-
-QCowHeaderCompression = "optional header field 'compression_type' (bytes 104-111)" * Struct(
-    "compression_type" / Int8ub,             # 104
-    "padding" / Bytes(7),                    # 105-111, zero; kept as read
-)
 QCOW_HEADER_FULL_SIZE = 112
-
-QCowExtensionHeader = "header extension header (qcow2.txt 'Header extensions')" * Struct(
-    "type" / Int32ub,
-    "length" / Int32ub,
-)
-
-Qcow2Feature = "one feature-name table entry (48 bytes)" * Struct(
-    "type" / Int8ub,
-    "bit" / Int8ub,
-    "name" / Bytes(46),
-)
 QCOW2_FEATURE_ENTRY_SIZE = 48
-
-Qcow2BitmapHeaderExt = "bitmaps extension data (24 bytes)" * Struct(
-    "nb_bitmaps" / Int32ub,
-    "reserved32" / Int32ub,
-    "bitmap_directory_size" / Int64ub,
-    "bitmap_directory_offset" / Int64ub,
-)
-
-Qcow2CryptoHeaderExtension = "full disk encryption header pointer (16 bytes)" * Struct(
-    "offset" / Int64ub,
-    "length" / Int64ub,
-)
 
 # LUKS1 (the header the full disk encryption header extension points at;
 # QEMU's crypto/block-luks.c QCryptoBlockLUKSHeader, big-endian like qcow2)
@@ -233,76 +200,41 @@ QCRYPTO_BLOCK_LUKS_SECTOR_SIZE = 512
 QCRYPTO_BLOCK_LUKS_DIGEST_LEN = 20
 QCRYPTO_BLOCK_LUKS_KEY_SLOT_ENABLED = 0x00AC71F3
 QCRYPTO_BLOCK_LUKS_KEY_SLOT_DISABLED = 0x0000DEAD
-
-QCryptoBlockLUKSKeySlot = "LUKS key slot (48 bytes)" * Struct(
-    "active" / Int32ub,
-    "iterations" / Int32ub,
-    "salt" / Bytes(32),
-    "key_offset_sector" / Int32ub,
-    "stripes" / Int32ub,
-)
-
-QCryptoBlockLUKSHeader = "LUKS1 partition header (592 bytes)" * Struct(
-    "magic" / Bytes(6),
-    "version" / Int16ub,
-    "cipher_name" / Bytes(32),
-    "cipher_mode" / Bytes(32),
-    "hash_spec" / Bytes(32),
-    "payload_offset_sector" / Int32ub,
-    "master_key_len" / Int32ub,
-    "master_key_digest" / Bytes(QCRYPTO_BLOCK_LUKS_DIGEST_LEN),
-    "master_key_salt" / Bytes(32),
-    "master_key_iterations" / Int32ub,
-    "uuid" / Bytes(40),
-    "key_slots" / construct.Array(QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS, QCryptoBlockLUKSKeySlot),
-)
 QCRYPTO_BLOCK_LUKS_HEADER_SIZE = 592
 
-QCowSnapshotHeader = "snapshot table entry, fixed part (qcow2.txt 'Snapshot table entry')" * Struct(
-    "l1_table_offset" / Int64ub,             # 0-7
-    "l1_size" / Int32ub,                     # 8-11
-    "id_str_size" / Int16ub,                 # 12-13
-    "name_size" / Int16ub,                   # 14-15
-    "date_sec" / Int32ub,                    # 16-19
-    "date_nsec" / Int32ub,                   # 20-23
-    "vm_clock_nsec" / Int64ub,               # 24-31
-    "vm_state_size" / Int32ub,               # 32-35  legacy 32-bit field
-    "extra_data_size" / Int32ub,             # 36-39
-)
 QCOW_SNAPSHOT_HEADER_SIZE = 40
-
-#: Known snapshot extra data.  Parse/build with ``extra_data_size=N``: a field
-#: exists only when the extra data covers it; the rest is kept as ``unknown``.
-QCowSnapshotExtraData = "snapshot extra data (qcow2.txt 'Snapshot table entry' bytes 40+)" * Struct(
-    "vm_state_size_large" / If(this._params.extra_data_size >= 8, Int64ub),
-    "disk_size" / If(this._params.extra_data_size >= 16, Int64ub),
-    "icount" / If(this._params.extra_data_size >= 24, Int64ub),
-    "unknown" / GreedyBytes,
-)
 QCOW_SNAPSHOT_KNOWN_EXTRA_SIZE = 24
-
-QCowSnapshotEntry = "complete snapshot table entry, without inter-entry padding" * Struct(
-    "header" / QCowSnapshotHeader,
-    "extra_data" / Bytes(this.header.extra_data_size),
-    "id_str" / Bytes(this.header.id_str_size),
-    "name" / Bytes(this.header.name_size),
-)
-
-QCowBitmapDirEntry = "bitmap directory entry, fixed part (qcow2.txt 'Bitmap directory')" * Struct(
-    "bitmap_table_offset" / Int64ub,         # 0-7
-    "bitmap_table_size" / Int32ub,           # 8-11  entries
-    "flags" / Int32ub,                       # 12-15
-    "type" / Int8ub,                         # 16
-    "granularity_bits" / Int8ub,             # 17
-    "name_size" / Int16ub,                   # 18-19
-    "extra_data_size" / Int32ub,             # 20-23
-)
 QCOW_BITMAP_DIR_ENTRY_SIZE = 24
 
-QCowNbSnapshotsAndOffset = "the 12-byte snapshot-table commit point (header bytes 60-71)" * Struct(
-    "nb_snapshots" / Int32ub,
-    "snapshots_offset" / Int64ub,
-)
+#: the layouts :mod:`qcow2snap.layouts` declares, reached as attributes of
+#: this module (``fmt.QCowHeaderV2``)
+LAYOUT_NAMES = frozenset({
+    "QCowHeaderV2",
+    "QCowHeaderV3",
+    "QCowHeaderCompression",
+    "QCowExtensionHeader",
+    "Qcow2Feature",
+    "Qcow2BitmapHeaderExt",
+    "Qcow2CryptoHeaderExtension",
+    "QCryptoBlockLUKSKeySlot",
+    "QCryptoBlockLUKSHeader",
+    "QCowSnapshotHeader",
+    "QCowSnapshotExtraData",
+    "QCowSnapshotEntry",
+    "QCowBitmapDirEntry",
+    "QCowNbSnapshotsAndOffset",
+})
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: a layout of :data:`LAYOUT_NAMES`, from :mod:`qcow2snap.layouts`
+    (which imports construct) on first use."""
+    if name in LAYOUT_NAMES:
+        from . import layouts
+        value = getattr(layouts, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_struct(layout: construct.Construct, data: bytes, *, structure: str,
@@ -312,6 +244,7 @@ def parse_struct(layout: construct.Construct, data: bytes, *, structure: str,
 
     This is the only place construct errors are caught.
     """
+    import construct  # loaded already, with the layout
     try:
         return layout.parse(data, **params)
     except construct.ConstructError as exc:
@@ -322,8 +255,9 @@ def parse_struct(layout: construct.Construct, data: bytes, *, structure: str,
 
 def fixed_struct(layout: construct.Construct) -> struct.Struct:
     """A ``struct.Struct`` that unpacks the fields of ``layout`` (a Struct of
-    fixed-size integer fields only), in its order.  Only for the snapshot
-    table; see the module docstring."""
+    big-endian integers and byte strings of a fixed length only, a
+    ``Const`` among them), in its order.  See the module docstring."""
+    import construct  # loaded already, with the layout
     inner = layout
     while isinstance(inner, construct.Renamed):  # the docstring wrapper
         inner = inner.subcon
@@ -332,10 +266,91 @@ def fixed_struct(layout: construct.Construct) -> struct.Struct:
     formats = []
     for field in inner.subcons:
         sub = field.subcon if isinstance(field, construct.Renamed) else field
-        if not isinstance(sub, construct.FormatField) or sub.fmtstr[0] != ">":
-            raise TypeError(f"field {field.name!r} of {layout!r} is not a big-endian integer")
-        formats.append(sub.fmtstr[1:])
+        if isinstance(sub, construct.Const):
+            sub = sub.subcon
+        if isinstance(sub, construct.Bytes) and isinstance(sub.length, int):
+            formats.append(f"{sub.length}s")
+        elif isinstance(sub, construct.FormatField) and sub.fmtstr[0] == ">":
+            formats.append(sub.fmtstr[1:])
+        else:
+            raise TypeError(f"field {field.name!r} of {layout!r} is not a big-endian integer "
+                            "or fixed bytes")
     return struct.Struct(">" + "".join(formats))
+
+
+class Fields(dict[str, Any]):
+    """The fields :func:`parse_fixed` unpacked, by name: ``fields["size"]``
+    or ``fields.size``, as construct's ``Container`` gives them."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class FixedLayout(NamedTuple):
+    """A fixed layout of :mod:`qcow2snap.layouts` as ``struct`` unpacks it:
+    ``fixed_struct(layout).format``, its field names in order, and the
+    values of its ``Const`` fields by position.  A test derives all three
+    from the declaration (``tests/test_model.py``)."""
+
+    format: str
+    names: tuple[str, ...]
+    consts: tuple[tuple[int, bytes], ...] = ()
+
+
+#: The layouts the read path parses without construct (see the module
+#: docstring), by the name of their declaration.
+FIXED_LAYOUTS: dict[str, FixedLayout] = {
+    "QCowHeaderV2": FixedLayout(
+        ">4sLQLLQLLQQLLQ",
+        ("magic", "version", "backing_file_offset", "backing_file_size", "cluster_bits",
+         "size", "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
+         "refcount_table_clusters", "nb_snapshots", "snapshots_offset"),
+        ((0, QCOW_MAGIC),)),
+    "QCowHeaderV3": FixedLayout(
+        ">QQQLL",
+        ("incompatible_features", "compatible_features", "autoclear_features",
+         "refcount_order", "header_length")),
+    "QCowHeaderCompression": FixedLayout(">B7s", ("compression_type", "padding")),
+    "QCowExtensionHeader": FixedLayout(">LL", ("type", "length")),
+    "Qcow2Feature": FixedLayout(">BB46s", ("type", "bit", "name")),
+    "Qcow2BitmapHeaderExt": FixedLayout(
+        ">LLQQ",
+        ("nb_bitmaps", "reserved32", "bitmap_directory_size", "bitmap_directory_offset")),
+    "Qcow2CryptoHeaderExtension": FixedLayout(">QQ", ("offset", "length")),
+    "QCowSnapshotHeader": FixedLayout(
+        ">QLHHLLQLL",
+        ("l1_table_offset", "l1_size", "id_str_size", "name_size", "date_sec", "date_nsec",
+         "vm_clock_nsec", "vm_state_size", "extra_data_size")),
+}
+_FIXED_STRUCTS = {name: struct.Struct(layout.format) for name, layout in FIXED_LAYOUTS.items()}
+
+
+def parse_fixed(name: str, data: bytes | bytearray | memoryview, *, structure: str,
+                offset: int | None = None) -> Fields:
+    """:func:`parse_struct` of the layout ``name`` of :data:`FIXED_LAYOUTS`,
+    with ``struct``: the same fields (bytes past the layout's size are
+    ignored, as construct does) and a :class:`CorruptImageError` naming
+    ``structure`` and ``offset`` where it fails (too few bytes, a wrong
+    constant), without loading construct."""
+    layout = FIXED_LAYOUTS[name]
+    unpacker = _FIXED_STRUCTS[name]
+    where = f" at offset {offset:#x}" if offset is not None else ""
+    if len(data) < unpacker.size:
+        raise CorruptImageError(f"cannot parse {structure}{where}: {len(data)} bytes where "
+                                f"{unpacker.size} are needed",
+                                structure=structure, offset=offset)
+    values = unpacker.unpack_from(data)
+    for index, expected in layout.consts:
+        if values[index] != expected:
+            raise CorruptImageError(f"cannot parse {structure}{where}: {layout.names[index]} "
+                                    f"is {values[index]!r}, expected {expected!r}",
+                                    structure=structure, offset=offset)
+    return Fields(zip(layout.names, values, strict=True))
 
 
 class SnapshotHeaderFields(NamedTuple):
@@ -407,7 +422,7 @@ def build_struct(layout: construct.Construct, value: Any, **params: Any) -> byte
 
 
 #: :data:`QCowSnapshotHeader` as a ``struct.Struct`` (see the module docstring)
-SNAPSHOT_HEADER_STRUCT = fixed_struct(QCowSnapshotHeader)
+SNAPSHOT_HEADER_STRUCT = _FIXED_STRUCTS["QCowSnapshotHeader"]
 
 
 def c_hex(value: int) -> str:

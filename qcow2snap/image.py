@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, Self
 
 from . import cache
 from . import format as fmt
-from .crypto import SectorCipher, legacy_aes_cipher
+from .crypto import DEFAULT_KDF_ITERATION_LIMIT, SectorCipher, legacy_aes_cipher
 from .errors import (
     AmbiguousSnapshotError,
     BadPassphraseError,
@@ -44,7 +44,6 @@ from .errors import (
 )
 from .hostfile import CompanionPolicy, HostFile, open_read_only, open_read_write
 from .locks import EditorLock, LockState, ReaderLock, probe_locks
-from .luks import DEFAULT_KDF_ITERATION_LIMIT, parse_luks_header, unlock
 from .model import (
     Extension,
     FeatureName,
@@ -290,8 +289,8 @@ class Qcow2Image:
         if f.size < fmt.QCOW_HEADER_V2_SIZE:
             raise NotQcow2Error(
                 f"Image is not in qcow2 format: file too short for a header ({f.size} bytes)")
-        fields = fmt.parse_struct(fmt.QCowHeaderV2, first[:fmt.QCOW_HEADER_V2_SIZE],
-                                  structure="header", offset=0)
+        fields = fmt.parse_fixed("QCowHeaderV2", first[:fmt.QCOW_HEADER_V2_SIZE],
+                                 structure="header", offset=0)
         cluster_bits, version = fields.cluster_bits, fields.version
         if version in (2, 3) and not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
             raise UnsupportedImageError(f"Unsupported cluster size: 2^{cluster_bits}",
@@ -915,6 +914,7 @@ class Qcow2Image:
             if ext is None:
                 raise self._corrupt("Missing CRYPTO header for crypt method 2",
                                     "full disk encryption header extension")
+            from .luks import parse_luks_header, unlock  # encrypted images only (start-up)
             where = ext.crypto_header()
             header = parse_luks_header(
                 self.pread(where.offset, fmt.QCRYPTO_BLOCK_LUKS_HEADER_SIZE),

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import format as fmt
-from .crypto import SectorCipher, need_crypto_libraries
+from .crypto import DEFAULT_KDF_ITERATION_LIMIT, SectorCipher, need_crypto_libraries
 from .errors import BadPassphraseError, CorruptImageError, UnsupportedImageError
 
 __all__ = ["DEFAULT_KDF_ITERATION_LIMIT", "LuksHeader", "af_merge", "parse_luks_header",
@@ -152,13 +152,6 @@ def af_merge(hash_name: str, material: bytes | bytearray, block_len: int,
     last = material[(stripes - 1) * block_len:stripes * block_len]
     return (int.from_bytes(block, "little") ^ int.from_bytes(last, "little")
             ).to_bytes(block_len, "little")
-
-
-#: the most PBKDF2 iterations one key slot (or the master key digest) may
-#: ask for before unlocking refuses it: a hostile header can ask for 2^32-1,
-#: hours of work.  QEMU's default ``iter-time`` of 2 s calibrates to a few
-#: million on today's machines; 20 million leaves ample room (~10 s here).
-DEFAULT_KDF_ITERATION_LIMIT = 20_000_000
 
 
 def unlock(header: LuksHeader, pread: Callable[[int, int], bytes], passphrase: bytes,

@@ -83,24 +83,24 @@ class Header:
         # the version decides what the rest is; it is read before the length
         # is known to hold a whole version 2 header (QEMU's order of errors)
         padded = bytes(data[:fmt.QCOW_HEADER_V2_SIZE]).ljust(fmt.QCOW_HEADER_V2_SIZE, b"\0")
-        version = fmt.parse_struct(fmt.QCowHeaderV2, padded, structure="header",
-                                   offset=0).version
+        version = fmt.parse_fixed("QCowHeaderV2", padded, structure="header",
+                                  offset=0).version
         if version not in (fmt.QCOW_VERSION_2, fmt.QCOW_VERSION_3):
             raise UnsupportedImageError(f"Unsupported qcow2 version {version}",
                                         feature=f"version {version}")
         if len(data) < fmt.QCOW_HEADER_V2_SIZE:
             raise NotQcow2Error(
                 f"Image is not in qcow2 format: file too short for a header ({len(data)} bytes)")
-        v2 = fmt.parse_struct(fmt.QCowHeaderV2, data[:fmt.QCOW_HEADER_V2_SIZE],
-                              structure="header", offset=0)
+        v2 = fmt.parse_fixed("QCowHeaderV2", data[:fmt.QCOW_HEADER_V2_SIZE],
+                             structure="header", offset=0)
         fields = {k: v2[k] for k in _V2_FIELDS}
         if version == fmt.QCOW_VERSION_2:
             return cls(**fields)
         if len(data) < fmt.QCOW_HEADER_V3_SIZE:
             raise CorruptImageError("qcow2 header too short", structure="header", offset=0)
-        v3 = fmt.parse_struct(fmt.QCowHeaderV3,
-                              data[fmt.QCOW_HEADER_V2_SIZE:fmt.QCOW_HEADER_V3_SIZE],
-                              structure="header", offset=fmt.QCOW_HEADER_V2_SIZE)
+        v3 = fmt.parse_fixed("QCowHeaderV3",
+                             data[fmt.QCOW_HEADER_V2_SIZE:fmt.QCOW_HEADER_V3_SIZE],
+                             structure="header", offset=fmt.QCOW_HEADER_V2_SIZE)
         header_length = v3.header_length
         if header_length < fmt.QCOW_HEADER_V3_SIZE:
             raise CorruptImageError("qcow2 header too short", structure="header", offset=100)
@@ -116,8 +116,8 @@ class Header:
                 padding = bytes(data[fmt.QCOW_HEADER_V3_SIZE + 1:header_length])
                 tail = b""
             else:
-                comp = fmt.parse_struct(
-                    fmt.QCowHeaderCompression,
+                comp = fmt.parse_fixed(
+                    "QCowHeaderCompression",
                     data[fmt.QCOW_HEADER_V3_SIZE:fmt.QCOW_HEADER_FULL_SIZE],
                     structure="header", offset=fmt.QCOW_HEADER_V3_SIZE)
                 compression_type = comp.compression_type
@@ -254,21 +254,21 @@ class Extension:
         count = -(-len(self.data) // size)
         for i in range(count):
             chunk = self.data[i * size:(i + 1) * size].ljust(size, b"\0")
-            entry = fmt.parse_struct(fmt.Qcow2Feature, chunk, structure="feature name table")
+            entry = fmt.parse_fixed("Qcow2Feature", chunk, structure="feature name table")
             name = bytes(entry.name).split(b"\0", 1)[0].decode("utf-8", "replace")
             entries.append(FeatureName(entry.type, entry.bit, name, bytes(entry.name)))
         return entries
 
     def bitmaps(self) -> BitmapsExtension:
-        e = fmt.parse_struct(fmt.Qcow2BitmapHeaderExt, self.data,
-                             structure="bitmaps extension", offset=self.offset)
+        e = fmt.parse_fixed("Qcow2BitmapHeaderExt", self.data,
+                            structure="bitmaps extension", offset=self.offset)
         return BitmapsExtension(e.nb_bitmaps, e.reserved32, e.bitmap_directory_size,
                                 e.bitmap_directory_offset)
 
     def crypto_header(self) -> CryptoHeaderExtension:
-        e = fmt.parse_struct(fmt.Qcow2CryptoHeaderExtension, self.data,
-                             structure="full disk encryption header extension",
-                             offset=self.offset)
+        e = fmt.parse_fixed("Qcow2CryptoHeaderExtension", self.data,
+                            structure="full disk encryption header extension",
+                            offset=self.offset)
         return CryptoHeaderExtension(e.offset, e.length)
 
 
@@ -284,8 +284,8 @@ def parse_extensions(data: bytes, start_offset: int, end_offset: int) -> list[Ex
         if end_offset - offset < 8:
             raise CorruptImageError("Header extension too large", structure="header extension",
                                     offset=offset)
-        ext = fmt.parse_struct(fmt.QCowExtensionHeader, data[offset:offset + 8],
-                               structure="header extension", offset=offset)
+        ext = fmt.parse_fixed("QCowExtensionHeader", data[offset:offset + 8],
+                              structure="header extension", offset=offset)
         data_start = offset + 8
         if ext.length > end_offset - data_start:
             raise CorruptImageError("Header extension too large", structure="header extension",

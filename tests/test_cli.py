@@ -46,6 +46,41 @@ QEMU_SNAPSHOT_KEYS = ("id", "name", "date-sec", "date-nsec", "vm-clock-sec", "vm
 ERROR_PREFIX = "qcow2snap: error: "
 
 
+def test_lazy_commands_table_is_the_commands() -> None:
+    """The group lists the commands it loads on first use (cli._LAZY_COMMANDS)
+    with the help click gives the loaded commands, at any width, and every
+    command is in the table or defined with the group (info, list)."""
+    import subprocess
+    import sys
+
+    from qcow2snap import cli as cli_module
+
+    def listing(columns: int, *, load_all: bool) -> str:
+        code = ("from qcow2snap.cli import cli, main\n"
+                + ("cli.load_all()\n" if load_all else "") + "main(['--help'])")
+        env = {**os.environ, "COLUMNS": str(columns)}
+        return subprocess.run([sys.executable, "-c", code], env=env,
+                              capture_output=True, text=True, check=True).stdout
+
+    for columns in (40, 100, 200):
+        lazy = listing(columns, load_all=False)
+        assert "export-chain" in lazy
+        assert lazy == listing(columns, load_all=True)
+    cli.load_all()
+    assert set(cli.commands) == {*cli_module._LAZY_COMMANDS, "info", "list"}
+
+
+def test_unknown_command_suggests_a_lazy_one() -> None:
+    """click's "Did you mean" looks at every command, loaded or not."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qcow2snap", "extrac"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "No such command 'extrac'. Did you mean 'extract'?" in proc.stderr
+
+
 def ok(*args: str | os.PathLike[str]) -> Result:
     result = invoke(*args)
     assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr,

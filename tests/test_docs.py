@@ -83,6 +83,8 @@ def test_library_example_runs(fixture_dir: Path, tmp_path: Path, line: int,
 def commands(group: click.Group = cli, prefix: tuple[str, ...] = ()
              ) -> list[tuple[tuple[str, ...], click.Command]]:
     out: list[tuple[tuple[str, ...], click.Command]] = []
+    if group is cli:
+        cli.load_all()  # the commands the group imports on first use too
     for name, command in sorted(group.commands.items()):
         if isinstance(command, click.Group):
             out.append(((*prefix, name), command))

@@ -221,6 +221,61 @@ def test_snapshot_header_fields_follow_the_layout() -> None:
     assert fmt.unpack_snapshot_header(b"xx" + raw, 2) == tuple(parsed[n] for n in names)
 
 
+def test_every_declared_layout_is_reached_through_format() -> None:
+    """fmt.LAYOUT_NAMES (what format's __getattr__ loads) is every layout
+    qcow2snap.layouts declares."""
+    from qcow2snap import layouts
+
+    assert set(layouts.__all__) == fmt.LAYOUT_NAMES
+    assert all(getattr(fmt, name) is getattr(layouts, name) for name in layouts.__all__)
+    with pytest.raises(AttributeError):
+        fmt.QCowNoSuchLayout  # noqa: B018
+    # the constants layouts.py writes as numbers are format's
+    fields = {sub.name: sub.subcon for sub in fmt.QCryptoBlockLUKSHeader.subcon.subcons}
+    assert fields["master_key_digest"].length == fmt.QCRYPTO_BLOCK_LUKS_DIGEST_LEN
+    assert fields["key_slots"].count == fmt.QCRYPTO_BLOCK_LUKS_NUM_KEY_SLOTS
+    assert fmt.QCryptoBlockLUKSHeader.sizeof() == fmt.QCRYPTO_BLOCK_LUKS_HEADER_SIZE
+    assert fmt.FIXED_LAYOUTS["QCowHeaderV2"].consts == ((0, fmt.QCOW_MAGIC),)
+
+
+@pytest.mark.parametrize("name", sorted(fmt.FIXED_LAYOUTS))
+def test_fixed_layouts_are_their_declarations(name: str) -> None:
+    """Each struct form of fmt.FIXED_LAYOUTS is what fixed_struct derives
+    from its construct declaration: the format, the field names in order and
+    the Const fields' values."""
+    import construct
+
+    layout = getattr(fmt, name)
+    fixed = fmt.FIXED_LAYOUTS[name]
+    assert fixed.format == fmt.fixed_struct(layout).format
+    fields = layout.subcon.subcons
+    assert fixed.names == tuple(sub.name for sub in fields)
+    assert fixed.consts == tuple((i, sub.subcon.value) for i, sub in enumerate(fields)
+                                 if isinstance(sub.subcon, construct.Const))
+
+
+@given(data=st.data())
+def test_parse_fixed_parses_as_the_layout(data: st.DataObject) -> None:
+    """parse_fixed gives construct's fields for any bytes, and a
+    CorruptImageError where construct's parse fails (too short, a wrong
+    magic)."""
+    name = data.draw(st.sampled_from(sorted(fmt.FIXED_LAYOUTS)))
+    layout = getattr(fmt, name)
+    size = layout.sizeof()
+    raw = data.draw(st.one_of(st.binary(min_size=0, max_size=size + 8),
+                              st.binary(min_size=size - 4, max_size=size).map(
+                                  lambda b: fmt.QCOW_MAGIC + b)))
+    try:
+        expected = fmt.parse_struct(layout, raw, structure="x", offset=0)
+    except CorruptImageError:
+        with pytest.raises(CorruptImageError, match=r"^cannot parse x at offset 0x0: "):
+            fmt.parse_fixed(name, raw, structure="x", offset=0)
+        return
+    parsed = fmt.parse_fixed(name, raw, structure="x", offset=0)
+    assert parsed == {k: v for k, v in expected.items() if not k.startswith("_")}
+    assert [getattr(parsed, k) for k in parsed] == list(parsed.values())
+
+
 @given(extra=st.binary(min_size=0, max_size=48), size=st.integers(0, 48))
 def test_snapshot_extra_fast_path_matches_the_layout(extra: bytes, size: int) -> None:
     extra = extra.ljust(size, b"\x5a")[:size]
