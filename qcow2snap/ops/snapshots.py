@@ -40,7 +40,7 @@ from ..errors import (
 from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
 from ..refcount import LiveEntries, decode_l1, l2_live, l2_references
-from ..tables import decode_u64_table, encode_u64_table
+from ..tables import decode_u64_table, encode_u64_table, nonzero_indexes
 from .transaction import CommitResult, Transaction
 
 __all__ = [
@@ -250,8 +250,9 @@ class SnapshotEditor:
         (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass)."""
         txn = self.txn
         bits = self.cluster_bits
-        for entry in l1.entries:
-            l2 = self._l2_offset(entry, where)
+        entries = l1.entries
+        for index in nonzero_indexes(entries):   # cost follows the L2 tables, not the disk size
+            l2 = self._l2_offset(entries[index], where)
             if not l2:
                 continue
             txn.add_references([l2 >> bits], addend)
@@ -295,10 +296,13 @@ class SnapshotEditor:
         copied = fmt.QCOW_OFLAG_COPIED
         referrers: dict[int, list[tuple[_L1, int]]] | None = None
         active = self.active
-        l2_offsets = [self._l2_offset(e, "the active L1 table") for e in active.entries]
+        set_indexes = nonzero_indexes(active.entries)
+        l2_offsets = [self._l2_offset(active.entries[i], "the active L1 table")
+                      for i in set_indexes]
         l2_counts = txn.refcounts_of([o >> bits for o in l2_offsets if o])
         l2_count = iter(l2_counts)
-        for i, (entry, l2) in enumerate(zip(active.entries, l2_offsets, strict=True)):
+        for i, l2 in zip(set_indexes, l2_offsets, strict=True):
+            entry = active.entries[i]
             if not l2:
                 continue
             paths = next(l2_count)
@@ -319,8 +323,8 @@ class SnapshotEditor:
     def _referrers(self) -> dict[int, list[tuple[_L1, int]]]:
         out: dict[int, list[tuple[_L1, int]]] = {}
         for l1 in self._all_l1s():
-            for i, entry in enumerate(l1.entries):
-                offset = entry & fmt.L1E_OFFSET_MASK
+            for i in nonzero_indexes(l1.entries):
+                offset = l1.entries[i] & fmt.L1E_OFFSET_MASK
                 if offset:
                     out.setdefault(offset, []).append((l1, i))
         return out

@@ -50,7 +50,7 @@ from ..errors import (  # the commit errors are re-exported here, where they wer
 from ..image import Qcow2Image
 from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
-from ..tables import encode_refcount_block, encode_u64_table, refcount_max
+from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
 from .refdelta import MAX_CHUNK_BITS, ClusterMarks, RefcountDelta, last_nonzero, one_chunk_run
 
 __all__ = [
@@ -560,10 +560,10 @@ class Transaction:
         rc = self.refcounts
         highest = max(self.allocated, default=0)
         # scan blocks from the last one in either state for the last cluster
-        # still in use (from the last non-zero table entry: the table has
-        # room for thousands of blocks an image does not have)
-        top = max(last_nonzero(rc.table), max(new_blocks, default=-1))
-        for b in range(top, -1, -1):
+        # still in use (only the table's set entries: it has room for
+        # thousands of blocks an image does not have)
+        candidates = set(nonzero_indexes(rc.table)).union(new_blocks)
+        for b in sorted(candidates, reverse=True):
             if b in new_blocks:
                 last = self._last_in_use[b]
             elif rc.table[b] and rc.block_offset(b):
