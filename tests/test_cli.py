@@ -29,6 +29,7 @@ import qcow2snap
 from qcow2snap import errors
 from qcow2snap.cli import cli
 from qcow2snap.describe import size_to_str
+from qcow2snap.lazy_group import LazyGroup
 
 ALL_FIXTURES = [e["name"] for e in FIXTURE_ENTRIES]
 WITH_SNAPSHOTS = [e["name"] for e in FIXTURE_ENTRIES if e["snapshots"]]
@@ -917,6 +918,8 @@ def test_editing_an_image_in_use_is_refused(held_image: Path) -> None:
 
 def all_commands(group: click.Group = cli,
                  prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(group, LazyGroup):
+        group.load_all()   # at collection time, too: the commands not yet used
     paths = [prefix]
     for name, command in sorted(group.commands.items()):
         if isinstance(command, click.Group):
@@ -930,6 +933,16 @@ def test_command_tree() -> None:
     # new commands must be documented in docs/cli.md (checked by test_docs.py)
     assert {(), ("create",), ("delete",), ("extract",), ("info",), ("list",), ("rename",),
             ("revert",), ("vmstate",), ("vmstate", "dump")} <= set(all_commands())
+
+
+def test_help_covers_every_command() -> None:
+    """test_help's parameters, made at collection time, hold every
+    command, the lazily loaded ones too."""
+    marks = [m for m in test_help.pytestmark if m.name == "parametrize"]   # type: ignore[attr-defined]
+    collected = {tuple(p) for m in marks if m.args[0] == "path" for p in m.args[1]}
+    assert isinstance(cli, LazyGroup)
+    assert {(name,) for name in cli.lazy_commands} <= collected
+    assert ("vmstate", "memory") in collected
 
 
 @pytest.mark.parametrize("path", all_commands(), ids=lambda p: " ".join(p) or "qcow2snap")
