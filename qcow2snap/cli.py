@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -108,19 +107,19 @@ class _Group(LazyGroup):
                 return super().invoke(ctx)
             except Qcow2Error as exc:
                 if debug:
-                    traceback.print_exc()
+                    _print_traceback()
                 click.echo(f"qcow2snap: error: {_one_line(str(exc))}", err=True)
                 ctx.exit(exc.exit_code)
             except ValueError as exc:
                 if debug:
-                    traceback.print_exc()
+                    _print_traceback()
                 click.echo(f"qcow2snap: error: {_one_line(str(exc))}", err=True)
                 ctx.exit(EXIT_USAGE)
             except BrokenPipeError:
                 raise  # stdout's reader left: click ends quietly (exit 1)
             except OSError as exc:
                 if debug:
-                    traceback.print_exc()
+                    _print_traceback()
                 name = f": {exc.filename}" if exc.filename else ""
                 click.echo(f"qcow2snap: error: {_one_line(f'{exc.strerror or exc}{name}')}",
                            err=True)
@@ -132,6 +131,12 @@ class _Group(LazyGroup):
                 click.echo(f"qcow2snap: terminated by {signal.Signals(exc.signum).name}",
                            err=True)
                 ctx.exit(128 + exc.signum)
+
+
+def _print_traceback() -> None:
+    """--debug: the traceback of the exception being handled."""
+    import traceback  # only --debug shows one (start-up: docs/performance.md)
+    traceback.print_exc()
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -18,11 +18,10 @@ nothing else is here.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
@@ -30,6 +29,8 @@ from .image import Qcow2Image
 from .model import Snapshot
 
 if TYPE_CHECKING:
+    import json
+
     from .ops.check_report import CheckReport, RepairReport
     from .ops.compact import CompactResult
     from .ops.edit import EditResult
@@ -88,6 +89,7 @@ _JSON_BATCH = 512
 
 
 def _json_encoder() -> json.JSONEncoder:
+    import json  # only --json prints it (start-up: docs/performance.md)
     return json.JSONEncoder(indent=_JSON_INDENT, ensure_ascii=False)
 
 
@@ -125,9 +127,11 @@ def _json_list_parts(items: Iterable[Any], encoder: json.JSONEncoder, depth: int
     pad = "\n" + " " * (_JSON_INDENT * depth)
     inner = pad + " " * _JSON_INDENT
     opening = "[" + inner
+    from json.encoder import encode_basestring as quote  # the encoder's, ensure_ascii=False
     rest = iter(items)
     while batch := list(itertools.islice(rest, _JSON_BATCH)):
-        texts = [text for item in batch if (text := _flat_object_text(item, inner)) is not None]
+        texts = [text for item in batch
+                 if (text := _flat_object_text(item, inner, quote)) is not None]
         if len(texts) == len(batch):
             yield opening + ("," + inner).join(texts)
         else:
@@ -137,15 +141,15 @@ def _json_list_parts(items: Iterable[Any], encoder: json.JSONEncoder, depth: int
     yield "[]" if opening[0] == "[" else pad + "]"
 
 
-def _flat_object_text(obj: Any, pad: str) -> str | None:
+def _flat_object_text(obj: Any, pad: str, quote: Callable[[str], str]) -> str | None:
     """The indenting encoder's text of a dict of string keys and string,
     integer, boolean or null values, starting a line that ``pad`` starts
     (the objects of a listing: the encoder is pure Python and costs ~5x
-    this), or ``None`` for anything else."""
+    this), or ``None`` for anything else.  ``quote`` is the encoder's
+    string quoting (``json.encoder.encode_basestring``)."""
     if type(obj) is not dict or not obj:
         return None
     inner = pad + " " * _JSON_INDENT
-    quote = json.encoder.encode_basestring  # what the encoder uses with ensure_ascii=False
     lines = []
     for key, value in obj.items():
         kind = type(value)

@@ -198,6 +198,8 @@ class FeatureName:
 
 @dataclass(frozen=True, slots=True)
 class BitmapsExtension:
+    """The bitmaps extension's fields (qcow2.txt, "Bitmaps extension")."""
+
     nb_bitmaps: int
     reserved32: int
     bitmap_directory_size: int
@@ -206,6 +208,8 @@ class BitmapsExtension:
 
 @dataclass(frozen=True, slots=True)
 class CryptoHeaderExtension:
+    """Where the encryption header (LUKS) lies in the image file."""
+
     offset: int
     length: int
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import threading
-import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -385,11 +384,21 @@ ZSTD_MAX_WINDOW_BYTES = 8 << 20
 #: ~2 MiB, however large a size the frame declares.
 _ZSTD_STEP_BYTES = 64
 
-_isal_zlib: Any
-try:  # ISA-L's inflate: same output, about twice zlib's speed
-    from isal import isal_zlib as _isal_zlib
-except ImportError:  # pragma: no cover - isal is a dependency; platforms without a wheel
-    _isal_zlib = None
+#: ISA-L's inflate (same output, about twice zlib's speed): ``isal.isal_zlib``,
+#: imported at the first compressed cluster (~5 ms of start-up that ``info``
+#: and ``list`` would pay for nothing: docs/performance.md), ``None`` where
+#: it is not installed
+_isal_zlib: Any = ...
+
+
+def _load_isal() -> Any:
+    global _isal_zlib
+    try:
+        import isal.isal_zlib
+        _isal_zlib = isal.isal_zlib
+    except ImportError:  # pragma: no cover - isal is a dependency; platforms without a wheel
+        _isal_zlib = None
+    return _isal_zlib
 
 
 class _ClusterOverflow(Exception):
@@ -417,15 +426,17 @@ def _inflate(data: bytes, cluster_size: int) -> bytes:
     message.  (ISA-L always keeps a 32 KiB window: a stream whose distances
     exceed the 4 KiB one QEMU declares, which no QEMU ever writes, decodes
     here where QEMU refuses it.)"""
-    if _isal_zlib is not None:
+    isal_zlib = _load_isal() if _isal_zlib is ... else _isal_zlib
+    if isal_zlib is not None:
         try:
-            out = _inflate_with(_isal_zlib, data, cluster_size)
+            out = _inflate_with(isal_zlib, data, cluster_size)
             if len(out) == cluster_size:
                 return out
         except _ClusterOverflow:
             raise
         except Exception:
             pass
+    import zlib  # the fallback (loaded here with isal: start-up of info/list)
     return _inflate_with(zlib, data, cluster_size)
 
 

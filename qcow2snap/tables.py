@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import sys
 from array import array
+from functools import cache
 from itertools import compress
 from typing import Literal
 
@@ -82,9 +83,13 @@ def split_extended_l2(table: array[int]) -> tuple[array[int], array[int]]:
 
 # --- refcount blocks --------------------------------------------------------
 
-def _sub_byte_tables(bits: int) -> tuple[list[bytes], list[bytes]]:
-    """For a sub-byte width: per position ``p`` in a byte, a translate table
-    extracting entry ``p`` from a byte, and one shifting a value into place."""
+@cache
+def _sub_byte_tables(refcount_order: int) -> tuple[list[bytes], list[bytes]]:
+    """For a sub-byte width (``refcount_order`` 0..2): per position ``p`` in
+    a byte, a translate table extracting entry ``p`` from a byte, and one
+    shifting a value into place.  Made at first use (~0.5 ms: every command
+    imports this module, few meet such widths)."""
+    bits = 1 << refcount_order
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     extract = [bytes(((b >> (p * bits)) & mask) for b in range(256)) for p in range(per_byte)]
@@ -92,8 +97,6 @@ def _sub_byte_tables(bits: int) -> tuple[list[bytes], list[bytes]]:
              for p in range(per_byte)]
     return extract, place
 
-
-_SUB_BYTE = {order: _sub_byte_tables(1 << order) for order in (0, 1, 2)}
 
 
 def refcount_block_entries(cluster_bits: int, refcount_order: int) -> int:
@@ -110,7 +113,7 @@ def decode_refcount_block(data: bytes | bytearray | memoryview, refcount_order: 
         if _LITTLE and nbytes > 1:
             block.byteswap()
         return block
-    extract, _ = _SUB_BYTE[refcount_order]
+    extract, _ = _sub_byte_tables(refcount_order)
     per_byte = len(extract)
     raw = bytes(data)
     out = bytearray(len(raw) * per_byte)
@@ -127,7 +130,7 @@ def encode_refcount_block(block: array[int] | list[int], refcount_order: int) ->
         if _LITTLE and nbytes > 1:
             out.byteswap()
         return out.tobytes()
-    _, place = _SUB_BYTE[refcount_order]
+    _, place = _sub_byte_tables(refcount_order)
     per_byte = len(place)
     values = bytes(block)  # raises ValueError for values > 255
     if values and max(values) >= 1 << (1 << refcount_order):

@@ -31,7 +31,13 @@ NOT_AT_START = frozenset({
     "construct", "qcow2snap.layouts", "pdb", "hashlib", "pickle",  # the layouts
     "qcow2snap.luks",  # encrypted images
     "qcow2snap.commands",  # the other commands (cli.LazyGroup)
+    # ISA-L (three extension modules) and zlib: at the first compressed
+    # cluster; the traceback module: for --debug; package metadata: never
+    # (--version is a literal) (docs/performance.md, "Start-up, third pass")
+    "isal", "isal.isal_zlib", "zlib", "traceback", "textwrap", "importlib.metadata",
 })
+#: loaded by --json only
+NOT_FOR_TEXT = frozenset({"json", "json.encoder", "json.decoder"})
 
 
 def imported_by(*args: str | Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
@@ -57,6 +63,36 @@ def test_metadata_commands_import_only_what_they_use(fixture_copy: Any,
     # the importtime report is read right: these are imported by every command
     assert {"qcow2snap.format", "qcow2snap.cli", "click"} <= modules
     assert sorted(modules & NOT_AT_START) == []
+    if "--json" not in command:
+        assert sorted(modules & NOT_FOR_TEXT) == []
+
+
+#: what the console script runs (``from qcow2snap.cli import main; main()``),
+#: then the modules loaded, read from ``sys.modules`` after the command ended
+_RUN_MAIN = """\
+import sys
+from qcow2snap.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    sys.stderr.write("\\nMODULES " + " ".join(sorted(sys.modules)) + "\\n")
+"""
+
+
+@pytest.mark.parametrize("command", [("list",), ("info",)], ids=["list", "info"])
+def test_the_console_script_path_leaves_the_heavy_modules_unloaded(
+        fixture_copy: Any, command: tuple[str, ...]) -> None:
+    """The installed ``qcow2snap`` script calls ``cli.main()``: after a
+    whole ``info``/``list`` run, none of the modules it does not use is in
+    ``sys.modules`` (whoever imported them, lazily or not)."""
+    image = fixture_copy("v3-basic")
+    proc = subprocess.run([sys.executable, "-c", _RUN_MAIN, *command, str(image)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "third" in proc.stdout
+    modules = set(proc.stderr.rpartition("\nMODULES ")[2].split())
+    assert {"qcow2snap.cli", "qcow2snap.ops.inspection", "click"} <= modules
+    assert sorted(modules & (NOT_AT_START | NOT_FOR_TEXT)) == []
 
 
 def test_listing_a_vm_state_loads_the_stream_reader(fixture_copy: Any) -> None:
