@@ -39,8 +39,8 @@ from ..errors import (
 )
 from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
-from ..refcount import LiveEntries, decode_l1, l2_live, l2_references
-from ..tables import decode_u64_table, encode_u64_table, nonzero_indexes
+from ..refcount import BULK_ENTRIES, decode_l1, l2_live, l2_references
+from ..tables import decode_u64_table, encode_u64_table, l2_host_clusters, nonzero_indexes
 from .transaction import CommitResult, Transaction
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
 
 #: bytes of L2 tables kept between an edit's refcount and COPIED passes
 MEMO_BYTES = 32 << 20
+#: references handed to the transaction per call by a refcount pass
+REFS_PER_CALL = 1 << 16
 
 #: QEMU's tools hold names in char[256] and IDs in char[128]
 QEMU_MAX_NAME_BYTES = 255
@@ -103,25 +105,32 @@ _ONE_TO_TOP_BIT = bytes(0x80 if b == 1 else 0 for b in range(256))
 
 
 def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Transaction,
-                       live_info: LiveEntries | None = None) -> array[int] | None:
+                       all_hosts: array[int] | None = None,
+                       counted: list[int] | None = None) -> array[int] | None:
     """The L2 table with COPIED recomputed from the new refcounts (set iff
     a NORMAL/ZERO_ALLOC entry's cluster has refcount exactly 1), or None
-    when no entry changes.  ``live_info``: :func:`l2_live` of the table,
-    if a refcount pass computed it already.
+    when no entry changes.  ``all_hosts``: :func:`l2_host_clusters` of the
+    table (every entry's host cluster, 0 for none), and ``counted``, its
+    non-zero ones in order, if a refcount pass computed them already.
 
     Per-entry Python work is what made edits slow (issue 16), so the
     common cases are done on the table's bytes at C speed: every referenced
     cluster has a count of 2 or more (after a create, always) - COPIED
-    cleared everywhere; every live entry has a cluster (no compressed or
-    offset-less entry) - the top bytes of the live entries rewritten from
-    the counts in one integer operation.  Other tables take the
-    entry-by-entry route."""
-    entries = table[0::step] if step == 2 else table
-    runs, live, hosts, _ = live_info or l2_live(entries, cluster_bits)
-    if not runs:
-        return None
+    cleared everywhere, found without the runs of live entries; every live
+    entry has a cluster (no compressed or offset-less entry) - the top
+    bytes of the live entries rewritten from the counts in one integer
+    operation.  Other tables take the entry-by-entry route."""
+    entries = table[0::2] if step == 2 else table
+    if all_hosts is None and len(entries) >= BULK_ENTRIES:
+        all_hosts = l2_host_clusters(entries, cluster_bits)   # None: compressed entries
+    if all_hosts is None:
+        runs, live, hosts, _ = l2_live(entries, cluster_bits)
+        if not runs:
+            return None
+        counted = list(compress(hosts, hosts))
+    elif counted is None:
+        counted = list(compress(all_hosts, all_hosts))
     copied = fmt.QCOW_OFLAG_COPIED
-    counted = list(compress(hosts, hosts))
     counts = txn.refcounts_of(counted)
     if not counts or min(counts) >= 2:
         # COPIED nowhere: clear bit 7 of every entry's top byte
@@ -131,6 +140,8 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
             return None
         raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
         return decode_u64_table(raw)
+    if all_hosts is not None:   # the runs of live entries, needed from here on
+        runs, live, hosts, _ = l2_live(entries, cluster_bits)
     if len(counted) == len(live) and max(counts) <= 255:
         # every live entry has a cluster: its top byte becomes (top & 0x7F)
         # | (0x80 if its count is 1), computed on the bytes of those top
@@ -189,7 +200,7 @@ class SnapshotEditor:
         #: L2 tables a refcount pass read, kept for the COPIED pass that
         #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
         #: clusters make 65,536 tables of a 2 GiB disk)
-        self._memo: dict[int, tuple[array[int], LiveEntries | None]] = {}
+        self._memo: dict[int, tuple[array[int], array[int] | None, list[int] | None]] = {}
         self._memo_bytes = 0
         self.check_editable()
         txn.mark_in_use([0])
@@ -247,37 +258,51 @@ class SnapshotEditor:
 
     def _refupdate(self, l1: _L1, addend: int, where: str) -> None:
         """+/-1 on every L2 table of ``l1`` and every cluster they reference
-        (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass)."""
+        (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass).
+
+        A table's references are its entries' host clusters, taken from the
+        whole table at C speed (:func:`l2_host_clusters`; the runs of live
+        entries are not needed here), and the references of many tables go
+        to the transaction in one call (at most :data:`REFS_PER_CALL` at a
+        time): one call per table cost more than the additions."""
         txn = self.txn
         bits = self.cluster_bits
         entries = l1.entries
+        extended = self.image.extended_l2
+        tables: list[int] = []
+        refs: list[int] = []
         for index in nonzero_indexes(entries):   # cost follows the L2 tables, not the disk size
             l2 = self._l2_offset(entries[index], where)
             if not l2:
                 continue
-            txn.add_references([l2 >> bits], addend)
+            tables.append(l2 >> bits)
             table = self.image.read_l2(l2)
-            info = l2_live(table[0::2] if self.image.extended_l2 else table, bits)
-            _, live, hosts, has_compressed = info
-            if has_compressed:
-                refs = l2_references(self.image, l2, table)
+            plain = table[0::2] if extended else table
+            hosts = l2_host_clusters(plain, bits) if len(plain) >= BULK_ENTRIES else None
+            if hosts is None:   # a small table, or compressed entries
+                counted = None
+                refs += l2_references(self.image, l2, table)
             else:
-                refs = list(compress(hosts, hosts))
-            if self._memo_bytes < MEMO_BYTES:
-                if type(hosts) is list:   # per-entry route: a tuple and an int an entry
-                    self._memo[l2] = (table, None)   # only spare the read
-                    self._memo_bytes += len(table) * 8 + 128
-                else:
-                    self._memo[l2] = (table, info)
-                    self._memo_bytes += (len(table) + 2 * len(live) + 16 * len(info[0])) * 8 + 256
-            txn.add_references(refs, addend)
+                counted = list(compress(hosts, hosts))
+                refs += counted
+            if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
+                self._memo[l2] = (table, hosts, counted)
+                self._memo_bytes += ((len(table) + (len(hosts) if hosts else 0)) * 8
+                                     + (len(counted) * 40 if counted else 0) + 128)
+            if len(refs) >= REFS_PER_CALL:
+                txn.add_references(refs, addend)
+                refs = []
+        txn.add_references(tables, addend)
+        txn.add_references(refs, addend)
 
-    def _l2_table(self, offset: int) -> tuple[array[int], LiveEntries | None]:
-        """An L2 table of the new state, with its :func:`l2_live` if known."""
+    def _l2_table(self, offset: int
+                  ) -> tuple[array[int], array[int] | None, list[int] | None]:
+        """An L2 table of the new state, with its :func:`l2_host_clusters`
+        and their non-zero ones if known."""
         if offset in self._moved_l2:   # a copy this edit made: decode what it writes
-            return decode_u64_table(self.txn.new_data[offset]), None
+            return decode_u64_table(self.txn.new_data[offset]), None, None
         memo = self._memo.get(offset)
-        return memo if memo is not None else (self.image.read_l2(offset), None)
+        return memo if memo is not None else (self.image.read_l2(offset), None, None)
 
     def _all_l1s(self) -> list[_L1]:
         return [self.active, *(self._snapshot_l1(slot) for slot in self.slots)]
@@ -306,8 +331,8 @@ class SnapshotEditor:
             if not l2:
                 continue
             paths = next(l2_count)
-            table, info = self._l2_table(l2)
-            desired = _copied_recomputed(table, step, bits, txn, info)
+            table, hosts, counted = self._l2_table(l2)
+            desired = _copied_recomputed(table, step, bits, txn, hosts, counted)
             if desired is not None:
                 if referrers is None:
                     referrers = self._referrers()
