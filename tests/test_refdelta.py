@@ -58,7 +58,10 @@ _L2_ENTRY = st.one_of(
 @given(st.one_of(st.lists(_L2_ENTRY, min_size=1, max_size=100),
                  st.lists(_L2_ENTRY, min_size=512, max_size=1100),     # the bulk routes
                  st.lists(_L2_ENTRY.filter(lambda e: e > 1 and not e & (1 << 62)),
-                          min_size=512, max_size=700)),
+                          min_size=512, max_size=700),
+                 # sparse: unallocated entries between clusters (every set entry has one)
+                 st.lists(st.one_of(st.just(0), _L2_ENTRY.filter(
+                     lambda e: e > 1 and not e & (1 << 62))), min_size=512, max_size=700)),
        st.dictionaries(st.integers(1, 40), st.integers(1, 300)), st.booleans())
 def test_copied_recomputed_is_qemus_rule(values: list[int], counts: dict[int, int],
                                          extended: bool) -> None:

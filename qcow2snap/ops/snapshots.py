@@ -23,11 +23,14 @@ whole new state is published by one header write
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from itertools import chain, compress
+from typing import Literal
 
 from .. import format as fmt
 from ..errors import (
@@ -104,6 +107,101 @@ _CLEAR_TOP_BIT = bytes(b & 0x7F for b in range(256))
 _ONE_TO_TOP_BIT = bytes(0x80 if b == 1 else 0 for b in range(256))
 
 
+#: an entry's top byte (native order: the last) -> 2 if COPIED is set, else 1
+_TOP_TO_CODE = bytes(2 if b & 0x80 else 1 for b in range(256))
+#: a refcount (0-255) -> 2 if it is 1 (COPIED wanted), else 1
+_COUNT_TO_CODE = bytes(2 if b == 1 else 1 for b in range(256))
+_NONZERO_TO_FF = bytes(0xFF if b else 0 for b in range(256))
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
+
+
+def _index_digits(count: int) -> list[int]:
+    """Per 7-bit digit of an entry index (least significant first), the
+    bytes ``digit + 1`` of every index 0..count-1 as one integer (never a
+    zero byte; cached per table size)."""
+    digits = _INDEX_DIGITS.get(count)
+    if digits is None:
+        digits = []
+        shift = 0
+        while not digits or count > 1 << shift:
+            digits.append(int.from_bytes(bytes(((j >> shift) & 0x7F) + 1 for j in range(count)),
+                                         "little"))
+            shift += 7
+        _INDEX_DIGITS[count] = digits
+    return digits
+
+
+_INDEX_DIGITS: dict[int, list[int]] = {}
+_CHANGED_RUN = re.compile(rb"\x03+")
+_FLIP_TOP_BIT = bytes(b ^ 0x80 for b in range(256))
+
+
+def _copied_in_bulk(table: array[int], entries: array[int], step: int,
+                    counts: list[int]) -> array[int] | Literal[False] | None:
+    """:func:`_copied_recomputed` of a table whose counts are known for
+    every referenced cluster (in entry order) and at most 255, without the
+    runs of live entries and without a Python step per entry: per live
+    entry a code byte (its COPIED bit now, and as its count wants it) is
+    gathered by deleting the zero bytes of a per-entry byte string, the two
+    strings are compared, and the runs of entries that change are located
+    by the same deletion applied to the digits of the entry indexes, then
+    flipped a slice at a time.  False when some live entry has no cluster
+    (the caller's per-entry route handles those)."""
+    count = len(entries)
+    raw = entries.tobytes()
+    nonzero = 0
+    for k in range(8):
+        nonzero |= int.from_bytes(raw[k::8], "little")
+    live = nonzero.to_bytes(count, "little")
+    if count - live.count(0) != len(counts):
+        return False
+    live_mask = int.from_bytes(live.translate(_NONZERO_TO_FF), "little")
+    top = raw[_TOP_BYTE::8]
+    now = (int.from_bytes(top.translate(_TOP_TO_CODE), "little")
+           & live_mask).to_bytes(count, "little").translate(None, b"\0")
+    wanted = bytes(counts).translate(_COUNT_TO_CODE)
+    if now == wanted:
+        return None
+    changed = (int.from_bytes(now, "little") ^ int.from_bytes(wanted, "little")
+               ).to_bytes(len(now), "little")
+    # the index of the k-th live entry: its 7-bit digits, gathered the same way
+    digits = [(d & live_mask).to_bytes(count, "little").translate(None, b"\0")
+              for d in _index_digits(count)]
+
+    if len(digits) == 1:        # tables of up to 128 entries
+        low = digits[0]
+
+        def position(k: int) -> int:
+            return low[k] - 1
+    elif len(digits) == 2:      # up to 16,384 entries (64 KiB clusters)
+        low, high = digits
+
+        def position(k: int) -> int:
+            return (high[k] << 7) + low[k] - 129
+    else:
+        def position(k: int) -> int:
+            return sum((digit[k] - 1) << (7 * i) for i, digit in enumerate(digits))
+
+    lane = bytearray(top)
+    for match in _CHANGED_RUN.finditer(changed):
+        first, stop = match.span()
+        start, last = position(first), position(stop - 1)
+        if last - start == stop - 1 - first:   # consecutive entries: one slice
+            lane[start:last + 1] = lane[start:last + 1].translate(_FLIP_TOP_BIT)
+        else:
+            for k in range(first, stop):
+                lane[position(k)] ^= 0x80
+    out = bytearray(raw)
+    out[_TOP_BYTE::8] = lane
+    new_entries = array(entries.typecode)
+    new_entries.frombytes(out)
+    if step == 1:
+        return new_entries
+    desired = array(table.typecode, table)
+    desired[0::step] = new_entries
+    return desired
+
+
 def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Transaction,
                        all_hosts: array[int] | None = None,
                        counted: list[int] | None = None) -> array[int] | None:
@@ -140,6 +238,10 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
             return None
         raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
         return decode_u64_table(raw)
+    if all_hosts is not None and max(counts) <= 255:
+        bulk = _copied_in_bulk(table, entries, step, counts)
+        if bulk is not False:
+            return bulk
     if all_hosts is not None:   # the runs of live entries, needed from here on
         runs, live, hosts, _ = l2_live(entries, cluster_bits)
     if len(counted) == len(live) and max(counts) <= 255:

@@ -302,6 +302,8 @@ class Transaction:
         it refuses any operation whose intermediate state overflows; a
         netted plan would succeed where QEMU fails.  Call this where QEMU's
         increments end."""
+        if self._counts_in_range():
+            return
         refcount_max = self.refcount_max
         get = self.refcounts.get
         for cluster, amount in self.delta.items():
@@ -312,6 +314,20 @@ class Transaction:
                     f"{refcount_max} for {1 << order}-bit refcounts on the way (QEMU refuses "
                     f"this too); widen the refcounts with 'qemu-img amend -o "
                     f"refcount_bits=16' first", feature="refcount width")
+
+    def _counts_in_range(self) -> bool:
+        """Whether every planned count (old + delta) of every block the plan
+        touches is within 0..maximum, block by block at C speed
+        (:func:`_block_plus_delta`); False when that cannot be told that
+        way (the caller then checks entry by entry)."""
+        rc = self.refcounts
+        order = self.old_header.refcount_order
+        for b in self.delta.changed_groups(rc.block_bits):
+            old = rc.block(b)
+            if old is None or _block_plus_delta(
+                    old, self.delta.span(b << rc.block_bits, rc.block_entries), order) is None:
+                return False
+        return True
 
     def mark_in_use(self, clusters: Iterable[int]) -> None:
         """Record clusters the old state references (never allocated over)."""
