@@ -29,7 +29,7 @@ import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from itertools import chain, compress
+from itertools import chain
 from typing import Literal
 
 from .. import format as fmt
@@ -225,9 +225,9 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
         runs, live, hosts, _ = l2_live(entries, cluster_bits)
         if not runs:
             return None
-        counted = list(compress(hosts, hosts))
+        counted = list(filter(None, hosts))
     elif counted is None:
-        counted = list(compress(all_hosts, all_hosts))
+        counted = list(filter(None, all_hosts))
     copied = fmt.QCOW_OFLAG_COPIED
     counts = txn.refcounts_of(counted)
     if not counts or min(counts) >= 2:
@@ -385,7 +385,7 @@ class SnapshotEditor:
                 counted = None
                 refs += l2_references(self.image, l2, table)
             else:
-                counted = list(compress(hosts, hosts))
+                counted = list(filter(None, hosts))
                 refs += counted
             if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
                 self._memo[l2] = (table, hosts, counted)

@@ -127,6 +127,10 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 VIEW_MAX_CLUSTERS = 1 << 22
 VIEW_AFTER = 256
 
+#: refcount blocks of at least this many entries are computed as integers
+#: (:func:`_block_plus_delta`); smaller ones (512-byte clusters: 256
+#: entries) entry by entry, which costs less than the fixed steps there
+FAST_BLOCK_ENTRIES = 2048
 #: 2**33 in every 64-bit lane (see :func:`_block_plus_delta`)
 _LANE_BIAS_BIT = 33
 #: byte -> 1 if its top bit is set (the sign byte of a negative int64), else 0
@@ -528,7 +532,8 @@ class Transaction:
             old = rc.block(b)
             base = b << rc.block_bits
             delta = self.delta.span(base, entries)
-            fast = _block_plus_delta(old, delta, order) if old is not None else None
+            fast = (_block_plus_delta(old, delta, order)
+                    if old is not None and entries >= FAST_BLOCK_ENTRIES else None)
             if fast is not None:
                 values, self.new_data[offset] = fast
                 freed += _freed_indexes(delta, values, base)
