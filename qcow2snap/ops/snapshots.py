@@ -238,13 +238,13 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
             return None
         raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
         return decode_u64_table(raw)
-    if all_hosts is not None and max(counts) <= 255:
+    if all_hosts is not None and min(counts) >= 0 and max(counts) <= 255:
         bulk = _copied_in_bulk(table, entries, step, counts)
         if bulk is not False:
             return bulk
     if all_hosts is not None:   # the runs of live entries, needed from here on
         runs, live, hosts, _ = l2_live(entries, cluster_bits)
-    if len(counted) == len(live) and max(counts) <= 255:
+    if len(counted) == len(live) and min(counts) >= 0 and max(counts) <= 255:
         # every live entry has a cluster: its top byte becomes (top & 0x7F)
         # | (0x80 if its count is 1), computed on the bytes of those top
         # bytes (one per live entry) as integers, written back per run
