@@ -162,7 +162,7 @@ def l2_references(image: Qcow2Image, l2_offset: int,
         table = image.read_l2(l2_offset)
     entries = table[0::2] if image.extended_l2 else table
     _, live, hosts, has_compressed = l2_live(entries, image.cluster_bits)
-    out = list(compress(hosts, hosts))
+    out = list(filter(None, hosts))   # the non-zero ones: filter is ~3x compress
     if has_compressed:
         for entry in live:
             if entry & fmt.QCOW_OFLAG_COMPRESSED:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shlex
 import statistics
 import subprocess
@@ -181,32 +182,49 @@ def api_edit(op: str, img: Path) -> None:
             image.rename_snapshot("q2", "renamed")
 
 
-def _run_timed(cmd: Sequence[str], cwd: Path) -> tuple[float, int]:
-    return timed(cmd, cwd)
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def _api_timed(op: str, img: Path) -> tuple[float, int]:
+def _run_timed(cmd: Sequence[str], cwd: Path) -> tuple[float, int, float]:
+    """(wall s, peak RSS, CPU s: user + system of the whole run, GNU time's
+    own ~1 ms included)."""
+    before = _children_cpu()
+    wall, rss = timed(cmd, cwd)
+    return wall, rss, _children_cpu() - before
+
+
+def _api_timed(op: str, img: Path) -> tuple[float, int, float]:
     os.sync()
+    cpu = time.process_time()
     start = time.perf_counter()
     api_edit(op, img)
-    return time.perf_counter() - start, 0
+    return time.perf_counter() - start, 0, time.process_time() - cpu
 
 
-def paired_op(label: str, op: str, img: Path, rounds: int, ours: Callable[[], tuple[float, int]],
+def paired_op(label: str, op: str, img: Path, rounds: int,
+              ours: Callable[[], tuple[float, int, float]],
               work: Path) -> dict[str, float | str]:
     """ABBA pairs of (ours, qemu-img) on ``img``, each run prepared and undone
-    untimed; the median of pair ratios."""
+    untimed; the median of pair ratios, of wall and of CPU time (user +
+    system: the in-process API's own, qemu-img's whole run's), which the
+    machine's load disturbs less."""
     theirs_cmd = ["qemu-img", "snapshot", *QEMU_ARGS[op], str(img)]
     ratios: list[float] = []
+    cpu_ratios: list[float] = []
+    ours_cpu: list[float] = []
+    theirs_cpu: list[float] = []
     ours_t: list[float] = []
     theirs_t: list[float] = []
     ours_rss = theirs_rss = 0
     for round_index in range(rounds + 1):   # round 0 is the untimed warm-up
         pair: list[bool] = [True, False] if round_index % 2 == 0 else [False, True]
         got: dict[bool, float] = {}
+        cpu: dict[bool, float] = {}
         for is_ours in pair:
             prepare(op, img)
-            t, rss = ours() if is_ours else _run_timed(theirs_cmd, work)
+            t, rss, cpu[is_ours] = ours() if is_ours else _run_timed(theirs_cmd, work)
             undo(op, img, is_ours)
             got[is_ours] = t
             if is_ours:
@@ -217,14 +235,22 @@ def paired_op(label: str, op: str, img: Path, rounds: int, ours: Callable[[], tu
             ours_t.append(got[True])
             theirs_t.append(got[False])
             ratios.append(got[True] / got[False])
+            ours_cpu.append(cpu[True])
+            theirs_cpu.append(cpu[False])
+            cpu_ratios.append(cpu[True] / max(cpu[False], 1e-3))
     result: dict[str, float | str] = {
         "case": label, "qcow2snap_s": statistics.median(ours_t),
         "qemu_s": statistics.median(theirs_t), "ratio": statistics.median(ratios),
-        "qcow2snap_rss_mib": ours_rss / MiB, "qemu_rss_mib": theirs_rss / MiB}
+        "qcow2snap_rss_mib": ours_rss / MiB, "qemu_rss_mib": theirs_rss / MiB,
+        "qcow2snap_cpu_s": statistics.median(ours_cpu), "qemu_cpu_s": statistics.median(theirs_cpu),
+        "cpu_ratio": statistics.median(cpu_ratios)}
     rss = (f"  RSS {ours_rss / MiB:6.1f} vs {theirs_rss / MiB:6.1f} MiB" if ours_rss else "")
     print(f"{label:<34} qcow2snap {result['qcow2snap_s']:7.3f}s  qemu-img "
           f"{result['qemu_s']:7.3f}s  ratio {result['ratio']:5.2f} "
           f"[{min(ratios):.2f}-{max(ratios):.2f}]{rss}", flush=True)
+    print(f"{'':<34} CPU: qcow2snap {result['qcow2snap_cpu_s']:7.3f}s  qemu-img "
+          f"{result['qemu_cpu_s']:7.3f}s  ratio {result['cpu_ratio']:5.2f} "
+          f"[{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}]", flush=True)
     return result
 
 
@@ -247,7 +273,7 @@ def _paired_suite(kind: str, work: Path, images: Sequence[str], ops: Sequence[st
         warm(img)
         for op in ops:
             cmd = [*QCOW2SNAP, *CLI_ARGS[op], str(img)]
-            ours: Callable[[], tuple[float, int]] = (
+            ours: Callable[[], tuple[float, int, float]] = (
                 (lambda op=op, img=img: _api_timed(op, img)) if kind == "API"
                 else (lambda cmd=cmd: _run_timed(cmd, work)))
             results.append(paired_op(f"({key}) {kind} {op}", op, img, rounds, ours, work))
@@ -274,10 +300,10 @@ def suite_rss(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int
         img = BUILDERS[key](work, big_gib)
         for op in ops:
             prepare(op, img)
-            _, ours = _run_timed([*QCOW2SNAP, *CLI_ARGS[op], str(img)], work)
+            _, ours, _ = _run_timed([*QCOW2SNAP, *CLI_ARGS[op], str(img)], work)
             undo(op, img, True)
             prepare(op, img)
-            _, theirs = _run_timed(["qemu-img", "snapshot", *QEMU_ARGS[op], str(img)], work)
+            _, theirs, _ = _run_timed(["qemu-img", "snapshot", *QEMU_ARGS[op], str(img)], work)
             undo(op, img, False)
             print(f"({key}) peak RSS {op:<8} qcow2snap {ours / MiB:6.1f} MiB  qemu-img "
                   f"{theirs / MiB:6.1f} MiB", flush=True)

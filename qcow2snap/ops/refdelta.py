@@ -14,9 +14,10 @@ at C speed.
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from itertools import compress, repeat
-from operator import add
+from operator import add, and_
 
 __all__ = ["MAX_CHUNK_BITS", "ClusterMarks", "RefcountDelta", "last_nonzero", "one_chunk_run"]
 
@@ -24,6 +25,9 @@ __all__ = ["MAX_CHUNK_BITS", "ClusterMarks", "RefcountDelta", "last_nonzero", "o
 #: most clusters per chunk of :class:`RefcountDelta` / :class:`ClusterMarks`
 #: (a chunk is one refcount block's clusters, or a part of it)
 MAX_CHUNK_BITS = 16
+#: :meth:`RefcountDelta.add_many` sorts a list of at least this many
+#: clusters and adds chunk by chunk
+BULK_ADD = 64
 
 
 def one_chunk_run(clusters: list[int], chunk_bits: int) -> bool:
@@ -104,6 +108,9 @@ class RefcountDelta:
             if marks is not None:
                 marks.chunk(key)[start:start + n] = b"\x01" * n
             return
+        if type(clusters) is list and len(clusters) >= BULK_ADD:
+            self._add_sorted(sorted(clusters), amount, marks)
+            return
         key = -1
         chunk = self.zero
         marked = bytearray()
@@ -116,6 +123,27 @@ class RefcountDelta:
             chunk[cluster & mask] += amount
             if marks is not None:
                 marked[cluster & mask] = 1
+
+    def _add_sorted(self, clusters: list[int], amount: int, marks: ClusterMarks | None) -> None:
+        """:meth:`add_many` of many clusters, in cluster order: each chunk's
+        share found by bisection, then a loop of one subscript per cluster
+        with no chunk test (half the per-cluster work of the general loop)."""
+        bits, mask = self.bits, self.mask
+        start, count = 0, len(clusters)
+        while start < count:
+            key = clusters[start] >> bits
+            stop = bisect_left(clusters, (key + 1) << bits, start)
+            chunk = self.chunk(key)
+            offsets = map(and_, clusters[start:stop], repeat(mask, stop - start))
+            if marks is None:
+                for i in offsets:
+                    chunk[i] += amount
+            else:
+                marked = marks.chunk(key)
+                for i in offsets:
+                    chunk[i] += amount
+                    marked[i] = 1
+            start = stop
 
     def span(self, first: int, count: int) -> array[int]:
         """The amounts of clusters ``[first, first + count)`` (a copy)."""

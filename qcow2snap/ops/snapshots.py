@@ -23,11 +23,14 @@ whole new state is published by one header write
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from itertools import chain, compress
+from itertools import chain
+from typing import Literal
 
 from .. import format as fmt
 from ..errors import (
@@ -39,8 +42,8 @@ from ..errors import (
 )
 from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
-from ..refcount import LiveEntries, decode_l1, l2_live, l2_references
-from ..tables import decode_u64_table, encode_u64_table, nonzero_indexes
+from ..refcount import BULK_ENTRIES, decode_l1, l2_live, l2_references
+from ..tables import decode_u64_table, encode_u64_table, l2_host_clusters, nonzero_indexes
 from .transaction import CommitResult, Transaction
 
 __all__ = [
@@ -54,6 +57,8 @@ __all__ = [
 
 #: bytes of L2 tables kept between an edit's refcount and COPIED passes
 MEMO_BYTES = 32 << 20
+#: references handed to the transaction per call by a refcount pass
+REFS_PER_CALL = 1 << 16
 
 #: QEMU's tools hold names in char[256] and IDs in char[128]
 QEMU_MAX_NAME_BYTES = 255
@@ -102,26 +107,128 @@ _CLEAR_TOP_BIT = bytes(b & 0x7F for b in range(256))
 _ONE_TO_TOP_BIT = bytes(0x80 if b == 1 else 0 for b in range(256))
 
 
+#: an entry's top byte (native order: the last) -> 2 if COPIED is set, else 1
+_TOP_TO_CODE = bytes(2 if b & 0x80 else 1 for b in range(256))
+#: a refcount (0-255) -> 2 if it is 1 (COPIED wanted), else 1
+_COUNT_TO_CODE = bytes(2 if b == 1 else 1 for b in range(256))
+_NONZERO_TO_FF = bytes(0xFF if b else 0 for b in range(256))
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
+
+
+def _index_digits(count: int) -> list[int]:
+    """Per 7-bit digit of an entry index (least significant first), the
+    bytes ``digit + 1`` of every index 0..count-1 as one integer (never a
+    zero byte; cached per table size)."""
+    digits = _INDEX_DIGITS.get(count)
+    if digits is None:
+        digits = []
+        shift = 0
+        while not digits or count > 1 << shift:
+            digits.append(int.from_bytes(bytes(((j >> shift) & 0x7F) + 1 for j in range(count)),
+                                         "little"))
+            shift += 7
+        _INDEX_DIGITS[count] = digits
+    return digits
+
+
+_INDEX_DIGITS: dict[int, list[int]] = {}
+_CHANGED_RUN = re.compile(rb"\x03+")
+_FLIP_TOP_BIT = bytes(b ^ 0x80 for b in range(256))
+
+
+def _copied_in_bulk(table: array[int], entries: array[int], step: int,
+                    counts: list[int]) -> array[int] | Literal[False] | None:
+    """:func:`_copied_recomputed` of a table whose counts are known for
+    every referenced cluster (in entry order) and at most 255, without the
+    runs of live entries and without a Python step per entry: per live
+    entry a code byte (its COPIED bit now, and as its count wants it) is
+    gathered by deleting the zero bytes of a per-entry byte string, the two
+    strings are compared, and the runs of entries that change are located
+    by the same deletion applied to the digits of the entry indexes, then
+    flipped a slice at a time.  False when some live entry has no cluster
+    (the caller's per-entry route handles those)."""
+    count = len(entries)
+    raw = entries.tobytes()
+    nonzero = 0
+    for k in range(8):
+        nonzero |= int.from_bytes(raw[k::8], "little")
+    live = nonzero.to_bytes(count, "little")
+    if count - live.count(0) != len(counts):
+        return False
+    live_mask = int.from_bytes(live.translate(_NONZERO_TO_FF), "little")
+    top = raw[_TOP_BYTE::8]
+    now = (int.from_bytes(top.translate(_TOP_TO_CODE), "little")
+           & live_mask).to_bytes(count, "little").translate(None, b"\0")
+    wanted = bytes(counts).translate(_COUNT_TO_CODE)
+    if now == wanted:
+        return None
+    changed = (int.from_bytes(now, "little") ^ int.from_bytes(wanted, "little")
+               ).to_bytes(len(now), "little")
+    # the index of the k-th live entry: its 7-bit digits, gathered the same way
+    digits = [(d & live_mask).to_bytes(count, "little").translate(None, b"\0")
+              for d in _index_digits(count)]
+
+    if len(digits) == 1:        # tables of up to 128 entries
+        low = digits[0]
+
+        def position(k: int) -> int:
+            return low[k] - 1
+    elif len(digits) == 2:      # up to 16,384 entries (64 KiB clusters)
+        low, high = digits
+
+        def position(k: int) -> int:
+            return (high[k] << 7) + low[k] - 129
+    else:
+        def position(k: int) -> int:
+            return sum((digit[k] - 1) << (7 * i) for i, digit in enumerate(digits))
+
+    lane = bytearray(top)
+    for match in _CHANGED_RUN.finditer(changed):
+        first, stop = match.span()
+        start, last = position(first), position(stop - 1)
+        if last - start == stop - 1 - first:   # consecutive entries: one slice
+            lane[start:last + 1] = lane[start:last + 1].translate(_FLIP_TOP_BIT)
+        else:
+            for k in range(first, stop):
+                lane[position(k)] ^= 0x80
+    out = bytearray(raw)
+    out[_TOP_BYTE::8] = lane
+    new_entries = array(entries.typecode)
+    new_entries.frombytes(out)
+    if step == 1:
+        return new_entries
+    desired = array(table.typecode, table)
+    desired[0::step] = new_entries
+    return desired
+
+
 def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Transaction,
-                       live_info: LiveEntries | None = None) -> array[int] | None:
+                       all_hosts: array[int] | None = None,
+                       counted: list[int] | None = None) -> array[int] | None:
     """The L2 table with COPIED recomputed from the new refcounts (set iff
     a NORMAL/ZERO_ALLOC entry's cluster has refcount exactly 1), or None
-    when no entry changes.  ``live_info``: :func:`l2_live` of the table,
-    if a refcount pass computed it already.
+    when no entry changes.  ``all_hosts``: :func:`l2_host_clusters` of the
+    table (every entry's host cluster, 0 for none), and ``counted``, its
+    non-zero ones in order, if a refcount pass computed them already.
 
     Per-entry Python work is what made edits slow (issue 16), so the
     common cases are done on the table's bytes at C speed: every referenced
     cluster has a count of 2 or more (after a create, always) - COPIED
-    cleared everywhere; every live entry has a cluster (no compressed or
-    offset-less entry) - the top bytes of the live entries rewritten from
-    the counts in one integer operation.  Other tables take the
-    entry-by-entry route."""
-    entries = table[0::step] if step == 2 else table
-    runs, live, hosts, _ = live_info or l2_live(entries, cluster_bits)
-    if not runs:
-        return None
+    cleared everywhere, found without the runs of live entries; every live
+    entry has a cluster (no compressed or offset-less entry) - the top
+    bytes of the live entries rewritten from the counts in one integer
+    operation.  Other tables take the entry-by-entry route."""
+    entries = table[0::2] if step == 2 else table
+    if all_hosts is None and len(entries) >= BULK_ENTRIES:
+        all_hosts = l2_host_clusters(entries, cluster_bits)   # None: compressed entries
+    if all_hosts is None:
+        runs, live, hosts, _ = l2_live(entries, cluster_bits)
+        if not runs:
+            return None
+        counted = list(filter(None, hosts))
+    elif counted is None:
+        counted = list(filter(None, all_hosts))
     copied = fmt.QCOW_OFLAG_COPIED
-    counted = list(compress(hosts, hosts))
     counts = txn.refcounts_of(counted)
     if not counts or min(counts) >= 2:
         # COPIED nowhere: clear bit 7 of every entry's top byte
@@ -131,7 +238,13 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
             return None
         raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
         return decode_u64_table(raw)
-    if len(counted) == len(live) and max(counts) <= 255:
+    if all_hosts is not None and min(counts) >= 0 and max(counts) <= 255:
+        bulk = _copied_in_bulk(table, entries, step, counts)
+        if bulk is not False:
+            return bulk
+    if all_hosts is not None:   # the runs of live entries, needed from here on
+        runs, live, hosts, _ = l2_live(entries, cluster_bits)
+    if len(counted) == len(live) and min(counts) >= 0 and max(counts) <= 255:
         # every live entry has a cluster: its top byte becomes (top & 0x7F)
         # | (0x80 if its count is 1), computed on the bytes of those top
         # bytes (one per live entry) as integers, written back per run
@@ -189,7 +302,7 @@ class SnapshotEditor:
         #: L2 tables a refcount pass read, kept for the COPIED pass that
         #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
         #: clusters make 65,536 tables of a 2 GiB disk)
-        self._memo: dict[int, tuple[array[int], LiveEntries | None]] = {}
+        self._memo: dict[int, tuple[array[int], array[int] | None, list[int] | None]] = {}
         self._memo_bytes = 0
         self.check_editable()
         txn.mark_in_use([0])
@@ -247,37 +360,51 @@ class SnapshotEditor:
 
     def _refupdate(self, l1: _L1, addend: int, where: str) -> None:
         """+/-1 on every L2 table of ``l1`` and every cluster they reference
-        (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass)."""
+        (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass).
+
+        A table's references are its entries' host clusters, taken from the
+        whole table at C speed (:func:`l2_host_clusters`; the runs of live
+        entries are not needed here), and the references of many tables go
+        to the transaction in one call (at most :data:`REFS_PER_CALL` at a
+        time): one call per table cost more than the additions."""
         txn = self.txn
         bits = self.cluster_bits
         entries = l1.entries
+        extended = self.image.extended_l2
+        tables: list[int] = []
+        refs: list[int] = []
         for index in nonzero_indexes(entries):   # cost follows the L2 tables, not the disk size
             l2 = self._l2_offset(entries[index], where)
             if not l2:
                 continue
-            txn.add_references([l2 >> bits], addend)
+            tables.append(l2 >> bits)
             table = self.image.read_l2(l2)
-            info = l2_live(table[0::2] if self.image.extended_l2 else table, bits)
-            _, live, hosts, has_compressed = info
-            if has_compressed:
-                refs = l2_references(self.image, l2, table)
+            plain = table[0::2] if extended else table
+            hosts = l2_host_clusters(plain, bits) if len(plain) >= BULK_ENTRIES else None
+            if hosts is None:   # a small table, or compressed entries
+                counted = None
+                refs += l2_references(self.image, l2, table)
             else:
-                refs = list(compress(hosts, hosts))
-            if self._memo_bytes < MEMO_BYTES:
-                if type(hosts) is list:   # per-entry route: a tuple and an int an entry
-                    self._memo[l2] = (table, None)   # only spare the read
-                    self._memo_bytes += len(table) * 8 + 128
-                else:
-                    self._memo[l2] = (table, info)
-                    self._memo_bytes += (len(table) + 2 * len(live) + 16 * len(info[0])) * 8 + 256
-            txn.add_references(refs, addend)
+                counted = list(filter(None, hosts))
+                refs += counted
+            if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
+                self._memo[l2] = (table, hosts, counted)
+                self._memo_bytes += ((len(table) + (len(hosts) if hosts else 0)) * 8
+                                     + (len(counted) * 40 if counted else 0) + 128)
+            if len(refs) >= REFS_PER_CALL:
+                txn.add_references(refs, addend)
+                refs = []
+        txn.add_references(tables, addend)
+        txn.add_references(refs, addend)
 
-    def _l2_table(self, offset: int) -> tuple[array[int], LiveEntries | None]:
-        """An L2 table of the new state, with its :func:`l2_live` if known."""
+    def _l2_table(self, offset: int
+                  ) -> tuple[array[int], array[int] | None, list[int] | None]:
+        """An L2 table of the new state, with its :func:`l2_host_clusters`
+        and their non-zero ones if known."""
         if offset in self._moved_l2:   # a copy this edit made: decode what it writes
-            return decode_u64_table(self.txn.new_data[offset]), None
+            return decode_u64_table(self.txn.new_data[offset]), None, None
         memo = self._memo.get(offset)
-        return memo if memo is not None else (self.image.read_l2(offset), None)
+        return memo if memo is not None else (self.image.read_l2(offset), None, None)
 
     def _all_l1s(self) -> list[_L1]:
         return [self.active, *(self._snapshot_l1(slot) for slot in self.slots)]
@@ -306,8 +433,8 @@ class SnapshotEditor:
             if not l2:
                 continue
             paths = next(l2_count)
-            table, info = self._l2_table(l2)
-            desired = _copied_recomputed(table, step, bits, txn, info)
+            table, hosts, counted = self._l2_table(l2)
+            desired = _copied_recomputed(table, step, bits, txn, hosts, counted)
             if desired is not None:
                 if referrers is None:
                     referrers = self._referrers()

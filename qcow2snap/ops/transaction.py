@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import compress
 from operator import add, itemgetter
 from typing import Any, Protocol
 
@@ -127,6 +127,101 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 VIEW_MAX_CLUSTERS = 1 << 22
 VIEW_AFTER = 256
 
+#: refcount blocks of at least this many entries are computed as integers
+#: (:func:`_block_plus_delta`); smaller ones (512-byte clusters: 256
+#: entries) entry by entry, which costs less than the fixed steps there
+FAST_BLOCK_ENTRIES = 2048
+#: 2**33 in every 64-bit lane (see :func:`_block_plus_delta`)
+_LANE_BIAS_BIT = 33
+#: byte -> 1 if its top bit is set (the sign byte of a negative int64), else 0
+_SIGN_TO_ONE = bytes(b >> 7 for b in range(256))
+#: byte -> 1 if it is 0, else 0
+_ZERO_TO_ONE = bytes(int(b == 0) for b in range(256))
+_SIGN_BYTE = 7 if sys.byteorder == "little" else 0
+_LANE_BIAS = (1 << _LANE_BIAS_BIT).to_bytes(8, "little")
+
+
+def _freed_indexes(delta: array[int], values: array[int], base: int) -> list[int]:
+    """``base + i`` for every i where ``delta[i] < 0`` and ``values[i] == 0``
+    (the clusters an edit frees in one refcount block; int64 arrays of the
+    same length), found on the arrays' bytes: the sign bytes of the delta,
+    the OR of the value's eight bytes, and a search for the marked
+    positions, so the cost follows the freed clusters (a per-entry test of
+    every changed count took 3 ms of a 40 ms create)."""
+    negative = delta.tobytes()[_SIGN_BYTE::8].translate(_SIGN_TO_ONE)
+    if 1 not in negative:
+        return []
+    out: list[int] = []
+    if negative.count(1) <= 256:   # a few decreases: test their counts
+        i = negative.find(1)
+        while i >= 0:
+            if not values[i]:
+                out.append(base + i)
+            i = negative.find(1, i + 1)
+        return out
+    raw = values.tobytes()
+    nonzero = 0
+    for k in range(8):
+        nonzero |= int.from_bytes(raw[k::8], "little")
+    zero = nonzero.to_bytes(len(values), "little").translate(_ZERO_TO_ONE)
+    both = (int.from_bytes(negative, "little")
+            & int.from_bytes(zero, "little")).to_bytes(len(values), "little")
+    i = both.find(1)
+    while i >= 0:
+        out.append(base + i)
+        i = both.find(1, i + 1)
+    return out
+
+
+def _block_plus_delta(old: array[int], delta: array[int],
+                      order: int) -> tuple[array[int], bytes] | None:
+    """A refcount block plus its planned changes, as (the new counts in an
+    int64 array, the encoded block), computed on whole blocks as integers
+    instead of one addition per entry (two passes of 32,768 Python
+    additions and conversions were 5 ms of a 40 ms create): the old counts
+    are widened to 64-bit lanes, the delta (signed lanes) is turned into
+    one signed integer, and 2**33 is added to every lane so that no lane
+    borrows from the next; a lane then holds 2**33 + the new count, which
+    is valid iff its bytes 4-7 are (2, 0, 0, 0) and the count fits the
+    width.  None for other widths (only 8-, 16- and 32-bit counts are done
+    here, on little-endian hosts) or when a count is out of range: the
+    caller then takes the per-entry route, which reports the error."""
+    if not 3 <= order <= 5 or sys.byteorder != "little":
+        return None
+    count = len(delta)
+    width = 1 << (order - 3)
+    raw_old = old.tobytes()
+    lanes = bytearray(8 * count)
+    for k in range(width):
+        lanes[k::8] = raw_old[k::width]
+    raw_delta = delta.tobytes()
+    signs = bytearray(8 * count)
+    signs[0::8] = raw_delta[7::8].translate(_SIGN_TO_ONE)
+    signed_delta = (int.from_bytes(raw_delta, "little")
+                    - (int.from_bytes(signs, "little") << 64))
+    bias = int.from_bytes(_LANE_BIAS[:8] * count, "little")
+    total = int.from_bytes(lanes, "little") + signed_delta + bias
+    if total < 0:
+        return None
+    try:
+        new = bytearray(total.to_bytes(8 * count, "little"))
+    except OverflowError:
+        return None
+    if (new[4::8].count(2) != count or new[5::8].count(0) != count
+            or new[6::8].count(0) != count or new[7::8].count(0) != count):
+        return None
+    for k in range(width, 4):   # bytes above the width: zero
+        if new[k::8].count(0) != count:
+            return None
+    new[4::8] = bytes(count)
+    values = array("q")
+    values.frombytes(new)
+    encoded = bytearray(width * count)
+    for k in range(width):      # big-endian entries
+        encoded[width - 1 - k::width] = new[k::8]
+    return values, bytes(encoded)
+
+
 @dataclass
 class CommitResult:
     """What a transaction did (or, for a dry run, would do)."""
@@ -211,6 +306,8 @@ class Transaction:
         it refuses any operation whose intermediate state overflows; a
         netted plan would succeed where QEMU fails.  Call this where QEMU's
         increments end."""
+        if self._counts_in_range():
+            return
         refcount_max = self.refcount_max
         get = self.refcounts.get
         for cluster, amount in self.delta.items():
@@ -221,6 +318,20 @@ class Transaction:
                     f"{refcount_max} for {1 << order}-bit refcounts on the way (QEMU refuses "
                     f"this too); widen the refcounts with 'qemu-img amend -o "
                     f"refcount_bits=16' first", feature="refcount width")
+
+    def _counts_in_range(self) -> bool:
+        """Whether every planned count (old + delta) of every block the plan
+        touches is within 0..maximum, block by block at C speed
+        (:func:`_block_plus_delta`); False when that cannot be told that
+        way (the caller then checks entry by entry)."""
+        rc = self.refcounts
+        order = self.old_header.refcount_order
+        for b in self.delta.changed_groups(rc.block_bits):
+            old = rc.block(b)
+            if old is None or _block_plus_delta(
+                    old, self.delta.span(b << rc.block_bits, rc.block_entries), order) is None:
+                return False
+        return True
 
     def mark_in_use(self, clusters: Iterable[int]) -> None:
         """Record clusters the old state references (never allocated over)."""
@@ -415,34 +526,51 @@ class Transaction:
         rc = self.refcounts
         entries = rc.block_entries
         order = self.old_header.refcount_order
-        refcount_max = self.refcount_max
         freed: list[int] = []
         self._last_in_use: dict[int, int] = {}
         for b, offset in sorted(new_blocks.items()):
             old = rc.block(b)
             base = b << rc.block_bits
             delta = self.delta.span(base, entries)
-            values = list(delta) if old is None else list(map(add, old, delta))
-            if min(values) < 0:
-                i = next(i for i, v in enumerate(values) if v < 0)
-                raise AssertionError(f"refcount of cluster {base + i} would become {values[i]}")
-            if max(values) > refcount_max:
-                i = next(i for i, v in enumerate(values) if v > refcount_max)
-                raise RefcountOverflowError(
-                    f"refcount of cluster {base + i} would exceed the maximum of "
-                    f"{refcount_max} for {1 << order}-bit refcounts (QEMU refuses "
-                    f"this too); widen the refcounts with 'qemu-img amend -o "
-                    f"refcount_bits=16' first", feature="refcount width")
-            if min(delta) < 0:
-                freed.extend(base + i for i in compress(range(entries), delta)
-                             if delta[i] < 0 and not values[i])
-            self._last_in_use[b] = last_nonzero(array("q", values))
-            self.new_data[offset] = encode_refcount_block(values, order)
+            fast = (_block_plus_delta(old, delta, order)
+                    if old is not None and entries >= FAST_BLOCK_ENTRIES else None)
+            if fast is not None:
+                values, self.new_data[offset] = fast
+                freed += _freed_indexes(delta, values, base)
+                self._last_in_use[b] = last_nonzero(values)
+                continue
+            values = delta if old is None else array("q", map(add, old, delta))
+            try:
+                # the width's own range check (unsigned array types, or the
+                # sub-byte encoder's): no min()/max() pass per block
+                self.new_data[offset] = encode_refcount_block(
+                    values if order >= 3 else values.tolist(), order)
+            except (OverflowError, ValueError):
+                self._refcount_range_error(values, base, order)
+                raise
+            freed += _freed_indexes(delta, values, base)
+            self._last_in_use[b] = last_nonzero(values)
         table = list(rc.table) + [0] * ((table_clusters << self.cluster_bits) // 8 - len(rc.table))
         for b, offset in new_blocks.items():
             table[b] = offset
         self.new_data[table_offset] = encode_u64_table(table)
         return freed
+
+    def _refcount_range_error(self, values: array[int], base: int, order: int) -> None:
+        """Raise what is wrong with a new refcount block that its width's
+        encoder refused: a negative count (a planning bug) or one past the
+        width's maximum."""
+        refcount_max = self.refcount_max
+        if min(values) < 0:
+            i = next(i for i, v in enumerate(values) if v < 0)
+            raise AssertionError(f"refcount of cluster {base + i} would become {values[i]}")
+        if max(values) > refcount_max:
+            i = next(i for i, v in enumerate(values) if v > refcount_max)
+            raise RefcountOverflowError(
+                f"refcount of cluster {base + i} would exceed the maximum of "
+                f"{refcount_max} for {1 << order}-bit refcounts (QEMU refuses "
+                f"this too); widen the refcounts with 'qemu-img amend -o "
+                f"refcount_bits=16' first", feature="refcount width")
 
     def _new_header(self, table_offset: int, table_clusters: int) -> Header:
         from dataclasses import replace
