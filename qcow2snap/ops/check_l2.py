@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from array import array
 from functools import lru_cache, reduce
-from itertools import chain, compress, islice, repeat
+from itertools import accumulate, chain, compress, islice, repeat
 from operator import and_, or_, rshift, sub
 from typing import Any
 
@@ -150,17 +150,6 @@ def _geometry(cluster_bits: int) -> _Geometry:
     return _Geometry(cluster_bits)
 
 
-def _consecutive(geom: _Geometry, offsets: bytes | bytearray, count: int) -> bool:
-    """Whether ``count`` big-endian offsets follow each other by one cluster
-    (one multiplication and one comparison of the whole table)."""
-    first = int.from_bytes(offsets[:8], "big")
-    if int.from_bytes(offsets[-8:], "big") != first + (count - 1) * geom.cs:
-        return False
-    drop = 64 * (geom.n - count)
-    expected = first * (geom.ones >> drop) + geom.cs * (geom.ramp >> drop)
-    return expected.to_bytes(8 * count, "big") == offsets
-
-
 #: a table with more stretches of allocated entries than this is scanned
 #: with replaces
 _MAX_SPANS = 1024
@@ -198,39 +187,44 @@ def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | Non
 _SIX_ZEROS = bytes(6)
 
 
-def _host_clusters(entries: bytes, bits: int) -> array[int] | list[int]:
-    """Host cluster indexes of big-endian plain entries with a host offset
-    (no reserved or misaligned bits): with a whole number of bytes of
-    cluster bits (64 KiB clusters: 2), the index's bytes are moved into place
-    by strided slices; otherwise shifted entry by entry at C speed."""
-    if bits % 8 == 0 and _LITTLE:
-        shift = bits >> 3
-        moved = bytearray(len(entries))
-        # entry byte 0 holds flags only: index bytes are 1 .. 7 - shift
-        for position in range(1, 8 - shift):
-            moved[position + shift::8] = entries[position::8]
-        hosts = array("Q")
-        hosts.frombytes(moved)
-        hosts.byteswap()
-        return hosts
-    offsets = array("Q")
-    offsets.frombytes(entries)
+def _offset_runs(offsets: bytes | bytearray, geom: _Geometry) -> array[int]:
+    """Flat (first host cluster, count) pairs of the stretches of
+    ``offsets`` (big-endian host offsets, flag bits cleared, at least one)
+    that follow each other by one cluster, with no Python work per entry:
+    the offsets are one integer, and XORing its entries 1.. with its entries
+    ..n-2 plus one cluster leaves non-zero exactly the slots where a run
+    breaks; each slot is folded to one byte (0 or 1), and splitting those
+    bytes at the ones gives the run lengths."""
+    count = len(offsets) >> 3
+    whole = int.from_bytes(offsets, "big")
+    breaks = 0
+    if count > 1:
+        width = 64 * (count - 1)
+        step = (geom.ones >> (64 * (geom.n - count + 1))) << geom.bits
+        breaks = (whole & ((1 << width) - 1)) ^ ((whole >> 64) + step)
+    if not breaks:
+        return array("Q", (whole >> (64 * (count - 1) + geom.bits), count))
+    flags = breaks.to_bytes(8 * (count - 1), "big").translate(geom.nonzero)
+    folded = 0
+    for lane in range(8):
+        folded |= int.from_bytes(flags[lane::8], "big")
+    # one byte per pair of neighbours: 1 where the second starts a run
+    lengths = array("Q", map((1).__add__, map(len, folded.to_bytes(count - 1, "big")
+                                                 .split(b"\x01"))))
+    firsts = array("Q")
+    firsts.frombytes(offsets)
     if _LITTLE:
-        offsets.byteswap()
-    return list(map(rshift, map(and_, offsets, repeat(fmt.L2E_OFFSET_MASK)), repeat(bits)))
-
-
-def _runs(hosts: list[int] | array[int]) -> array[int]:
-    """Flat (first, count) pairs of the stretches of ``hosts`` that follow
-    each other (``hosts`` not empty); the breaks are found by C-level passes
-    (differences, then the positions where one is not 1)."""
-    count = len(hosts)
-    steps = map(sub, islice(hosts, 1, None), hosts)
-    starts = [0, *compress(range(1, count), map((1).__ne__, steps)), count]
-    runs = array("Q", bytes(16 * (len(starts) - 1)))
-    runs[0::2] = array("Q", map(hosts.__getitem__, starts[:-1]))
-    runs[1::2] = array("Q", map(sub, islice(starts, 1, None), starts))
+        firsts.byteswap()
+    runs = array("Q", bytes(16 * len(lengths)))
+    runs[0::2] = array("Q", map(rshift, map(firsts.__getitem__, accumulate(
+        lengths[:-1], initial=0)), repeat(geom.bits)))
+    runs[1::2] = lengths
     return runs
+
+
+def _runs_end(runs: array[int]) -> int:
+    """One past the last host cluster of flat (first, count) ``runs``."""
+    return max(map(int.__add__, runs[0::2], runs[1::2]))
 
 
 @lru_cache(maxsize=64)
@@ -319,12 +313,15 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
         if not spans:
             return info
         live = b"".join([raw[a:b] for a, b in spans])
+        count = len(live) >> 3
         info.copied = _flags(live[0::8].translate(geom.mark))
-        hosts = _host_clusters(live, bits)
-        if max(hosts) >= file_clusters:
+        offsets = bytearray(live)
+        offsets[0::8] = offsets[7::8] = bytes(count)
+        runs = _offset_runs(offsets, geom)
+        if _runs_end(runs) > file_clusters:
             return None
-        info.allocated = len(hosts)
-        info.runs = runs = _runs(hosts)
+        info.allocated = count
+        info.runs = runs
         info.fragmented = (len(runs) >> 1) - 1
         return info
     # many: drop the unallocated entries (few, as a rule) with two replaces
@@ -340,20 +337,10 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
     info.copied = _flags(bytes(offsets_be[0::8]))
     offsets_be[0::8] = bytes(count)
     offsets_be[7::8] = bytes(count)
-    if count == 1 or _consecutive(geom, offsets_be, count):
-        first = int.from_bytes(offsets_be[:8], "big") >> bits
-        if first + count > file_clusters:
-            return None
-        info.runs = array("Q", (first, count))
-        return info
-    decoded = array("Q")
-    decoded.frombytes(offsets_be)
-    if _LITTLE:
-        decoded.byteswap()
-    hosts = list(map(rshift, decoded, repeat(bits)))
-    if max(hosts) >= file_clusters:
+    runs = _offset_runs(offsets_be, geom)
+    if _runs_end(runs) > file_clusters:
         return None
-    info.runs = runs = _runs(hosts)
+    info.runs = runs
     info.fragmented = (len(runs) >> 1) - 1
     return info
 
