@@ -40,9 +40,9 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import reduce
-from itertools import accumulate, compress, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import and_, lshift, or_, rshift
 
 from .. import format as fmt
@@ -435,7 +435,7 @@ class Checker:
         for keys in self._run_keys:
             firsts = array("Q", map(rshift, keys, repeat(_RUN_KEY_BITS)))
             # the furthest end of the runs starting at or before each first
-            reach = array("Q", accumulate(map(_run_end, keys), max))
+            reach = array("Q", accumulate(_run_ends(keys), max))
             if any(i and reach[i - 1] > m for i, m in zip(
                     map(bisect_right, repeat(firsts), ordered), ordered, strict=True)):
                 in_runs = True
@@ -497,10 +497,27 @@ class Checker:
         :meth:`_data_overlaps`."""
         if not runs_paths:
             return
-        self._grow(max(map(_run_end, runs_paths)) - 1)
-        bump = self._bump
+        self._grow(max(_run_ends(runs_paths)) - 1)
         count_mask = (1 << _RUN_KEY_BITS) - 1
-        for key, paths in runs_paths.items():
+        items = iter(runs_paths.items())
+        if _LITTLE:
+            # the usual case inline: the low bytes translated through an
+            # adding table (none may carry); the first run that would carry
+            # and all after it take :meth:`_bump`
+            ref = self.ref
+            size = ref.itemsize
+            with memoryview(ref) as view, view.cast("B") as octets, \
+                    octets[0::size] as low:
+                for key, paths in items:
+                    first = key >> _RUN_KEY_BITS
+                    stop = first + (key & count_mask)
+                    old = low[first:stop].tobytes()
+                    if paths > 255 or old.translate(None, _NO_CARRY[paths]):
+                        items = chain(((key, paths),), items)
+                        break
+                    low[first:stop] = old.translate(_ADD[paths])
+        bump = self._bump
+        for key, paths in items:
             bump(key >> _RUN_KEY_BITS, key & count_mask, paths)
         self._run_keys.append(array("Q", sorted(runs_paths)))
         runs_paths.clear()
@@ -671,6 +688,9 @@ class Checker:
         step = 2 if ext else 1
         seen_l2: set[int] = set()
         n = len(disk)
+        is_one = _refcount_is_one(disk) if any(
+            info.runs for info in map(self._l2_info.get, self.active_l2)
+            if info is not None) else b""
         for index, l2 in zip(self.active_l1_index, self.active_l2, strict=True):
             entry = l1[index]
             count = disk[l2 >> bits] if (l2 >> bits) < n else 0
@@ -682,7 +702,7 @@ class Checker:
             if l2 & (self.cs - 1):
                 continue
             info = self._l2_info.get(l2)
-            if info is not None and info.runs is not None and _copied_agree(info, disk):
+            if info is not None and info.runs is not None and _copied_agree(info, is_one):
                 continue
             table = image.read_l2(l2)
             entries = table[0::step] if ext else table
@@ -877,6 +897,10 @@ _NO_CARRY = [bytes(range(256 - amount)) for amount in range(256)]
 _ADD = [bytes((value + amount) & 0xFF for value in range(256)) for amount in range(256)]
 #: array type codes by item size
 _TYPECODE = {array(code).itemsize: code for code in "QLIHB"}
+#: byte -> 1 if it is 1 / 0 / an entry's marked flag byte with OFLAG_COPIED
+_IS_ONE = bytes(value == 1 for value in range(256))
+_IS_ZERO = bytes(value == 0 for value in range(256))
+_COPIED_IS_ONE = bytes(value == 0xFD for value in range(256))
 _MAX = {code: (1 << (8 * array(code).itemsize)) - 1 for code in "QLIHB"}
 
 
@@ -888,9 +912,11 @@ _RUN_KEY_BITS = 24
 _RUN_BATCH = 1 << 16
 
 
-def _run_end(key: int) -> int:
-    """One past the last cluster of the run ``key`` (first, count)."""
-    return (key >> _RUN_KEY_BITS) + (key & ((1 << _RUN_KEY_BITS) - 1))
+def _run_ends(keys: Iterable[int]) -> Iterator[int]:
+    """One past the last cluster of each run key (first, count), at C speed."""
+    keys = list(keys)
+    return map(int.__add__, map(rshift, keys, repeat(_RUN_KEY_BITS)),
+               map(and_, keys, repeat((1 << _RUN_KEY_BITS) - 1)))
 
 
 def _refcount_typecode(refcount_order: int) -> str:
@@ -920,31 +946,35 @@ def _last_nonzero(counts: array[int], stop: int) -> int:
     return -1
 
 
-def _copied_agree(info: L2Info, disk: array[int]) -> bool:
+def _refcount_is_one(disk: array[int]) -> bytes:
+    """One byte per cluster: 1 where its stored refcount is exactly 1, else
+    0 (the low byte translated, the others tested for zero, all ANDed as
+    integers)."""
+    size = disk.itemsize
+    with memoryview(disk) as view, view.cast("B") as octets:
+        low = 0 if _LITTLE else size - 1
+        ones = int.from_bytes(octets[low::size].tobytes().translate(_IS_ONE), "big")
+        for lane in range(size):
+            if lane != low:
+                ones &= int.from_bytes(octets[lane::size].tobytes().translate(_IS_ZERO), "big")
+    return ones.to_bytes(len(disk), "big")
+
+
+def _copied_agree(info: L2Info, is_one: bytes) -> bool:
     """Whether every entry of a table scanned into runs has OFLAG_COPIED set
-    exactly when its cluster's stored refcount is 1, judged run by run with
-    byte comparisons (a run with some refcounts 1 and some not says no: the
-    per-entry check then decides)."""
+    exactly when its cluster's stored refcount is 1 (``is_one``: see
+    :func:`_refcount_is_one`), by one join of the runs' bytes of ``is_one``
+    and one comparison with the entries' flags."""
     runs = info.runs
     assert runs is not None
-    flags = info.copied
-    n = len(disk)
-    size = disk.itemsize
-    one = (1).to_bytes(size, sys.byteorder)
-    pos = 0
-    with memoryview(disk) as view, view.cast("B") as octets:
-        for first, count in zip(runs[0::2], runs[1::2], strict=True):
-            if first + count > n:
-                return False
-            have = flags.count(b"\xfd", pos, pos + count)
-            if have == count:
-                if octets[first * size:(first + count) * size] != one * count:
-                    return False
-            elif have or (b"\x01" in octets[first * size:(first + count) * size:size].tobytes()
-                          and 1 in disk[first:first + count]):
-                return False
-            pos += count
-    return True
+    if not runs:
+        return True
+    firsts = runs[0::2]
+    ends = array("Q", map(int.__add__, firsts, runs[1::2]))
+    if max(ends) > len(is_one):
+        return False
+    stored = b"".join(map(is_one.__getitem__, map(slice, firsts, ends)))
+    return stored == info.copied.translate(_COPIED_IS_ONE)
 
 
 def refcount_differences(disk: array[int], ref: array[int]) -> Iterator[tuple[int, int, int]]:
