@@ -100,8 +100,12 @@ def test_offset_runs_match_neighbour_steps(bits: int) -> None:
     for trial in range(200):
         count = rng.choice([1, 2, 3, rng.randrange(1, geom.n + 1), geom.n])
         hosts = [rng.randrange(1, 1 << 30)]
-        for _ in range(count - 1):
-            step = rng.choice([1, 1, 1, 1, 0, -1, 2, rng.randrange(1 << 30)])
+        # a third of the tables: long runs with a few breaks (the bisection)
+        breaks = rng.randrange(0, 20) if trial % 3 == 0 else count
+        odd = set(rng.sample(range(count), min(breaks, count)))
+        for index in range(count - 1):
+            step = rng.choice([1, 1, 1, 1, 0, -1, 2, rng.randrange(1 << 30)]) \
+                if index in odd else 1
             hosts.append(max(1, (hosts[-1] + step) % (1 << (56 - bits))))
         expected: list[int] = []
         for host in hosts:

@@ -688,9 +688,6 @@ class Checker:
         step = 2 if ext else 1
         seen_l2: set[int] = set()
         n = len(disk)
-        is_one = _refcount_is_one(disk) if any(
-            info.runs for info in map(self._l2_info.get, self.active_l2)
-            if info is not None) else b""
         for index, l2 in zip(self.active_l1_index, self.active_l2, strict=True):
             entry = l1[index]
             count = disk[l2 >> bits] if (l2 >> bits) < n else 0
@@ -702,7 +699,7 @@ class Checker:
             if l2 & (self.cs - 1):
                 continue
             info = self._l2_info.get(l2)
-            if info is not None and info.runs is not None and _copied_agree(info, is_one):
+            if info is not None and info.runs is not None and _copied_agree(info, disk):
                 continue
             table = image.read_l2(l2)
             entries = table[0::step] if ext else table
@@ -946,35 +943,30 @@ def _last_nonzero(counts: array[int], stop: int) -> int:
     return -1
 
 
-def _refcount_is_one(disk: array[int]) -> bytes:
-    """One byte per cluster: 1 where its stored refcount is exactly 1, else
-    0 (the low byte translated, the others tested for zero, all ANDed as
-    integers)."""
-    size = disk.itemsize
-    with memoryview(disk) as view, view.cast("B") as octets:
-        low = 0 if _LITTLE else size - 1
-        ones = int.from_bytes(octets[low::size].tobytes().translate(_IS_ONE), "big")
-        for lane in range(size):
-            if lane != low:
-                ones &= int.from_bytes(octets[lane::size].tobytes().translate(_IS_ZERO), "big")
-    return ones.to_bytes(len(disk), "big")
-
-
-def _copied_agree(info: L2Info, is_one: bytes) -> bool:
+def _copied_agree(info: L2Info, disk: array[int]) -> bool:
     """Whether every entry of a table scanned into runs has OFLAG_COPIED set
-    exactly when its cluster's stored refcount is 1 (``is_one``: see
-    :func:`_refcount_is_one`), by one join of the runs' bytes of ``is_one``
-    and one comparison with the entries' flags."""
+    exactly when its cluster's stored refcount is 1: the runs' refcounts
+    joined, one byte per entry made of them (1 where the count is 1: the low
+    byte translated, the others tested for zero, ANDed as integers) and
+    compared with the entries' flags."""
     runs = info.runs
     assert runs is not None
     if not runs:
         return True
-    firsts = runs[0::2]
-    ends = array("Q", map(int.__add__, firsts, runs[1::2]))
-    if max(ends) > len(is_one):
+    size = disk.itemsize
+    firsts = array("Q", map(size.__mul__, runs[0::2]))
+    ends = array("Q", map(int.__add__, firsts, map(size.__mul__, runs[1::2])))
+    if max(ends) > len(disk) * size:
         return False
-    stored = b"".join(map(is_one.__getitem__, map(slice, firsts, ends)))
-    return stored == info.copied.translate(_COPIED_IS_ONE)
+    with memoryview(disk) as view, view.cast("B") as octets:
+        stored = b"".join(map(octets.__getitem__, map(slice, firsts, ends)))
+    low = 0 if _LITTLE else size - 1
+    is_one = int.from_bytes(stored[low::size].translate(_IS_ONE), "big")
+    for lane in range(size):
+        if lane != low:
+            is_one &= int.from_bytes(stored[lane::size].translate(_IS_ZERO), "big")
+    count = len(stored) // size
+    return is_one.to_bytes(count, "big") == info.copied.translate(_COPIED_IS_ONE)
 
 
 def refcount_differences(disk: array[int], ref: array[int]) -> Iterator[tuple[int, int, int]]:

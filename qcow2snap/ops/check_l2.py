@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from array import array
 from functools import lru_cache, reduce
-from itertools import accumulate, chain, compress, islice, repeat
+from itertools import accumulate, chain, compress, islice, pairwise, repeat
 from operator import and_, or_, rshift, sub
 from typing import Any
 
@@ -135,12 +135,8 @@ class _Geometry:
         # an entry without a host offset, once marked; it cannot match
         # across two entries (its 0xFE would have to be one of its zeros)
         self.unallocated = (b"\xff" + bytes(6) + b"\xfe", b"\xfd" + bytes(6) + b"\xfe")
-        # n big-endian u64 slots holding 1, and 0, 1, ..., n-1
-        self.ones = int.from_bytes((bytes(7) + b"\x01") * n, "big")
-        ramp = array("Q", range(n))
-        if _LITTLE:
-            ramp.byteswap()
-        self.ramp = int.from_bytes(ramp.tobytes(), "big")
+        #: n big-endian u64 slots each holding one cluster's size
+        self.step = int.from_bytes((bytes(7) + b"\x01") * n, "big") << cluster_bits
         self.cs = cs
         self.bits = cluster_bits
 
@@ -191,19 +187,25 @@ def _offset_runs(offsets: bytes | bytearray, geom: _Geometry) -> array[int]:
     """Flat (first host cluster, count) pairs of the stretches of
     ``offsets`` (big-endian host offsets, flag bits cleared, at least one)
     that follow each other by one cluster, with no Python work per entry:
-    the offsets are one integer, and XORing its entries 1.. with its entries
-    ..n-2 plus one cluster leaves non-zero exactly the slots where a run
-    breaks; each slot is folded to one byte (0 or 1), and splitting those
-    bytes at the ones gives the run lengths."""
+    the offsets are one integer, one cluster is added to every entry at
+    once, and XORing entries 1.. with the sums of entries ..n-2 leaves
+    non-zero exactly the slots where a run breaks (none: one comparison);
+    each slot is folded to one byte (0 or 1), and splitting those bytes at
+    the ones gives the run lengths."""
     count = len(offsets) >> 3
     whole = int.from_bytes(offsets, "big")
-    breaks = 0
-    if count > 1:
-        width = 64 * (count - 1)
-        step = (geom.ones >> (64 * (geom.n - count + 1))) << geom.bits
-        breaks = (whole & ((1 << width) - 1)) ^ ((whole >> 64) + step)
-    if not breaks:
+    step = geom.step if count == geom.n else geom.step >> (64 * (geom.n - count))
+    nexts = (whole + step).to_bytes(8 * count, "big")   # each offset plus one cluster
+    if nexts[:-8] == offsets[8:]:
         return array("Q", (whole >> (64 * (count - 1) + geom.bits), count))
+    if count >= _FEW_BREAKS_MIN_ENTRIES:
+        pairs = _break_pairs(nexts, offsets, count)
+        if pairs is not None:
+            starts = [0, *(pair + 1 for pair in pairs), count]
+            return array("Q", chain.from_iterable(
+                (int.from_bytes(offsets[8 * a:8 * a + 8], "big") >> geom.bits, b - a)
+                for a, b in pairwise(starts)))
+    breaks = int.from_bytes(nexts[:-8], "big") ^ int.from_bytes(offsets[8:], "big")
     flags = breaks.to_bytes(8 * (count - 1), "big").translate(geom.nonzero)
     folded = 0
     for lane in range(8):
@@ -220,6 +222,34 @@ def _offset_runs(offsets: bytes | bytearray, geom: _Geometry) -> array[int]:
         lengths[:-1], initial=0)), repeat(geom.bits)))
     runs[1::2] = lengths
     return runs
+
+
+#: long tables (preallocated ones: a few breaks where metadata sits between
+#: their data) look for their breaks by bisection first, up to
+#: :data:`_FEW_BREAKS` of them
+_FEW_BREAKS_MIN_ENTRIES = 1024
+_FEW_BREAKS = 16
+
+
+def _break_pairs(nexts: bytes, offsets: bytes | bytearray, count: int) -> list[int] | None:
+    """The neighbour pairs (j, j+1) of ``offsets`` where entry j+1 is not
+    entry j plus one cluster (``nexts``: every entry plus one cluster), in
+    order, by bisecting byte ranges that differ (a memcmp each); None past
+    :data:`_FEW_BREAKS` of them."""
+    found: list[int] = []
+    ranges = [(0, count - 1)]   # pair ranges [first, stop)
+    while ranges:
+        first, stop = ranges.pop()
+        if nexts[8 * first:8 * stop] == offsets[8 * first + 8:8 * stop + 8]:
+            continue
+        if stop - first == 1:
+            if len(found) == _FEW_BREAKS:
+                return None
+            found.append(first)
+            continue
+        middle = (first + stop) >> 1
+        ranges += ((middle, stop), (first, middle))
+    return found
 
 
 def _runs_end(runs: array[int]) -> int:
@@ -239,47 +269,6 @@ def _flags(flags: bytes) -> bytes:
     return flags
 
 
-#: runs the whole-table integer path follows before leaving a table to
-#: :func:`_allocated_spans` (each run costs a few passes over the table)
-_MAX_FULL_RUNS = 16
-
-
-def _full_runs(raw: bytes, geom: _Geometry) -> tuple[list[int], bytes] | None:
-    """A table every entry of which has a host offset (as preallocated
-    images have), as runs of offsets following each other: the table as one
-    integer, XORed with the run its first entry starts; the highest bit left
-    is where the next run starts.  A few integer operations per run, none
-    per entry.  Returns (flat offset/count pairs, the entries' marked first
-    bytes), or None when an entry is unallocated or needs a closer look."""
-    col0 = raw[0::8]
-    if col0.translate(None, b"\x00\x80") or raw[7::8].translate(None, b"\x00\x01"):
-        return None
-    masked = bytearray(raw)
-    masked[0::8] = geom.zeros_n
-    masked[7::8] = geom.zeros_n
-    rest = int.from_bytes(masked, "big")
-    n = geom.n
-    cs = geom.cs
-    ones = geom.ones
-    ramp = geom.ramp
-    runs: list[int] = []
-    width = n
-    while len(runs) < 2 * _MAX_FULL_RUNS:
-        first = rest >> (64 * (width - 1))
-        if not first or first & (cs - 1):
-            return None
-        drop = 64 * (n - width)
-        diff = rest ^ (first * (ones >> drop) + cs * (ramp >> drop))
-        if not diff:
-            runs += (first, width)
-            return runs, col0.translate(geom.mark)
-        count = width - 1 - ((diff.bit_length() - 1) >> 6)
-        runs += (first, count)
-        width -= count
-        rest &= (1 << (64 * width)) - 1
-    return None   # fragmented: each run costs operations on the whole table
-
-
 def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None:
     """The references of a table of plain entries as host-cluster runs, by
     whole-table byte operations; None when an entry needs the per-entry
@@ -289,25 +278,25 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
     info.runs = array("Q")
     if raw == geom.zero:
         return info
-    bits = geom.bits
+    for position, allowed in geom.checks:
+        if raw[position::8].translate(None, allowed):
+            return None
     if all(raw[at:at + 6] != _SIX_ZEROS for at in geom.samples):
-        # five entries spread over the table allocated: likely all are
-        full = _full_runs(raw, geom)
-        if full is not None:
-            pairs, flags = full
-            runs = array("Q", pairs)
-            firsts = array("Q", map(rshift, pairs[0::2], repeat(bits)))
-            runs[0::2] = firsts
-            if max(map(int.__add__, firsts, pairs[1::2])) > file_clusters:
+        # five entries spread over the table allocated: likely all are (a
+        # preallocated image); if so, an unallocated entry would be a run
+        # from cluster 0
+        offsets = bytearray(raw)
+        offsets[0::8] = offsets[7::8] = geom.zeros_n
+        runs = _offset_runs(offsets, geom)
+        firsts = runs[0::2]
+        if 0 not in firsts:
+            if _runs_end(runs) > file_clusters:
                 return None
             info.runs = runs
             info.allocated = geom.n
             info.fragmented = len(firsts) - 1
-            info.copied = _flags(flags)
+            info.copied = _flags(raw[0::8].translate(geom.mark))
             return info
-    for position, allowed in geom.checks:
-        if raw[position::8].translate(None, allowed):
-            return None
     spans = _allocated_spans(raw, geom)
     if spans is not None:
         if not spans:
