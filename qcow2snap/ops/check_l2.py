@@ -126,12 +126,14 @@ class _Geometry:
                 self.checks.append((position, bytes(v for v in range(256) if not v & m)))
         #: byte 0 of an entry -> marker: 0xFD with OFLAG_COPIED, 0xFF without
         self.mark = bytes(0xFD if v & 0x80 else 0xFF for v in range(256))
-        self.fe = b"\xfe" * n
         self.zeros_n = bytes(n)
-        self.ff_n = b"\xff" * n
         #: offset bytes of five entries spread over a table
         self.samples = sorted({8 * ((n - 1) * k // 4) + 1 for k in range(5)})
         self.nonzero = bytes([0] + [1] * 255)
+        #: an entry's last byte, in the map of non-zero bytes: 2 for 0, so
+        #: that an all-zero entry (seven zeros, then 2) only matches whole
+        self.last_byte = bytes([2] + [1] * 255)
+        self.zero_entry = bytes(7) + b"\x02"
         # an entry without a host offset, once marked; it cannot match
         # across two entries (its 0xFE would have to be one of its zeros)
         self.unallocated = (b"\xff" + bytes(6) + b"\xfe", b"\xfd" + bytes(6) + b"\xfe")
@@ -146,37 +148,32 @@ def _geometry(cluster_bits: int) -> _Geometry:
     return _Geometry(cluster_bits)
 
 
-#: a table with more stretches of allocated entries than this is scanned
-#: with replaces
+#: a table with more stretches of non-zero entries than this is taken whole
 _MAX_SPANS = 1024
 
 
-def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | None:
-    """Byte ranges of the stretches of entries with a host offset: ``find``
-    the next offset byte that is not zero (in a translated copy without the
-    flag bytes), then the next entry without a host offset
-    (``find`` of its marked form, which matches only whole entries).  None
-    past :data:`_MAX_SPANS` stretches."""
-    marked = bytearray(raw)
-    marked[0::8] = geom.zeros_n
-    marked[7::8] = geom.zeros_n
-    find_live = marked.translate(geom.nonzero).find
-    marked[0::8] = geom.ff_n
-    marked[7::8] = geom.fe
-    find_gap = marked.find
-    gap = geom.unallocated[0]
+def _nonzero_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | None:
+    """Byte ranges of the stretches of entries that are not all zero:
+    ``find`` the next non-zero byte in a map of the table's non-zero bytes,
+    then the next all-zero entry (whose last byte the map marks apart, so
+    that it matches only whole entries).  None past :data:`_MAX_SPANS`
+    stretches."""
+    nonzero = bytearray(raw).translate(geom.nonzero)
+    nonzero[7::8] = raw[7::8].translate(geom.last_byte)
+    find = nonzero.find
+    gap = geom.zero_entry
     size = len(raw)
     spans: list[tuple[int, int]] = []
-    position = find_live(1)
+    position = find(1)
     while position >= 0:
         if len(spans) == _MAX_SPANS:
             return None
         start = position & ~7
-        stop = find_gap(gap, start)
+        stop = find(gap, start)
         if stop < 0:
             stop = size
         spans.append((start, stop))
-        position = find_live(1, stop)
+        position = find(1, stop)
     return spans
 
 
@@ -278,59 +275,46 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
     info.runs = array("Q")
     if raw == geom.zero:
         return info
-    for position, allowed in geom.checks:
-        if raw[position::8].translate(None, allowed):
-            return None
     if all(raw[at:at + 6] != _SIX_ZEROS for at in geom.samples):
         # five entries spread over the table allocated: likely all are (a
-        # preallocated image); if so, an unallocated entry would be a run
-        # from cluster 0
-        offsets = bytearray(raw)
-        offsets[0::8] = offsets[7::8] = geom.zeros_n
-        runs = _offset_runs(offsets, geom)
-        firsts = runs[0::2]
-        if 0 not in firsts:
-            if _runs_end(runs) > file_clusters:
-                return None
-            info.runs = runs
-            info.allocated = geom.n
-            info.fragmented = len(firsts) - 1
-            info.copied = _flags(raw[0::8].translate(geom.mark))
+        # preallocated image), so the whole table at once
+        live = raw
+    else:
+        spans = _nonzero_spans(raw, geom)
+        if spans is None:
+            live = raw
+        elif not spans:
             return info
-    spans = _allocated_spans(raw, geom)
-    if spans is not None:
-        if not spans:
+        else:
+            live = b"".join([raw[a:b] for a, b in spans])
+    # all entries outside ``live`` are zero: the column checks need only it
+    for position, allowed in geom.checks:
+        if live[position::8].translate(None, allowed):
+            return None
+    count = len(live) >> 3
+    flags = live[0::8].translate(geom.mark)
+    offsets = bytearray(live)
+    offsets[0::8] = offsets[7::8] = bytes(count)
+    runs = _offset_runs(offsets, geom)
+    if 0 in runs[0::2]:
+        # entries without a host offset (flags only, or zero): an entry
+        # without one, once marked, matches only whole entries
+        offsets[0::8] = flags
+        offsets[7::8] = b"\xfe" * count
+        p1, p2 = geom.unallocated
+        offsets = offsets.replace(p1, b"").replace(p2, b"")
+        count = len(offsets) >> 3
+        if not count:
             return info
-        live = b"".join([raw[a:b] for a, b in spans])
-        count = len(live) >> 3
-        info.copied = _flags(live[0::8].translate(geom.mark))
-        offsets = bytearray(live)
+        flags = bytes(offsets[0::8])
         offsets[0::8] = offsets[7::8] = bytes(count)
         runs = _offset_runs(offsets, geom)
-        if _runs_end(runs) > file_clusters:
-            return None
-        info.allocated = count
-        info.runs = runs
-        info.fragmented = (len(runs) >> 1) - 1
-        return info
-    # many: drop the unallocated entries (few, as a rule) with two replaces
-    marked = bytearray(raw)
-    marked[0::8] = raw[0::8].translate(geom.mark)
-    marked[7::8] = geom.fe
-    p1, p2 = geom.unallocated
-    offsets_be = marked.replace(p1, b"").replace(p2, b"")
-    count = len(offsets_be) >> 3
-    info.allocated = count
-    if not count:
-        return info
-    info.copied = _flags(bytes(offsets_be[0::8]))
-    offsets_be[0::8] = bytes(count)
-    offsets_be[7::8] = bytes(count)
-    runs = _offset_runs(offsets_be, geom)
     if _runs_end(runs) > file_clusters:
         return None
     info.runs = runs
+    info.allocated = count
     info.fragmented = (len(runs) >> 1) - 1
+    info.copied = _flags(flags)
     return info
 
 
