@@ -152,29 +152,33 @@ def _geometry(cluster_bits: int) -> _Geometry:
 _MAX_SPANS = 1024
 
 
-def _nonzero_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | None:
-    """Byte ranges of the stretches of entries that are not all zero:
-    ``find`` the next non-zero byte in a map of the table's non-zero bytes,
-    then the next all-zero entry (whose last byte the map marks apart, so
-    that it matches only whole entries).  None past :data:`_MAX_SPANS`
-    stretches."""
+def _nonzero_entries(raw: bytes, geom: _Geometry) -> bytes | None:
+    """The entries of a table that are not all zero, in order: ``find`` the
+    next non-zero byte in a map of the table's non-zero bytes, then the
+    next all-zero entry (whose last byte the map marks apart, so that it
+    matches only whole entries), and join the stretches between.  None past
+    :data:`_MAX_SPANS` stretches."""
     nonzero = bytearray(raw).translate(geom.nonzero)
     nonzero[7::8] = raw[7::8].translate(geom.last_byte)
     find = nonzero.find
     gap = geom.zero_entry
-    size = len(raw)
-    spans: list[tuple[int, int]] = []
+    pieces: list[bytes] = []
+    append = pieces.append
     position = find(1)
-    while position >= 0:
-        if len(spans) == _MAX_SPANS:
-            return None
+    for _ in range(_MAX_SPANS):
+        if position < 0:
+            break
         start = position & ~7
         stop = find(gap, start)
         if stop < 0:
-            stop = size
-        spans.append((start, stop))
+            append(raw[start:])
+            position = -1
+            break
+        append(raw[start:stop])
         position = find(1, stop)
-    return spans
+    if position >= 0:
+        return None
+    return b"".join(pieces)
 
 
 _SIX_ZEROS = bytes(6)
@@ -186,9 +190,10 @@ def _offset_runs(offsets: bytes | bytearray, geom: _Geometry) -> array[int]:
     that follow each other by one cluster, with no Python work per entry:
     the offsets are one integer, one cluster is added to every entry at
     once, and XORing entries 1.. with the sums of entries ..n-2 leaves
-    non-zero exactly the slots where a run breaks (none: one comparison);
-    each slot is folded to one byte (0 or 1), and splitting those bytes at
-    the ones gives the run lengths."""
+    non-zero exactly the slots where a run breaks (none: one comparison;
+    a few in a long table: bisection); each slot is folded onto its low
+    byte, and splitting those bytes at the non-zero ones gives the run
+    lengths."""
     count = len(offsets) >> 3
     whole = int.from_bytes(offsets, "big")
     step = geom.step if count == geom.n else geom.step >> (64 * (geom.n - count))
@@ -202,14 +207,15 @@ def _offset_runs(offsets: bytes | bytearray, geom: _Geometry) -> array[int]:
             return array("Q", chain.from_iterable(
                 (int.from_bytes(offsets[8 * a:8 * a + 8], "big") >> geom.bits, b - a)
                 for a, b in pairwise(starts)))
-    breaks = int.from_bytes(nexts[:-8], "big") ^ int.from_bytes(offsets[8:], "big")
-    flags = breaks.to_bytes(8 * (count - 1), "big").translate(geom.nonzero)
-    folded = 0
-    for lane in range(8):
-        folded |= int.from_bytes(flags[lane::8], "big")
+    breaks = ((whole + step) >> 64) ^ (whole & ((1 << (64 * (count - 1))) - 1))
+    # fold each slot onto its low byte (the bits shifted in from the slot
+    # above land in the upper bytes only)
+    breaks |= breaks >> 32
+    breaks |= breaks >> 16
+    breaks |= breaks >> 8
     # one byte per pair of neighbours: 1 where the second starts a run
-    lengths = array("Q", map((1).__add__, map(len, folded.to_bytes(count - 1, "big")
-                                                 .split(b"\x01"))))
+    marks = breaks.to_bytes(8 * (count - 1), "big")[7::8].translate(geom.nonzero)
+    lengths = array("Q", map((1).__add__, map(len, marks.split(b"\x01"))))
     firsts = array("Q")
     firsts.frombytes(offsets)
     if _LITTLE:
@@ -280,13 +286,13 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
         # preallocated image), so the whole table at once
         live = raw
     else:
-        spans = _nonzero_spans(raw, geom)
-        if spans is None:
+        nonzero = _nonzero_entries(raw, geom)
+        if nonzero is None:
             live = raw
-        elif not spans:
+        elif not nonzero:
             return info
         else:
-            live = b"".join([raw[a:b] for a, b in spans])
+            live = nonzero
     # all entries outside ``live`` are zero: the column checks need only it
     for position, allowed in geom.checks:
         if live[position::8].translate(None, allowed):
