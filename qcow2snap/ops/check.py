@@ -508,9 +508,16 @@ class Checker:
             size = ref.itemsize
             with memoryview(ref) as view, view.cast("B") as octets, \
                     octets[0::size] as low:
+                typecode = ref.typecode
                 for key, paths in items:
                     first = key >> _RUN_KEY_BITS
-                    stop = first + (key & count_mask)
+                    count = key & count_mask
+                    stop = first + count
+                    if count >= _LONG_RUN and paths <= _MAX[typecode] and not \
+                            octets[first * size:stop * size].tobytes().strip(b"\0"):
+                        # counted for the first time (a preallocated table)
+                        ref[first:stop] = array(typecode, (paths,)) * count
+                        continue
                     old = low[first:stop].tobytes()
                     if paths > 255 or old.translate(None, _NO_CARRY[paths]):
                         items = chain(((key, paths),), items)
@@ -894,6 +901,9 @@ _NO_CARRY = [bytes(range(256 - amount)) for amount in range(256)]
 _ADD = [bytes((value + amount) & 0xFF for value in range(256)) for amount in range(256)]
 #: array type codes by item size
 _TYPECODE = {array(code).itemsize: code for code in "QLIHB"}
+#: a run at least this long, all of whose counts are still zero, is set by
+#: one slice assignment (:meth:`Checker._bump_runs`)
+_LONG_RUN = 64
 #: byte -> 1 if it is 1 / 0 / an entry's marked flag byte with OFLAG_COPIED
 _IS_ONE = bytes(value == 1 for value in range(256))
 _IS_ZERO = bytes(value == 0 for value in range(256))
