@@ -1011,3 +1011,27 @@ def test_cli_names_what_a_repair_drops(fixture_dir: Path, tmp_path: Path) -> Non
         ("first", "ok"), ("second", "dropped"), ("third", "ok")]
     assert obj["repair"] == "all" and obj["dry-run"] is False
     assert obj["leaks-fixed"] == checked["leaks"] and obj["corruptions-fixed"] == 1
+
+
+@pytest.mark.parametrize("run_batch", [1, 1 << 16])
+def test_data_cluster_inside_metadata_is_reported(fixture_dir: Path, tmp_path: Path,
+                                                  qemu_img: str, run_batch: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An L2 entry of a table the bulk scan keeps as runs, pointed at the
+    refcount block: the overlap is found however the runs are batched."""
+    import qcow2snap.ops.check as check_module
+    monkeypatch.setattr(check_module, "_RUN_BATCH", run_batch)
+    good = fixture_path(fixture_dir, "v3-basic")
+    geo = geometry(good)
+    off, value = geo.find_entry(is_data)
+    block = geo.refblock_offsets[0]
+    data = bytearray(good.read_bytes())
+    struct.pack_into(">Q", data, off, (value & ~fmt.L2E_OFFSET_MASK) | block)
+    path = tmp_path / "data-in-refblock.qcow2"
+    path.write_bytes(bytes(data))
+    report = check_image(path)
+    overlaps = [f.message for f in report.findings if f.kind == "overlap"]
+    cluster = block // geo.cluster_size
+    assert any(m.startswith(f"data cluster {cluster} ") and m.endswith("overlaps a refcount block")
+               for m in overlaps), overlaps
+    assert report.exit_code == qemu_img_check(qemu_img, path).returncode == 2

@@ -87,3 +87,31 @@ def test_bulk_scan_declines_entries_needing_rules(bad: int) -> None:
     entries = [((i + 3) << 16) for i in range(geom.n)]
     assert _scan_bulk(table(entries), geom, geom.n) is None
     assert _scan_bulk(table(entries), geom, geom.n + 3) is not None
+
+
+@pytest.mark.parametrize("bits", [9, 16, 21])
+def test_offset_runs_match_neighbour_steps(bits: int) -> None:
+    """Runs of offsets that follow each other by one cluster, against the
+    entry-by-entry definition, for steps of every kind (backwards, repeated,
+    +1, +2, far) and lengths from one entry to a whole table."""
+    from qcow2snap.ops.check_l2 import _offset_runs
+    rng = random.Random(bits)
+    geom = _geometry(bits)
+    for trial in range(200):
+        count = rng.choice([1, 2, 3, rng.randrange(1, geom.n + 1), geom.n])
+        hosts = [rng.randrange(1, 1 << 30)]
+        # a third of the tables: long runs with a few breaks (the bisection)
+        breaks = rng.randrange(0, 20) if trial % 3 == 0 else count
+        odd = set(rng.sample(range(count), min(breaks, count)))
+        for index in range(count - 1):
+            step = rng.choice([1, 1, 1, 1, 0, -1, 2, rng.randrange(1 << 30)]) \
+                if index in odd else 1
+            hosts.append(max(1, (hosts[-1] + step) % (1 << (56 - bits))))
+        expected: list[int] = []
+        for host in hosts:
+            if expected and host == expected[-2] + expected[-1]:
+                expected[-1] += 1
+            else:
+                expected += [host, 1]
+        runs = _offset_runs(table([h << bits for h in hosts]), geom)
+        assert list(runs) == expected, (trial, hosts[:20])

@@ -38,12 +38,12 @@ from __future__ import annotations
 import os
 import sys
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import reduce
-from itertools import compress, repeat
-from operator import and_, or_, rshift
+from itertools import accumulate, chain, compress, repeat
+from operator import and_, lshift, or_, rshift
 
 from .. import format as fmt
 from ..errors import CheckFailedError
@@ -101,6 +101,9 @@ class Checker:
         self.owner: dict[int, str] = {}       # metadata cluster -> structure kind
         self.data_clusters: set[int] = set()  # only filled for overlap detection of metadata
         self._l2_info: dict[int, L2Info] = {}
+        #: the runs of host clusters counted (:meth:`_flush_pending`), each as
+        #: ``first << _RUN_KEY_BITS | count``
+        self._run_keys: list[array[int]] = []
         #: L2 tables with paths not yet counted (the count is ``L2Info.paths``;
         #: ``L2Info.walked``: reached from a counted L1 table)
         self._pending: list[int] = []
@@ -422,15 +425,28 @@ class Checker:
             r.compressed_clusters += info.compressed
 
     def _data_overlaps(self) -> None:
-        """Data clusters that are also metadata (a C-level set test per L2
-        table)."""
+        """Data clusters that are also metadata: a bisection per metadata
+        cluster into the references of all tables kept as runs, then a
+        C-level set test per table that is not (and per table, only when
+        a metadata cluster lies in some run)."""
         meta = self.owner
         ordered = sorted(meta)
+        in_runs = False
+        for keys in self._run_keys:
+            firsts = array("Q", map(rshift, keys, repeat(_RUN_KEY_BITS)))
+            # the furthest end of the runs starting at or before each first
+            reach = array("Q", accumulate(_run_ends(keys), max))
+            if any(i and reach[i - 1] > m for i, m in zip(
+                    map(bisect_right, repeat(firsts), ordered), ordered, strict=True)):
+                in_runs = True
+                break
         for l2, info in self._l2_info.items():
             if not info.walked:
                 continue
             runs = info.runs
             if runs is not None:
+                if not in_runs:
+                    continue
                 # a run overlaps metadata iff a metadata cluster lies in it
                 if not any(ordered[i] < a + c for i, a, c in zip(
                         map(bisect_left, repeat(ordered), runs[0::2]), runs[0::2], runs[1::2],
@@ -445,7 +461,10 @@ class Checker:
 
     def _flush_pending(self) -> None:
         """Add the references of every L2 table walked so far, times its
-        number of paths."""
+        number of paths.  Runs that several tables share (the layers'
+        copies of one table, after a snapshot) are added once, with the sum
+        of their paths, in batches of at most :data:`_RUN_BATCH` runs."""
+        runs_paths: Counter[int] = Counter()
         for l2 in self._pending:
             info = self._l2_info[l2]
             paths = info.paths
@@ -453,10 +472,14 @@ class Checker:
             runs = info.runs
             if runs is not None:
                 if runs:
-                    self._grow(max(map(int.__add__, runs[0::2], runs[1::2])) - 1)
-                    bump = self._bump
-                    for first, count in zip(runs[0::2], runs[1::2], strict=True):
-                        bump(first, count, paths)
+                    keys = map(or_, map(lshift, runs[0::2], repeat(_RUN_KEY_BITS)), runs[1::2])
+                    if paths == 1:
+                        runs_paths.update(keys)
+                    else:
+                        for key in keys:
+                            runs_paths[key] += paths
+                    if len(runs_paths) >= _RUN_BATCH:
+                        self._bump_runs(runs_paths)
                 continue
             hosts = info.hosts
             if not hosts:
@@ -466,6 +489,45 @@ class Checker:
                 self._grow(top)
             self._bump_each(hosts, paths)
         self._pending.clear()
+        self._bump_runs(runs_paths)
+
+    def _bump_runs(self, runs_paths: Counter[int]) -> None:
+        """Add (then forget) a batch of runs keyed ``first << _RUN_KEY_BITS
+        | count``, each with its paths; their keys are kept, sorted, for
+        :meth:`_data_overlaps`."""
+        if not runs_paths:
+            return
+        self._grow(max(_run_ends(runs_paths)) - 1)
+        count_mask = (1 << _RUN_KEY_BITS) - 1
+        items = iter(runs_paths.items())
+        if _LITTLE:
+            # the usual case inline: the low bytes translated through an
+            # adding table (none may carry); the first run that would carry
+            # and all after it take :meth:`_bump`
+            ref = self.ref
+            size = ref.itemsize
+            with memoryview(ref) as view, view.cast("B") as octets, \
+                    octets[0::size] as low:
+                typecode = ref.typecode
+                for key, paths in items:
+                    first = key >> _RUN_KEY_BITS
+                    count = key & count_mask
+                    stop = first + count
+                    if count >= _LONG_RUN and paths <= _MAX[typecode] and not \
+                            octets[first * size:stop * size].tobytes().strip(b"\0"):
+                        # counted for the first time (a preallocated table)
+                        ref[first:stop] = array(typecode, (paths,)) * count
+                        continue
+                    old = low[first:stop].tobytes()
+                    if paths > 255 or old.translate(None, _NO_CARRY[paths]):
+                        items = chain(((key, paths),), items)
+                        break
+                    low[first:stop] = old.translate(_ADD[paths])
+        bump = self._bump
+        for key, paths in items:
+            bump(key >> _RUN_KEY_BITS, key & count_mask, paths)
+        self._run_keys.append(array("Q", sorted(runs_paths)))
+        runs_paths.clear()
 
     def _bump_each(self, hosts: list[int] | array[int] | range, amount: int) -> None:
         """+``amount`` on every cluster of ``hosts`` (grown before)."""
@@ -839,7 +901,29 @@ _NO_CARRY = [bytes(range(256 - amount)) for amount in range(256)]
 _ADD = [bytes((value + amount) & 0xFF for value in range(256)) for amount in range(256)]
 #: array type codes by item size
 _TYPECODE = {array(code).itemsize: code for code in "QLIHB"}
+#: a run at least this long, all of whose counts are still zero, is set by
+#: one slice assignment (:meth:`Checker._bump_runs`)
+_LONG_RUN = 64
+#: byte -> 1 if it is 1 / 0 / an entry's marked flag byte with OFLAG_COPIED
+_IS_ONE = bytes(value == 1 for value in range(256))
+_IS_ZERO = bytes(value == 0 for value in range(256))
+_COPIED_IS_ONE = bytes(value == 0xFD for value in range(256))
 _MAX = {code: (1 << (8 * array(code).itemsize)) - 1 for code in "QLIHB"}
+
+
+#: bits of a run key (:meth:`Checker._flush_pending`) that hold the run's
+#: cluster count: an L2 table has at most 2^18 entries (2 MiB clusters)
+_RUN_KEY_BITS = 24
+#: runs added at once (:meth:`Checker._flush_pending`): bounds the memory of
+#: their counter (about 100 bytes a run)
+_RUN_BATCH = 1 << 16
+
+
+def _run_ends(keys: Iterable[int]) -> Iterator[int]:
+    """One past the last cluster of each run key (first, count), at C speed."""
+    keys = list(keys)
+    return map(int.__add__, map(rshift, keys, repeat(_RUN_KEY_BITS)),
+               map(and_, keys, repeat((1 << _RUN_KEY_BITS) - 1)))
 
 
 def _refcount_typecode(refcount_order: int) -> str:
@@ -871,29 +955,28 @@ def _last_nonzero(counts: array[int], stop: int) -> int:
 
 def _copied_agree(info: L2Info, disk: array[int]) -> bool:
     """Whether every entry of a table scanned into runs has OFLAG_COPIED set
-    exactly when its cluster's stored refcount is 1, judged run by run with
-    byte comparisons (a run with some refcounts 1 and some not says no: the
-    per-entry check then decides)."""
+    exactly when its cluster's stored refcount is 1: the runs' refcounts
+    joined, one byte per entry made of them (1 where the count is 1: the low
+    byte translated, the others tested for zero, ANDed as integers) and
+    compared with the entries' flags."""
     runs = info.runs
     assert runs is not None
-    flags = info.copied
-    n = len(disk)
+    if not runs:
+        return True
     size = disk.itemsize
-    one = (1).to_bytes(size, sys.byteorder)
-    pos = 0
+    firsts = array("Q", map(size.__mul__, runs[0::2]))
+    ends = array("Q", map(int.__add__, firsts, map(size.__mul__, runs[1::2])))
+    if max(ends) > len(disk) * size:
+        return False
     with memoryview(disk) as view, view.cast("B") as octets:
-        for first, count in zip(runs[0::2], runs[1::2], strict=True):
-            if first + count > n:
-                return False
-            have = flags.count(b"\xfd", pos, pos + count)
-            if have == count:
-                if octets[first * size:(first + count) * size] != one * count:
-                    return False
-            elif have or (b"\x01" in octets[first * size:(first + count) * size:size].tobytes()
-                          and 1 in disk[first:first + count]):
-                return False
-            pos += count
-    return True
+        stored = b"".join(map(octets.__getitem__, map(slice, firsts, ends)))
+    low = 0 if _LITTLE else size - 1
+    is_one = int.from_bytes(stored[low::size].translate(_IS_ONE), "big")
+    for lane in range(size):
+        if lane != low:
+            is_one &= int.from_bytes(stored[lane::size].translate(_IS_ZERO), "big")
+    count = len(stored) // size
+    return is_one.to_bytes(count, "big") == info.copied.translate(_COPIED_IS_ONE)
 
 
 def refcount_differences(disk: array[int], ref: array[int]) -> Iterator[tuple[int, int, int]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from array import array
 from functools import lru_cache, reduce
-from itertools import chain, compress, islice, repeat
+from itertools import accumulate, chain, compress, islice, pairwise, repeat
 from operator import and_, or_, rshift, sub
 from typing import Any
 
@@ -126,21 +126,19 @@ class _Geometry:
                 self.checks.append((position, bytes(v for v in range(256) if not v & m)))
         #: byte 0 of an entry -> marker: 0xFD with OFLAG_COPIED, 0xFF without
         self.mark = bytes(0xFD if v & 0x80 else 0xFF for v in range(256))
-        self.fe = b"\xfe" * n
         self.zeros_n = bytes(n)
-        self.ff_n = b"\xff" * n
         #: offset bytes of five entries spread over a table
         self.samples = sorted({8 * ((n - 1) * k // 4) + 1 for k in range(5)})
         self.nonzero = bytes([0] + [1] * 255)
+        #: an entry's last byte, in the map of non-zero bytes: 2 for 0, so
+        #: that an all-zero entry (seven zeros, then 2) only matches whole
+        self.last_byte = bytes([2] + [1] * 255)
+        self.zero_entry = bytes(7) + b"\x02"
         # an entry without a host offset, once marked; it cannot match
         # across two entries (its 0xFE would have to be one of its zeros)
         self.unallocated = (b"\xff" + bytes(6) + b"\xfe", b"\xfd" + bytes(6) + b"\xfe")
-        # n big-endian u64 slots holding 1, and 0, 1, ..., n-1
-        self.ones = int.from_bytes((bytes(7) + b"\x01") * n, "big")
-        ramp = array("Q", range(n))
-        if _LITTLE:
-            ramp.byteswap()
-        self.ramp = int.from_bytes(ramp.tobytes(), "big")
+        #: n big-endian u64 slots each holding one cluster's size
+        self.step = int.from_bytes((bytes(7) + b"\x01") * n, "big") << cluster_bits
         self.cs = cs
         self.bits = cluster_bits
 
@@ -150,87 +148,116 @@ def _geometry(cluster_bits: int) -> _Geometry:
     return _Geometry(cluster_bits)
 
 
-def _consecutive(geom: _Geometry, offsets: bytes | bytearray, count: int) -> bool:
-    """Whether ``count`` big-endian offsets follow each other by one cluster
-    (one multiplication and one comparison of the whole table)."""
-    first = int.from_bytes(offsets[:8], "big")
-    if int.from_bytes(offsets[-8:], "big") != first + (count - 1) * geom.cs:
-        return False
-    drop = 64 * (geom.n - count)
-    expected = first * (geom.ones >> drop) + geom.cs * (geom.ramp >> drop)
-    return expected.to_bytes(8 * count, "big") == offsets
-
-
-#: a table with more stretches of allocated entries than this is scanned
-#: with replaces
+#: a table with more stretches of non-zero entries than this is taken whole
 _MAX_SPANS = 1024
 
 
-def _allocated_spans(raw: bytes, geom: _Geometry) -> list[tuple[int, int]] | None:
-    """Byte ranges of the stretches of entries with a host offset: ``find``
-    the next offset byte that is not zero (in a translated copy without the
-    flag bytes), then the next entry without a host offset
-    (``find`` of its marked form, which matches only whole entries).  None
-    past :data:`_MAX_SPANS` stretches."""
-    marked = bytearray(raw)
-    marked[0::8] = geom.zeros_n
-    marked[7::8] = geom.zeros_n
-    find_live = marked.translate(geom.nonzero).find
-    marked[0::8] = geom.ff_n
-    marked[7::8] = geom.fe
-    find_gap = marked.find
-    gap = geom.unallocated[0]
-    size = len(raw)
-    spans: list[tuple[int, int]] = []
-    position = find_live(1)
-    while position >= 0:
-        if len(spans) == _MAX_SPANS:
-            return None
+def _nonzero_entries(raw: bytes, geom: _Geometry) -> bytes | None:
+    """The entries of a table that are not all zero, in order: ``find`` the
+    next non-zero byte in a map of the table's non-zero bytes, then the
+    next all-zero entry (whose last byte the map marks apart, so that it
+    matches only whole entries), and join the stretches between.  None past
+    :data:`_MAX_SPANS` stretches."""
+    nonzero = bytearray(raw).translate(geom.nonzero)
+    nonzero[7::8] = raw[7::8].translate(geom.last_byte)
+    find = nonzero.find
+    gap = geom.zero_entry
+    pieces: list[bytes] = []
+    append = pieces.append
+    position = find(1)
+    for _ in range(_MAX_SPANS):
+        if position < 0:
+            break
         start = position & ~7
-        stop = find_gap(gap, start)
+        stop = find(gap, start)
         if stop < 0:
-            stop = size
-        spans.append((start, stop))
-        position = find_live(1, stop)
-    return spans
+            append(raw[start:])
+            position = -1
+            break
+        append(raw[start:stop])
+        position = find(1, stop)
+    if position >= 0:
+        return None
+    return b"".join(pieces)
 
 
 _SIX_ZEROS = bytes(6)
 
 
-def _host_clusters(entries: bytes, bits: int) -> array[int] | list[int]:
-    """Host cluster indexes of big-endian plain entries with a host offset
-    (no reserved or misaligned bits): with a whole number of bytes of
-    cluster bits (64 KiB clusters: 2), the index's bytes are moved into place
-    by strided slices; otherwise shifted entry by entry at C speed."""
-    if bits % 8 == 0 and _LITTLE:
-        shift = bits >> 3
-        moved = bytearray(len(entries))
-        # entry byte 0 holds flags only: index bytes are 1 .. 7 - shift
-        for position in range(1, 8 - shift):
-            moved[position + shift::8] = entries[position::8]
-        hosts = array("Q")
-        hosts.frombytes(moved)
-        hosts.byteswap()
-        return hosts
-    offsets = array("Q")
-    offsets.frombytes(entries)
+def _offset_runs(offsets: bytes | bytearray, geom: _Geometry) -> array[int]:
+    """Flat (first host cluster, count) pairs of the stretches of
+    ``offsets`` (big-endian host offsets, flag bits cleared, at least one)
+    that follow each other by one cluster, with no Python work per entry:
+    the offsets are one integer, one cluster is added to every entry at
+    once, and XORing entries 1.. with the sums of entries ..n-2 leaves
+    non-zero exactly the slots where a run breaks (none: one comparison;
+    a few in a long table: bisection); each slot is folded onto its low
+    byte, and splitting those bytes at the non-zero ones gives the run
+    lengths."""
+    count = len(offsets) >> 3
+    whole = int.from_bytes(offsets, "big")
+    step = geom.step if count == geom.n else geom.step >> (64 * (geom.n - count))
+    nexts = (whole + step).to_bytes(8 * count, "big")   # each offset plus one cluster
+    if nexts[:-8] == offsets[8:]:
+        return array("Q", (whole >> (64 * (count - 1) + geom.bits), count))
+    if count >= _FEW_BREAKS_MIN_ENTRIES:
+        pairs = _break_pairs(nexts, offsets, count)
+        if pairs is not None:
+            starts = [0, *(pair + 1 for pair in pairs), count]
+            return array("Q", chain.from_iterable(
+                (int.from_bytes(offsets[8 * a:8 * a + 8], "big") >> geom.bits, b - a)
+                for a, b in pairwise(starts)))
+    breaks = ((whole + step) >> 64) ^ (whole & ((1 << (64 * (count - 1))) - 1))
+    # fold each slot onto its low byte (the bits shifted in from the slot
+    # above land in the upper bytes only)
+    breaks |= breaks >> 32
+    breaks |= breaks >> 16
+    breaks |= breaks >> 8
+    # one byte per pair of neighbours: 1 where the second starts a run
+    marks = breaks.to_bytes(8 * (count - 1), "big")[7::8].translate(geom.nonzero)
+    lengths = array("Q", map((1).__add__, map(len, marks.split(b"\x01"))))
+    firsts = array("Q")
+    firsts.frombytes(offsets)
     if _LITTLE:
-        offsets.byteswap()
-    return list(map(rshift, map(and_, offsets, repeat(fmt.L2E_OFFSET_MASK)), repeat(bits)))
-
-
-def _runs(hosts: list[int] | array[int]) -> array[int]:
-    """Flat (first, count) pairs of the stretches of ``hosts`` that follow
-    each other (``hosts`` not empty); the breaks are found by C-level passes
-    (differences, then the positions where one is not 1)."""
-    count = len(hosts)
-    steps = map(sub, islice(hosts, 1, None), hosts)
-    starts = [0, *compress(range(1, count), map((1).__ne__, steps)), count]
-    runs = array("Q", bytes(16 * (len(starts) - 1)))
-    runs[0::2] = array("Q", map(hosts.__getitem__, starts[:-1]))
-    runs[1::2] = array("Q", map(sub, islice(starts, 1, None), starts))
+        firsts.byteswap()
+    runs = array("Q", bytes(16 * len(lengths)))
+    runs[0::2] = array("Q", map(rshift, map(firsts.__getitem__, accumulate(
+        lengths[:-1], initial=0)), repeat(geom.bits)))
+    runs[1::2] = lengths
     return runs
+
+
+#: long tables (preallocated ones: a few breaks where metadata sits between
+#: their data) look for their breaks by bisection first, up to
+#: :data:`_FEW_BREAKS` of them
+_FEW_BREAKS_MIN_ENTRIES = 1024
+_FEW_BREAKS = 16
+
+
+def _break_pairs(nexts: bytes, offsets: bytes | bytearray, count: int) -> list[int] | None:
+    """The neighbour pairs (j, j+1) of ``offsets`` where entry j+1 is not
+    entry j plus one cluster (``nexts``: every entry plus one cluster), in
+    order, by bisecting byte ranges that differ (a memcmp each); None past
+    :data:`_FEW_BREAKS` of them."""
+    found: list[int] = []
+    ranges = [(0, count - 1)]   # pair ranges [first, stop)
+    while ranges:
+        first, stop = ranges.pop()
+        if nexts[8 * first:8 * stop] == offsets[8 * first + 8:8 * stop + 8]:
+            continue
+        if stop - first == 1:
+            if len(found) == _FEW_BREAKS:
+                return None
+            found.append(first)
+            continue
+        middle = (first + stop) >> 1
+        ranges += ((middle, stop), (first, middle))
+    return found
+
+
+def _runs_end(runs: array[int]) -> int:
+    """One past the last host cluster of flat (first, count) ``runs``."""
+    return max(map(int.__add__, runs[0::2], runs[1::2]))
 
 
 @lru_cache(maxsize=64)
@@ -245,47 +272,6 @@ def _flags(flags: bytes) -> bytes:
     return flags
 
 
-#: runs the whole-table integer path follows before leaving a table to
-#: :func:`_allocated_spans` (each run costs a few passes over the table)
-_MAX_FULL_RUNS = 16
-
-
-def _full_runs(raw: bytes, geom: _Geometry) -> tuple[list[int], bytes] | None:
-    """A table every entry of which has a host offset (as preallocated
-    images have), as runs of offsets following each other: the table as one
-    integer, XORed with the run its first entry starts; the highest bit left
-    is where the next run starts.  A few integer operations per run, none
-    per entry.  Returns (flat offset/count pairs, the entries' marked first
-    bytes), or None when an entry is unallocated or needs a closer look."""
-    col0 = raw[0::8]
-    if col0.translate(None, b"\x00\x80") or raw[7::8].translate(None, b"\x00\x01"):
-        return None
-    masked = bytearray(raw)
-    masked[0::8] = geom.zeros_n
-    masked[7::8] = geom.zeros_n
-    rest = int.from_bytes(masked, "big")
-    n = geom.n
-    cs = geom.cs
-    ones = geom.ones
-    ramp = geom.ramp
-    runs: list[int] = []
-    width = n
-    while len(runs) < 2 * _MAX_FULL_RUNS:
-        first = rest >> (64 * (width - 1))
-        if not first or first & (cs - 1):
-            return None
-        drop = 64 * (n - width)
-        diff = rest ^ (first * (ones >> drop) + cs * (ramp >> drop))
-        if not diff:
-            runs += (first, width)
-            return runs, col0.translate(geom.mark)
-        count = width - 1 - ((diff.bit_length() - 1) >> 6)
-        runs += (first, count)
-        width -= count
-        rest &= (1 << (64 * width)) - 1
-    return None   # fragmented: each run costs operations on the whole table
-
-
 def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None:
     """The references of a table of plain entries as host-cluster runs, by
     whole-table byte operations; None when an entry needs the per-entry
@@ -295,66 +281,46 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
     info.runs = array("Q")
     if raw == geom.zero:
         return info
-    bits = geom.bits
     if all(raw[at:at + 6] != _SIX_ZEROS for at in geom.samples):
-        # five entries spread over the table allocated: likely all are
-        full = _full_runs(raw, geom)
-        if full is not None:
-            pairs, flags = full
-            runs = array("Q", pairs)
-            firsts = array("Q", map(rshift, pairs[0::2], repeat(bits)))
-            runs[0::2] = firsts
-            if max(map(int.__add__, firsts, pairs[1::2])) > file_clusters:
-                return None
-            info.runs = runs
-            info.allocated = geom.n
-            info.fragmented = len(firsts) - 1
-            info.copied = _flags(flags)
+        # five entries spread over the table allocated: likely all are (a
+        # preallocated image), so the whole table at once
+        live = raw
+    else:
+        nonzero = _nonzero_entries(raw, geom)
+        if nonzero is None:
+            live = raw
+        elif not nonzero:
             return info
+        else:
+            live = nonzero
+    # all entries outside ``live`` are zero: the column checks need only it
     for position, allowed in geom.checks:
-        if raw[position::8].translate(None, allowed):
+        if live[position::8].translate(None, allowed):
             return None
-    spans = _allocated_spans(raw, geom)
-    if spans is not None:
-        if not spans:
+    count = len(live) >> 3
+    flags = live[0::8].translate(geom.mark)
+    offsets = bytearray(live)
+    offsets[0::8] = offsets[7::8] = bytes(count)
+    runs = _offset_runs(offsets, geom)
+    if 0 in runs[0::2]:
+        # entries without a host offset (flags only, or zero): an entry
+        # without one, once marked, matches only whole entries
+        offsets[0::8] = flags
+        offsets[7::8] = b"\xfe" * count
+        p1, p2 = geom.unallocated
+        offsets = offsets.replace(p1, b"").replace(p2, b"")
+        count = len(offsets) >> 3
+        if not count:
             return info
-        live = b"".join([raw[a:b] for a, b in spans])
-        info.copied = _flags(live[0::8].translate(geom.mark))
-        hosts = _host_clusters(live, bits)
-        if max(hosts) >= file_clusters:
-            return None
-        info.allocated = len(hosts)
-        info.runs = runs = _runs(hosts)
-        info.fragmented = (len(runs) >> 1) - 1
-        return info
-    # many: drop the unallocated entries (few, as a rule) with two replaces
-    marked = bytearray(raw)
-    marked[0::8] = raw[0::8].translate(geom.mark)
-    marked[7::8] = geom.fe
-    p1, p2 = geom.unallocated
-    offsets_be = marked.replace(p1, b"").replace(p2, b"")
-    count = len(offsets_be) >> 3
-    info.allocated = count
-    if not count:
-        return info
-    info.copied = _flags(bytes(offsets_be[0::8]))
-    offsets_be[0::8] = bytes(count)
-    offsets_be[7::8] = bytes(count)
-    if count == 1 or _consecutive(geom, offsets_be, count):
-        first = int.from_bytes(offsets_be[:8], "big") >> bits
-        if first + count > file_clusters:
-            return None
-        info.runs = array("Q", (first, count))
-        return info
-    decoded = array("Q")
-    decoded.frombytes(offsets_be)
-    if _LITTLE:
-        decoded.byteswap()
-    hosts = list(map(rshift, decoded, repeat(bits)))
-    if max(hosts) >= file_clusters:
+        flags = bytes(offsets[0::8])
+        offsets[0::8] = offsets[7::8] = bytes(count)
+        runs = _offset_runs(offsets, geom)
+    if _runs_end(runs) > file_clusters:
         return None
-    info.runs = runs = _runs(hosts)
+    info.runs = runs
+    info.allocated = count
     info.fragmented = (len(runs) >> 1) - 1
+    info.copied = _flags(flags)
     return info
 
 
