@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import format as fmt
 from ..image import Qcow2Image
+from ..tables import nonzero_spans
 from .check_report import RepairMode
 
 __all__ = ["L2Info", "scan_l2"]
@@ -130,10 +131,6 @@ class _Geometry:
         #: offset bytes of five entries spread over a table
         self.samples = sorted({8 * ((n - 1) * k // 4) + 1 for k in range(5)})
         self.nonzero = bytes([0] + [1] * 255)
-        #: an entry's last byte, in the map of non-zero bytes: 2 for 0, so
-        #: that an all-zero entry (seven zeros, then 2) only matches whole
-        self.last_byte = bytes([2] + [1] * 255)
-        self.zero_entry = bytes(7) + b"\x02"
         # an entry without a host offset, once marked; it cannot match
         # across two entries (its 0xFE would have to be one of its zeros)
         self.unallocated = (b"\xff" + bytes(6) + b"\xfe", b"\xfd" + bytes(6) + b"\xfe")
@@ -150,35 +147,6 @@ def _geometry(cluster_bits: int) -> _Geometry:
 
 #: a table with more stretches of non-zero entries than this is taken whole
 _MAX_SPANS = 1024
-
-
-def _nonzero_entries(raw: bytes, geom: _Geometry) -> bytes | None:
-    """The entries of a table that are not all zero, in order: ``find`` the
-    next non-zero byte in a map of the table's non-zero bytes, then the
-    next all-zero entry (whose last byte the map marks apart, so that it
-    matches only whole entries), and join the stretches between.  None past
-    :data:`_MAX_SPANS` stretches."""
-    nonzero = bytearray(raw).translate(geom.nonzero)
-    nonzero[7::8] = raw[7::8].translate(geom.last_byte)
-    find = nonzero.find
-    gap = geom.zero_entry
-    pieces: list[bytes] = []
-    append = pieces.append
-    position = find(1)
-    for _ in range(_MAX_SPANS):
-        if position < 0:
-            break
-        start = position & ~7
-        stop = find(gap, start)
-        if stop < 0:
-            append(raw[start:])
-            position = -1
-            break
-        append(raw[start:stop])
-        position = find(1, stop)
-    if position >= 0:
-        return None
-    return b"".join(pieces)
 
 
 _SIX_ZEROS = bytes(6)
@@ -286,13 +254,8 @@ def _scan_bulk(raw: bytes, geom: _Geometry, file_clusters: int) -> L2Info | None
         # preallocated image), so the whole table at once
         live = raw
     else:
-        nonzero = _nonzero_entries(raw, geom)
-        if nonzero is None:
-            live = raw
-        elif not nonzero:
-            return info
-        else:
-            live = nonzero
+        spans = nonzero_spans(raw, _MAX_SPANS)
+        live = raw if spans is None else b"".join([raw[a:b] for a, b in spans])
     # all entries outside ``live`` are zero: the column checks need only it
     for position, allowed in geom.checks:
         if live[position::8].translate(None, allowed):
