@@ -192,7 +192,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 _tune_heap = False
 #: commands that read metadata only: they make no bulk buffers, so they do
 #: not load the copier (threads, mmap) and ctypes for it (start-up time)
-_METADATA_ONLY_COMMANDS = frozenset({"info", "list"})
+_METADATA_ONLY_COMMANDS = frozenset({"info", "list", "check", "create", "delete", "revert",
+                                     "rename", "map", "usage"})
 
 
 def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:

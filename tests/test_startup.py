@@ -105,7 +105,7 @@ def test_listing_a_vm_state_loads_the_stream_reader(fixture_copy: Any) -> None:
 
 
 def test_data_commands_still_tune_the_allocator(fixture_copy: Any, tmp_path: Path) -> None:
-    """Commands other than info/list load the copier to tune glibc's heap
+    """Commands that read guest data load the copier to tune glibc's heap
     (copier.prefer_heap_reuse), as main() always did."""
     image = fixture_copy("v3-basic")
     modules, proc = imported_by("extract", "first", image, "-o", tmp_path / "out.raw")
@@ -120,3 +120,20 @@ def test_an_edit_loads_the_layouts(fixture_copy: Any) -> None:
     modules, proc = imported_by("create", "fourth", image)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"qcow2snap.layouts", "construct"} <= modules
+
+
+def test_a_check_loads_neither_the_repair_nor_the_copier(fixture_copy: Any) -> None:
+    """``check`` without ``--repair`` reads metadata only: the repair and its
+    transaction, the copier, its threads and ctypes stay unloaded (they cost
+    ~30 ms of a check's start-up); ``--repair`` loads the transaction."""
+    image = fixture_copy("v3-basic")
+    modules, proc = imported_by("check", image)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "No errors were found" in proc.stdout
+    assert "qcow2snap.ops.check" in modules
+    assert sorted(modules & {"qcow2snap.ops.repair", "qcow2snap.ops.transaction",
+                             "qcow2snap.copier", "ctypes", "mmap",
+                             "concurrent.futures"}) == []
+    modules, proc = imported_by("check", "--repair", "leaks", image)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "qcow2snap.ops.transaction" in modules

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from itertools import compress
 
 from .. import format as fmt
-from ..errors import CheckFailedError, ImageInUseError, Qcow2Error, RefcountOverflowError
+from ..errors import CheckFailedError, RefcountOverflowError
 from ..image import Qcow2Image
 from ..model import snapshot_id_number
 from ..refcount import self_describing_refcounts
@@ -52,9 +52,8 @@ from ..tables import (
     refcount_block_entries,
     refcount_max,
 )
-from .check import Checker, check_image, refcount_differences
+from .check import Checker, check_image, check_or_repair, refcount_differences
 from .check_report import (
-    CheckReport,
     Finding,
     Progress,
     RepairMode,
@@ -82,31 +81,6 @@ class _RepairTransaction(Transaction):
         if self._referenced(cluster):
             return False
         return super()._is_free(cluster)
-
-
-def check_or_repair(path: str | os.PathLike[str], repair: RepairMode | None = None, *,
-                    dry_run: bool = False, progress: Progress | None = None,
-                    io: MetadataIO | None = None) -> CheckReport | RepairReport:
-    """``qcow2snap check``: without ``repair`` a read-only check
-    (:func:`~qcow2snap.ops.check.check_image`); otherwise
-    :func:`repair_image`.
-
-    Whatever stops the check itself is one :class:`CheckFailedError` (exit
-    status 1, as qemu-img check's "could not be completed"), the cause
-    chained: an image that cannot be opened, or a repair refused because a
-    running QEMU holds the image."""
-    if dry_run and repair is None:
-        raise ValueError("dry_run needs a repair mode")
-    try:
-        if repair is None:
-            return check_image(path, progress=progress)
-        return repair_image(path, repair, dry_run=dry_run, progress=progress, io=io)
-    except ImageInUseError as exc:
-        raise CheckFailedError(f"{exc} (repair refused)") from exc
-    except CheckFailedError:
-        raise
-    except Qcow2Error as exc:
-        raise CheckFailedError(f"Could not check {os.fspath(path)!r}: {exc}") from exc
 
 
 def repair_image(path: str | os.PathLike[str], mode: RepairMode, *, dry_run: bool = False,
