@@ -10,7 +10,10 @@ Images, built with qemu-img / qemu-io in --workdir and kept between runs:
 (b) 1 TiB virtual, ``--big-gib`` (default 8) GiB allocated the same way, 3
     snapshots;
 (c) 2 GiB with 512-byte clusters, fully written, 2 snapshots (4 million
-    clusters, 65,536 L2 tables, 16,384 refcount blocks).
+    clusters, 65,536 L2 tables, 16,384 refcount blocks);
+(e) ``--huge-tib`` (default 4) TiB with preallocated metadata (every L2
+    entry allocated, sparse on disk: ~512 MiB of L2 tables for 4 TiB), 2
+    snapshots: the memory bound of edits (issue 16).
 
 What is measured:
 
@@ -26,8 +29,8 @@ What is measured:
    (untimed, through the API).
 2. ``cli``: the same with ``python -m qcow2snap`` (whole process) against
    qemu-img, same pairing and undo.
-3. ``rss``: peak RSS (GNU time's %M) of each CLI edit on (c), next to
-   qemu-img's.
+3. ``rss``: peak RSS (GNU time's %M) of each CLI edit on (c) (with
+   ``all``; any image with ``--images``), next to qemu-img's.
 4. ``batch``: ``qcow2snap create NAME IMG1 ... IMG100`` against a shell loop
    of ``qemu-img snapshot -c NAME`` over the same 100 small images (each
    side undone by a loop of ``-d``, untimed).
@@ -123,7 +126,26 @@ def build_c(work: Path, big_gib: float = 8) -> Path:
     return img
 
 
-BUILDERS: dict[str, Callable[..., Path]] = {"a": build_a, "b": build_b, "c": build_c}
+def build_e(work: Path, big_gib: float = 8) -> Path:
+    """``HUGE_TIB`` TiB, ``preallocation=metadata`` (every guest cluster has
+    a host cluster, the file is sparse), snapshots q1 and q2."""
+    img = work / f"e-{HUGE_TIB:g}t-prealloc.qcow2"
+    if img.exists():
+        return img
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(tmp),
+       f"{HUGE_TIB:g}T")
+    sh("qemu-img", "snapshot", "-c", "q1", str(tmp))
+    sh("qemu-img", "snapshot", "-c", "q2", str(tmp))
+    tmp.rename(img)
+    return img
+
+
+#: virtual size of image (e), TiB (``--huge-tib``)
+HUGE_TIB = 4.0
+
+BUILDERS: dict[str, Callable[..., Path]] = {"a": build_a, "b": build_b, "c": build_c,
+                                            "e": build_e}
 
 
 def build_small(work: Path, count: int = 100) -> list[Path]:
@@ -351,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--big-gib", type=float, default=8,
                         help="GiB allocated in image (b) (default %(default)s)")
+    parser.add_argument("--huge-tib", type=float, default=4.0,
+                        help="virtual TiB of image (e) (default %(default)s)")
     args = parser.parse_args(argv)
+    global HUGE_TIB
+    HUGE_TIB = args.huge_tib
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "small").mkdir(exist_ok=True)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)

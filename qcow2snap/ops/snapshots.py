@@ -275,7 +275,7 @@ class SnapshotEditor:
     def _l2_table(self, offset: int) -> tuple[array[int], LiveEntries | None]:
         """An L2 table of the new state, with its :func:`l2_live` if known."""
         if offset in self._moved_l2:   # a copy this edit made: decode what it writes
-            return decode_u64_table(self.txn.new_data[offset]), None
+            return decode_u64_table(self.txn.read_new(offset, self.cluster_size)), None
         memo = self._memo.get(offset)
         return memo if memo is not None else (self.image.read_l2(offset), None)
 
