@@ -141,6 +141,9 @@ VIEW_AFTER = 256
 #: writing it (a module constant, read when it is needed: tests shrink it
 #: to run the early path on small images)
 WRITE_BUFFER_BYTES = 16 << 20
+#: what a queued entry costs besides its bytes (the bytes object and its
+#: dict slot): 512-byte clusters queue tens of thousands of them
+_QUEUED_ENTRY_BYTES = 160
 
 @dataclass
 class CommitResult:
@@ -191,9 +194,8 @@ class Transaction:
         self.relocated: set[int] = set()
         self.new_data: dict[int, bytes] = {}   # host offset -> bytes (allocated clusters only)
         self.early_writes = early_writes
-        self._queued_bytes = 0
-        #: offset -> length of what was written before the commit
-        self._written_early: dict[int, int] = {}
+        self._queued_bytes = 0   # with each entry's own cost (small clusters: many entries)
+        self._wrote_early = False
         self._written_early_bytes = 0
         self._written_early_end = 0
         self.header_fields: dict[str, int] = {}
@@ -382,7 +384,7 @@ class Transaction:
 
     def _queue(self, offset: int, data: bytes) -> None:
         self.new_data[offset] = data
-        self._queued_bytes += len(data)
+        self._queued_bytes += len(data) + _QUEUED_ENTRY_BYTES
         if self.early_writes and self._queued_bytes > WRITE_BUFFER_BYTES:
             self._write_queued()
 
@@ -393,7 +395,7 @@ class Transaction:
             for offset in sorted(self.new_data):
                 data = self.new_data[offset]
                 self._written_early_end = max(self._written_early_end, offset + len(data))
-                self._written_early[offset] = len(data)
+                self._wrote_early = True
                 self.io.pwrite(data, offset)
                 self._written_early_bytes += len(data)
         except OSError as exc:
@@ -404,17 +406,18 @@ class Transaction:
         self._queued_bytes = 0
 
     def read_new(self, offset: int, length: int) -> bytes:
-        """What :meth:`write_new` queued at ``offset``, queued or written."""
+        """The ``length`` bytes :meth:`write_new` queued at ``offset``, still
+        queued or already written."""
         data = self.new_data.get(offset)
         if data is not None:
-            return data
-        if offset not in self._written_early:
+            return data[:length]
+        if not self._wrote_early or offset >> self.cluster_bits not in self.allocated:
             raise KeyError(offset)
-        data = self.image.pread(offset, self._written_early[offset])
-        if len(data) != self._written_early[offset]:
+        data = self.image.pread(offset, length)
+        if len(data) != length:
             raise CommitFailedError(f"{self.image.path}: reading back new metadata at "
                                     f"{offset:#x} failed (short read); the image is unchanged")
-        return data[:length]
+        return data
 
     def abort(self) -> None:
         """After an error before the commit point: cut off what was written
@@ -423,9 +426,9 @@ class Transaction:
         to truncate leaves only unreferenced space, so it is not an error."""
         self.delta.close()
         self.in_use_hint.close()
-        if not self._written_early or self.image._file.is_block_device:
+        if not self._wrote_early or self.image._file.is_block_device:
             return
-        self._written_early.clear()
+        self._wrote_early = False
         if self._written_early_end > self._file_size:
             with contextlib.suppress(OSError):
                 self.io.truncate(self._file_size)
