@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterable, Iterator
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from operator import add
 from typing import IO, Generic, TypeVar
 
@@ -63,11 +63,16 @@ def _nbytes(chunk: array[int] | bytearray) -> int:
 
 class _Chunks(Generic[_Chunk]):
     """chunk key -> chunk, at most ``limit_bytes`` of them in memory
-    (:attr:`resident`, in the order they were loaded); past that the oldest
-    loaded go to an unlinked temporary file, one slot per key, and come
-    back when :meth:`load` asks for them.  Whoever holds a chunk from
-    :meth:`load` or :meth:`make` may change it only until the next call of
-    either (which may move it out)."""
+    (:attr:`resident`, in the order they were loaded); past that one goes
+    to an unlinked temporary file, one slot per key, and comes back when
+    :meth:`load` asks for it.  The one to go is the third most recently
+    loaded: the two latest stay for a caller moving between neighbouring
+    chunks, and the ones loaded first stay for good, so the passes of an
+    edit over all its chunks in the same order (references, COPIED,
+    refcount blocks) move only the excess in and out each time (evicting
+    the oldest would move every chunk on every pass).  Whoever holds a
+    chunk from :meth:`load` or :meth:`admit` may change it only until the
+    next call of either (which may move it out)."""
 
     __slots__ = ("file", "limit", "resident", "resident_bytes", "slot_bytes", "slots")
 
@@ -85,13 +90,14 @@ class _Chunks(Generic[_Chunk]):
         if old is not None:
             self.resident_bytes -= _nbytes(old)
         while self.resident and self.resident_bytes + _nbytes(chunk) > self.limit:
-            self._spill_oldest()
+            self._spill_one()
         self.resident[key] = chunk
         self.resident_bytes += _nbytes(chunk)
         return chunk
 
-    def _spill_oldest(self) -> None:
-        key = next(iter(self.resident))
+    def _spill_one(self) -> None:
+        latest = list(islice(reversed(self.resident), 3))   # most recent first
+        key = latest[-1]
         chunk = self.resident.pop(key)
         self.resident_bytes -= _nbytes(chunk)
         if self.file is None:
