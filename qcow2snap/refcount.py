@@ -36,8 +36,15 @@ __all__ = ["RefcountReader", "compressed_extent", "l2_entry_references", "l2_ref
            "write_fresh_refcounts"]
 
 
+#: decoded refcount blocks a :class:`RefcountReader` keeps (bytes; the
+#: oldest read is dropped first past it, and read again if asked for)
+READER_CACHE_BYTES = 16 << 20
+
+
 class RefcountReader:
-    """On-disk refcounts of an image (as of when it was opened)."""
+    """On-disk refcounts of an image (as of when it was opened).  Decoded
+    blocks are kept up to :data:`READER_CACHE_BYTES` (an edit of a fully
+    allocated multi-TiB image reads thousands of them)."""
 
     def __init__(self, image: Qcow2Image) -> None:
         h = image.header
@@ -51,6 +58,7 @@ class RefcountReader:
         raw = image.pread(h.refcount_table_offset, h.refcount_table_clusters << image.cluster_bits)
         self.table: array[int] = decode_u64_table(raw)
         self._blocks: dict[int, array[int]] = {}
+        self._blocks_bytes = 0
 
     def block_offset(self, table_index: int) -> int:
         """Host offset of refcount block ``table_index`` (0 = not allocated)."""
@@ -75,7 +83,12 @@ class RefcountReader:
             return None
         data = self.image.pread(offset, 1 << self.cluster_bits)
         block = decode_refcount_block(data, self.refcount_order)
+        size = len(block) * block.itemsize
+        while self._blocks and self._blocks_bytes + size > READER_CACHE_BYTES:
+            dropped = self._blocks.pop(next(iter(self._blocks)))
+            self._blocks_bytes -= len(dropped) * dropped.itemsize
         self._blocks[table_index] = block
+        self._blocks_bytes += size
         return block
 
     def get(self, cluster_index: int) -> int:

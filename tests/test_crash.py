@@ -334,3 +334,82 @@ def test_protocol_check_catches_in_place_writes(fixture_copy: Any, tmp_path: Pat
     assert any("punch" in p for p in shadow_paging_violations(before, path, punch_live))
     no_sync = [op for op in ops if op.kind != "fsync"]
     assert shadow_paging_violations(before, path, no_sync)
+
+
+# ---------------------------------------------------------------------------
+# bounded memory: shadow copies written while planning, refcount deltas in a
+# temporary file (tiny bounds, so the fixtures take those paths)
+
+
+@pytest.fixture
+def tiny_bounds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every queued copy written at once, one delta/marks chunk and one
+    refcount block in memory; returns a list that counts the early writes."""
+    from qcow2snap import refcount
+    from qcow2snap.ops import refdelta, transaction
+    monkeypatch.setattr(transaction, "WRITE_BUFFER_BYTES", 0)
+    monkeypatch.setattr(refdelta, "DELTA_MEMORY_BYTES", 1)
+    monkeypatch.setattr(refdelta, "MARKS_MEMORY_BYTES", 1)
+    monkeypatch.setattr(refcount, "READER_CACHE_BYTES", 1)
+    early: list[int] = []
+    write_queued = transaction.Transaction._write_queued
+
+    def counted(self: transaction.Transaction) -> None:
+        early.append(len(self.new_data))
+        write_queued(self)
+
+    monkeypatch.setattr(transaction.Transaction, "_write_queued", counted)
+    return early
+
+
+TINY_CASES = [("clusters-512", "create"), ("clusters-512", "delete-first"),
+              ("clusters-512", "revert-first"), ("v3-basic", "create"),
+              ("compressed-zstd", "delete-first"), ("extended-l2", "revert-first"),
+              ("resized-grow", "revert-first"), ("refcount-8", "create")]
+
+
+@pytest.mark.parametrize("name,operation", TINY_CASES)
+def test_power_loss_with_early_writes_and_spilled_deltas(
+        name: str, operation: str, fixture_copy: Any, qemu_img: str, tmp_path: Path,
+        tiny_bounds: list[int]) -> None:
+    """The same replay with the memory bounds shrunk: copies written while
+    the edit is planned are still only in clusters free in the old state,
+    before the one fsync ahead of the header write."""
+    path = fixture_copy(name)
+    scratch = tmp_path / "crash"
+    scratch.mkdir()
+    replay = assert_crash_safe(path, OPERATIONS[operation], qemu_img, scratch)
+    assert replay.stats.variants > 3
+    assert tiny_bounds, "nothing was written early"
+
+
+@pytest.mark.parametrize("failure", ["refcount overflow", "planning error"])
+def test_an_error_after_early_writes_leaves_the_image_as_it_was(
+        failure: str, fixture_copy: Any, qemu_img: str, tmp_path: Path,
+        tiny_bounds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies already written when the edit fails: the file is cut back to
+    its old size, and the image reads exactly as before, check clean."""
+    from qcow2snap.ops import snapshots
+    if failure == "refcount overflow":   # 1-bit refcounts: the new snapshot overflows them
+        path, expected = fixture_copy("refcount-1"), qcow2snap.RefcountOverflowError
+    else:
+        path, expected = fixture_copy("clusters-512"), OSError
+
+        def failing(self: snapshots.SnapshotEditor, *args: Any) -> None:
+            raise OSError("injected after the copies were written")
+
+        fix = snapshots.SnapshotEditor._fix_active_copied
+
+        def fix_then_fail(self: snapshots.SnapshotEditor) -> None:
+            fix(self)
+            failing(self)
+
+        monkeypatch.setattr(snapshots.SnapshotEditor, "_fix_active_copied", fix_then_fail)
+    size = path.stat().st_size
+    before = state_of(path)
+    with qcow2snap.open(path, "r+") as image, pytest.raises(expected):
+        image.create_snapshot("too-many")
+    assert tiny_bounds, "nothing was written early"
+    assert path.stat().st_size == size
+    assert state_of(path) == before
+    assert_qemu_clean(qemu_img, path)

@@ -126,3 +126,40 @@ def test_block_plus_delta_is_old_plus_delta(order: int, data: st.DataObject) -> 
     assert got[1] == encode_refcount_block(values, order)
     assert _freed_indexes(delta, got[0], 1000) == [
         1000 + i for i in range(n) if delta[i] < 0 and values[i] == 0]
+
+@given(st.lists(st.tuples(st.lists(_CLUSTER, max_size=100), st.integers(-200, 200),
+                          st.booleans(), st.booleans()), max_size=30),
+       st.sampled_from([4, 8]), st.sampled_from([1, 40, 300]))
+def test_spilled_and_widened_chunks_are_the_same_dict(
+        ops: list[tuple[list[int], int, bool, bool]], chunk_bits: int, memory: int) -> None:
+    """With room for one or a few chunks in memory (the rest in the
+    temporary file) and amounts past a signed byte (chunks widened, also
+    midway through the sorted bulk path of 64 clusters or more), the delta
+    and the marks still read as a dict and a set."""
+    delta = RefcountDelta(chunk_bits, memory_bytes=memory)
+    marks = ClusterMarks(chunk_bits, memory_bytes=memory)
+    reference: dict[int, int] = {}
+    marked: set[int] = set()
+    for clusters, amount, mark, run in ops:
+        if run and clusters:
+            clusters = list(range(clusters[0], clusters[0] + len(clusters)))
+        if len(clusters) == 1:
+            delta.add(clusters[0], amount)
+        else:
+            delta.add_many(clusters, amount, marks if mark else None)
+        for c in clusters:
+            reference[c] = reference.get(c, 0) + amount
+            if mark and len(clusters) > 1:
+                marked.add(c)
+    expected = {c: v for c, v in sorted(reference.items()) if v}
+    assert dict(delta.items()) == expected
+    assert bool(delta) == bool(expected)
+    assert all(delta.get(c) == reference.get(c, 0) for c in range(0, 5100, 7))
+    assert delta.changed_groups(2) == {c >> 2 for c in expected}
+    assert delta.changed_groups(14) == {c >> 14 for c in expected}
+    assert list(delta.span(100, 300)) == [reference.get(c, 0) for c in range(100, 400)]
+    assert {c for c in range(5100) if c in marks} == marked
+    if memory == 1 and len({c >> chunk_bits for c in reference}) > 1:
+        assert delta.store.slots, "nothing went to the temporary file"
+    delta.close()
+    marks.close()

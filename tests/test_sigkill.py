@@ -238,3 +238,59 @@ def test_sigkill_at_every_phase_of_the_commit(base_image: Path, qemu_img: str,
             outcomes[which] += 1
         summary[operation] = (len(calls), dict(outcomes))
     print(f"\nkills at I/O calls (calls in the run, outcomes): {summary}")
+
+
+# ---------------------------------------------------------------------------
+# the same kills with the memory bounds shrunk: shadow copies written while
+# the edit is planned (and, for the timed kills, refcount deltas partly in a
+# temporary file)
+
+_TINY_MAIN = (
+    "import runpy, sys\n"
+    "from qcow2snap import refcount\n"
+    "from qcow2snap.ops import refdelta, transaction\n"
+    "transaction.WRITE_BUFFER_BYTES = 0\n"
+    "refdelta.DELTA_MEMORY_BYTES = refdelta.MARKS_MEMORY_BYTES = {delta}\n"
+    "refcount.READER_CACHE_BYTES = 1\n"
+    "runpy.run_module('qcow2snap', run_name='__main__', alter_sys=True)\n")
+
+
+def _tiny_bounds(monkeypatch: pytest.MonkeyPatch, delta_bytes: int) -> None:
+    """``python -m qcow2snap`` of this module's tests, with tiny bounds."""
+    import sys
+
+    import helpers
+    code = _TINY_MAIN.format(delta=delta_bytes)
+
+    def tiny_argv(*args: str | os.PathLike[str]) -> list[str]:
+        return [sys.executable, "-c", code, *(os.fspath(a) for a in args)]
+
+    def tiny_run_cli(*args: str | os.PathLike[str], prefix: list[str] | tuple[str, ...] = (),
+                     timeout: float = 120, **options: object) -> object:
+        import subprocess
+        if "stdout" not in options and "stderr" not in options:
+            options["capture_output"] = True
+        options.setdefault("check", False)
+        return subprocess.run([*prefix, *tiny_argv(*args)], text=True, timeout=timeout,
+                              **options)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(helpers, "cli_argv", tiny_argv)
+    monkeypatch.setattr(sys.modules[__name__], "cli_argv", tiny_argv)
+    monkeypatch.setattr(sys.modules[__name__], "run_cli", tiny_run_cli)
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_sigkill_with_early_writes_and_spilled_deltas(
+        operation: str, base_image: Path, qemu_img: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _tiny_bounds(monkeypatch, 64 << 10)
+    test_sigkill_leaves_old_or_new_state(operation, base_image, qemu_img, tmp_path)
+
+
+def test_sigkill_at_every_phase_with_early_writes(base_image: Path, qemu_img: str,
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the deltas stay in memory here: the temporary file's writes would be
+    # counted among the traced pwrite64 calls
+    _tiny_bounds(monkeypatch, 1 << 30)
+    test_sigkill_at_every_phase_of_the_commit(base_image, qemu_img, tmp_path)

@@ -10,7 +10,10 @@ Images, built with qemu-img / qemu-io in --workdir and kept between runs:
 (b) 1 TiB virtual, ``--big-gib`` (default 8) GiB allocated the same way, 3
     snapshots;
 (c) 2 GiB with 512-byte clusters, fully written, 2 snapshots (4 million
-    clusters, 65,536 L2 tables, 16,384 refcount blocks).
+    clusters, 65,536 L2 tables, 16,384 refcount blocks);
+(e) ``--huge-tib`` (default 4) TiB with preallocated metadata (every L2
+    entry allocated, sparse on disk: ~512 MiB of L2 tables for 4 TiB), 2
+    snapshots: the memory bound of edits (issue 16).
 
 What is measured:
 
@@ -26,9 +29,13 @@ What is measured:
    (untimed, through the API).
 2. ``cli``: the same with ``python -m qcow2snap`` (whole process) against
    qemu-img, same pairing and undo.
-3. ``rss``: peak RSS (GNU time's %M) of each CLI edit on (c), next to
-   qemu-img's.
-4. ``batch``: ``qcow2snap create NAME IMG1 ... IMG100`` against a shell loop
+3. ``rss``: peak RSS (GNU time's %M) of each CLI edit on (c) (with
+   ``all``; any image with ``--images``), next to qemu-img's; after each
+   of our edits ``qemu-img check`` must be clean, and ``qemu-img snapshot
+   -l`` (dates masked) is compared with the list qemu-img's own edit leaves.
+4. ``cpu``: CPU seconds (user + system, GNU time) and peak RSS of each CLI
+   edit against qemu-img's, ABBA pairs, the median of the CPU ratios.
+5. ``batch``: ``qcow2snap create NAME IMG1 ... IMG100`` against a shell loop
    of ``qemu-img snapshot -c NAME`` over the same 100 small images (each
    side undone by a loop of ``-d``, untimed).
 
@@ -124,7 +131,26 @@ def build_c(work: Path, big_gib: float = 8) -> Path:
     return img
 
 
-BUILDERS: dict[str, Callable[..., Path]] = {"a": build_a, "b": build_b, "c": build_c}
+def build_e(work: Path, big_gib: float = 8) -> Path:
+    """``HUGE_TIB`` TiB, ``preallocation=metadata`` (every guest cluster has
+    a host cluster, the file is sparse), snapshots q1 and q2."""
+    img = work / f"e-{HUGE_TIB:g}t-prealloc.qcow2"
+    if img.exists():
+        return img
+    tmp = img.with_suffix(".tmp")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(tmp),
+       f"{HUGE_TIB:g}T")
+    sh("qemu-img", "snapshot", "-c", "q1", str(tmp))
+    sh("qemu-img", "snapshot", "-c", "q2", str(tmp))
+    tmp.rename(img)
+    return img
+
+
+#: virtual size of image (e), TiB (``--huge-tib``)
+HUGE_TIB = 4.0
+
+BUILDERS: dict[str, Callable[..., Path]] = {"a": build_a, "b": build_b, "c": build_c,
+                                            "e": build_e}
 
 
 def build_small(work: Path, count: int = 100) -> list[Path]:
@@ -254,6 +280,14 @@ def paired_op(label: str, op: str, img: Path, rounds: int,
     return result
 
 
+def snapshot_listing(img: Path) -> str:
+    """``qemu-img snapshot -l``, creation dates masked."""
+    import re
+    out = subprocess.run(["qemu-img", "snapshot", "-l", str(img)], capture_output=True,
+                         text=True, check=True).stdout
+    return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "DATE", out)
+
+
 def check_clean(img: Path) -> None:
     proc = subprocess.run(["qemu-img", "check", "-q", str(img)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -301,14 +335,68 @@ def suite_rss(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int
         for op in ops:
             prepare(op, img)
             _, ours, _ = _run_timed([*QCOW2SNAP, *CLI_ARGS[op], str(img)], work)
+            check_clean(img)
+            ours_list = snapshot_listing(img)
             undo(op, img, True)
             prepare(op, img)
             _, theirs, _ = _run_timed(["qemu-img", "snapshot", *QEMU_ARGS[op], str(img)], work)
+            theirs_list = snapshot_listing(img)
             undo(op, img, False)
+            same = "" if op == "rename" else (
+                "  same snapshot -l" if ours_list == theirs_list else "  snapshot -l DIFFERS")
             print(f"({key}) peak RSS {op:<8} qcow2snap {ours / MiB:6.1f} MiB  qemu-img "
-                  f"{theirs / MiB:6.1f} MiB", flush=True)
+                  f"{theirs / MiB:6.1f} MiB  check clean{same}", flush=True)
+            if same.endswith("DIFFERS"):
+                print(ours_list, theirs_list, sep="\n", flush=True)
             results.append({"case": f"({key}) rss {op}", "qcow2snap_rss_mib": ours / MiB,
                             "qemu_rss_mib": theirs / MiB})
+        check_clean(img)
+    return results
+
+
+def _cpu_timed(cmd: Sequence[str], work: Path) -> tuple[float, int]:
+    """(user + system CPU seconds, peak RSS bytes) of one run, by GNU time."""
+    os.sync()
+    out = work / ".bench-cpu"
+    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", str(out), *cmd],
+                          cwd=work, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    user, system, rss = out.read_text().split()[-3:]
+    return float(user) + float(system), int(rss) * 1024
+
+
+def suite_cpu(work: Path, images: Sequence[str], ops: Sequence[str], rounds: int,
+              big_gib: float) -> list[dict[str, float | str]]:
+    """CPU seconds (user + system) and peak RSS of each CLI edit against
+    qemu-img's, ABBA pairs, each run prepared and undone untimed; the
+    median of the pair ratios of CPU seconds."""
+    results: list[dict[str, float | str]] = []
+    for key in images:
+        img = BUILDERS[key](work, big_gib)
+        for op in ops:
+            commands = {True: [*QCOW2SNAP, *CLI_ARGS[op], str(img)],
+                        False: ["qemu-img", "snapshot", *QEMU_ARGS[op], str(img)]}
+            ratios: list[float] = []
+            got: dict[bool, list[tuple[float, int]]] = {True: [], False: []}
+            for round_index in range(rounds):
+                pair = [True, False] if round_index % 2 == 0 else [False, True]
+                cpu: dict[bool, float] = {}
+                for is_ours in pair:
+                    prepare(op, img)
+                    cpu[is_ours], rss = _cpu_timed(commands[is_ours], work)
+                    undo(op, img, is_ours)
+                    got[is_ours].append((cpu[is_ours], rss))
+                ratios.append(cpu[True] / max(cpu[False], 1e-3))
+            ours_cpu = statistics.median(c for c, _ in got[True])
+            theirs_cpu = statistics.median(c for c, _ in got[False])
+            ours_rss = max(r for _, r in got[True]) / MiB
+            theirs_rss = max(r for _, r in got[False]) / MiB
+            print(f"({key}) CPU {op:<8} qcow2snap {ours_cpu:8.2f}s  qemu-img {theirs_cpu:8.2f}s  "
+                  f"ratio {statistics.median(ratios):5.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                  f"  peak RSS {ours_rss:6.1f} vs {theirs_rss:6.1f} MiB", flush=True)
+            results.append({"case": f"({key}) cpu {op}", "ratio": statistics.median(ratios),
+                            "qcow2snap_rss_mib": ours_rss, "qemu_rss_mib": theirs_rss})
         check_clean(img)
     return results
 
@@ -363,7 +451,8 @@ def suite_build(work: Path, images: Sequence[str], ops: Sequence[str], rounds: i
     return []
 
 
-SUITES = {"inproc": suite_inproc, "cli": suite_cli, "rss": suite_rss, "batch": suite_batch,
+SUITES = {"inproc": suite_inproc, "cli": suite_cli, "rss": suite_rss, "cpu": suite_cpu,
+          "batch": suite_batch,
           "profile": suite_profile, "build": suite_build}
 
 
@@ -377,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--big-gib", type=float, default=8,
                         help="GiB allocated in image (b) (default %(default)s)")
+    parser.add_argument("--huge-tib", type=float, default=4.0,
+                        help="virtual TiB of image (e) (default %(default)s)")
     args = parser.parse_args(argv)
+    global HUGE_TIB
+    HUGE_TIB = args.huge_tib
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "small").mkdir(exist_ok=True)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)

@@ -121,16 +121,22 @@ class EditableImage:
         commit, the handle is poisoned (as h11's connection enters its
         error state): what it knows of the image may be stale, so every
         later edit raises :class:`TransactionPoisoned` until the image is
-        reopened.  An error while planning writes nothing and poisons
-        nothing."""
+        reopened.  An error while planning leaves the image as it was
+        (shadow copies written early are cut off again,
+        :meth:`Transaction.abort`) and poisons nothing."""
         if self.poisoned is not None:
             raise TransactionPoisoned(
                 f"{self.path}: an earlier edit through this handle failed ({self.poisoned}); "
                 f"it takes no more edits: close it and open the image again")
         image = self.image
         io = self._io or FileIO(image._file.fd)
-        editor = SnapshotEditor(image, Transaction(image, io))
-        outcome = plan(editor)
+        txn = Transaction(image, io, early_writes=not dry_run)
+        try:
+            editor = SnapshotEditor(image, txn)
+            outcome = plan(editor)
+        except BaseException:
+            txn.abort()
+            raise
         try:
             result = editor.commit(dry_run=dry_run)
             if not dry_run:

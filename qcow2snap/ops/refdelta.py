@@ -5,21 +5,28 @@ inside one refcount block.
 
 A dict entry per cluster cost ~100 bytes (an int key and an int value):
 an edit of a fully allocated 2 GiB disk with 512-byte clusters touches
-four million clusters, which took 774 MiB (issue 16).  Here memory follows
-the refcount blocks touched (8 bytes a cluster of a touched block, at most
-2**16 clusters a chunk), and whole chunks are compared, sliced and added
-at C speed.
+four million clusters, which took 774 MiB (issue 16).  Here a chunk holds
+one byte a cluster (a signed byte: amounts are -128..127 until one is not,
+and that chunk is widened to int64), at most 2**16 clusters a chunk, and
+whole chunks are compared, sliced and added at C speed.  Memory is bounded
+whatever the image: past :data:`DELTA_MEMORY_BYTES` (and
+:data:`MARKS_MEMORY_BYTES` for the marks) the chunks loaded longest ago go
+to an unlinked temporary file and come back when touched again
+(:class:`_Chunks`).
 """
 
 from __future__ import annotations
 
+import os
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from operator import add, and_
+from typing import IO, Generic, TypeVar
 
-__all__ = ["MAX_CHUNK_BITS", "ClusterMarks", "RefcountDelta", "last_nonzero", "one_chunk_run"]
+__all__ = ["DELTA_MEMORY_BYTES", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS", "ClusterMarks",
+           "RefcountDelta", "last_nonzero", "one_chunk_run"]
 
 
 #: most clusters per chunk of :class:`RefcountDelta` / :class:`ClusterMarks`
@@ -28,6 +35,14 @@ MAX_CHUNK_BITS = 16
 #: :meth:`RefcountDelta.add_many` sorts a list of at least this many
 #: clusters and adds chunk by chunk
 BULK_ADD = 64
+
+#: bytes of chunks a :class:`RefcountDelta` keeps in memory (module
+#: constants, read when one is made: tests shrink them to exercise the spill)
+DELTA_MEMORY_BYTES = 64 << 20
+#: the same for :class:`ClusterMarks`
+MARKS_MEMORY_BYTES = 32 << 20
+
+_Chunk = TypeVar("_Chunk", "array[int]", bytearray)
 
 
 def one_chunk_run(clusters: list[int], chunk_bits: int) -> bool:
@@ -46,42 +61,157 @@ def last_nonzero(values: array[int]) -> int:
     return (len(raw) - 1) // values.itemsize if raw else -1
 
 
+def _nbytes(chunk: array[int] | bytearray) -> int:
+    return len(chunk) * chunk.itemsize if isinstance(chunk, array) else len(chunk)
+
+
+class _Chunks(Generic[_Chunk]):
+    """chunk key -> chunk, at most ``limit_bytes`` of them in memory
+    (:attr:`resident`, in the order they were loaded); past that one goes
+    to an unlinked temporary file, one slot per key, and comes back when
+    :meth:`load` asks for it.  The one to go is the third most recently
+    loaded: the two latest stay for a caller moving between neighbouring
+    chunks, and the ones loaded first stay for good, so the passes of an
+    edit over all its chunks in the same order (references, COPIED,
+    refcount blocks) move only the excess in and out each time (evicting
+    the oldest would move every chunk on every pass).  Whoever holds a
+    chunk from :meth:`load` or :meth:`admit` may change it only until the
+    next call of either (which may move it out)."""
+
+    __slots__ = ("file", "limit", "resident", "resident_bytes", "slot_bytes", "slots")
+
+    def __init__(self, limit_bytes: int, slot_bytes: int) -> None:
+        self.resident: dict[int, _Chunk] = {}
+        self.resident_bytes = 0
+        self.limit = limit_bytes
+        self.slot_bytes = slot_bytes                 # the widest chunk's size
+        self.slots: dict[int, tuple[int, str, int]] = {}  # key -> (slot, typecode, bytes)
+        self.file: IO[bytes] | None = None
+
+    def admit(self, key: int, chunk: _Chunk) -> _Chunk:
+        """Make ``chunk`` the resident chunk of ``key`` (replacing any)."""
+        old = self.resident.pop(key, None)
+        if old is not None:
+            self.resident_bytes -= _nbytes(old)
+        while self.resident and self.resident_bytes + _nbytes(chunk) > self.limit:
+            self._spill_one()
+        self.resident[key] = chunk
+        self.resident_bytes += _nbytes(chunk)
+        return chunk
+
+    def _spill_one(self) -> None:
+        latest = list(islice(reversed(self.resident), 3))   # most recent first
+        key = latest[-1]
+        chunk = self.resident.pop(key)
+        self.resident_bytes -= _nbytes(chunk)
+        if self.file is None:
+            import tempfile
+            self.file = tempfile.TemporaryFile(prefix="qcow2snap-refdelta-")  # noqa: SIM115 - closed by close()
+        slot = self.slots.get(key)
+        index = slot[0] if slot is not None else len(self.slots)
+        data = memoryview(chunk).cast("B")
+        offset = index * self.slot_bytes
+        fd = self.file.fileno()
+        while len(data):
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+        typecode = chunk.typecode if isinstance(chunk, array) else ""
+        self.slots[key] = (index, typecode, _nbytes(chunk))
+
+    def peek(self, key: int) -> _Chunk | None:
+        """The chunk of ``key`` without loading it (read only), or None."""
+        chunk = self.resident.get(key)
+        if chunk is not None or key not in self.slots:
+            return chunk
+        assert self.file is not None
+        index, typecode, nbytes = self.slots[key]
+        data = os.pread(self.file.fileno(), nbytes, index * self.slot_bytes)
+        if len(data) != nbytes:  # pragma: no cover - a regular file reads whole
+            raise OSError(f"short read of the refcount delta's temporary file ({len(data)})")
+        if not typecode:
+            return bytearray(data)  # type: ignore[return-value]
+        out = array(typecode)
+        out.frombytes(data)
+        return out  # type: ignore[return-value]
+
+    def load(self, key: int) -> _Chunk | None:
+        """The chunk of ``key``, made resident, or None."""
+        chunk = self.resident.get(key)
+        if chunk is not None or key not in self.slots:
+            return chunk
+        chunk = self.peek(key)
+        assert chunk is not None
+        return self.admit(key, chunk)
+
+    def items(self) -> Iterator[tuple[int, _Chunk]]:
+        """Every (key, chunk), resident or not, in key order (read only)."""
+        for key in sorted(self.resident.keys() | self.slots.keys()):
+            chunk = self.peek(key)
+            assert chunk is not None
+            yield key, chunk
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 class RefcountDelta:
     """Planned refcount changes, host cluster -> signed amount.
 
-    Held in chunks of int64 (one per refcount block, at most 2**16 entries;
-    created when first touched), not a dict entry per cluster: an edit of a
-    fully allocated image with 512-byte clusters touches millions of
-    clusters, and an int key plus an int value in a dict cost ~100 bytes
-    each (the 774 MiB peak of issue 16).  Memory follows the blocks
-    touched.  Reads as a mapping of the clusters whose amount is not zero."""
+    Held in chunks (one per refcount block, at most 2**16 entries; created
+    when first touched) of signed bytes, widened to int64 when an amount
+    leaves -128..127, not a dict entry per cluster: an edit of a fully
+    allocated image with 512-byte clusters touches millions of clusters,
+    and an int key plus an int value in a dict cost ~100 bytes each (the
+    774 MiB peak of issue 16).  At most ``memory_bytes`` of chunks stay in
+    memory (:class:`_Chunks`).  Reads as a mapping of the clusters whose
+    amount is not zero."""
 
-    __slots__ = ("bits", "chunks", "mask", "size", "view", "zero")
+    __slots__ = ("_zeros", "bits", "mask", "size", "store", "view", "zero")
 
-    def __init__(self, chunk_bits: int = 12) -> None:
+    def __init__(self, chunk_bits: int = 12, memory_bytes: int | None = None) -> None:
         self.bits = chunk_bits
         self.size = 1 << chunk_bits
         self.mask = self.size - 1
-        self.zero = array("q", bytes(8 * self.size))
-        self.chunks: dict[int, array[int]] = {}
+        #: zeros of every chunk width (a chunk compares equal to its own)
+        self._zeros = {"b": array("b", bytes(self.size)), "q": array("q", bytes(8 * self.size))}
+        self.zero = self._zeros["b"]
+        self.store: _Chunks[array[int]] = _Chunks(
+            DELTA_MEMORY_BYTES if memory_bytes is None else memory_bytes, 8 * self.size)
         #: new refcounts (old + delta) of clusters 0..len-1, kept up to date
         #: by every change once built (:meth:`Transaction.refcounts_of`)
         self.view: list[int] | None = None
 
     def chunk(self, key: int) -> array[int]:
-        chunk = self.chunks.get(key)
+        """The chunk of ``key`` to change (created if missing)."""
+        chunk = self.store.load(key)
         if chunk is None:
-            chunk = self.chunks[key] = array("q", self.zero)
+            chunk = self.store.admit(key, array("b", self.zero))
         return chunk
 
+    def peek(self, key: int) -> array[int] | None:
+        """The chunk of ``key`` to read, or None."""
+        return self.store.load(key)
+
+    def _widen(self, key: int) -> array[int]:
+        return self.store.admit(key, array("q", self.chunk(key)))
+
+    def _is_zero(self, chunk: array[int]) -> bool:
+        return chunk == self._zeros[chunk.typecode]
+
     def get(self, cluster: int, default: int = 0) -> int:
-        chunk = self.chunks.get(cluster >> self.bits)
+        chunk = self.store.load(cluster >> self.bits)
         if chunk is None:
             return default
         return chunk[cluster & self.mask] or default
 
     def add(self, cluster: int, amount: int) -> None:
-        self.chunk(cluster >> self.bits)[cluster & self.mask] += amount
+        key, index = cluster >> self.bits, cluster & self.mask
+        try:
+            self.chunk(key)[index] += amount
+        except OverflowError:
+            self._widen(key)[index] += amount
         view = self.view
         if view is not None and cluster < len(view):
             view[cluster] += amount
@@ -103,8 +233,13 @@ class RefcountDelta:
             n = len(clusters)
             key, start = clusters[0] >> bits, clusters[0] & mask
             chunk = self.chunk(key)
-            chunk[start:start + n] = array("q", map(add, chunk[start:start + n],
-                                                    repeat(amount, n)))
+            try:
+                chunk[start:start + n] = array(chunk.typecode, map(
+                    add, chunk[start:start + n], repeat(amount, n)))
+            except OverflowError:
+                chunk = self._widen(key)
+                chunk[start:start + n] = array("q", map(add, chunk[start:start + n],
+                                                        repeat(amount, n)))
             if marks is not None:
                 marks.chunk(key)[start:start + n] = b"\x01" * n
             return
@@ -120,40 +255,52 @@ class RefcountDelta:
                 chunk = self.chunk(key)
                 if marks is not None:
                     marked = marks.chunk(key)
-            chunk[cluster & mask] += amount
+            try:
+                chunk[cluster & mask] += amount
+            except OverflowError:
+                chunk = self._widen(key)
+                chunk[cluster & mask] += amount
             if marks is not None:
                 marked[cluster & mask] = 1
 
     def _add_sorted(self, clusters: list[int], amount: int, marks: ClusterMarks | None) -> None:
         """:meth:`add_many` of many clusters, in cluster order: each chunk's
         share found by bisection, then a loop of one subscript per cluster
-        with no chunk test (half the per-cluster work of the general loop)."""
+        with no chunk test (half the per-cluster work of the general loop);
+        a chunk whose amounts leave the signed-byte range is widened and the
+        loop goes on where it stopped."""
         bits, mask = self.bits, self.mask
         start, count = 0, len(clusters)
         while start < count:
             key = clusters[start] >> bits
             stop = bisect_left(clusters, (key + 1) << bits, start)
+            offsets = list(map(and_, clusters[start:stop], repeat(mask, stop - start)))
             chunk = self.chunk(key)
-            offsets = map(and_, clusters[start:stop], repeat(mask, stop - start))
-            if marks is None:
+            done = 0
+            try:
                 for i in offsets:
                     chunk[i] += amount
-            else:
+                    done += 1
+            except OverflowError:
+                chunk = self._widen(key)
+                for i in islice(offsets, done, None):
+                    chunk[i] += amount
+            if marks is not None:
                 marked = marks.chunk(key)
                 for i in offsets:
-                    chunk[i] += amount
                     marked[i] = 1
             start = stop
 
     def span(self, first: int, count: int) -> array[int]:
-        """The amounts of clusters ``[first, first + count)`` (a copy)."""
+        """The amounts of clusters ``[first, first + count)`` (a copy, int64)."""
         out = array("q")
         cluster = first
         end = first + count
         while cluster < end:
             key, start = cluster >> self.bits, cluster & self.mask
             stop = min(self.size, start + end - cluster)
-            out.extend((self.chunks.get(key) or self.zero)[start:stop])
+            part = (self.store.peek(key) or self.zero)[start:stop]
+            out.extend(part if part.typecode == "q" else array("q", part))
             cluster += stop - start
         return out
 
@@ -162,15 +309,15 @@ class RefcountDelta:
         (refcount block indexes), at C speed per chunk."""
         out: set[int] = set()
         if group_bits >= self.bits:
-            for key, chunk in self.chunks.items():
-                if chunk != self.zero:
+            for key, chunk in self.store.items():
+                if not self._is_zero(chunk):
                     out.add(key >> (group_bits - self.bits))
             return out
         size = 1 << group_bits
-        zero = self.zero[:size]
-        for key, chunk in self.chunks.items():
-            if chunk == self.zero:
+        for key, chunk in self.store.items():
+            if self._is_zero(chunk):
                 continue
+            zero = self._zeros[chunk.typecode][:size]
             for i in range(self.size >> group_bits):
                 if chunk[i * size:(i + 1) * size] != zero:
                     out.add((key << (self.bits - group_bits)) + i)
@@ -178,9 +325,8 @@ class RefcountDelta:
 
     def items(self) -> Iterator[tuple[int, int]]:
         """(cluster, amount) of every non-zero amount, in cluster order."""
-        for key in sorted(self.chunks):
-            chunk = self.chunks[key]
-            if chunk == self.zero:
+        for key, chunk in self.store.items():
+            if self._is_zero(chunk):
                 continue
             base = key << self.bits
             for i in compress(range(self.size), chunk):
@@ -190,23 +336,29 @@ class RefcountDelta:
         return (cluster for cluster, _ in self.items())
 
     def __bool__(self) -> bool:
-        return any(chunk != self.zero for chunk in self.chunks.values())
+        return any(not self._is_zero(chunk) for _, chunk in self.store.items())
+
+    def close(self) -> None:
+        """Drop the temporary file, if the chunks ever needed one."""
+        self.store.close()
 
 
 class ClusterMarks:
-    """A set of host clusters, as chunks of one byte per cluster."""
+    """A set of host clusters, as chunks of one byte per cluster (at most
+    ``memory_bytes`` of them in memory, see :class:`_Chunks`)."""
 
-    __slots__ = ("bits", "chunks", "mask")
+    __slots__ = ("bits", "mask", "store")
 
-    def __init__(self, chunk_bits: int = 12) -> None:
+    def __init__(self, chunk_bits: int = 12, memory_bytes: int | None = None) -> None:
         self.bits = chunk_bits
         self.mask = (1 << chunk_bits) - 1
-        self.chunks: dict[int, bytearray] = {}
+        self.store: _Chunks[bytearray] = _Chunks(
+            MARKS_MEMORY_BYTES if memory_bytes is None else memory_bytes, 1 << chunk_bits)
 
     def chunk(self, key: int) -> bytearray:
-        chunk = self.chunks.get(key)
+        chunk = self.store.load(key)
         if chunk is None:
-            chunk = self.chunks[key] = bytearray(1 << self.bits)
+            chunk = self.store.admit(key, bytearray(1 << self.bits))
         return chunk
 
     def update(self, clusters: Iterable[int]) -> None:
@@ -221,5 +373,8 @@ class ClusterMarks:
     def __contains__(self, cluster: object) -> bool:
         if not isinstance(cluster, int):
             return False
-        chunk = self.chunks.get(cluster >> self.bits)
+        chunk = self.store.load(cluster >> self.bits)
         return chunk is not None and bool(chunk[cluster & self.mask])
+
+    def close(self) -> None:
+        self.store.close()

@@ -402,7 +402,7 @@ class SnapshotEditor:
         """An L2 table of the new state, with its :func:`l2_host_clusters`
         and their non-zero ones if known."""
         if offset in self._moved_l2:   # a copy this edit made: decode what it writes
-            return decode_u64_table(self.txn.new_data[offset]), None, None
+            return decode_u64_table(self.txn.read_new(offset, self.cluster_size)), None, None
         memo = self._memo.get(offset)
         return memo if memo is not None else (self.image.read_l2(offset), None, None)
 

@@ -17,6 +17,15 @@ the old state references is written.  The commit is then:
    (``fallocate(PUNCH_HOLE)``, as QEMU does), except old metadata that a
    shadow copy replaced (see :meth:`Transaction._reclaim`).
 
+With ``early_writes`` (the snapshot edits), step 1 starts while the edit
+is still being planned: once the queued copies pass
+:data:`WRITE_BUFFER_BYTES` they are written, so memory stays bounded
+whatever the image (a fully allocated multi-TiB image changes thousands of
+64 KiB L2 tables).  They go to clusters free in the old state like every
+other copy, so nothing the old state reads changes, and the commit point
+and its order are the same; an error before the header write cuts the file
+back to its old size (:meth:`Transaction.abort`).
+
 A crash before step 3's write leaves the old state, whose refcount blocks
 were never touched and say 0 for every new cluster: no leak, no corruption.
 A crash after it leaves the new state, whose refcounts were computed to be
@@ -24,10 +33,16 @@ exact.  Either way ``qemu-img check`` finds nothing.
 
 All I/O goes through a :class:`MetadataIO`, so tests can record the exact
 sequence of writes and fsyncs and replay power losses at every cut point.
+
+It runs past 700 lines because allocation, the refcount fixed point, the
+early writes and the commit protocol share one state (what is allocated,
+queued and already written) whose consistency is the crash-safety
+argument; the bulk refcount arithmetic lives in :mod:`.refdelta`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -221,6 +236,13 @@ def _block_plus_delta(old: array[int], delta: array[int],
         encoded[width - 1 - k::width] = new[k::8]
     return values, bytes(encoded)
 
+#: bytes of new metadata a transaction with ``early_writes`` queues before
+#: writing it (a module constant, read when it is needed: tests shrink it
+#: to run the early path on small images)
+WRITE_BUFFER_BYTES = 16 << 20
+#: what a queued entry costs besides its bytes (the bytes object and its
+#: dict slot): 512-byte clusters queue tens of thousands of them
+_QUEUED_ENTRY_BYTES = 160
 
 @dataclass
 class CommitResult:
@@ -245,10 +267,14 @@ class Transaction:
 
     Operations (:mod:`qcow2snap.ops.snapshots`) use :meth:`allocate`,
     :meth:`write_new`, :meth:`add_refcount` and :meth:`set_header`; they
-    never write the file themselves.
+    never write the file themselves.  With ``early_writes``, queued copies
+    past :data:`WRITE_BUFFER_BYTES` are written before the commit (to
+    clusters free in the old state; :meth:`read_new` reads them back), and
+    whoever plans must call :meth:`abort` if planning fails.
     """
 
-    def __init__(self, image: Qcow2Image, io: MetadataIO) -> None:
+    def __init__(self, image: Qcow2Image, io: MetadataIO, *, early_writes: bool = False
+                 ) -> None:
         self.image = image
         self.io = io
         self.cluster_bits = image.cluster_bits
@@ -266,9 +292,15 @@ class Transaction:
         #: not punched (see :meth:`_reclaim`)
         self.relocated: set[int] = set()
         self.new_data: dict[int, bytes] = {}   # host offset -> bytes (allocated clusters only)
+        self.early_writes = early_writes
+        self._queued_bytes = 0   # with each entry's own cost (small clusters: many entries)
+        self._wrote_early = False
+        self._written_early_bytes = 0
+        self._written_early_end = 0
         self.header_fields: dict[str, int] = {}
         self._free_cursor = 1
         self._committed = False
+        self._switched = False   # the header write was attempted
         self._no_view = False
         self._file_size = image.file_size
         self._end_cluster = (self._file_size + self.cluster_size - 1) >> self.cluster_bits
@@ -358,12 +390,12 @@ class Transaction:
                 view = self._build_view()
             if view is not None and max(clusters) < len(view):
                 return list(itemgetter(*clusters)(view))   # a gather, at C speed
-        chunks, chunk_bits, chunk_mask = delta.chunks, delta.bits, delta.mask
+        peek, chunk_bits, chunk_mask = delta.peek, delta.bits, delta.mask
         if (type(clusters) is list and one_chunk_run(clusters, chunk_bits)):
             # a contiguous run in one chunk (so one block): two slices
             first, n = clusters[0], len(clusters)
             run_block = rc.block(first >> bits) or zero
-            run_chunk = chunks.get(first >> chunk_bits) or delta.zero
+            run_chunk = peek(first >> chunk_bits) or delta.zero
             start = first & chunk_mask
             return list(map(add, run_block[first & mask:(first & mask) + n],
                             run_chunk[start:start + n]))
@@ -375,7 +407,7 @@ class Transaction:
         for c in clusters:
             if c >> chunk_bits != key:   # a chunk lies inside one block
                 key = c >> chunk_bits
-                chunk = chunks.get(key) or delta.zero
+                chunk = peek(key) or delta.zero
                 block = rc.block(c >> bits) or zero
             append(block[c & mask] + chunk[c & chunk_mask])
         return out
@@ -463,7 +495,58 @@ class Transaction:
             if cluster not in self.allocated:
                 raise AssertionError(f"write to cluster {cluster} not allocated by this "
                                      f"transaction")
+        self._queue(offset, data)
+
+    def _queue(self, offset: int, data: bytes) -> None:
         self.new_data[offset] = data
+        self._queued_bytes += len(data) + _QUEUED_ENTRY_BYTES
+        if self.early_writes and self._queued_bytes > WRITE_BUFFER_BYTES:
+            self._write_queued()
+
+    def _write_queued(self) -> None:
+        """Write the queued new clusters now, before the commit point (all
+        of them are free in the old state: the old state reads none)."""
+        try:
+            for offset in sorted(self.new_data):
+                data = self.new_data[offset]
+                self._written_early_end = max(self._written_early_end, offset + len(data))
+                self._wrote_early = True
+                self.io.pwrite(data, offset)
+                self._written_early_bytes += len(data)
+        except OSError as exc:
+            raise CommitFailedError(
+                f"{self.image.path}: the edit was not applied: writing the new metadata failed "
+                f"({exc.strerror or exc}); the image is unchanged, in its old state") from exc
+        self.new_data.clear()
+        self._queued_bytes = 0
+
+    def read_new(self, offset: int, length: int) -> bytes:
+        """The ``length`` bytes :meth:`write_new` queued at ``offset``, still
+        queued or already written."""
+        data = self.new_data.get(offset)
+        if data is not None:
+            return data[:length]
+        if not self._wrote_early or offset >> self.cluster_bits not in self.allocated:
+            raise KeyError(offset)
+        data = self.image.pread(offset, length)
+        if len(data) != length:
+            raise CommitFailedError(f"{self.image.path}: reading back new metadata at "
+                                    f"{offset:#x} failed (short read); the image is unchanged")
+        return data
+
+    def abort(self) -> None:
+        """After an error before the commit point: cut off what was written
+        early past the old end of the file.  The old state references none
+        of it (clusters inside the file stay free, as they were); failing
+        to truncate leaves only unreferenced space, so it is not an error."""
+        self.delta.close()
+        self.in_use_hint.close()
+        if not self._wrote_early or self.image._file.is_block_device:
+            return
+        self._wrote_early = False
+        if self._written_early_end > self._file_size:
+            with contextlib.suppress(OSError):
+                self.io.truncate(self._file_size)
 
     def set_header(self, **fields: int) -> None:
         for name, value in fields.items():
@@ -535,7 +618,8 @@ class Transaction:
             fast = (_block_plus_delta(old, delta, order)
                     if old is not None and entries >= FAST_BLOCK_ENTRIES else None)
             if fast is not None:
-                values, self.new_data[offset] = fast
+                values, encoded = fast
+                self._queue(offset, encoded)
                 freed += _freed_indexes(delta, values, base)
                 self._last_in_use[b] = last_nonzero(values)
                 continue
@@ -543,8 +627,8 @@ class Transaction:
             try:
                 # the width's own range check (unsigned array types, or the
                 # sub-byte encoder's): no min()/max() pass per block
-                self.new_data[offset] = encode_refcount_block(
-                    values if order >= 3 else values.tolist(), order)
+                self._queue(offset, encode_refcount_block(
+                    values if order >= 3 else values.tolist(), order))
             except (OverflowError, ValueError):
                 self._refcount_range_error(values, base, order)
                 raise
@@ -553,7 +637,7 @@ class Transaction:
         table = list(rc.table) + [0] * ((table_clusters << self.cluster_bits) // 8 - len(rc.table))
         for b, offset in new_blocks.items():
             table[b] = offset
-        self.new_data[table_offset] = encode_u64_table(table)
+        self._queue(table_offset, encode_u64_table(table))
         return freed
 
     def _refcount_range_error(self, values: array[int], base: int, order: int) -> None:
@@ -595,6 +679,17 @@ class Transaction:
         A transaction commits once; a second call is an API misuse
         (``RuntimeError``)."""
         self._start_commit()
+        try:
+            return self._commit(dry_run)
+        except BaseException:
+            if not self._switched:
+                self.abort()
+            raise
+        finally:
+            self.delta.close()
+            self.in_use_hint.close()
+
+    def _commit(self, dry_run: bool) -> CommitResult:
         new_blocks, table_offset, table_clusters = self._finalize_refcounts()
         freed = self._refcount_writes(new_blocks, table_offset, table_clusters)
         new_header = self._new_header(table_offset, table_clusters)
@@ -608,8 +703,9 @@ class Transaction:
         result.clusters_allocated = sorted(self.allocated)
         result.clusters_freed = freed
         result.bytes_allocated = len(self.allocated) << self.cluster_bits
-        result.metadata_bytes_written = sum(len(d) for d in self.new_data.values())
-        size_after_writes = max([self._file_size,
+        result.metadata_bytes_written = (self._written_early_bytes
+                                         + sum(len(d) for d in self.new_data.values()))
+        size_after_writes = max([self._file_size, self._written_early_end,
                                  *(o + len(d) for o, d in self.new_data.items())])
         new_end = self._new_end_cluster(new_blocks) << self.cluster_bits
         result.file_size_after = min(size_after_writes, max(new_end, 0))
@@ -619,6 +715,7 @@ class Transaction:
             min(self.cluster_size, max(0, self._file_size - (c << self.cluster_bits)))
             for c in freed)
         if dry_run:
+            self.abort()   # (a dry run should not write early: pass early_writes=False)
             return result
         self._publish(self.new_data, new_header)
         try:
@@ -664,6 +761,7 @@ class Transaction:
             raise CommitFailedError(
                 f"{path}: the edit was not applied: writing the new metadata failed "
                 f"({exc.strerror or exc}); the image is unchanged, in its old state") from exc
+        self._switched = True
         if diff:
             lo, hi = diff[0], diff[-1] + 1
             try:
