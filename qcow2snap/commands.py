@@ -429,7 +429,7 @@ def check(image: str, repair: str | None, dry_run: bool, as_json: bool,
     table QEMU cannot read without -r all). A repair refuses an image a
     running QEMU holds.
     """
-    from .ops.check import check_or_repair
+    from .ops.check_or_repair import check_or_repair
     from .ops.check_report import CheckReport
     if dry_run and repair is None:
         raise click.UsageError("--dry-run needs --repair leaks or --repair all")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Sequence
 from functools import cache
 from itertools import compress
 from typing import Literal
@@ -204,6 +205,21 @@ def l2_host_clusters(table: array[int], cluster_bits: int) -> array[int] | None:
 _NONZERO_BYTE = bytes([0] + [1] * 255)
 _LAST_BYTE_ZERO_2 = bytes([2] + [1] * 255)
 _ZERO_ENTRY = bytes(7) + b"\x02"
+
+
+def add_at(values: array[int], indexes: Sequence[int], amount: int) -> int:
+    """``amount`` added at each of ``indexes`` of ``values`` (repetitions
+    add up), stopping before the first sum the array's type cannot hold;
+    returns how many were added (``len(indexes)``: all), so that the caller
+    can widen the array and go on from there."""
+    done = 0
+    try:
+        for index in indexes:
+            values[index] += amount
+            done += 1
+    except OverflowError:
+        pass
+    return done
 
 
 def nonzero_spans(raw: bytes | bytearray, limit: int | None = None

@@ -39,8 +39,9 @@ import qcow2snap
 from qcow2snap import format as fmt
 from qcow2snap.errors import CheckFailedError, ImageInUseError
 from qcow2snap.ops.check import check_image
+from qcow2snap.ops.check_or_repair import check_or_repair
 from qcow2snap.ops.check_report import CheckReport, RepairReport
-from qcow2snap.ops.repair import check_or_repair, repair_image
+from qcow2snap.ops.repair import repair_image
 from qcow2snap.ops.salvage import salvage_snapshot_table_at
 
 pytestmark = pytest.mark.qemu

@@ -44,13 +44,13 @@ from collections.abc import Iterable, Iterator
 from functools import reduce
 from itertools import accumulate, chain, compress, repeat
 from operator import and_, lshift, or_, rshift
-from typing import TYPE_CHECKING
 
 from .. import format as fmt
-from ..errors import CheckFailedError, ImageInUseError, Qcow2Error
+from ..errors import CheckFailedError
 from ..image import Qcow2Image
 from ..model import BitmapsExtension
 from ..tables import (
+    add_at,
     decode_refcount_block,
     decode_u64_table,
     nonzero_indexes,
@@ -63,17 +63,13 @@ from .check_report import (
     Finding,
     Progress,
     RepairMode,
-    RepairReport,
     Severity,
     SnapshotVerdict,
     VerdictStatus,
 )
 from .salvage import SalvagedEntry, SalvagedTable, salvage_snapshot_table
 
-if TYPE_CHECKING:
-    from .transaction import MetadataIO
-
-__all__ = ["Checker", "check_image", "check_or_repair", "refcount_differences"]
+__all__ = ["Checker", "check_image", "refcount_differences"]
 # where these were defined before the split; importing them from here works
 __all__ += ["CheckFailedError", "CheckReport", "Finding", "SalvagedEntry",
             "SnapshotVerdict", "salvage_snapshot_table"]
@@ -536,16 +532,10 @@ class Checker:
 
     def _bump_each(self, hosts: list[int] | array[int] | range, amount: int) -> None:
         """+``amount`` on every cluster of ``hosts`` (grown before)."""
-        ref = self.ref
-        done = 0
-        try:
-            for hc in hosts:
-                ref[hc] += amount
-                done += 1
-        except OverflowError:
-            self.ref = ref = array("Q", ref)
-            for hc in hosts[done:]:
-                ref[hc] += amount
+        done = add_at(self.ref, hosts, amount)
+        if done < len(hosts):
+            self.ref = array("Q", self.ref)
+            add_at(self.ref, hosts[done:], amount)
 
     def _count_extensions(self) -> None:
         image = self.image
@@ -1009,30 +999,3 @@ def check_image(path: str | os.PathLike[str], *, progress: Progress | None = Non
         return Checker(image, progress=progress).run()
     finally:
         image.close()
-
-
-def check_or_repair(path: str | os.PathLike[str], repair: RepairMode | None = None, *,
-                    dry_run: bool = False, progress: Progress | None = None,
-                    io: MetadataIO | None = None) -> CheckReport | RepairReport:
-    """``qcow2snap check``: without ``repair`` a read-only check
-    (:func:`~qcow2snap.ops.check.check_image`); otherwise
-    :func:`~qcow2snap.ops.repair.repair_image` (imported then: a plain
-    check does not load the repair's transaction).
-
-    Whatever stops the check itself is one :class:`CheckFailedError` (exit
-    status 1, as qemu-img check's "could not be completed"), the cause
-    chained: an image that cannot be opened, or a repair refused because a
-    running QEMU holds the image."""
-    if dry_run and repair is None:
-        raise ValueError("dry_run needs a repair mode")
-    try:
-        if repair is None:
-            return check_image(path, progress=progress)
-        from .repair import repair_image
-        return repair_image(path, repair, dry_run=dry_run, progress=progress, io=io)
-    except ImageInUseError as exc:
-        raise CheckFailedError(f"{exc} (repair refused)") from exc
-    except CheckFailedError:
-        raise
-    except Qcow2Error as exc:
-        raise CheckFailedError(f"Could not check {os.fspath(path)!r}: {exc}") from exc

@@ -25,6 +25,8 @@ from itertools import compress, islice, repeat
 from operator import add, and_
 from typing import IO, Generic, TypeVar
 
+from ..tables import add_at
+
 __all__ = ["DELTA_MEMORY_BYTES", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS", "ClusterMarks",
            "RefcountDelta", "last_nonzero", "one_chunk_run"]
 
@@ -275,16 +277,9 @@ class RefcountDelta:
             key = clusters[start] >> bits
             stop = bisect_left(clusters, (key + 1) << bits, start)
             offsets = list(map(and_, clusters[start:stop], repeat(mask, stop - start)))
-            chunk = self.chunk(key)
-            done = 0
-            try:
-                for i in offsets:
-                    chunk[i] += amount
-                    done += 1
-            except OverflowError:
-                chunk = self._widen(key)
-                for i in islice(offsets, done, None):
-                    chunk[i] += amount
+            done = add_at(self.chunk(key), offsets, amount)
+            if done < len(offsets):
+                add_at(self._widen(key), offsets[done:], amount)
             if marks is not None:
                 marked = marks.chunk(key)
                 for i in offsets:

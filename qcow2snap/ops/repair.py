@@ -52,7 +52,7 @@ from ..tables import (
     refcount_block_entries,
     refcount_max,
 )
-from .check import Checker, check_image, check_or_repair, refcount_differences
+from .check import Checker, check_image, refcount_differences
 from .check_report import (
     Finding,
     Progress,
@@ -63,7 +63,7 @@ from .check_report import (
 from .salvage import SalvagedEntry
 from .transaction import CommitResult, FileIO, MetadataIO, Transaction
 
-__all__ = ["RepairMode", "check_or_repair", "repair_image"]
+__all__ = ["RepairMode", "repair_image"]
 
 
 class _RepairTransaction(Transaction):
