@@ -847,3 +847,37 @@ def test_revert_of_a_missing_snapshot_changes_nothing(fixture_copy: Any) -> None
             with pytest.raises(SnapshotNotFoundError):
                 call()
     assert state(path) == before
+
+
+def test_refcount_block_copies_do_not_cascade(tmp_path: Path, qemu_img: str,
+                                              qemu_io: str) -> None:
+    """A rename changes the snapshot table and the few refcount blocks that
+    cover its old and new clusters; their copies go inside their own
+    blocks' ranges, so no other block changes.  Placed first-fit, each copy
+    changed the block covering it, whose copy changed another: after a few
+    edits of a 512-byte-cluster image (512 refcount blocks) a rename rewrote
+    ~260 of them (218-267 clusters allocated instead of ~10)."""
+    path = tmp_path / "blocks.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+                    str(path), "64M"], check=True)
+    subprocess.run([qemu_io, "-c", "write -P 1 0 32M", str(path)], check=True,
+                   capture_output=True)
+    subprocess.run([qemu_img, "snapshot", "-c", "s1", str(path)], check=True)
+    subprocess.run([qemu_io, "-c", "write -P 2 0 8M", str(path)], check=True,
+                   capture_output=True)
+    name = "s1"
+    renames: list[int] = []
+    for i in range(9):
+        with qcow2snap.open(path, "r+") as image:
+            image.create_snapshot(f"x{i}")
+        if i % 3 == 2:
+            with qcow2snap.open(path, "r+") as image:
+                image.delete_snapshot(f"x{i - 1}")
+        with qcow2snap.open(path, "r+") as image:
+            result = image.rename_snapshot(name, f"s1-{i}")
+        name = f"s1-{i}"
+        assert isinstance(result, CommitResult)
+        renames.append(len(result.clusters_allocated))
+    # the snapshot table, the refcount table (8 clusters here) and a block or two
+    assert max(renames) <= 16, renames
+    assert_qemu_clean(qemu_img, path)

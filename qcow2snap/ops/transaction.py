@@ -476,6 +476,19 @@ class Transaction:
             self._free_cursor = start + count
         return start << self.cluster_bits
 
+    def _allocate_within(self, first: int, stop: int) -> int:
+        """One cluster in ``[first, stop)`` free in the old state and not yet
+        used by this transaction (new refcount 1), as a host offset; 0 when
+        the range has none."""
+        cluster = self._next_free_candidate(max(first, 1))
+        while cluster < stop:
+            if self._is_free(cluster):
+                self.allocated.add(cluster)
+                self.add_refcount(cluster, 1)
+                return cluster << self.cluster_bits
+            cluster = self._next_free_candidate(cluster + 1)
+        return 0
+
     def _is_free(self, cluster: int) -> bool:
         if cluster in self.allocated or cluster == 0:
             return False
@@ -573,7 +586,14 @@ class Transaction:
             changed = self.delta.changed_groups(block_bits)
             missing = sorted(changed - new_blocks.keys())
             for b in missing:
-                new_blocks[b] = self.allocate(self.cluster_size)
+                # inside the block's own range when it has room: its old
+                # location is there too (copies put there before), so the
+                # copy changes no other block; first-fit elsewhere changed
+                # the block covering the copy, whose copy changed another,
+                # and so on through most of the table (a rename rewrote
+                # ~260 blocks of 512)
+                new_blocks[b] = self._allocate_within(b << block_bits, (b + 1) << block_bits) \
+                    or self.allocate(self.cluster_size)
                 old = rc.block_offset(b)
                 if old:
                     self.release_relocated([old >> self.cluster_bits])
