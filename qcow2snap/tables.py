@@ -255,3 +255,26 @@ def nonzero_runs(table: array[int]) -> list[tuple[int, int]]:
     spans = nonzero_spans(table.tobytes())
     assert spans is not None
     return [(start >> 3, stop >> 3) for start, stop in spans]
+
+
+def live_entries(table: array[int]) -> tuple[list[tuple[int, int]], array[int]]:
+    """The index runs of the non-zero entries of a u64 table and those
+    entries, gathered at C speed (one slice per run)."""
+    raw = table.tobytes()
+    spans = nonzero_spans(raw)
+    assert spans is not None
+    live = array(table.typecode)
+    live.frombytes(b"".join([raw[start:stop] for start, stop in spans]))
+    return [(start >> 3, stop >> 3) for start, stop in spans], live
+
+
+def l2_live_hosts(entries: array[int], cluster_bits: int) -> list[int] | None:
+    """The host clusters of an L2 table's entries that have one, in entry
+    order (plain entries: ``table[0::2]`` for extended L2), or None when an
+    entry is COMPRESSED.  The live entries are gathered first, so a sparse
+    table costs per stretch of live entries, not per entry of the table
+    (filtering all 8,192 entries of a 64 KiB table was a fifth of an edit)."""
+    _, live = live_entries(entries)
+    hosts = l2_host_clusters(live, cluster_bits)
+    return None if hosts is None else list(filter(None, hosts))
+

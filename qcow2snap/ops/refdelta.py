@@ -18,6 +18,7 @@ to an unlinked temporary file and come back when touched again
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,8 @@ from typing import IO, Generic, TypeVar
 from ..tables import add_at
 
 __all__ = ["DELTA_MEMORY_BYTES", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS", "ClusterMarks",
-           "RefcountDelta", "last_nonzero", "one_chunk_run"]
+           "RefcountDelta", "last_nonzero", "one_chunk_run",
+           "widen_signed_bytes"]
 
 
 #: most clusters per chunk of :class:`RefcountDelta` / :class:`ClusterMarks`
@@ -61,6 +63,30 @@ def last_nonzero(values: array[int]) -> int:
     """Index of the last non-zero entry (-1: none), at C speed."""
     raw = values.tobytes().rstrip(b"\0")
     return (len(raw) - 1) // values.itemsize if raw else -1
+
+
+#: a signed byte -> its sign-extension byte (0xFF if it is negative, else 0)
+_SIGN_FILL = bytes(0xFF if b & 0x80 else 0 for b in range(256))
+
+
+def widen_signed_bytes(values: array[int] | bytes) -> array[int]:
+    """An int64 array of signed bytes (an ``array('b')`` or its bytes), at
+    C speed: the bytes go to the low byte of each 64-bit lane and, if any
+    is negative, their sign bytes to the seven above, by strided slices
+    (``array('q', chunk)`` converts one Python int per entry: 1.3 ms for a
+    32,768-entry refcount block, several times per edit)."""
+    raw = bytes(values)
+    lanes = bytearray(8 * len(raw))
+    low = 0 if sys.byteorder == "little" else 7
+    lanes[low::8] = raw
+    fill = raw.translate(_SIGN_FILL)
+    if 0xFF in fill:
+        for k in range(8):
+            if k != low:
+                lanes[k::8] = fill
+    out = array("q")
+    out.frombytes(lanes)
+    return out
 
 
 def _nbytes(chunk: array[int] | bytearray) -> int:
@@ -183,7 +209,7 @@ class RefcountDelta:
             DELTA_MEMORY_BYTES if memory_bytes is None else memory_bytes, 8 * self.size)
         #: new refcounts (old + delta) of clusters 0..len-1, kept up to date
         #: by every change once built (:meth:`Transaction.refcounts_of`)
-        self.view: list[int] | None = None
+        self.view: array[int] | None = None
 
     def chunk(self, key: int) -> array[int]:
         """The chunk of ``key`` to change (created if missing)."""
@@ -197,7 +223,7 @@ class RefcountDelta:
         return self.store.load(key)
 
     def _widen(self, key: int) -> array[int]:
-        return self.store.admit(key, array("q", self.chunk(key)))
+        return self.store.admit(key, widen_signed_bytes(self.chunk(key)))
 
     def _is_zero(self, chunk: array[int]) -> bool:
         return chunk == self._zeros[chunk.typecode]
@@ -295,9 +321,22 @@ class RefcountDelta:
             key, start = cluster >> self.bits, cluster & self.mask
             stop = min(self.size, start + end - cluster)
             part = (self.store.peek(key) or self.zero)[start:stop]
-            out.extend(part if part.typecode == "q" else array("q", part))
+            out.extend(part if part.typecode == "q" else widen_signed_bytes(part))
             cluster += stop - start
         return out
+
+    def amounts(self, first: int, count: int) -> array[int]:
+        """The amounts of clusters ``[first, first + count)``: the chunk's
+        own signed bytes when they lie in one chunk not widened (a slice,
+        no conversion), else :meth:`span` (int64)."""
+        key, start = first >> self.bits, first & self.mask
+        if start + count <= self.size:
+            chunk = self.store.peek(key)
+            if chunk is None:
+                return self.zero[start:start + count]
+            if chunk.typecode == "b":
+                return chunk[start:start + count]
+        return self.span(first, count)
 
     def changed_groups(self, group_bits: int) -> set[int]:
         """``cluster >> group_bits`` of every cluster with a non-zero amount

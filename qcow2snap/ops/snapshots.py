@@ -43,7 +43,7 @@ from ..errors import (
 from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
 from ..refcount import BULK_ENTRIES, decode_l1, l2_live, l2_references
-from ..tables import decode_u64_table, encode_u64_table, l2_host_clusters, nonzero_indexes
+from ..tables import decode_u64_table, encode_u64_table, l2_live_hosts, nonzero_indexes
 from .transaction import CommitResult, Transaction
 
 __all__ = [
@@ -202,14 +202,25 @@ def _copied_in_bulk(table: array[int], entries: array[int], step: int,
     return desired
 
 
+def _copied_cleared(table: array[int], step: int) -> array[int] | None:
+    """The L2 table with COPIED cleared on every entry (every cluster it
+    references has a refcount of 2 or more), or None if none had it: bit 7
+    of every entry's top byte, on the table's bytes."""
+    raw = bytearray(encode_u64_table(table))   # big-endian: top byte first
+    top = raw[0::8 * step]
+    if _COPIED_BIT_IN_TOP_BYTE not in top.translate(_KEEP_TOP_BIT):
+        return None
+    raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
+    return decode_u64_table(raw)
+
+
 def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Transaction,
-                       all_hosts: array[int] | None = None,
                        counted: list[int] | None = None) -> array[int] | None:
     """The L2 table with COPIED recomputed from the new refcounts (set iff
     a NORMAL/ZERO_ALLOC entry's cluster has refcount exactly 1), or None
-    when no entry changes.  ``all_hosts``: :func:`l2_host_clusters` of the
-    table (every entry's host cluster, 0 for none), and ``counted``, its
-    non-zero ones in order, if a refcount pass computed them already.
+    when no entry changes.  ``counted``: :func:`l2_live_hosts` of the table
+    (the host clusters of its entries that have one, in order; there is no
+    COMPRESSED entry), if a refcount pass computed it already.
 
     Per-entry Python work is what made edits slow (issue 16), so the
     common cases are done on the table's bytes at C speed: every referenced
@@ -219,30 +230,23 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
     bytes of the live entries rewritten from the counts in one integer
     operation.  Other tables take the entry-by-entry route."""
     entries = table[0::2] if step == 2 else table
-    if all_hosts is None and len(entries) >= BULK_ENTRIES:
-        all_hosts = l2_host_clusters(entries, cluster_bits)   # None: compressed entries
-    if all_hosts is None:
+    if counted is None and len(entries) >= BULK_ENTRIES:
+        counted = l2_live_hosts(entries, cluster_bits)   # None: compressed entries
+    bulk_ok = counted is not None
+    if counted is None:
         runs, live, hosts, _ = l2_live(entries, cluster_bits)
         if not runs:
             return None
         counted = list(filter(None, hosts))
-    elif counted is None:
-        counted = list(filter(None, all_hosts))
     copied = fmt.QCOW_OFLAG_COPIED
     counts = txn.refcounts_of(counted)
     if not counts or min(counts) >= 2:
-        # COPIED nowhere: clear bit 7 of every entry's top byte
-        raw = bytearray(encode_u64_table(table))   # big-endian: top byte first
-        top = raw[0::8 * step]
-        if _COPIED_BIT_IN_TOP_BYTE not in top.translate(_KEEP_TOP_BIT):
-            return None
-        raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
-        return decode_u64_table(raw)
-    if all_hosts is not None and min(counts) >= 0 and max(counts) <= 255:
+        return _copied_cleared(table, step)
+    if bulk_ok and min(counts) >= 0 and max(counts) <= 255:
         bulk = _copied_in_bulk(table, entries, step, counts)
         if bulk is not False:
             return bulk
-    if all_hosts is not None:   # the runs of live entries, needed from here on
+    if bulk_ok:   # the runs of live entries, needed from here on
         runs, live, hosts, _ = l2_live(entries, cluster_bits)
     if len(counted) == len(live) and min(counts) >= 0 and max(counts) <= 255:
         # every live entry has a cluster: its top byte becomes (top & 0x7F)
@@ -302,7 +306,7 @@ class SnapshotEditor:
         #: L2 tables a refcount pass read, kept for the COPIED pass that
         #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
         #: clusters make 65,536 tables of a 2 GiB disk)
-        self._memo: dict[int, tuple[array[int], array[int] | None, list[int] | None]] = {}
+        self._memo: dict[int, tuple[array[int], list[int] | None]] = {}
         self._memo_bytes = 0
         self.check_editable()
         txn.mark_in_use([0])
@@ -362,9 +366,9 @@ class SnapshotEditor:
         """+/-1 on every L2 table of ``l1`` and every cluster they reference
         (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass).
 
-        A table's references are its entries' host clusters, taken from the
-        whole table at C speed (:func:`l2_host_clusters`; the runs of live
-        entries are not needed here), and the references of many tables go
+        A table's references are its entries' host clusters, taken at C
+        speed from its live entries (:func:`l2_live_hosts`: a sparse table
+        costs per stretch of live entries), and the references of many tables go
         to the transaction in one call (at most :data:`REFS_PER_CALL` at a
         time): one call per table cost more than the additions."""
         txn = self.txn
@@ -380,43 +384,43 @@ class SnapshotEditor:
             tables.append(l2 >> bits)
             table = self.image.read_l2(l2)
             plain = table[0::2] if extended else table
-            hosts = l2_host_clusters(plain, bits) if len(plain) >= BULK_ENTRIES else None
-            if hosts is None:   # a small table, or compressed entries
-                counted = None
+            counted = l2_live_hosts(plain, bits) if len(plain) >= BULK_ENTRIES else None
+            if counted is None:   # a small table, or compressed entries
                 refs += l2_references(self.image, l2, table)
             else:
-                counted = list(filter(None, hosts))
                 refs += counted
             if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
-                self._memo[l2] = (table, hosts, counted)
-                self._memo_bytes += ((len(table) + (len(hosts) if hosts else 0)) * 8
-                                     + (len(counted) * 40 if counted else 0) + 128)
+                self._memo[l2] = (table, counted)
+                self._memo_bytes += (len(table) * 8 + (len(counted) * 40 if counted else 0)
+                                     + 128)
             if len(refs) >= REFS_PER_CALL:
                 txn.add_references(refs, addend)
                 refs = []
         txn.add_references(tables, addend)
         txn.add_references(refs, addend)
 
-    def _l2_table(self, offset: int
-                  ) -> tuple[array[int], array[int] | None, list[int] | None]:
-        """An L2 table of the new state, with its :func:`l2_host_clusters`
-        and their non-zero ones if known."""
+    def _l2_table(self, offset: int) -> tuple[array[int], list[int] | None]:
+        """An L2 table of the new state, with its :func:`l2_live_hosts` if
+        known."""
         if offset in self._moved_l2:   # a copy this edit made: decode what it writes
-            return decode_u64_table(self.txn.read_new(offset, self.cluster_size)), None, None
+            return decode_u64_table(self.txn.read_new(offset, self.cluster_size)), None
         memo = self._memo.get(offset)
-        return memo if memo is not None else (self.image.read_l2(offset), None, None)
+        return memo if memo is not None else (self.image.read_l2(offset), None)
 
     def _all_l1s(self) -> list[_L1]:
         return [self.active, *(self._snapshot_l1(slot) for slot in self.slots)]
 
-    def _fix_active_copied(self) -> None:
+    def _fix_active_copied(self, shared: bool = False) -> None:
         """Recompute COPIED on the active L1 and its L2 tables from the new
         refcounts, as QEMU's ``qcow2_update_snapshot_refcount(active, 0)``
         does: set iff the refcount is exactly 1; NORMAL and ZERO_ALLOC
         entries are refcounted, ZERO_PLAIN/UNALLOCATED count as 0 and
         compressed as 2, so those never carry it.  An L2 table whose flags
         change is copied, and every L1 table that shared it is pointed at the
-        copy."""
+        copy.  ``shared``: every table and cluster of the active layer is
+        known to have a count of 2 or more (a create; see
+        :meth:`Transaction.increases_leave_shared`), so COPIED is cleared
+        everywhere without looking the counts up."""
         txn = self.txn
         bits = self.cluster_bits
         step = 2 if self.image.extended_l2 else 1
@@ -426,15 +430,17 @@ class SnapshotEditor:
         set_indexes = nonzero_indexes(active.entries)
         l2_offsets = [self._l2_offset(active.entries[i], "the active L1 table")
                       for i in set_indexes]
-        l2_counts = txn.refcounts_of([o >> bits for o in l2_offsets if o])
+        l2_counts = ([2] * len(l2_offsets) if shared
+                     else txn.refcounts_of([o >> bits for o in l2_offsets if o]))
         l2_count = iter(l2_counts)
         for i, l2 in zip(set_indexes, l2_offsets, strict=True):
             entry = active.entries[i]
             if not l2:
                 continue
             paths = next(l2_count)
-            table, hosts, counted = self._l2_table(l2)
-            desired = _copied_recomputed(table, step, bits, txn, hosts, counted)
+            table, counted = self._l2_table(l2)
+            desired = (_copied_cleared(table, step) if shared
+                       else _copied_recomputed(table, step, bits, txn, counted))
             if desired is not None:
                 if referrers is None:
                     referrers = self._referrers()
@@ -504,6 +510,7 @@ class SnapshotEditor:
         micros = round(now * 1_000_000)
         snapshot_l1 = _L1(0, self.active.size, array(self.active.entries.typecode,
                                                       self.active.entries), moved=True)
+        fresh = not self.txn.delta   # nothing planned before (no --overwrite delete)
         self._refupdate(self.active, +1, "the active L1 table")
         new_id = next_snapshot_id(slot.snapshot for slot in self.slots).encode()
         snapshot = new_snapshot(
@@ -513,7 +520,7 @@ class SnapshotEditor:
             disk_size=self.size, icount=0)
         self.slots.append(_Slot(snapshot, None, snapshot_l1))
         self.table_dirty = True
-        self._fix_active_copied()
+        self._fix_active_copied(shared=fresh and self.txn.increases_leave_shared())
         return new_id.decode()
 
     def delete(self, ref: str | Snapshot) -> Snapshot:

@@ -66,7 +66,8 @@ from ..image import Qcow2Image
 from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
-from .refdelta import MAX_CHUNK_BITS, ClusterMarks, RefcountDelta, last_nonzero, one_chunk_run
+from .refdelta import (MAX_CHUNK_BITS, ClusterMarks, RefcountDelta, last_nonzero, one_chunk_run,
+                       widen_signed_bytes)
 
 __all__ = [
     "CommitFailedError",
@@ -152,18 +153,21 @@ _LANE_BIAS_BIT = 33
 _SIGN_TO_ONE = bytes(b >> 7 for b in range(256))
 #: byte -> 1 if it is 0, else 0
 _ZERO_TO_ONE = bytes(int(b == 0) for b in range(256))
+#: byte -> 1 if it is 1, else 0
+_ONE_TO_ONE = bytes(int(b == 1) for b in range(256))
 _SIGN_BYTE = 7 if sys.byteorder == "little" else 0
-_LANE_BIAS = (1 << _LANE_BIAS_BIT).to_bytes(8, "little")
 
 
 def _freed_indexes(delta: array[int], values: array[int], base: int) -> list[int]:
     """``base + i`` for every i where ``delta[i] < 0`` and ``values[i] == 0``
-    (the clusters an edit frees in one refcount block; int64 arrays of the
-    same length), found on the arrays' bytes: the sign bytes of the delta,
+    (the clusters an edit frees in one refcount block; ``values`` int64,
+    ``delta`` int64 or signed bytes, of the same length), found on the
+    arrays' bytes: the sign bytes of the delta,
     the OR of the value's eight bytes, and a search for the marked
     positions, so the cost follows the freed clusters (a per-entry test of
     every changed count took 3 ms of a 40 ms create)."""
-    negative = delta.tobytes()[_SIGN_BYTE::8].translate(_SIGN_TO_ONE)
+    signs = delta.tobytes() if delta.typecode == "b" else delta.tobytes()[_SIGN_BYTE::8]
+    negative = signs.translate(_SIGN_TO_ONE)
     if 1 not in negative:
         return []
     out: list[int] = []
@@ -188,6 +192,23 @@ def _freed_indexes(delta: array[int], values: array[int], base: int) -> list[int
     return out
 
 
+#: a byte with its top bit flipped (a signed byte + 128, as unsigned)
+_FLIP_SIGN_BIT = bytes(b ^ 0x80 for b in range(256))
+_LANES: dict[tuple[int, int], int] = {}
+
+
+def _lanes_of(count: int, value: int) -> int:
+    """``value`` in each of ``count`` 64-bit lanes, as one integer (cached:
+    one per block size and bias)."""
+    lanes = _LANES.get((count, value))
+    if lanes is None:
+        if len(_LANES) > 8:
+            _LANES.clear()
+        lanes = _LANES[count, value] = int.from_bytes(value.to_bytes(8, "little") * count,
+                                                      "little")
+    return lanes
+
+
 def _block_plus_delta(old: array[int], delta: array[int],
                       order: int) -> tuple[array[int], bytes] | None:
     """A refcount block plus its planned changes, as (the new counts in an
@@ -210,31 +231,51 @@ def _block_plus_delta(old: array[int], delta: array[int],
     for k in range(width):
         lanes[k::8] = raw_old[k::width]
     raw_delta = delta.tobytes()
-    signs = bytearray(8 * count)
-    signs[0::8] = raw_delta[7::8].translate(_SIGN_TO_ONE)
-    signed_delta = (int.from_bytes(raw_delta, "little")
-                    - (int.from_bytes(signs, "little") << 64))
-    bias = int.from_bytes(_LANE_BIAS[:8] * count, "little")
-    total = int.from_bytes(lanes, "little") + signed_delta + bias
+    if delta.typecode == "b":
+        # amounts -128..127 plus 128 are the bytes 0..255 (the sign bit
+        # flipped), and the bias takes the 128 back: two integers, not four
+        biased = bytearray(8 * count)
+        biased[0::8] = raw_delta.translate(_FLIP_SIGN_BIT)
+        total = (int.from_bytes(lanes, "little") + int.from_bytes(biased, "little")
+                 + _lanes_of(count, (1 << _LANE_BIAS_BIT) - 128))
+    else:
+        signs = bytearray(8 * count)
+        signs[0::8] = raw_delta[7::8].translate(_SIGN_TO_ONE)
+        signed_delta = (int.from_bytes(raw_delta, "little")
+                        - (int.from_bytes(signs, "little") << 64))
+        total = (int.from_bytes(lanes, "little") + signed_delta
+                 + _lanes_of(count, 1 << _LANE_BIAS_BIT))
     if total < 0:
         return None
     try:
         new = bytearray(total.to_bytes(8 * count, "little"))
     except OverflowError:
         return None
-    if (new[4::8].count(2) != count or new[5::8].count(0) != count
-            or new[6::8].count(0) != count or new[7::8].count(0) != count):
+    if new[4::8].count(2) != count:
         return None
-    for k in range(width, 4):   # bytes above the width: zero
-        if new[k::8].count(0) != count:
-            return None
     new[4::8] = bytes(count)
+    encoded = _encode_count_lanes(new, order)
+    if encoded is None:
+        return None
     values = array("q")
     values.frombytes(new)
+    return values, encoded
+
+
+def _encode_count_lanes(lanes: bytes | bytearray, order: int) -> bytes | None:
+    """A refcount block of 8-, 16- or 32-bit counts encoded from the
+    little-endian int64 lanes of its counts by strided byte copies, or None
+    if a count is negative or past the width (any byte above the width not
+    zero)."""
+    count = len(lanes) >> 3
+    width = 1 << (order - 3)
+    for k in range(width, 8):
+        if lanes[k::8].count(0) != count:
+            return None
     encoded = bytearray(width * count)
     for k in range(width):      # big-endian entries
-        encoded[width - 1 - k::width] = new[k::8]
-    return values, bytes(encoded)
+        encoded[width - 1 - k::width] = lanes[k::8]
+    return bytes(encoded)
 
 #: bytes of new metadata a transaction with ``early_writes`` queues before
 #: writing it (a module constant, read when it is needed: tests shrink it
@@ -361,7 +402,42 @@ class Transaction:
         for b in self.delta.changed_groups(rc.block_bits):
             old = rc.block(b)
             if old is None or _block_plus_delta(
-                    old, self.delta.span(b << rc.block_bits, rc.block_entries), order) is None:
+                    old, self.delta.amounts(b << rc.block_bits, rc.block_entries), order) is None:
+                return False
+        return True
+
+    def increases_leave_shared(self) -> bool:
+        """Whether the plan only increases counts and leaves every cluster
+        it increases with a new refcount of at least 2 (after a create: no
+        entry of the active layer keeps COPIED), decided per delta chunk at
+        C speed (the positions whose amount is exactly 1 against the zero
+        counts of the old block) instead of a count per cluster.  False
+        whenever it cannot be told that way (a decrease, a widened chunk, a
+        missing block): the caller then asks :meth:`refcounts_of`."""
+        rc = self.refcounts
+        delta = self.delta
+        block_mask = rc.block_entries - 1
+        for key, chunk in delta.store.items():
+            if chunk.typecode != "b":
+                return False
+            raw = chunk.tobytes()
+            if 1 in raw.translate(_SIGN_TO_ONE):
+                return False
+            ones = raw.translate(_ONE_TO_ONE)
+            if 1 not in ones:
+                continue
+            first = key << delta.bits
+            block = rc.block(first >> rc.block_bits)
+            if block is None:
+                return False
+            start = first & block_mask
+            old = block[start:start + len(chunk)].tobytes()
+            width = block.itemsize
+            nonzero = 0
+            for k in range(width):
+                nonzero |= int.from_bytes(old[k::width], "little")
+            zero = nonzero.to_bytes(len(chunk), "little").translate(_ZERO_TO_ONE)
+            if int.from_bytes(zero, "little") & int.from_bytes(ones, "little"):
                 return False
         return True
 
@@ -412,7 +488,7 @@ class Transaction:
             append(block[c & mask] + chunk[c & chunk_mask])
         return out
 
-    def _build_view(self) -> list[int] | None:
+    def _build_view(self) -> array[int] | None:
         """:attr:`RefcountDelta.view` of every cluster of the file, when the
         file has at most :data:`VIEW_MAX_CLUSTERS` (8 bytes a cluster); once
         built, many lookups are one ``itemgetter`` call.  None (and never
@@ -422,12 +498,18 @@ class Transaction:
         if self._end_cluster > VIEW_MAX_CLUSTERS:
             self._no_view = True
             return None
-        view: list[int] = []
+        view = array("q")
+        order = self.old_header.refcount_order
         try:
             for b in range(-(-self._end_cluster // rc.block_entries)):
                 old = rc.block(b)
-                span = self.delta.span(b << rc.block_bits, rc.block_entries)
-                view += span if old is None else map(add, old, span)
+                amounts = self.delta.amounts(b << rc.block_bits, rc.block_entries)
+                fast = None if old is None else _block_plus_delta(old, amounts, order)
+                if fast is not None:      # whole blocks at C speed
+                    view += fast[0]
+                else:
+                    span = widen_signed_bytes(amounts) if amounts.typecode == "b" else amounts
+                    view += span if old is None else array("q", map(add, old, span))
         except Qcow2Error:
             self._no_view = True
             return None
@@ -634,15 +716,18 @@ class Transaction:
         for b, offset in sorted(new_blocks.items()):
             old = rc.block(b)
             base = b << rc.block_bits
-            delta = self.delta.span(base, entries)
-            fast = (_block_plus_delta(old, delta, order)
-                    if old is not None and entries >= FAST_BLOCK_ENTRIES else None)
+            amounts = self.delta.amounts(base, entries)
+            fast = None
+            if old is not None and entries >= FAST_BLOCK_ENTRIES:
+                fast = self._view_block(base, entries, order) or _block_plus_delta(
+                    old, amounts, order)
             if fast is not None:
                 values, encoded = fast
                 self._queue(offset, encoded)
-                freed += _freed_indexes(delta, values, base)
+                freed += _freed_indexes(amounts, values, base)
                 self._last_in_use[b] = last_nonzero(values)
                 continue
+            delta = widen_signed_bytes(amounts) if amounts.typecode == "b" else amounts
             values = delta if old is None else array("q", map(add, old, delta))
             try:
                 # the width's own range check (unsigned array types, or the
@@ -659,6 +744,20 @@ class Transaction:
             table[b] = offset
         self._queue(table_offset, encode_u64_table(table))
         return freed
+
+    def _view_block(self, base: int, entries: int, order: int
+                    ) -> tuple[array[int], bytes] | None:
+        """(new counts, encoded block) of the block of clusters ``[base,
+        base + entries)`` from :attr:`RefcountDelta.view` when it covers
+        them (it is kept up to date by every change: a slice and strided
+        copies instead of adding the delta again), else None."""
+        view = self.delta.view
+        if view is None or base + entries > len(view) or not 3 <= order <= 5 \
+                or sys.byteorder != "little":
+            return None
+        values = view[base:base + entries]
+        encoded = _encode_count_lanes(values.tobytes(), order)
+        return None if encoded is None else (values, encoded)
 
     def _refcount_range_error(self, values: array[int], base: int, order: int) -> None:
         """Raise what is wrong with a new refcount block that its width's
