@@ -789,6 +789,48 @@ def test_revert_refused_like_qemu_when_refcounts_overflow(fixture_copy: Any,
     assert path.read_bytes() == before
 
 
+def _active_l2_entries(path: Path) -> list[tuple[int, int]]:
+    """(index, entry) of every set entry of the active layer's first L2 table."""
+    from qcow2snap import format as fmt
+    with qcow2snap.open(path) as image:
+        l1 = image.read_l1(image.layer())
+        table = image.read_l2(l1[0] & fmt.L1E_OFFSET_MASK)
+        return [(j, e) for j, e in enumerate(table) if e]
+
+
+def test_create_sets_copied_like_qemu_where_a_count_was_zero(tmp_path: Path, qemu_img: str,
+                                                             qemu_io: str) -> None:
+    """A create clears COPIED everywhere without looking counts up when
+    every increase leaves a count of 2 or more; a referenced cluster whose
+    refcount was 0 (a damaged image) ends at 1, and QEMU then sets COPIED
+    on its entry.  So does qcow2snap: the entries match QEMU's bit for bit.
+    (The discarded clusters ahead of it are what the edit's copies take, so
+    the allocator never reaches the damaged one and refuses.)"""
+    from qcow2snap import format as fmt
+    base = tmp_path / "z.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    subprocess.run([qemu_io, "-c", "write -P 7 0 2M", "-c", "write -P 8 8M 1M",
+                    "-c", "discard 0 512k", str(base)], check=True, stdout=subprocess.DEVNULL)
+    with qcow2snap.open(base) as image:
+        host_cluster = (dict(_active_l2_entries(base))[20] & fmt.L2E_OFFSET_MASK) >> 16
+        block = int.from_bytes(image.pread(image.header.refcount_table_offset, 8), "big")
+        assert image.header.refcount_order == 4
+    with base.open("r+b") as f:   # its refcount (1) becomes 0
+        f.seek(block + 2 * host_cluster)
+        assert f.read(2) == b"\0\1"
+        f.seek(block + 2 * host_cluster)
+        f.write(b"\0\0")
+    theirs, ours = tmp_path / "A.qcow2", tmp_path / "B.qcow2"
+    shutil.copyfile(base, theirs)
+    shutil.copyfile(base, ours)
+    subprocess.run([qemu_img, "snapshot", "-c", "s", str(theirs)], check=True)
+    with qcow2snap.open(ours, "r+") as image:
+        image.create_snapshot("s")
+    want = _active_l2_entries(theirs)
+    assert [j for j, e in want if e & fmt.QCOW_OFLAG_COPIED] == [20]
+    assert _active_l2_entries(ours) == want
+
+
 # --------------------------------------------------------------------------
 # A real QEMU loads VM snapshots of an image qcow2snap edited
 

@@ -113,9 +113,14 @@ def test_block_plus_delta_is_old_plus_delta(order: int, data: st.DataObject) -> 
     count = st.one_of(st.sampled_from([0, 1, 2, top]), st.integers(0, top))
     old = array({3: "B", 4: "H", 5: "I"}[order], data.draw(st.lists(count, min_size=n,
                                                                       max_size=n)))
-    delta = array("q", data.draw(st.lists(st.one_of(st.sampled_from([0, 0, 1, -1, -2]),
-                                                   st.integers(-top - 3, top + 3)),
-                                         min_size=n, max_size=n)))
+    if data.draw(st.booleans()):   # a chunk still in signed bytes
+        delta = array("b", data.draw(st.lists(st.one_of(
+            st.sampled_from([0, 0, 1, -1, -2, 127, -128]), st.integers(-128, 127)),
+            min_size=n, max_size=n)))
+    else:
+        delta = array("q", data.draw(st.lists(st.one_of(st.sampled_from([0, 0, 1, -1, -2]),
+                                                       st.integers(-top - 3, top + 3)),
+                                             min_size=n, max_size=n)))
     values = list(map(add, old, delta))
     got = _block_plus_delta(old, delta, order)
     if min(values) < 0 or max(values) > top:
@@ -126,6 +131,37 @@ def test_block_plus_delta_is_old_plus_delta(order: int, data: st.DataObject) -> 
     assert got[1] == encode_refcount_block(values, order)
     assert _freed_indexes(delta, got[0], 1000) == [
         1000 + i for i in range(n) if delta[i] < 0 and values[i] == 0]
+
+@given(st.lists(st.integers(-128, 127), max_size=5000), st.integers(0, 7))
+def test_widened_signed_bytes_are_the_same_numbers(values: list[int], skip: int) -> None:
+    """The C-speed sign extension gives what a per-entry conversion gives,
+    for whole chunks and for slices of them, negative or not."""
+    from array import array
+
+    from qcow2snap.ops.refdelta import widen_signed_bytes
+    chunk = array("b", values)
+    assert widen_signed_bytes(chunk) == array("q", values)
+    assert widen_signed_bytes(chunk[skip:]) == array("q", values[skip:])
+    assert widen_signed_bytes(bytes(chunk)).tolist() == values
+
+
+def test_amounts_are_the_chunk_or_the_span() -> None:
+    """A range inside one chunk comes back as the chunk's signed bytes, a
+    range across chunks or in a widened chunk as int64; the numbers are the
+    same either way."""
+    delta = RefcountDelta(4)
+    delta.add_many([3, 5, 5, 17], 1)
+    delta.add(20, -3)
+    inside = delta.amounts(0, 16)
+    assert inside.typecode == "b" and inside.tolist() == [0, 0, 0, 1, 0, 2] + [0] * 10
+    across = delta.amounts(4, 20)
+    assert across.typecode == "q" and across.tolist() == [
+        delta.get(c) for c in range(4, 24)]
+    assert delta.amounts(48, 16).tolist() == [0] * 16   # an untouched chunk
+    delta.add(21, 1000)                                  # widens chunk 1
+    widened = delta.amounts(16, 16)
+    assert widened.typecode == "q" and widened[4:6].tolist() == [-3, 1000]
+
 
 @given(st.lists(st.tuples(st.lists(_CLUSTER, max_size=100), st.integers(-200, 200),
                           st.booleans(), st.booleans()), max_size=30),
