@@ -168,11 +168,8 @@ class Checker:
             return
         size = ref.itemsize
         if amount < 256 and _LITTLE:
-            with memoryview(ref) as view, view.cast("B") as octets:
-                low = octets[first * size:stop * size:size]
-                old = low.tobytes()
-                if not old.translate(None, _NO_CARRY[amount]):
-                    low[:] = old.translate(_ADD[amount])
+            with memoryview(ref) as view, view.cast("B") as octets, octets[0::size] as low:
+                if _add_in_low_bytes(low, first, stop, amount):
                     return
         segment = ref[first:stop]
         value = segment[0] + amount
@@ -519,11 +516,9 @@ class Checker:
                         # counted for the first time (a preallocated table)
                         ref[first:stop] = array(typecode, (paths,)) * count
                         continue
-                    old = low[first:stop].tobytes()
-                    if paths > 255 or old.translate(None, _NO_CARRY[paths]):
+                    if not _add_in_low_bytes(low, first, stop, paths):
                         items = chain(((key, paths),), items)
                         break
-                    low[first:stop] = old.translate(_ADD[paths])
         bump = self._bump
         for key, paths in items:
             bump(key >> _RUN_KEY_BITS, key & count_mask, paths)
@@ -904,6 +899,20 @@ _IS_ONE = bytes(value == 1 for value in range(256))
 _IS_ZERO = bytes(value == 0 for value in range(256))
 _COPIED_IS_ONE = bytes(value == 0xFD for value in range(256))
 _MAX = {code: (1 << (8 * array(code).itemsize)) - 1 for code in "QLIHB"}
+
+
+def _add_in_low_bytes(low: memoryview, first: int, stop: int, amount: int) -> bool:
+    """+``amount`` on the counts ``[first, stop)`` through their low bytes
+    (``low``: the low byte of every count, a strided view of a
+    little-endian array), translated through an adding table, when none
+    carries out of its low byte; False, and nothing changed, otherwise."""
+    if amount > 255:
+        return False
+    old = low[first:stop].tobytes()
+    if old.translate(None, _NO_CARRY[amount]):
+        return False
+    low[first:stop] = old.translate(_ADD[amount])
+    return True
 
 
 #: bits of a run key (:meth:`Checker._flush_pending`) that hold the run's
