@@ -145,6 +145,23 @@ def test_widened_signed_bytes_are_the_same_numbers(values: list[int], skip: int)
     assert widen_signed_bytes(bytes(chunk)).tolist() == values
 
 
+def test_a_bulk_add_that_overflows_midway_counts_each_cluster_once() -> None:
+    """A bulk add whose amounts leave the signed-byte range part way
+    through a chunk widens the chunk and adds every cluster exactly once
+    (not again on top of the ones done before the overflow); every
+    cluster is marked."""
+    clusters = [5] * 100 + list(range(10, 80))
+    for base in (0, 3 << 12):
+        delta = RefcountDelta(12)
+        marks = ClusterMarks(12)
+        delta.add(base + 11, 1)
+        delta.add_many([base + c for c in clusters], 2, marks)
+        assert delta.get(base + 5) == 200
+        assert delta.get(base + 11) == 3
+        assert [delta.get(base + c) for c in range(12, 80)] == [2] * 68
+        assert all(base + c in marks for c in clusters) and base + 6 not in marks
+
+
 def test_amounts_are_the_chunk_or_the_span() -> None:
     """A range inside one chunk comes back as the chunk's signed bytes, a
     range across chunks or in a widened chunk as int64; the numbers are the

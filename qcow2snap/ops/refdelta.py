@@ -23,10 +23,8 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from itertools import compress, islice, repeat
-from operator import add, and_
+from operator import add, and_, sub
 from typing import IO, Generic, TypeVar
-
-from ..tables import add_at
 
 __all__ = ["DELTA_MEMORY_BYTES", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS", "ClusterMarks",
            "RefcountDelta", "last_nonzero", "one_chunk_run",
@@ -36,8 +34,8 @@ __all__ = ["DELTA_MEMORY_BYTES", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS", "Cluste
 #: most clusters per chunk of :class:`RefcountDelta` / :class:`ClusterMarks`
 #: (a chunk is one refcount block's clusters, or a part of it)
 MAX_CHUNK_BITS = 16
-#: :meth:`RefcountDelta.add_many` sorts a list of at least this many
-#: clusters and adds chunk by chunk
+#: :meth:`RefcountDelta.add_many` adds a list of at least this many
+#: clusters chunk by chunk (:meth:`RefcountDelta._add_grouped`)
 BULK_ADD = 64
 
 #: bytes of chunks a :class:`RefcountDelta` keeps in memory (module
@@ -272,7 +270,7 @@ class RefcountDelta:
                 marks.chunk(key)[start:start + n] = b"\x01" * n
             return
         if type(clusters) is list and len(clusters) >= BULK_ADD:
-            self._add_sorted(sorted(clusters), amount, marks)
+            self._add_grouped(clusters, amount, marks)
             return
         key = -1
         chunk = self.zero
@@ -291,26 +289,58 @@ class RefcountDelta:
             if marks is not None:
                 marked[cluster & mask] = 1
 
-    def _add_sorted(self, clusters: list[int], amount: int, marks: ClusterMarks | None) -> None:
-        """:meth:`add_many` of many clusters, in cluster order: each chunk's
-        share found by bisection, then a loop of one subscript per cluster
-        with no chunk test (half the per-cluster work of the general loop);
-        a chunk whose amounts leave the signed-byte range is widened and the
-        loop goes on where it stopped."""
-        bits, mask = self.bits, self.mask
+    def _add_grouped(self, clusters: list[int], amount: int, marks: ClusterMarks | None) -> None:
+        """:meth:`add_many` of many clusters, chunk by chunk: when they all
+        lie in one chunk (an image of up to 2**16 clusters: most of them)
+        as they are, else sorted and each chunk's share found by
+        bisection; then one subscript per cluster, with no chunk test and
+        no counter (:meth:`_add_in_chunk`)."""
+        bits = self.bits
+        low, high = min(clusters), max(clusters)
+        if low >> bits == high >> bits:
+            key = low >> bits
+            self._add_in_chunk(key, clusters if not key else
+                               list(map(sub, clusters, repeat(key << bits, len(clusters)))),
+                               amount, marks)
+            return
+        clusters = sorted(clusters)
         start, count = 0, len(clusters)
         while start < count:
             key = clusters[start] >> bits
             stop = bisect_left(clusters, (key + 1) << bits, start)
-            offsets = list(map(and_, clusters[start:stop], repeat(mask, stop - start)))
-            done = add_at(self.chunk(key), offsets, amount)
-            if done < len(offsets):
-                add_at(self._widen(key), offsets[done:], amount)
-            if marks is not None:
-                marked = marks.chunk(key)
-                for i in offsets:
-                    marked[i] = 1
+            self._add_in_chunk(key, list(map(and_, clusters[start:stop],
+                                             repeat(self.mask, stop - start))), amount, marks)
             start = stop
+
+    def _add_in_chunk(self, key: int, offsets: list[int], amount: int,
+                      marks: ClusterMarks | None) -> None:
+        """``amount`` at each of ``offsets`` of chunk ``key`` (and marked):
+        a plain loop, the marks set in the same pass; a chunk whose amounts
+        leave the signed-byte range is put back as it was, widened, and
+        added again (so the loop keeps no count of where it stopped)."""
+        chunk = self.chunk(key)
+        marked = marks.chunk(key) if marks is not None else None
+        if chunk.typecode == "b":
+            before = chunk.tobytes()
+            try:
+                if marked is None:
+                    for i in offsets:
+                        chunk[i] += amount
+                else:
+                    for i in offsets:
+                        chunk[i] += amount
+                        marked[i] = 1
+                return
+            except OverflowError:
+                chunk[:] = array("b", before)
+                chunk = self._widen(key)
+                if marks is not None:
+                    marked = marks.chunk(key)
+        for i in offsets:
+            chunk[i] += amount
+        if marked is not None:
+            for i in offsets:
+                marked[i] = 1
 
     def span(self, first: int, count: int) -> array[int]:
         """The amounts of clusters ``[first, first + count)`` (a copy, int64)."""
