@@ -268,13 +268,14 @@ def live_entries(table: array[int]) -> tuple[list[tuple[int, int]], array[int]]:
     return [(start >> 3, stop >> 3) for start, stop in spans], live
 
 
-def l2_live_hosts(entries: array[int], cluster_bits: int) -> list[int] | None:
-    """The host clusters of an L2 table's entries that have one, in entry
-    order (plain entries: ``table[0::2]`` for extended L2), or None when an
-    entry is COMPRESSED.  The live entries are gathered first, so a sparse
-    table costs per stretch of live entries, not per entry of the table
-    (filtering all 8,192 entries of a 64 KiB table was a fifth of an edit)."""
-    _, live = live_entries(entries)
+def l2_live_hosts(entries: array[int], cluster_bits: int
+                  ) -> tuple[list[tuple[int, int]], list[int]] | None:
+    """The index runs of an L2 table's live (non-zero) entries and the host
+    clusters of those that have one, in entry order (plain entries:
+    ``table[0::2]`` for extended L2), or None when an entry is COMPRESSED.
+    The live entries are gathered first, so a sparse table costs per
+    stretch of live entries, not per entry of the table (filtering all
+    8,192 entries of a 64 KiB table was a fifth of an edit)."""
+    runs, live = live_entries(entries)
     hosts = l2_host_clusters(live, cluster_bits)
-    return None if hosts is None else list(filter(None, hosts))
-
+    return None if hosts is None else (runs, list(filter(None, hosts)))

@@ -400,8 +400,8 @@ def test_an_error_after_early_writes_leaves_the_image_as_it_was(
 
         fix = snapshots.SnapshotEditor._fix_active_copied
 
-        def fix_then_fail(self: snapshots.SnapshotEditor) -> None:
-            fix(self)
+        def fix_then_fail(self: snapshots.SnapshotEditor, **options: Any) -> None:
+            fix(self, **options)
             failing(self)
 
         monkeypatch.setattr(snapshots.SnapshotEditor, "_fix_active_copied", fix_then_fail)

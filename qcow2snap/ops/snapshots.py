@@ -98,6 +98,10 @@ class _Slot:
         return self.snapshot.label
 
 
+#: :func:`~qcow2snap.tables.l2_live_hosts` of an L2 table: the index runs
+#: of its live entries, and the host clusters of those that have one
+LiveHosts = tuple[list[tuple[int, int]], list[int]]
+
 _COPIED_BIT_IN_TOP_BYTE = 0x80
 #: byte -> byte with / without bit 7 (COPIED is bit 63: bit 7 of an entry's
 #: most significant byte)
@@ -111,7 +115,8 @@ _ONE_TO_TOP_BIT = bytes(0x80 if b == 1 else 0 for b in range(256))
 _TOP_TO_CODE = bytes(2 if b & 0x80 else 1 for b in range(256))
 #: a refcount (0-255) -> 2 if it is 1 (COPIED wanted), else 1
 _COUNT_TO_CODE = bytes(2 if b == 1 else 1 for b in range(256))
-_NONZERO_TO_FF = bytes(0xFF if b else 0 for b in range(256))
+#: the live entries' mask bytes (a table has at most 2**16 entries)
+_ALL_FF = b"\xff" * (1 << 16)
 _TOP_BYTE = 7 if sys.byteorder == "little" else 0
 
 
@@ -137,7 +142,8 @@ _FLIP_TOP_BIT = bytes(b ^ 0x80 for b in range(256))
 
 
 def _copied_in_bulk(table: array[int], entries: array[int], step: int,
-                    counts: list[int]) -> array[int] | Literal[False] | None:
+                    counts: list[int], runs: list[tuple[int, int]]
+                    ) -> array[int] | Literal[False] | None:
     """:func:`_copied_recomputed` of a table whose counts are known for
     every referenced cluster (in entry order) and at most 255, without the
     runs of live entries and without a Python step per entry: per live
@@ -146,16 +152,16 @@ def _copied_in_bulk(table: array[int], entries: array[int], step: int,
     strings are compared, and the runs of entries that change are located
     by the same deletion applied to the digits of the entry indexes, then
     flipped a slice at a time.  False when some live entry has no cluster
-    (the caller's per-entry route handles those)."""
+    (the caller's per-entry route handles those).  ``runs``: the index
+    runs of the live entries (:func:`l2_live_hosts`)."""
     count = len(entries)
     raw = entries.tobytes()
-    nonzero = 0
-    for k in range(8):
-        nonzero |= int.from_bytes(raw[k::8], "little")
-    live = nonzero.to_bytes(count, "little")
-    if count - live.count(0) != len(counts):
+    if sum(stop - start for start, stop in runs) != len(counts):
         return False
-    live_mask = int.from_bytes(live.translate(_NONZERO_TO_FF), "little")
+    live = bytearray(count)
+    for start, stop in runs:
+        live[start:stop] = _ALL_FF[:stop - start]
+    live_mask = int.from_bytes(live, "little")
     top = raw[_TOP_BYTE::8]
     now = (int.from_bytes(top.translate(_TOP_TO_CODE), "little")
            & live_mask).to_bytes(count, "little").translate(None, b"\0")
@@ -215,12 +221,13 @@ def _copied_cleared(table: array[int], step: int) -> array[int] | None:
 
 
 def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Transaction,
-                       counted: list[int] | None = None) -> array[int] | None:
+                       live_hosts: LiveHosts | None = None) -> array[int] | None:
     """The L2 table with COPIED recomputed from the new refcounts (set iff
     a NORMAL/ZERO_ALLOC entry's cluster has refcount exactly 1), or None
-    when no entry changes.  ``counted``: :func:`l2_live_hosts` of the table
-    (the host clusters of its entries that have one, in order; there is no
-    COMPRESSED entry), if a refcount pass computed it already.
+    when no entry changes.  ``live_hosts``: :func:`l2_live_hosts` of the
+    table (the runs of its live entries and the host clusters of those
+    that have one; there is no COMPRESSED entry), if a refcount pass
+    computed it already.
 
     Per-entry Python work is what made edits slow (issue 16), so the
     common cases are done on the table's bytes at C speed: every referenced
@@ -230,20 +237,22 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
     bytes of the live entries rewritten from the counts in one integer
     operation.  Other tables take the entry-by-entry route."""
     entries = table[0::2] if step == 2 else table
-    if counted is None and len(entries) >= BULK_ENTRIES:
-        counted = l2_live_hosts(entries, cluster_bits)   # None: compressed entries
-    bulk_ok = counted is not None
-    if counted is None:
+    if live_hosts is None and len(entries) >= BULK_ENTRIES:
+        live_hosts = l2_live_hosts(entries, cluster_bits)   # None: compressed entries
+    bulk_ok = live_hosts is not None
+    if live_hosts is None:
         runs, live, hosts, _ = l2_live(entries, cluster_bits)
         if not runs:
             return None
         counted = list(filter(None, hosts))
+    else:
+        runs, counted = live_hosts
     copied = fmt.QCOW_OFLAG_COPIED
     counts = txn.refcounts_of(counted)
     if not counts or min(counts) >= 2:
         return _copied_cleared(table, step)
     if bulk_ok and min(counts) >= 0 and max(counts) <= 255:
-        bulk = _copied_in_bulk(table, entries, step, counts)
+        bulk = _copied_in_bulk(table, entries, step, counts, runs)
         if bulk is not False:
             return bulk
     if bulk_ok:   # the runs of live entries, needed from here on
@@ -306,7 +315,7 @@ class SnapshotEditor:
         #: L2 tables a refcount pass read, kept for the COPIED pass that
         #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
         #: clusters make 65,536 tables of a 2 GiB disk)
-        self._memo: dict[int, tuple[array[int], list[int] | None]] = {}
+        self._memo: dict[int, tuple[array[int], LiveHosts | None]] = {}
         self._memo_bytes = 0
         self.check_editable()
         txn.mark_in_use([0])
@@ -384,22 +393,23 @@ class SnapshotEditor:
             tables.append(l2 >> bits)
             table = self.image.read_l2(l2)
             plain = table[0::2] if extended else table
-            counted = l2_live_hosts(plain, bits) if len(plain) >= BULK_ENTRIES else None
-            if counted is None:   # a small table, or compressed entries
+            live_hosts = l2_live_hosts(plain, bits) if len(plain) >= BULK_ENTRIES else None
+            if live_hosts is None:   # a small table, or compressed entries
                 refs += l2_references(self.image, l2, table)
             else:
-                refs += counted
+                refs += live_hosts[1]
             if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
-                self._memo[l2] = (table, counted)
-                self._memo_bytes += (len(table) * 8 + (len(counted) * 40 if counted else 0)
-                                     + 128)
+                self._memo[l2] = (table, live_hosts)
+                self._memo_bytes += (len(table) * 8 + 128 if live_hosts is None else
+                                     len(table) * 8 + len(live_hosts[1]) * 40
+                                     + len(live_hosts[0]) * 72 + 128)
             if len(refs) >= REFS_PER_CALL:
                 txn.add_references(refs, addend)
                 refs = []
         txn.add_references(tables, addend)
         txn.add_references(refs, addend)
 
-    def _l2_table(self, offset: int) -> tuple[array[int], list[int] | None]:
+    def _l2_table(self, offset: int) -> tuple[array[int], LiveHosts | None]:
         """An L2 table of the new state, with its :func:`l2_live_hosts` if
         known."""
         if offset in self._moved_l2:   # a copy this edit made: decode what it writes
@@ -438,9 +448,9 @@ class SnapshotEditor:
             if not l2:
                 continue
             paths = next(l2_count)
-            table, counted = self._l2_table(l2)
+            table, live_hosts = self._l2_table(l2)
             desired = (_copied_cleared(table, step) if shared
-                       else _copied_recomputed(table, step, bits, txn, counted))
+                       else _copied_recomputed(table, step, bits, txn, live_hosts))
             if desired is not None:
                 if referrers is None:
                     referrers = self._referrers()

@@ -209,6 +209,23 @@ def _lanes_of(count: int, value: int) -> int:
     return lanes
 
 
+def _increases_fit(old: array[int], amounts: array[int], refcount_max: int) -> bool:
+    """Whether a block's counts plus amounts that are all signed bytes and
+    none negative stay within ``refcount_max``, told from two maxima of
+    bytes (the amounts', and the old counts' most significant byte): an
+    upper bound, so False means only "not told this way"."""
+    if amounts.typecode != "b" or sys.byteorder != "little":
+        return False
+    raw = amounts.tobytes()
+    if 1 in raw.translate(_SIGN_TO_ONE):
+        return False
+    width = old.itemsize
+    top = old.tobytes()[width - 1::width]
+    # the old counts are below (their top byte's maximum + 1) << the bits under it
+    bound = ((max(top, default=0) + 1) << (8 * (width - 1))) - 1
+    return bound + max(raw, default=0) <= refcount_max
+
+
 def _block_plus_delta(old: array[int], delta: array[int],
                       order: int) -> tuple[array[int], bytes] | None:
     """A refcount block plus its planned changes, as (the new counts in an
@@ -401,8 +418,11 @@ class Transaction:
         order = self.old_header.refcount_order
         for b in self.delta.changed_groups(rc.block_bits):
             old = rc.block(b)
-            if old is None or _block_plus_delta(
-                    old, self.delta.amounts(b << rc.block_bits, rc.block_entries), order) is None:
+            if old is None:
+                return False
+            amounts = self.delta.amounts(b << rc.block_bits, rc.block_entries)
+            if not _increases_fit(old, amounts, self.refcount_max) and _block_plus_delta(
+                    old, amounts, order) is None:
                 return False
         return True
 
