@@ -881,3 +881,37 @@ def test_refcount_block_copies_do_not_cascade(tmp_path: Path, qemu_img: str,
     # the snapshot table, the refcount table (8 clusters here) and a block or two
     assert max(renames) <= 16, renames
     assert_qemu_clean(qemu_img, path)
+
+
+def test_refcount_block_copies_are_placed_without_a_scan_to_the_end(
+        tmp_path: Path, qemu_img: str, qemu_io: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placing a refcount block's copy inside its own range looks at that
+    range only.  The search went on to the first free cluster of the file:
+    a create on a fully written 512-byte-cluster image, which changes every
+    block, read blocks quadratically (7.6 s of CPU for 1,024 blocks of a
+    512 MiB image, against qemu-img's 1.0 s)."""
+    from qcow2snap import refcount
+    path = tmp_path / "full.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+                    str(path), "32M"], check=True)
+    subprocess.run([qemu_io, "-c", "write -P 1 0 32M", str(path)], check=True,
+                   capture_output=True)
+    subprocess.run([qemu_img, "snapshot", "-c", "s1", str(path)], check=True)
+    looked_at: list[int] = []
+    block = refcount.RefcountReader.block
+
+    def counted(self: refcount.RefcountReader, table_index: int) -> object:
+        looked_at.append(table_index)
+        return block(self, table_index)
+
+    monkeypatch.setattr(refcount.RefcountReader, "block", counted)
+    with qcow2snap.open(path, "r+") as image:
+        blocks = sum(1 for _ in refcount.RefcountReader(image).blocks_in_use())
+        looked_at.clear()
+        image.create_snapshot("s2")
+    assert blocks > 250
+    # about 8 lookups a block (its own, the delta's, the writes'); the scan
+    # to the end made that grow with the number of blocks (54 here, 39
+    # with 131 blocks, ~1,500 with 1,024)
+    assert len(looked_at) < 12 * blocks, (len(looked_at), blocks)
+    assert_qemu_clean(qemu_img, path)

@@ -536,13 +536,16 @@ class Transaction:
         self.delta.view = view
         return view
 
-    def _next_free_candidate(self, cluster: int) -> int:
+    def _next_free_candidate(self, cluster: int, stop: int | None = None) -> int:
         """The first cluster >= ``cluster`` whose old refcount is 0 (using
-        ``array.index`` on decoded blocks rather than one lookup per cluster)."""
+        ``array.index`` on decoded blocks rather than one lookup per
+        cluster), or ``stop`` if there is none before it."""
         rc = self.refcounts
         bits = rc.block_bits
         mask = rc.block_entries - 1
         while True:
+            if stop is not None and cluster >= stop:
+                return stop
             b = cluster >> bits
             if b >= len(rc.table):
                 return cluster
@@ -582,13 +585,13 @@ class Transaction:
         """One cluster in ``[first, stop)`` free in the old state and not yet
         used by this transaction (new refcount 1), as a host offset; 0 when
         the range has none."""
-        cluster = self._next_free_candidate(max(first, 1))
+        cluster = self._next_free_candidate(max(first, 1), stop)
         while cluster < stop:
             if self._is_free(cluster):
                 self.allocated.add(cluster)
                 self.add_refcount(cluster, 1)
                 return cluster << self.cluster_bits
-            cluster = self._next_free_candidate(cluster + 1)
+            cluster = self._next_free_candidate(cluster + 1, stop)
         return 0
 
     def _is_free(self, cluster: int) -> bool:
