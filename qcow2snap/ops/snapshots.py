@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
-from ..refcount import BULK_ENTRIES, decode_l1, l2_live, l2_references
+from ..refcount import decode_l1, l2_live, l2_references
 from ..tables import decode_u64_table, encode_u64_table, l2_live_hosts, nonzero_indexes
 from .transaction import CommitResult, Transaction
 
@@ -237,7 +237,7 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
     bytes of the live entries rewritten from the counts in one integer
     operation.  Other tables take the entry-by-entry route."""
     entries = table[0::2] if step == 2 else table
-    if live_hosts is None and len(entries) >= BULK_ENTRIES:
+    if live_hosts is None:
         live_hosts = l2_live_hosts(entries, cluster_bits)   # None: compressed entries
     bulk_ok = live_hosts is not None
     if live_hosts is None:
@@ -393,8 +393,8 @@ class SnapshotEditor:
             tables.append(l2 >> bits)
             table = self.image.read_l2(l2)
             plain = table[0::2] if extended else table
-            live_hosts = l2_live_hosts(plain, bits) if len(plain) >= BULK_ENTRIES else None
-            if live_hosts is None:   # a small table, or compressed entries
+            live_hosts = l2_live_hosts(plain, bits)
+            if live_hosts is None:   # compressed entries
                 refs += l2_references(self.image, l2, table)
             else:
                 refs += live_hosts[1]

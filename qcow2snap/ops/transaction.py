@@ -49,6 +49,7 @@ import sys
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress
 from operator import add, itemgetter
 from typing import Any, Protocol
 
@@ -171,7 +172,8 @@ def _freed_indexes(delta: array[int], values: array[int], base: int) -> list[int
     if 1 not in negative:
         return []
     out: list[int] = []
-    if negative.count(1) <= 256:   # a few decreases: test their counts
+    count = len(values)
+    if negative.count(1) <= min(count >> 3, 256):   # a few decreases: test their counts
         i = negative.find(1)
         while i >= 0:
             if not values[i]:
@@ -182,9 +184,11 @@ def _freed_indexes(delta: array[int], values: array[int], base: int) -> list[int
     nonzero = 0
     for k in range(8):
         nonzero |= int.from_bytes(raw[k::8], "little")
-    zero = nonzero.to_bytes(len(values), "little").translate(_ZERO_TO_ONE)
+    zero = nonzero.to_bytes(count, "little").translate(_ZERO_TO_ONE)
     both = (int.from_bytes(negative, "little")
-            & int.from_bytes(zero, "little")).to_bytes(len(values), "little")
+            & int.from_bytes(zero, "little")).to_bytes(count, "little")
+    if both.count(1) > count >> 3:   # many: one pass over the block at C speed
+        return list(compress(range(base, base + count), both))
     i = both.find(1)
     while i >= 0:
         out.append(base + i)
