@@ -86,7 +86,12 @@ def test_l2_host_clusters_is_the_per_entry_rule(values: list[int], cluster_bits:
         assert list(hosts) == [(v & 0x00FFFFFFFFFFFE00) >> cluster_bits for v in values]
 
 
-@given(st.lists(st.one_of(st.just(0), st.integers(0, 63).map(lambda b: 1 << b)), max_size=300))
+@given(st.one_of(
+    st.lists(st.one_of(st.just(0), st.integers(0, 63).map(lambda b: 1 << b)), max_size=300),
+    # dense tables, most with no eight zero bytes in a row (one stretch, one find)
+    st.lists(st.one_of(st.integers(1 << 56, (1 << 64) - 1),
+                       st.sampled_from([0x8000000000050000, 0x0000000000050000, 1])),
+             max_size=300)))
 def test_nonzero_runs(values: list[int]) -> None:
     from array import array
     runs = tables.nonzero_runs(array("Q", values))
