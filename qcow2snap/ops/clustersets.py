@@ -28,7 +28,8 @@ from typing import IO, overload
 from .. import format as fmt
 from .refdelta import ClusterMarks
 
-__all__ = ["RUNS_MEMORY_BYTES", "ClusterRuns", "ClusterSet", "L2Moves", "unmarked_runs"]
+__all__ = ["RUNS_MEMORY_BYTES", "ClusterRuns", "ClusterSet", "L2Moves", "joined_runs",
+           "unmarked_runs"]
 
 #: bytes of runs a :class:`ClusterRuns` keeps in memory before the older
 #: ones go to an unlinked temporary file (a module constant, read when it
@@ -44,6 +45,20 @@ def _chunk_runs(chunk: bytes | bytearray, base: int, pattern: re.Pattern[bytes],
                 start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
     for match in pattern.finditer(chunk, start, len(chunk) if stop is None else stop):
         yield base + match.start(), match.end() - match.start()
+
+
+def joined_runs(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Ascending runs (start, count) with the ones that meet joined."""
+    pending: tuple[int, int] | None = None
+    for start, count in runs:
+        if pending is not None and pending[0] + pending[1] == start:
+            pending = (pending[0], pending[1] + count)
+            continue
+        if pending is not None:
+            yield pending
+        pending = (start, count)
+    if pending is not None:
+        yield pending
 
 
 def unmarked_runs(marks: ClusterMarks, first: int, count: int) -> Iterator[tuple[int, int]]:
@@ -107,17 +122,8 @@ class ClusterSet(ClusterMarks):
     def runs(self) -> Iterator[tuple[int, int]]:
         """The members as runs (start, count), ascending; runs that meet at
         a chunk boundary are joined."""
-        pending: tuple[int, int] | None = None
-        for key, chunk in self.store.items():
-            for start, count in _chunk_runs(chunk, key << self.bits, _MARKED):
-                if pending is not None and pending[0] + pending[1] == start:
-                    pending = (pending[0], pending[1] + count)
-                    continue
-                if pending is not None:
-                    yield pending
-                pending = (start, count)
-        if pending is not None:
-            yield pending
+        return joined_runs(run for key, chunk in self.store.items()
+                           for run in _chunk_runs(chunk, key << self.bits, _MARKED))
 
 
 class ClusterRuns(Sequence[int]):

@@ -66,7 +66,7 @@ from ..image import Qcow2Image
 from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
-from .clustersets import ClusterRuns, ClusterSet, unmarked_runs
+from .clustersets import ClusterRuns, ClusterSet, joined_runs, unmarked_runs
 from .refdelta import MAX_CHUNK_BITS, ClusterMarks, RefcountDelta, last_nonzero, one_chunk_run
 
 __all__ = [
@@ -872,18 +872,12 @@ class Transaction:
     def _punch_runs(self, freed: ClusterRuns, tail: int | None) -> Iterator[tuple[int, int]]:
         """The runs of ``freed`` to punch: below cluster ``tail`` (None: all)
         and not relocated metadata, adjacent pieces joined."""
-        pending: tuple[int, int] | None = None
-        for start, count in freed.runs():
-            if tail is not None:
-                count = min(count, tail - start)
-                if count <= 0:
-                    break
-            for first, n in unmarked_runs(self.relocated, start, count):
-                if pending is not None and pending[0] + pending[1] == first:
-                    pending = (pending[0], pending[1] + n)
-                    continue
-                if pending is not None:
-                    yield pending
-                pending = (first, n)
-        if pending is not None:
-            yield pending
+        def pieces() -> Iterator[tuple[int, int]]:
+            for start, count in freed.runs():
+                if tail is not None:
+                    count = min(count, tail - start)
+                    if count <= 0:
+                        return
+                yield from unmarked_runs(self.relocated, start, count)
+
+        return joined_runs(pieces())
