@@ -17,8 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qcow2snap
-from qcow2snap.ops.clustersets import ClusterRuns, ClusterSet, L2Moves, unmarked_runs
-from qcow2snap.ops.refdelta import ClusterMarks
+from qcow2snap.ops.clustersets import ClusterRuns, ClusterSet, L2Moves, SortedClusters
 
 MiB = 1 << 20
 
@@ -135,12 +134,14 @@ def test_cluster_set_is_a_set(ops: list[tuple[bool, int]], memory: int) -> None:
     assert members.highest(default=-7) == max(reference, default=-7)
     assert list(ClusterRuns.from_runs(members.runs())) == sorted(reference)
     assert all((c in members) == (c in reference) for c in range(0, 2001, 3))
-    marks = ClusterMarks(4, memory)
-    marks.update(reference)
-    free = [c for first, n in unmarked_runs(marks, 100, 700) for c in range(first, first + n)]
-    assert free == [c for c in range(100, 800) if c not in reference]
+    relocated = SortedClusters()
+    relocated.update([cluster for add, cluster in ops if add])   # repeated: kept once
+    added = {cluster for add, cluster in ops if add}
+    assert len(relocated) == len(added)
+    assert all((c in relocated) == (c in added) for c in range(0, 2001, 3))
+    free = [c for first, n in relocated.runs_outside(100, 700) for c in range(first, first + n)]
+    assert free == [c for c in range(100, 800) if c not in added]
     members.close()
-    marks.close()
 
 
 def test_l2_moves_follow_copies_and_keep_the_first() -> None:

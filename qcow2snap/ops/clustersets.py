@@ -1,17 +1,20 @@
 """Sets and lists of host clusters of one edit, in memory that does not
 grow with the image (operations layer): :class:`ClusterSet` (the clusters
-a transaction allocated), :class:`ClusterRuns` (an ascending list of
-clusters held as runs: what a commit allocated and freed) and
-:class:`L2Moves` (the L2 tables an edit copied, old offset -> new).
+a transaction allocated), :class:`SortedClusters` (the old metadata it
+relocated), :class:`ClusterRuns` (an ascending list of clusters held as
+runs: what a commit allocated and freed) and :class:`L2Moves` (the L2
+tables an edit copied, old offset -> new).
 
 A Python set or list costs 60-100 bytes a cluster: a delete on a fully
 written 512-byte-cluster disk frees millions of clusters, and a create on
 a fully allocated multi-TiB image copies tens of thousands of L2 tables
 (issue 16: "peak memory for any edit at most 256 MiB, whatever the
-image").  Here a set is :class:`~.refdelta.ClusterMarks`' byte a cluster
-in chunks, spilled past a budget; a list is 16 bytes a run, spilled past
-:data:`RUNS_MEMORY_BYTES`; the moves are 16 bytes a copied table (at most
-one per entry of the active L1 table: 4 Mi entries, QEMU's limit).
+image").  Here the allocated clusters are :class:`~.refdelta.ClusterMarks`'
+byte a cluster in chunks, spilled past a budget; the relocated ones, one
+per copied table, 8 bytes each (:class:`SortedClusters`); a list is 16
+bytes a run, spilled past :data:`RUNS_MEMORY_BYTES`; the moves are 16
+bytes a copied table (at most one per entry of the active L1 table: 4 Mi
+entries, QEMU's limit).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from typing import IO, overload
 from .. import format as fmt
 from .refdelta import ClusterMarks
 
-__all__ = ["RUNS_MEMORY_BYTES", "ClusterRuns", "ClusterSet", "L2Moves", "joined_runs",
-           "unmarked_runs"]
+__all__ = ["RUNS_MEMORY_BYTES", "ClusterRuns", "ClusterSet", "L2Moves", "SortedClusters",
+           "joined_runs", "sorted_array"]
 
 #: bytes of runs a :class:`ClusterRuns` keeps in memory before the older
 #: ones go to an unlinked temporary file (a module constant, read when it
@@ -38,7 +41,6 @@ RUNS_MEMORY_BYTES = 4 << 20
 #: pairs :class:`L2Moves` sorts at a time (the sorted pieces are merged)
 _SORT_PIECE = 1 << 16
 _MARKED = re.compile(rb"\x01+")
-_UNMARKED = re.compile(rb"\x00+")
 
 
 def _chunk_runs(chunk: bytes | bytearray, base: int, pattern: re.Pattern[bytes],
@@ -61,20 +63,63 @@ def joined_runs(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         yield pending
 
 
-def unmarked_runs(marks: ClusterMarks, first: int, count: int) -> Iterator[tuple[int, int]]:
-    """The runs (start, count) of clusters ``[first, first + count)`` not in
-    ``marks``, found a chunk at a time on its bytes."""
-    cluster, end = first, first + count
-    while cluster < end:
-        key = cluster >> marks.bits
-        base = key << marks.bits
-        stop = min(end, base + marks.mask + 1)
-        chunk = marks.store.peek(key)
-        if chunk is None:
-            yield cluster, stop - cluster
-        else:
-            yield from _chunk_runs(chunk, base, _UNMARKED, cluster - base, stop - base)
-        cluster = stop
+def sorted_array(values: array[int]) -> array[int]:
+    """``values`` (an ``array('Q')``) sorted, from pieces of
+    :data:`_SORT_PIECE` sorted and merged: no list of every value."""
+    pieces = [array("Q", sorted(values[i:i + _SORT_PIECE]))
+              for i in range(0, len(values), _SORT_PIECE)]
+    return pieces[0] if len(pieces) == 1 else array("Q", merge(*pieces))
+
+
+class SortedClusters:
+    """A set of clusters known to be few (the old metadata a transaction
+    relocated: one cluster per copied table), 8 bytes each: appended, and
+    sorted (and deduplicated) when read.  Byte-per-cluster marks cost more
+    for these: the old L2 tables of a preallocated image lie one every 512
+    MiB, a chunk of marks each."""
+
+    __slots__ = ("_sorted", "_values")
+
+    def __init__(self) -> None:
+        self._values = array("Q")
+        self._sorted = True
+
+    def update(self, clusters: Iterable[int]) -> None:
+        self._values.extend(clusters)
+        self._sorted = False
+
+    def _sort(self) -> array[int]:
+        if not self._sorted:
+            values = sorted_array(self._values)
+            out = array("Q")
+            out.extend(v for i, v in enumerate(values) if not i or values[i - 1] != v)
+            self._values, self._sorted = out, True
+        return self._values
+
+    def __len__(self) -> int:
+        return len(self._sort())
+
+    def __contains__(self, cluster: object) -> bool:
+        if not isinstance(cluster, int):
+            return False
+        values = self._sort()
+        i = bisect_left(values, cluster)
+        return i < len(values) and values[i] == cluster
+
+    def runs_outside(self, first: int, count: int) -> Iterator[tuple[int, int]]:
+        """The runs (start, count) of clusters ``[first, first + count)``
+        not in the set."""
+        values = self._sort()
+        end = first + count
+        i = bisect_left(values, first)
+        cluster = first
+        while i < len(values) and values[i] < end:
+            if values[i] > cluster:
+                yield cluster, values[i] - cluster
+            cluster = values[i] + 1
+            i += 1
+        if cluster < end:
+            yield cluster, end - cluster
 
 
 class ClusterSet(ClusterMarks):

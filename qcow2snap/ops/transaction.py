@@ -66,7 +66,7 @@ from ..image import Qcow2Image
 from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
-from .clustersets import ClusterRuns, ClusterSet, joined_runs, unmarked_runs
+from .clustersets import ClusterRuns, ClusterSet, SortedClusters, joined_runs
 from .refdelta import MAX_CHUNK_BITS, ClusterMarks, RefcountDelta, last_nonzero, one_chunk_run
 
 __all__ = [
@@ -245,8 +245,8 @@ WRITE_BUFFER_BYTES = 16 << 20
 #: dict slot): 512-byte clusters queue tens of thousands of them
 _QUEUED_ENTRY_BYTES = 160
 
-#: bytes of chunks each of a transaction's cluster sets (allocated,
-#: relocated) keeps in memory before spilling (see :class:`ClusterMarks`)
+#: bytes of chunks a transaction's set of allocated clusters keeps in
+#: memory before spilling (see :class:`ClusterMarks`)
 SETS_MEMORY_BYTES = 8 << 20
 
 
@@ -306,7 +306,7 @@ class Transaction:
         #: old-state metadata the new state replaced by a shadow copy (L1/L2
         #: tables, refcount blocks and table, the snapshot table): freed, but
         #: not punched (see :meth:`_reclaim`)
-        self.relocated = ClusterMarks(chunk_bits, SETS_MEMORY_BYTES)
+        self.relocated = SortedClusters()   # 8 bytes a cluster: one per copied table
         self.new_data: dict[int, bytes] = {}   # host offset -> bytes (allocated clusters only)
         self.early_writes = early_writes
         self._queued_bytes = 0   # with each entry's own cost (small clusters: many entries)
@@ -578,7 +578,7 @@ class Transaction:
 
     def _close_sets(self) -> None:
         """Drop the temporary files of the delta and the cluster sets."""
-        for store in (self.delta, self.in_use_hint, self.allocated, self.relocated):
+        for store in (self.delta, self.in_use_hint, self.allocated):
             store.close()
 
     def set_header(self, **fields: int) -> None:
@@ -878,6 +878,6 @@ class Transaction:
                     count = min(count, tail - start)
                     if count <= 0:
                         return
-                yield from unmarked_runs(self.relocated, start, count)
+                yield from self.relocated.runs_outside(start, count)
 
         return joined_runs(pieces())
