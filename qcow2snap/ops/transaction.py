@@ -248,6 +248,10 @@ _QUEUED_ENTRY_BYTES = 160
 #: bytes of chunks a transaction's set of allocated clusters keeps in
 #: memory before spilling (see :class:`ClusterMarks`)
 SETS_MEMORY_BYTES = 8 << 20
+#: clusters per chunk of that set: small, because the copies of refcount
+#: blocks go one into each block's own range (a chunk of a block's 32,768
+#: clusters each: 64 MiB on a 4 TiB image)
+SET_CHUNK_BITS = 9
 
 
 @dataclass
@@ -301,7 +305,7 @@ class Transaction:
         #: spilled past :data:`SETS_MEMORY_BYTES`: a Python set cost ~70
         #: bytes a cluster, and a create on a fully allocated 512-byte-cluster
         #: image copies millions of clusters' worth of tables)
-        self.allocated = ClusterSet(chunk_bits, SETS_MEMORY_BYTES)
+        self.allocated = ClusterSet(SET_CHUNK_BITS, SETS_MEMORY_BYTES)
         self.in_use_hint = ClusterMarks(chunk_bits)   # clusters known to be referenced
         #: old-state metadata the new state replaced by a shadow copy (L1/L2
         #: tables, refcount blocks and table, the snapshot table): freed, but
