@@ -22,6 +22,7 @@ import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from heapq import merge
 from itertools import compress, islice, repeat
 from operator import add, and_, sub
 from typing import IO, Generic, TypeVar
@@ -45,6 +46,13 @@ DELTA_MEMORY_BYTES = 64 << 20
 MARKS_MEMORY_BYTES = 32 << 20
 
 _Chunk = TypeVar("_Chunk", "array[int]", bytearray)
+#: what a spilled chunk's slot holds, by code (0: nothing): a signed-byte
+#: or an int64 array (:class:`RefcountDelta`), or a bytearray (:class:`ClusterMarks`)
+_SPILL_KINDS = ("-", "b", "q", "")
+#: keys (chunk numbers) whose slot is found by position (:attr:`_Chunks.spilled`,
+#: a byte each: at most 4 MiB; 2**22 chunks of 256 clusters are a 512 GiB
+#: file of 512-byte clusters)
+_DENSE_KEYS = 1 << 22
 
 
 def one_chunk_run(clusters: list[int], chunk_bits: int) -> bool:
@@ -94,7 +102,10 @@ def _nbytes(chunk: array[int] | bytearray) -> int:
 class _Chunks(Generic[_Chunk]):
     """chunk key -> chunk, at most ``limit_bytes`` of them in memory
     (:attr:`resident`, in the order they were loaded); past that one goes
-    to an unlinked temporary file, one slot per key, and comes back when
+    to an unlinked temporary file, in the slot of its key (``key *
+    slot_bytes``: the file is sparse, and what is where costs one byte a
+    key, :attr:`spilled`, not a dict entry: ~100 bytes a chunk, which with
+    512-byte clusters was 100 bytes per 256 clusters), and comes back when
     :meth:`load` asks for it.  The one to go is the third most recently
     loaded: the two latest stay for a caller moving between neighbouring
     chunks, and the ones loaded first stay for good, so the passes of an
@@ -104,14 +115,20 @@ class _Chunks(Generic[_Chunk]):
     chunk from :meth:`load` or :meth:`admit` may change it only until the
     next call of either (which may move it out)."""
 
-    __slots__ = ("file", "limit", "resident", "resident_bytes", "slot_bytes", "slots")
+    __slots__ = ("far", "file", "limit", "resident", "resident_bytes", "slot_bytes", "spilled")
 
     def __init__(self, limit_bytes: int, slot_bytes: int) -> None:
         self.resident: dict[int, _Chunk] = {}
         self.resident_bytes = 0
         self.limit = limit_bytes
         self.slot_bytes = slot_bytes                 # the widest chunk's size
-        self.slots: dict[int, tuple[int, str, int]] = {}  # key -> (slot, typecode, bytes)
+        #: per key, what its slot in the file holds: 0 nothing, else a
+        #: code of :data:`_SPILL_KINDS`
+        self.spilled = bytearray()
+        #: keys past :data:`_DENSE_KEYS` (clusters far beyond any real
+        #: file's end, which only a damaged table names): key -> (slot
+        #: after the dense ones, code)
+        self.far: dict[int, tuple[int, int]] = {}
         self.file: IO[bytes] | None = None
 
     def admit(self, key: int, chunk: _Chunk) -> _Chunk:
@@ -133,25 +150,42 @@ class _Chunks(Generic[_Chunk]):
         if self.file is None:
             import tempfile
             self.file = tempfile.TemporaryFile(prefix="qcow2snap-refdelta-")  # noqa: SIM115 - closed by close()
-        slot = self.slots.get(key)
-        index = slot[0] if slot is not None else len(self.slots)
         data = memoryview(chunk).cast("B")
-        offset = index * self.slot_bytes
+        kind = _SPILL_KINDS.index(chunk.typecode if isinstance(chunk, array) else "")
+        if key < _DENSE_KEYS:
+            if key >= len(self.spilled):
+                self.spilled.extend(bytes(key + 1 - len(self.spilled)))
+            self.spilled[key] = kind
+        else:
+            self.far[key] = (self.far.get(key, (len(self.far), 0))[0], kind)
+        offset = self._slot_offset(key)
         fd = self.file.fileno()
         while len(data):
             written = os.pwrite(fd, data, offset)
             data, offset = data[written:], offset + written
-        typecode = chunk.typecode if isinstance(chunk, array) else ""
-        self.slots[key] = (index, typecode, _nbytes(chunk))
+
+    def _in_file(self, key: int) -> int:
+        """The :data:`_SPILL_KINDS` code of ``key``'s slot (0: none)."""
+        if key < _DENSE_KEYS:
+            return self.spilled[key] if 0 <= key < len(self.spilled) else 0
+        return self.far[key][1] if key in self.far else 0
+
+    def _slot_offset(self, key: int) -> int:
+        if key < _DENSE_KEYS:
+            return key * self.slot_bytes
+        return (_DENSE_KEYS + self.far[key][0]) * self.slot_bytes
 
     def peek(self, key: int) -> _Chunk | None:
         """The chunk of ``key`` without loading it (read only), or None."""
         chunk = self.resident.get(key)
-        if chunk is not None or key not in self.slots:
+        kind = self._in_file(key) if chunk is None else 0
+        if not kind:
             return chunk
         assert self.file is not None
-        index, typecode, nbytes = self.slots[key]
-        data = os.pread(self.file.fileno(), nbytes, index * self.slot_bytes)
+        typecode = _SPILL_KINDS[kind]
+        # a signed-byte chunk is an eighth of the widest (int64) one
+        nbytes = self.slot_bytes // 8 if typecode == "b" else self.slot_bytes
+        data = os.pread(self.file.fileno(), nbytes, self._slot_offset(key))
         if len(data) != nbytes:  # pragma: no cover - a regular file reads whole
             raise OSError(f"short read of the refcount delta's temporary file ({len(data)})")
         if not typecode:
@@ -163,7 +197,7 @@ class _Chunks(Generic[_Chunk]):
     def load(self, key: int) -> _Chunk | None:
         """The chunk of ``key``, made resident, or None."""
         chunk = self.resident.get(key)
-        if chunk is not None or key not in self.slots:
+        if chunk is not None or not self._in_file(key):
             return chunk
         chunk = self.peek(key)
         assert chunk is not None
@@ -171,7 +205,14 @@ class _Chunks(Generic[_Chunk]):
 
     def items(self) -> Iterator[tuple[int, _Chunk]]:
         """Every (key, chunk), resident or not, in key order (read only)."""
-        for key in sorted(self.resident.keys() | self.slots.keys()):
+        resident = sorted(self.resident)   # bounded: the chunks in memory
+        spilled = self.spilled
+        in_file = (key for key in range(len(spilled)) if spilled[key]) if any(spilled) else ()
+        previous = -1
+        for key in merge(resident, in_file, sorted(self.far)):
+            if key == previous:   # resident and in the file: the resident one is current
+                continue
+            previous = key
             chunk = self.peek(key)
             assert chunk is not None
             yield key, chunk

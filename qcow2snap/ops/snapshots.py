@@ -44,6 +44,7 @@ from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
 from ..refcount import decode_l1, l2_live, l2_references
 from ..tables import decode_u64_table, encode_u64_table, l2_live_hosts, nonzero_indexes
+from .clustersets import L2Moves
 from .transaction import CommitResult, Transaction
 
 __all__ = [
@@ -59,6 +60,9 @@ __all__ = [
 MEMO_BYTES = 32 << 20
 #: references handed to the transaction per call by a refcount pass
 REFS_PER_CALL = 1 << 16
+#: entries of the active L1 table the COPIED pass takes at a time (its
+#: per-entry lists stay this long whatever the table: up to 4 Mi entries)
+L1_SLICE_ENTRIES = 1 << 15
 
 #: QEMU's tools hold names in char[256] and IDs in char[128]
 QEMU_MAX_NAME_BYTES = 255
@@ -311,7 +315,12 @@ class SnapshotEditor:
         self.table_dirty = False
         # read_l1 decodes a fresh array: the editor owns it
         self.active = _L1(h.l1_table_offset, h.l1_size, image.read_l1(image.layer()))
-        self._moved_l2: set[int] = set()     # offsets of the L2 copies this edit made
+        #: the L2 tables this edit copied, old -> new: the L1 tables that
+        #: point at them are redirected when loaded, or one at a time at the
+        #: commit (not all held with a referrer map: 100 snapshots of a 64
+        #: TiB disk have 100 MiB of L1 tables)
+        self._moves = L2Moves()
+        self._l1s_checked = False
         #: L2 tables a refcount pass read, kept for the COPIED pass that
         #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
         #: clusters make 65,536 tables of a 2 GiB disk)
@@ -351,18 +360,34 @@ class SnapshotEditor:
         raise SnapshotNotFoundError(f"{self.image.path}: snapshot {ref!r} is being removed")
 
     def _snapshot_l1(self, slot: _Slot) -> _L1:
+        """The slot's L1 table, loaded and kept (pointing at the L2 copies
+        made so far)."""
         if slot.l1 is None:
-            sn = slot.snapshot
-            structure = f"snapshot {slot.label}"
-            if sn.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
-                raise Qcow2Error(f"{self.image.path}: Snapshot L1 table too large: {structure}")
-            if sn.l1_table_offset & (self.cluster_size - 1):
-                raise Qcow2Error(f"{self.image.path}: Snapshot L1 table offset invalid: "
-                                 f"{structure}")
-            entries = decode_l1(self.image, sn.l1_table_offset, sn.l1_size)
-            slot.l1 = _L1(sn.l1_table_offset, sn.l1_size, entries)
-            self.txn.mark_in_use(self.txn.clusters_of(sn.l1_table_offset, sn.l1_size * 8))
+            slot.l1 = self._load_l1(slot)
         return slot.l1
+
+    def _check_l1(self, slot: _Slot) -> None:
+        """Refuse a snapshot's L1 table QEMU refuses, and mark its clusters
+        in use (never allocated over, even if their refcount says 0)."""
+        sn = slot.snapshot
+        structure = f"snapshot {slot.label}"
+        if sn.l1_size > fmt.QCOW_MAX_L1_SIZE // fmt.L1E_SIZE:
+            raise Qcow2Error(f"{self.image.path}: Snapshot L1 table too large: {structure}")
+        if sn.l1_table_offset & (self.cluster_size - 1):
+            raise Qcow2Error(f"{self.image.path}: Snapshot L1 table offset invalid: "
+                             f"{structure}")
+        self.txn.mark_in_use(self.txn.clusters_of(sn.l1_table_offset, sn.l1_size * 8))
+
+    def _load_l1(self, slot: _Slot) -> _L1:
+        """A snapshot's L1 table read from the old state, pointed at the L2
+        copies made so far."""
+        self._check_l1(slot)
+        sn = slot.snapshot
+        l1 = _L1(sn.l1_table_offset, sn.l1_size,
+                 decode_l1(self.image, sn.l1_table_offset, sn.l1_size))
+        if self._moves and self._moves.redirect(l1.entries, nonzero_indexes(l1.entries)):
+            l1.moved = True
+        return l1
 
     def _l2_offset(self, l1_entry: int, where: str) -> int:
         offset = l1_entry & fmt.L1E_OFFSET_MASK
@@ -412,13 +437,10 @@ class SnapshotEditor:
     def _l2_table(self, offset: int) -> tuple[array[int], LiveHosts | None]:
         """An L2 table of the new state, with its :func:`l2_live_hosts` if
         known."""
-        if offset in self._moved_l2:   # a copy this edit made: decode what it writes
+        if offset >> self.cluster_bits in self.txn.allocated:   # a copy this edit made
             return decode_u64_table(self.txn.read_new(offset, self.cluster_size)), None
         memo = self._memo.get(offset)
         return memo if memo is not None else (self.image.read_l2(offset), None)
-
-    def _all_l1s(self) -> list[_L1]:
-        return [self.active, *(self._snapshot_l1(slot) for slot in self.slots)]
 
     def _fix_active_copied(self, shared: bool = False) -> None:
         """Recompute COPIED on the active L1 and its L2 tables from the new
@@ -435,45 +457,45 @@ class SnapshotEditor:
         bits = self.cluster_bits
         step = 2 if self.image.extended_l2 else 1
         copied = fmt.QCOW_OFLAG_COPIED
-        referrers: dict[int, list[tuple[_L1, int]]] | None = None
         active = self.active
-        set_indexes = nonzero_indexes(active.entries)
-        l2_offsets = [self._l2_offset(active.entries[i], "the active L1 table")
-                      for i in set_indexes]
-        l2_counts = ([2] * len(l2_offsets) if shared
-                     else txn.refcounts_of([o >> bits for o in l2_offsets if o]))
-        l2_count = iter(l2_counts)
-        for i, l2 in zip(set_indexes, l2_offsets, strict=True):
-            entry = active.entries[i]
-            if not l2:
-                continue
-            paths = next(l2_count)
-            table, live_hosts = self._l2_table(l2)
-            desired = (_copied_cleared(table, step) if shared
-                       else _copied_recomputed(table, step, bits, txn, live_hosts))
-            if desired is not None:
-                if referrers is None:
-                    referrers = self._referrers()
-                l2 = self._move_l2(l2, desired, referrers)
-            flags = copied if paths == 1 else 0
-            new_entry = (entry & ~(copied | fmt.L1E_OFFSET_MASK)) | l2 | flags
-            if new_entry != entry:
-                active.entries[i] = new_entry
-                active.moved = True
+        moved = False
+        for first in range(0, active.size, L1_SLICE_ENTRIES):
+            set_indexes = [first + i for i in nonzero_indexes(
+                active.entries[first:first + L1_SLICE_ENTRIES])]
+            l2_offsets = [self._l2_offset(active.entries[i], "the active L1 table")
+                          for i in set_indexes]
+            l2_counts = ([2] * len(l2_offsets) if shared
+                         else txn.refcounts_of([o >> bits for o in l2_offsets if o]))
+            l2_count = iter(l2_counts)
+            for i, l2 in zip(set_indexes, l2_offsets, strict=True):
+                entry = active.entries[i]
+                if not l2:
+                    continue
+                paths = next(l2_count)
+                table, live_hosts = self._l2_table(l2)
+                desired = (_copied_cleared(table, step) if shared
+                           else _copied_recomputed(table, step, bits, txn, live_hosts))
+                if desired is not None:
+                    if not self._l1s_checked:   # before the first copy is allocated
+                        for slot in self.slots:
+                            if slot.l1 is None:   # (a loaded one was checked, or is new)
+                                self._check_l1(slot)
+                        self._l1s_checked = True
+                    l2 = self._move_l2(l2, desired)
+                    moved = True
+                flags = copied if paths == 1 else 0
+                new_entry = (entry & ~(copied | fmt.L1E_OFFSET_MASK)) | l2 | flags
+                if new_entry != entry:
+                    active.entries[i] = new_entry
+                    active.moved = True
+        if moved:   # the loaded L1 tables that shared the old tables: at the copies
+            for l1 in (active, *(slot.l1 for slot in self.slots if slot.l1 is not None)):
+                if self._moves.redirect(l1.entries, nonzero_indexes(l1.entries)):
+                    l1.moved = True
         self._memo.clear()
         self._memo_bytes = 0
 
-    def _referrers(self) -> dict[int, list[tuple[_L1, int]]]:
-        out: dict[int, list[tuple[_L1, int]]] = {}
-        for l1 in self._all_l1s():
-            for i in nonzero_indexes(l1.entries):
-                offset = l1.entries[i] & fmt.L1E_OFFSET_MASK
-                if offset:
-                    out.setdefault(offset, []).append((l1, i))
-        return out
-
-    def _move_l2(self, old: int, content: array[int],
-                 referrers: dict[int, list[tuple[_L1, int]]]) -> int:
+    def _move_l2(self, old: int, content: array[int]) -> int:
         txn = self.txn
         bits = self.cluster_bits
         paths = txn.refcount(old >> bits)
@@ -481,12 +503,7 @@ class SnapshotEditor:
         txn.add_refcount(new >> bits, paths - 1)
         txn.release_relocated([old >> bits], paths)
         txn.write_new(new, encode_u64_table(content))
-        self._moved_l2.add(new)
-        for l1, index in referrers.pop(old, []):
-            entry = l1.entries[index]
-            l1.entries[index] = (entry & ~fmt.L1E_OFFSET_MASK) | new
-            l1.moved = True
-            referrers.setdefault(new, []).append((l1, index))
+        self._moves.add(old, new)
         return new
 
     # ------------------------------------------------------------------
@@ -608,9 +625,13 @@ class SnapshotEditor:
             if l1.size:
                 txn.write_new(l1.offset, encode_u64_table(l1.entries))
         for slot in self.slots:
-            if slot.l1 is None or not slot.l1.moved:
+            # an L1 table not loaded yet is loaded now if some L2 table
+            # moved, pointed at the copies, written if it changed, and
+            # dropped: one at a time
+            loaded = slot.l1 if slot.l1 is not None or not self._moves else self._load_l1(slot)
+            if loaded is None or not loaded.moved:
                 continue
-            l1 = slot.l1
+            l1 = loaded
             if slot.original is not None and l1.offset:
                 txn.release_relocated(txn.clusters_of(l1.offset, l1.byte_length()))
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0

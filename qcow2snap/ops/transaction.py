@@ -47,7 +47,7 @@ import errno
 import os
 import sys
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import add, itemgetter
@@ -67,8 +67,15 @@ from ..image import Qcow2Image
 from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
-from .refdelta import (MAX_CHUNK_BITS, ClusterMarks, RefcountDelta, last_nonzero, one_chunk_run,
-                       widen_signed_bytes)
+from .clustersets import ClusterRuns, ClusterSet, SortedClusters, joined_runs
+from .refdelta import (
+    MAX_CHUNK_BITS,
+    ClusterMarks,
+    RefcountDelta,
+    last_nonzero,
+    one_chunk_run,
+    widen_signed_bytes,
+)
 
 __all__ = [
     "CommitFailedError",
@@ -306,12 +313,27 @@ WRITE_BUFFER_BYTES = 16 << 20
 #: dict slot): 512-byte clusters queue tens of thousands of them
 _QUEUED_ENTRY_BYTES = 160
 
+#: bytes of chunks a transaction's set of allocated clusters keeps in
+#: memory before spilling (see :class:`ClusterMarks`)
+SETS_MEMORY_BYTES = 8 << 20
+#: clusters per chunk of that set: small, because the copies of refcount
+#: blocks go one into each block's own range (a chunk of a block's 32,768
+#: clusters each: 64 MiB on a 4 TiB image)
+SET_CHUNK_BITS = 9
+
+
 @dataclass
 class CommitResult:
-    """What a transaction did (or, for a dry run, would do)."""
+    """What a transaction did (or, for a dry run, would do).
 
-    clusters_allocated: list[int] = field(default_factory=list)
-    clusters_freed: list[int] = field(default_factory=list)
+    ``clusters_allocated`` and ``clusters_freed`` are ascending sequences
+    of cluster numbers held as runs (:class:`ClusterRuns`: ``len``,
+    iteration, ``in``, indexing and ``==`` with a list work as on the lists
+    they were; ``.runs()`` gives (start, count) pairs): a delete can free
+    millions of clusters."""
+
+    clusters_allocated: ClusterRuns = field(default_factory=ClusterRuns)
+    clusters_freed: ClusterRuns = field(default_factory=ClusterRuns)
     bytes_allocated: int = 0
     bytes_freed: int = 0
     file_size_before: int = 0
@@ -347,12 +369,16 @@ class Transaction:
         # chunks inside refcount blocks: a lookup in the one finds the other
         chunk_bits = min(self.refcounts.block_bits, MAX_CHUNK_BITS)
         self.delta = RefcountDelta(chunk_bits)
-        self.allocated: set[int] = set()
+        #: clusters this transaction allocated (a byte a cluster in chunks,
+        #: spilled past :data:`SETS_MEMORY_BYTES`: a Python set cost ~70
+        #: bytes a cluster, and a create on a fully allocated 512-byte-cluster
+        #: image copies millions of clusters' worth of tables)
+        self.allocated = ClusterSet(SET_CHUNK_BITS, SETS_MEMORY_BYTES)
         self.in_use_hint = ClusterMarks(chunk_bits)   # clusters known to be referenced
         #: old-state metadata the new state replaced by a shadow copy (L1/L2
         #: tables, refcount blocks and table, the snapshot table): freed, but
         #: not punched (see :meth:`_reclaim`)
-        self.relocated: set[int] = set()
+        self.relocated = SortedClusters()   # 8 bytes a cluster: one per copied table
         self.new_data: dict[int, bytes] = {}   # host offset -> bytes (allocated clusters only)
         self.early_writes = early_writes
         self._queued_bytes = 0   # with each entry's own cost (small clusters: many entries)
@@ -661,14 +687,18 @@ class Transaction:
         early past the old end of the file.  The old state references none
         of it (clusters inside the file stay free, as they were); failing
         to truncate leaves only unreferenced space, so it is not an error."""
-        self.delta.close()
-        self.in_use_hint.close()
+        self._close_sets()
         if not self._wrote_early or self.image._file.is_block_device:
             return
         self._wrote_early = False
         if self._written_early_end > self._file_size:
             with contextlib.suppress(OSError):
                 self.io.truncate(self._file_size)
+
+    def _close_sets(self) -> None:
+        """Drop the temporary files of the delta and the cluster sets."""
+        for store in (self.delta, self.in_use_hint, self.allocated):
+            store.close()
 
     def set_header(self, **fields: int) -> None:
         for name, value in fields.items():
@@ -730,7 +760,7 @@ class Transaction:
         return new_blocks, table[0], table[1]
 
     def _refcount_writes(self, new_blocks: dict[int, int], table_offset: int,
-                         table_clusters: int) -> list[int]:
+                         table_clusters: int) -> ClusterRuns:
         """Encode every new refcount block (old block + delta, whole blocks at
         C speed) and the new refcount table; returns the clusters the edit
         frees (sorted).  Notes, per block, the last cluster in use, for
@@ -738,7 +768,7 @@ class Transaction:
         rc = self.refcounts
         entries = rc.block_entries
         order = self.old_header.refcount_order
-        freed: list[int] = []
+        freed = ClusterRuns()
         self._last_in_use: dict[int, int] = {}
         for b, offset in sorted(new_blocks.items()):
             old = rc.block(b)
@@ -832,8 +862,7 @@ class Transaction:
                 self.abort()
             raise
         finally:
-            self.delta.close()
-            self.in_use_hint.close()
+            self._close_sets()
 
     def _commit(self, dry_run: bool) -> CommitResult:
         new_blocks, table_offset, table_clusters = self._finalize_refcounts()
@@ -846,7 +875,7 @@ class Transaction:
             before, after = getattr(self.old_header, name), getattr(new_header, name)
             if before != after:
                 result.header_changes[name] = (before, after)
-        result.clusters_allocated = sorted(self.allocated)
+        result.clusters_allocated = ClusterRuns.from_runs(self.allocated.runs())
         result.clusters_freed = freed
         result.bytes_allocated = len(self.allocated) << self.cluster_bits
         result.metadata_bytes_written = (self._written_early_bytes
@@ -857,9 +886,7 @@ class Transaction:
         result.file_size_after = min(size_after_writes, max(new_end, 0))
         if self.image._file.is_block_device:  # a device keeps its size
             result.file_size_after = self._file_size
-        result.bytes_freed = sum(
-            min(self.cluster_size, max(0, self._file_size - (c << self.cluster_bits)))
-            for c in freed)
+        result.bytes_freed = sum(self._bytes_in_file(start, count) for start, count in freed.runs())
         if dry_run:
             self.abort()   # (a dry run should not write early: pass early_writes=False)
             return result
@@ -927,10 +954,15 @@ class Transaction:
                 f"state (both are consistent); check the storage, then verify with "
                 f"'qcow2snap list'") from exc
 
+    def _bytes_in_file(self, start: int, count: int) -> int:
+        """Bytes of clusters ``[start, start + count)`` inside the old file."""
+        first, end = start << self.cluster_bits, (start + count) << self.cluster_bits
+        return max(0, min(end, self._file_size) - first)
+
     def _new_end_cluster(self, new_blocks: dict[int, int]) -> int:
         """One past the highest cluster in use in the new state."""
         rc = self.refcounts
-        highest = max(self.allocated, default=0)
+        highest = self.allocated.highest(default=0)
         # scan blocks from the last one in either state for the last cluster
         # still in use (only the table's set entries: it has room for
         # thousands of blocks an image does not have)
@@ -948,7 +980,7 @@ class Transaction:
                 return max(highest, (b << rc.block_bits) + last) + 1
         return highest + 1
 
-    def _reclaim(self, freed: list[int], size_now: int, size_after: int) -> None:
+    def _reclaim(self, freed: ClusterRuns, size_now: int, size_after: int) -> None:
         """Give freed clusters back to the file system (after the commit):
         truncate a free tail, punch holes for the rest, except old metadata
         that a shadow copy replaced (:attr:`relocated`).
@@ -967,18 +999,21 @@ class Transaction:
         cs = self.cluster_size
         # a block device keeps its size: its freed tail is discarded instead
         truncate = size_after < size_now and not self.image._file.is_block_device
-        runs: list[tuple[int, int]] = []
-        relocated = self.relocated
-        for c in freed:
-            if truncate and (c << self.cluster_bits) >= size_after:
-                continue
-            if c in relocated:
-                continue
-            if runs and runs[-1][0] + runs[-1][1] == c:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((c, 1))
+        tail = (size_after + cs - 1) >> self.cluster_bits if truncate else None
         if truncate:
             self.io.truncate(size_after)
-        for start, count in runs:
+        for start, count in self._punch_runs(freed, tail):
             self.io.punch_hole(start * cs, count * cs)
+
+    def _punch_runs(self, freed: ClusterRuns, tail: int | None) -> Iterator[tuple[int, int]]:
+        """The runs of ``freed`` to punch: below cluster ``tail`` (None: all)
+        and not relocated metadata, adjacent pieces joined."""
+        def pieces() -> Iterator[tuple[int, int]]:
+            for start, count in freed.runs():
+                if tail is not None:
+                    count = min(count, tail - start)
+                    if count <= 0:
+                        return
+                yield from self.relocated.runs_outside(start, count)
+
+        return joined_runs(pieces())

@@ -1,0 +1,162 @@
+"""An edit's memory does not grow with the image (issue 16: "peak memory
+for any edit at most 256 MiB, whatever the image"), and the compact forms
+that bound it (ops/clustersets.py) read as the lists and maps they replace."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import assert_qemu_clean
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qcow2snap
+from qcow2snap.ops.clustersets import ClusterRuns, ClusterSet, L2Moves, SortedClusters
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def no_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fixed budget shrunk to (almost) nothing, so that what is left
+    of an edit's peak is what grows with the image."""
+    from qcow2snap import cache, refcount
+    from qcow2snap.ops import clustersets, refdelta, snapshots, transaction
+    monkeypatch.setattr(transaction, "WRITE_BUFFER_BYTES", 0)
+    monkeypatch.setattr(transaction, "SETS_MEMORY_BYTES", 1)
+    monkeypatch.setattr(transaction, "VIEW_MAX_CLUSTERS", 0)
+    monkeypatch.setattr(refdelta, "DELTA_MEMORY_BYTES", 1)
+    monkeypatch.setattr(refdelta, "MARKS_MEMORY_BYTES", 1)
+    monkeypatch.setattr(refcount, "READER_CACHE_BYTES", 1)
+    monkeypatch.setattr(snapshots, "MEMO_BYTES", 1)
+    monkeypatch.setattr(snapshots, "REFS_PER_CALL", 1024)
+    monkeypatch.setattr(snapshots, "L1_SLICE_ENTRIES", 256)
+    monkeypatch.setattr(clustersets, "RUNS_MEMORY_BYTES", 1024)
+    monkeypatch.setattr(cache.L2_TABLES, "max_bytes", 1)
+
+
+def _peak(path: Path, edit: Callable[[Any], Any]) -> tuple[int, Any]:
+    with qcow2snap.open(path, "r+") as image:
+        tracemalloc.start()
+        try:
+            result = edit(image)
+            return tracemalloc.get_traced_memory()[1], result
+        finally:
+            tracemalloc.stop()
+
+
+def test_edits_with_thousands_of_changed_tables_stay_small(
+        no_budgets: None, qemu_img: str, qemu_io: str, tmp_path: Path) -> None:
+    """64 MiB of 512-byte clusters, written, snapshot, written again: the
+    delete of the snapshot frees 133,696 clusters (the list of them alone
+    took 4.6 MiB), and the create that follows copies all 2,048 L2 tables
+    (COPIED changes everywhere; the map from every L2 table to the L1
+    entries pointing at it, the sets of allocated and relocated clusters
+    took 1.4 MiB).  With the fixed budgets shrunk to nothing, both stay
+    under 1 MiB."""
+    path = tmp_path / "many-tables.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+                    str(path), "64M"], check=True)
+    subprocess.run([qemu_io, "-t", "unsafe", "-c", "write -P 1 0 64M", str(path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([qemu_img, "snapshot", "-c", "s1", str(path)], check=True)
+    subprocess.run([qemu_io, "-t", "unsafe", "-c", "write -P 2 0 64M", str(path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    warm = tmp_path / "warm.qcow2"   # every lazy import done before measuring
+    shutil.copyfile(path, warm)
+    with qcow2snap.open(warm, "r+") as image:
+        image.create_snapshot("x")
+        image.delete_snapshot("x")
+
+    peak, deleted = _peak(path, lambda image: image.delete_snapshot("s1"))
+    assert len(deleted.clusters_freed) > 130_000
+    assert peak < 1 * MiB, f"delete: {peak / MiB:.2f} MiB"
+    assert_qemu_clean(qemu_img, path)
+
+    peak, (_, created) = _peak(path, lambda image: image.create_snapshot("new"))
+    assert len(created.clusters_allocated) > 2048
+    assert peak < 1 * MiB, f"create: {peak / MiB:.2f} MiB"
+    assert_qemu_clean(qemu_img, path)
+    with qcow2snap.open(path) as image, image.open_disk("new") as disk:
+        assert disk.read(512) == b"\x02" * 512
+
+
+_ASCENDING = st.lists(st.integers(0, 3000), max_size=300).map(lambda c: sorted(set(c)))
+
+
+@given(_ASCENDING, st.sampled_from([16, 64, 1 << 20]))
+def test_cluster_runs_read_as_the_list(clusters: list[int], memory: int) -> None:
+    from qcow2snap.ops import clustersets
+    old, clustersets.RUNS_MEMORY_BYTES = clustersets.RUNS_MEMORY_BYTES, memory
+    try:
+        runs = ClusterRuns()
+        half = len(clusters) // 2
+        runs += clusters[:half]
+        runs += clusters[half:]
+    finally:
+        clustersets.RUNS_MEMORY_BYTES = old
+    assert list(runs) == clusters and runs == clusters and len(runs) == len(clusters)
+    assert bool(runs) == bool(clusters)
+    assert all(runs[i] == c for i, c in enumerate(clusters))
+    assert runs[-1:] == clusters[-1:]
+    assert all(c in runs for c in clusters[:20]) and -1 not in runs
+    assert sum(count for _, count in runs.runs()) == len(clusters)
+    assert ClusterRuns.from_runs(runs.runs()) == runs
+    runs.close()
+
+
+def test_cluster_runs_refuse_going_back() -> None:
+    runs = ClusterRuns([5, 6, 7])
+    assert list(runs.runs()) == [(5, 3)]
+    with pytest.raises(ValueError):
+        runs += [6]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2000)), max_size=200),
+       st.sampled_from([1, 1 << 20]))
+def test_cluster_set_is_a_set(ops: list[tuple[bool, int]], memory: int) -> None:
+    members = ClusterSet(4, memory)
+    reference: set[int] = set()
+    for add, cluster in ops:
+        if add:
+            members.add(cluster)
+            reference.add(cluster)
+        else:
+            members.discard(cluster)
+            reference.discard(cluster)
+    assert len(members) == len(reference)
+    assert members.highest(default=-7) == max(reference, default=-7)
+    assert list(ClusterRuns.from_runs(members.runs())) == sorted(reference)
+    assert all((c in members) == (c in reference) for c in range(0, 2001, 3))
+    relocated = SortedClusters()
+    relocated.update([cluster for add, cluster in ops if add])   # repeated: kept once
+    added = {cluster for add, cluster in ops if add}
+    assert len(relocated) == len(added)
+    assert all((c in relocated) == (c in added) for c in range(0, 2001, 3))
+    free = [c for first, n in relocated.runs_outside(100, 700) for c in range(first, first + n)]
+    assert free == [c for c in range(100, 800) if c not in added]
+    members.close()
+
+
+def test_l2_moves_follow_copies_and_keep_the_first() -> None:
+    from array import array
+    moves = L2Moves()
+    assert not moves
+    moves.add(0x1000, 0x9000)
+    moves.add(0x2000, 0xA000)
+    moves.add(0x2000, 0xB000)      # copied twice: the first copy stays
+    assert moves.lookup(0x1000) == 0x9000 and moves.lookup(0x2000) == 0xA000
+    moves.add(0x9000, 0xC000)      # a copy copied again: followed
+    assert moves.lookup(0x1000) == 0xC000 and moves.lookup(0x3000) == 0x3000
+    copied = 1 << 63
+    l1 = array("Q", [0x1000 | copied, 0, 0x3000, 0x2000, 0x9000])
+    assert moves.redirect(l1, [0, 2, 3, 4])
+    assert list(l1) == [0xC000 | copied, 0, 0x3000, 0xA000, 0xC000]
+    assert not moves.redirect(l1, [0, 2, 3, 4])
+    assert len(moves) == 3
