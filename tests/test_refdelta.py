@@ -173,6 +173,34 @@ def test_a_bulk_add_that_overflows_midway_counts_each_cluster_once() -> None:
         assert all(base + c in marks for c in clusters) and base + 6 not in marks
 
 
+def test_runs_of_consecutive_clusters_add_past_the_signed_byte_range() -> None:
+    """A run of consecutive clusters (a preallocated table) is added as one
+    slice; +1 and -1 a hundred and thirty times go past -128..127 and on,
+    and the marks cover the run."""
+    for amount in (1, -1):
+        delta = RefcountDelta(12)
+        marks = ClusterMarks(12)
+        delta.add(150, 5)
+        run = list(range(100, 200))
+        for _ in range(130):
+            delta.add_many(list(run), amount, marks)
+        assert delta.get(99) == delta.get(200) == 0
+        assert delta.get(150) == 5 + 130 * amount
+        assert all(delta.get(c) == 130 * amount for c in run if c != 150)
+        assert all(c in marks for c in run) and 99 not in marks and 200 not in marks
+    # add_run (the refcount pass's route for such a table) keeps the view too
+    from array import array
+    delta = RefcountDelta(12)
+    delta.view = array("q", [3] * 160)
+    delta.add_run(100, 100, -1)
+    assert delta.view[99] == 3 and delta.view[100:] == array("q", [2] * 60)
+    assert [delta.get(c) for c in (99, 100, 199, 200)] == [0, -1, -1, 0]
+    # across chunks (4,096 clusters each here)
+    delta.add_run(4000, 9000, 1)
+    assert [delta.get(c) for c in (3999, 4000, 4095, 4096, 8191, 8192, 12999, 13000)] == [
+        0, 1, 1, 1, 1, 1, 1, 0]
+
+
 def test_amounts_are_the_chunk_or_the_span() -> None:
     """A range inside one chunk comes back as the chunk's signed bytes, a
     range across chunks or in a widened chunk as int64; the numbers are the

@@ -28,7 +28,7 @@ from operator import add, and_, sub
 from typing import IO, Generic, TypeVar
 
 __all__ = ["DELTA_MEMORY_BYTES", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS", "ClusterMarks",
-           "RefcountDelta", "last_nonzero", "one_chunk_run",
+           "RefcountDelta", "consecutive", "last_nonzero", "one_chunk_run",
            "widen_signed_bytes"]
 
 
@@ -55,14 +55,19 @@ _SPILL_KINDS = ("-", "b", "q", "")
 _DENSE_KEYS = 1 << 22
 
 
-def one_chunk_run(clusters: list[int], chunk_bits: int) -> bool:
-    """Whether ``clusters`` is first, first + 1, ... inside one chunk."""
+def consecutive(clusters: list[int]) -> bool:
+    """Whether ``clusters`` is first, first + 1, ... (at least 8 of them)."""
     n = len(clusters)
     if n < 8:
         return False
     first = clusters[0]
-    return (clusters[-1] - first == n - 1 and first >> chunk_bits == clusters[-1] >> chunk_bits
-            and clusters == list(range(first, first + n)))
+    return clusters[-1] - first == n - 1 and clusters == list(range(first, first + n))
+
+
+def one_chunk_run(clusters: list[int], chunk_bits: int) -> bool:
+    """Whether ``clusters`` is first, first + 1, ... inside one chunk."""
+    return (len(clusters) >= 8 and clusters[0] >> chunk_bits == clusters[-1] >> chunk_bits
+            and consecutive(clusters))
 
 
 def last_nonzero(values: array[int]) -> int:
@@ -93,6 +98,12 @@ def widen_signed_bytes(values: array[int] | bytes) -> array[int]:
     out = array("q")
     out.frombytes(lanes)
     return out
+
+
+#: amount -> (a translate table adding it to signed bytes, the byte that
+#: would wrap)
+_STEP_BYTES = {1: (bytes((b + 1) & 0xFF for b in range(256)), 0x7F),
+               -1: (bytes((b - 1) & 0xFF for b in range(256)), 0x80)}
 
 
 def _nbytes(chunk: array[int] | bytearray) -> int:
@@ -297,18 +308,7 @@ class RefcountDelta:
                     view[cluster] += amount
         if type(clusters) is list and one_chunk_run(clusters, bits):
             # a contiguous run (a sequentially written table): slices
-            n = len(clusters)
-            key, start = clusters[0] >> bits, clusters[0] & mask
-            chunk = self.chunk(key)
-            try:
-                chunk[start:start + n] = array(chunk.typecode, map(
-                    add, chunk[start:start + n], repeat(amount, n)))
-            except OverflowError:
-                chunk = self._widen(key)
-                chunk[start:start + n] = array("q", map(add, chunk[start:start + n],
-                                                        repeat(amount, n)))
-            if marks is not None:
-                marks.chunk(key)[start:start + n] = b"\x01" * n
+            self._add_run_in_chunk(clusters[0], len(clusters), amount, marks)
             return
         if type(clusters) is list and len(clusters) >= BULK_ADD:
             self._add_grouped(clusters, amount, marks)
@@ -329,6 +329,44 @@ class RefcountDelta:
                 chunk[cluster & mask] += amount
             if marks is not None:
                 marked[cluster & mask] = 1
+
+    def add_run(self, first: int, count: int, amount: int,
+                marks: ClusterMarks | None = None) -> None:
+        """``amount`` on the clusters ``[first, first + count)``, also
+        marking them: a slice per chunk they cross."""
+        view = self.view
+        if view is not None and first < len(view):
+            stop = min(first + count, len(view))
+            view[first:stop] = array("q", map(add, view[first:stop],
+                                              repeat(amount, stop - first)))
+        end = first + count
+        while first < end:
+            piece = min(end, ((first >> self.bits) + 1) << self.bits) - first
+            self._add_run_in_chunk(first, piece, amount, marks)
+            first += piece
+
+    def _add_run_in_chunk(self, first: int, n: int, amount: int,
+                          marks: ClusterMarks | None) -> None:
+        key, start = first >> self.bits, first & self.mask
+        chunk = self.chunk(key)
+        step = _STEP_BYTES.get(amount)
+        if step is not None and chunk.typecode == "b":
+            # +/-1 on signed bytes: one translate, unless a byte would wrap
+            segment = chunk[start:start + n].tobytes()
+            if step[1] not in segment:
+                chunk[start:start + n] = array("b", segment.translate(step[0]))
+                if marks is not None:
+                    marks.chunk(key)[start:start + n] = b"\x01" * n
+                return
+        try:
+            chunk[start:start + n] = array(chunk.typecode, map(
+                add, chunk[start:start + n], repeat(amount, n)))
+        except OverflowError:
+            chunk = self._widen(key)
+            chunk[start:start + n] = array("q", map(add, chunk[start:start + n],
+                                                    repeat(amount, n)))
+        if marks is not None:
+            marks.chunk(key)[start:start + n] = b"\x01" * n
 
     def _add_grouped(self, clusters: list[int], amount: int, marks: ClusterMarks | None) -> None:
         """:meth:`add_many` of many clusters, chunk by chunk: when they all

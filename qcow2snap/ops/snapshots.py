@@ -45,6 +45,7 @@ from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_i
 from ..refcount import decode_l1, l2_live, l2_references
 from ..tables import decode_u64_table, encode_u64_table, l2_live_hosts, nonzero_indexes
 from .clustersets import L2Moves
+from .refdelta import consecutive
 from .transaction import CommitResult, Transaction
 
 __all__ = [
@@ -421,6 +422,10 @@ class SnapshotEditor:
             live_hosts = l2_live_hosts(plain, bits)
             if live_hosts is None:   # compressed entries
                 refs += l2_references(self.image, l2, table)
+            elif consecutive(live_hosts[1]):
+                # consecutive clusters (a preallocated or sequentially
+                # written table): one slice, not one addition per cluster
+                txn.add_reference_run(live_hosts[1][0], len(live_hosts[1]), addend)
             else:
                 refs += live_hosts[1]
             if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work

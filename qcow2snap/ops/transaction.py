@@ -410,6 +410,11 @@ class Transaction:
         """:meth:`mark_in_use` and :meth:`add_refcounts` in one pass."""
         self.delta.add_many(clusters, amount, self.in_use_hint)
 
+    def add_reference_run(self, first: int, count: int, amount: int) -> None:
+        """:meth:`add_references` of the consecutive clusters ``[first,
+        first + count)``: a slice per delta chunk."""
+        self.delta.add_run(first, count, amount, self.in_use_hint)
+
     def release_relocated(self, clusters: Iterable[int], amount: int = 1) -> None:
         """Drop ``amount`` references to old-state metadata that a shadow copy
         replaces (see :attr:`relocated`)."""
