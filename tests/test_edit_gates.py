@@ -849,6 +849,18 @@ def test_revert_of_a_missing_snapshot_changes_nothing(fixture_copy: Any) -> None
     assert state(path) == before
 
 
+def _small_cluster_image(path: Path, qemu_img: str, qemu_io: str, size: str,
+                         written: str) -> Path:
+    """A qcow2 image of 512-byte clusters (many refcount blocks), its first
+    ``written`` bytes written, then snapshot s1 taken, by qemu-img/qemu-io."""
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+                    str(path), size], check=True)
+    subprocess.run([qemu_io, "-c", f"write -P 1 0 {written}", str(path)], check=True,
+                   capture_output=True)
+    subprocess.run([qemu_img, "snapshot", "-c", "s1", str(path)], check=True)
+    return path
+
+
 def test_refcount_block_copies_do_not_cascade(tmp_path: Path, qemu_img: str,
                                               qemu_io: str) -> None:
     """A rename changes the snapshot table and the few refcount blocks that
@@ -857,12 +869,7 @@ def test_refcount_block_copies_do_not_cascade(tmp_path: Path, qemu_img: str,
     changed the block covering it, whose copy changed another: after a few
     edits of a 512-byte-cluster image (512 refcount blocks) a rename rewrote
     ~260 of them (218-267 clusters allocated instead of ~10)."""
-    path = tmp_path / "blocks.qcow2"
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
-                    str(path), "64M"], check=True)
-    subprocess.run([qemu_io, "-c", "write -P 1 0 32M", str(path)], check=True,
-                   capture_output=True)
-    subprocess.run([qemu_img, "snapshot", "-c", "s1", str(path)], check=True)
+    path = _small_cluster_image(tmp_path / "blocks.qcow2", qemu_img, qemu_io, "64M", "32M")
     subprocess.run([qemu_io, "-c", "write -P 2 0 8M", str(path)], check=True,
                    capture_output=True)
     name = "s1"
@@ -891,12 +898,7 @@ def test_refcount_block_copies_are_placed_without_a_scan_to_the_end(
     block, read blocks quadratically (7.6 s of CPU for 1,024 blocks of a
     512 MiB image, against qemu-img's 1.0 s)."""
     from qcow2snap import refcount
-    path = tmp_path / "full.qcow2"
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
-                    str(path), "32M"], check=True)
-    subprocess.run([qemu_io, "-c", "write -P 1 0 32M", str(path)], check=True,
-                   capture_output=True)
-    subprocess.run([qemu_img, "snapshot", "-c", "s1", str(path)], check=True)
+    path = _small_cluster_image(tmp_path / "full.qcow2", qemu_img, qemu_io, "32M", "32M")
     looked_at: list[int] = []
     block = refcount.RefcountReader.block
 
