@@ -13,6 +13,20 @@ _OPS = st.lists(st.tuples(st.lists(_CLUSTER, max_size=150), st.integers(-3, 3), 
                 max_size=30)
 
 
+def _assert_same_as(delta: RefcountDelta, marks: ClusterMarks, reference: dict[int, int],
+                    marked: set[int], group_bits: int) -> None:
+    """``delta`` reads as the dict ``reference`` (its non-zero amounts) by
+    every accessor, and ``marks`` holds exactly ``marked`` (clusters < 5,100)."""
+    expected = {c: v for c, v in sorted(reference.items()) if v}
+    assert dict(delta.items()) == expected
+    assert bool(delta) == bool(expected)
+    assert all(delta.get(c) == reference.get(c, 0) for c in range(0, 5100, 7))
+    assert delta.changed_groups(group_bits) == {c >> group_bits for c in expected}
+    assert delta.changed_groups(14) == {c >> 14 for c in expected}
+    assert list(delta.span(100, 300)) == [reference.get(c, 0) for c in range(100, 400)]
+    assert {c for c in range(5100) if c in marks} == marked
+
+
 @given(_OPS, st.sampled_from([4, 8, 12]), st.booleans())
 def test_delta_is_a_dict_of_nonzero_amounts(ops: list[tuple[list[int], int, bool]],
                                             chunk_bits: int, run: bool) -> None:
@@ -27,14 +41,7 @@ def test_delta_is_a_dict_of_nonzero_amounts(ops: list[tuple[list[int], int, bool
             reference[c] = reference.get(c, 0) + amount
             if mark:
                 marked.add(c)
-    expected = {c: v for c, v in sorted(reference.items()) if v}
-    assert dict(delta.items()) == expected
-    assert bool(delta) == bool(expected)
-    assert all(delta.get(c) == reference.get(c, 0) for c in range(0, 5100, 7))
-    assert delta.changed_groups(6) == {c >> 6 for c in expected}
-    assert delta.changed_groups(14) == {c >> 14 for c in expected}
-    assert list(delta.span(100, 300)) == [reference.get(c, 0) for c in range(100, 400)]
-    assert {c for c in range(5100) if c in marks} == marked
+    _assert_same_as(delta, marks, reference, marked, group_bits=6)
 
 
 class _Counts:
@@ -243,14 +250,7 @@ def test_spilled_and_widened_chunks_are_the_same_dict(
             reference[c] = reference.get(c, 0) + amount
             if mark and len(clusters) > 1:
                 marked.add(c)
-    expected = {c: v for c, v in sorted(reference.items()) if v}
-    assert dict(delta.items()) == expected
-    assert bool(delta) == bool(expected)
-    assert all(delta.get(c) == reference.get(c, 0) for c in range(0, 5100, 7))
-    assert delta.changed_groups(2) == {c >> 2 for c in expected}
-    assert delta.changed_groups(14) == {c >> 14 for c in expected}
-    assert list(delta.span(100, 300)) == [reference.get(c, 0) for c in range(100, 400)]
-    assert {c for c in range(5100) if c in marks} == marked
+    _assert_same_as(delta, marks, reference, marked, group_bits=2)
     if memory == 1 and len({c >> chunk_bits for c in reference}) > 1:
         assert any(delta.store.spilled) or delta.store.far, "nothing went to the temporary file"
     delta.close()
