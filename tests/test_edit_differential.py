@@ -831,6 +831,118 @@ def test_create_sets_copied_like_qemu_where_a_count_was_zero(tmp_path: Path, qem
     assert _active_l2_entries(ours) == want
 
 
+def _one_table_image(tmp_path: Path, qemu_img: str, qemu_io: str) -> tuple[Path, int, int]:
+    """A 64 MiB image with 1 MiB written (one L2 table) and snapshot s made
+    by qemu-img, so that s and the active layer share that table; returns
+    it, the host cluster of its first data cluster and the file offset of
+    that cluster's 16-bit refcount."""
+    from qcow2snap import format as fmt
+    base = tmp_path / "z.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    subprocess.run([qemu_io, "-c", "write -P 7 0 1M", str(base)], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([qemu_img, "snapshot", "-c", "s", str(base)], check=True)
+    with qcow2snap.open(base) as image:
+        host_cluster = (dict(_active_l2_entries(base))[0] & fmt.L2E_OFFSET_MASK) >> 16
+        block = int.from_bytes(image.pread(image.header.refcount_table_offset, 8), "big")
+        assert image.header.refcount_order == 4
+    return base, host_cluster, block + 2 * host_cluster
+
+
+def _set_refcount16(path: Path, offset: int, count: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(count.to_bytes(2, "big"))
+
+
+def _refcount16(path: Path, offset: int) -> int:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return int.from_bytes(f.read(2), "big")
+
+
+def test_revert_to_a_shared_table_refused_like_qemu_at_the_maximum(
+        tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
+    """A revert skips the tables the snapshot shares with the active layer
+    (their +1 and -1 cancel), but QEMU adds before it takes away: a cluster
+    of such a table whose refcount is already 65,535 overflows on the way,
+    and qemu-img refuses.  qcow2snap refuses too, changing nothing (it
+    failed with the skip taken regardless)."""
+    base, _, refcount_offset = _one_table_image(tmp_path, qemu_img, qemu_io)
+    _set_refcount16(base, refcount_offset, 0xFFFF)
+    theirs = tmp_path / "A.qcow2"
+    shutil.copyfile(base, theirs)
+    proc = subprocess.run([qemu_img, "snapshot", "-a", "s", str(theirs)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "Failed to load snapshot" in proc.stderr, proc.stderr
+    before = base.read_bytes()
+    with qcow2snap.open(base, "r+") as image, pytest.raises(RefcountOverflowError) as info:
+        image.revert_to_snapshot("s")
+    assert "reverting to snapshot" in str(info.value) and "16-bit refcounts" in str(info.value)
+    assert base.read_bytes() == before
+
+
+def test_revert_to_a_shared_table_just_below_the_maximum_matches_qemu(
+        tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
+    """One below the maximum the intermediate count fits, so QEMU reverts;
+    the skip's bound (highest count plus what the shared tables could add)
+    does not fit, so qcow2snap counts the shared tables as QEMU does and
+    must end where QEMU ends: same count, same disk, same check report."""
+    base, _, refcount_offset = _one_table_image(tmp_path, qemu_img, qemu_io)
+    _set_refcount16(base, refcount_offset, 0xFFFE)
+    theirs, ours = tmp_path / "A.qcow2", tmp_path / "B.qcow2"
+    shutil.copyfile(base, theirs)
+    shutil.copyfile(base, ours)
+    subprocess.run([qemu_img, "snapshot", "-a", "s", str(theirs)], check=True)
+    with qcow2snap.open(ours, "r+") as image:
+        image.revert_to_snapshot("s")
+    assert _refcount16(ours, refcount_offset) == _refcount16(theirs, refcount_offset) == 0xFFFE
+    subprocess.run([qemu_img, "compare", "-q", str(theirs), str(ours)], check=True)
+    assert _active_l2_entries(ours) == _active_l2_entries(theirs)
+    reports = [json.loads(subprocess.run([qemu_img, "check", "--output=json", str(p)],
+                                         capture_output=True, text=True, check=False).stdout)
+               for p in (theirs, ours)]
+    for report in reports:
+        report.pop("filename")
+        report.pop("image-end-offset")
+    assert reports[0] == reports[1]
+    assert reports[0]["leaks"] == 1
+
+
+def test_a_revert_counts_no_table_the_snapshot_shares(tmp_path: Path, qemu_img: str,
+                                                      qemu_io: str, monkeypatch: Any) -> None:
+    """Reverting to a snapshot made just before shares every table: nothing
+    is added or taken away (it counted each of the table's 17 clusters up
+    and down again), and the image is QEMU's: clean, same disk, same
+    COPIED flags."""
+    from qcow2snap.ops.transaction import Transaction
+    base, _, _ = _one_table_image(tmp_path, qemu_img, qemu_io)
+    theirs, ours = tmp_path / "A.qcow2", tmp_path / "B.qcow2"
+    shutil.copyfile(base, theirs)
+    shutil.copyfile(base, ours)
+    counted: list[int] = []
+    add_references, add_reference_run = Transaction.add_references, Transaction.add_reference_run
+
+    def spy_references(self: Transaction, clusters: Any, amount: int) -> None:
+        clusters = list(clusters)
+        counted.extend(clusters)
+        add_references(self, clusters, amount)
+
+    def spy_run(self: Transaction, first: int, count: int, amount: int) -> None:
+        counted.extend(range(first, first + count))
+        add_reference_run(self, first, count, amount)
+
+    monkeypatch.setattr(Transaction, "add_references", spy_references)
+    monkeypatch.setattr(Transaction, "add_reference_run", spy_run)
+    with qcow2snap.open(ours, "r+") as image:
+        image.revert_to_snapshot("s")
+    assert counted == []
+    subprocess.run([qemu_img, "snapshot", "-a", "s", str(theirs)], check=True)
+    subprocess.run([qemu_img, "compare", "-q", str(theirs), str(ours)], check=True)
+    assert _active_l2_entries(ours) == _active_l2_entries(theirs)
+    assert_qemu_clean(qemu_img, ours)
+
+
 # --------------------------------------------------------------------------
 # A real QEMU loads VM snapshots of an image qcow2snap edited
 

@@ -27,7 +27,8 @@ import re
 import sys
 import time
 from array import array
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Literal
@@ -397,9 +398,15 @@ class SnapshotEditor:
                              f"{where}; run 'qcow2snap check'")
         return offset
 
-    def _refupdate(self, l1: _L1, addend: int, where: str) -> None:
+    def _refupdate(self, l1: _L1, addend: int, where: str,
+                   indexes: Iterable[int] | None = None,
+                   uncounted: Container[int] = ()) -> None:
         """+/-1 on every L2 table of ``l1`` and every cluster they reference
         (QEMU's ``qcow2_update_snapshot_refcount``, without its COPIED pass).
+        ``indexes``: only the tables of these L1 entries (default: every
+        one that is set); ``uncounted``: L1 indexes whose tables are read
+        and kept for the COPIED pass but not counted (a revert's tables
+        shared with the active layer, see :meth:`revert`).
 
         A table's references are its entries' host clusters, taken at C
         speed from its live entries (:func:`l2_live_hosts`: a sparse table
@@ -409,17 +416,19 @@ class SnapshotEditor:
         txn = self.txn
         bits = self.cluster_bits
         entries = l1.entries
-        extended = self.image.extended_l2
         tables: list[int] = []
         refs: list[int] = []
-        for index in nonzero_indexes(entries):   # cost follows the L2 tables, not the disk size
+        if indexes is None:   # cost follows the L2 tables, not the disk size
+            indexes = nonzero_indexes(entries)
+        for index in indexes:
             l2 = self._l2_offset(entries[index], where)
             if not l2:
                 continue
+            if index in uncounted:
+                self._table_and_hosts(l2)
+                continue
             tables.append(l2 >> bits)
-            table = self.image.read_l2(l2)
-            plain = table[0::2] if extended else table
-            live_hosts = l2_live_hosts(plain, bits)
+            table, live_hosts = self._table_and_hosts(l2)
             if live_hosts is None:   # compressed entries
                 refs += l2_references(self.image, l2, table)
             elif consecutive(live_hosts[1]):
@@ -428,16 +437,81 @@ class SnapshotEditor:
                 txn.add_reference_run(live_hosts[1][0], len(live_hosts[1]), addend)
             else:
                 refs += live_hosts[1]
-            if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
-                self._memo[l2] = (table, live_hosts)
-                self._memo_bytes += (len(table) * 8 + 128 if live_hosts is None else
-                                     len(table) * 8 + len(live_hosts[1]) * 40
-                                     + len(live_hosts[0]) * 72 + 128)
             if len(refs) >= REFS_PER_CALL:
                 txn.add_references(refs, addend)
                 refs = []
         txn.add_references(tables, addend)
         txn.add_references(refs, addend)
+
+    def _table_and_hosts(self, l2: int) -> tuple[array[int], LiveHosts | None]:
+        """The L2 table at ``l2`` (of the old state) and its
+        :func:`l2_live_hosts` (None: it has compressed entries), kept for
+        the COPIED pass while :data:`MEMO_BYTES` allow."""
+        memo = self._memo.get(l2)
+        if memo is not None:
+            return memo
+        table = self.image.read_l2(l2)
+        live_hosts = l2_live_hosts(table[0::2] if self.image.extended_l2 else table,
+                                   self.cluster_bits)
+        if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
+            self._memo[l2] = (table, live_hosts)
+            self._memo_bytes += (len(table) * 8 + 128 if live_hosts is None else
+                                 len(table) * 8 + len(live_hosts[1]) * 40
+                                 + len(live_hosts[0]) * 72 + 128)
+        return table, live_hosts
+
+    def _table_references(self, l2: int) -> list[int]:
+        """Every cluster the L2 table at ``l2`` references, as
+        :meth:`_refupdate` counts them (its own cluster not included)."""
+        table, live_hosts = self._table_and_hosts(l2)
+        return (l2_references(self.image, l2, table) if live_hosts is None
+                else live_hosts[1])
+
+    def _shared_tables(self, sn_l1: _L1) -> list[int]:
+        """The L1 indexes at which the snapshot's table and the active
+        layer's are the same L2 table: a revert adds 1 to it and every
+        cluster it references, then takes 1 away, so both can be skipped
+        (when :meth:`_skipped_increments_fit`)."""
+        active = self.active.entries
+        sn = sn_l1.entries
+        mask = fmt.L1E_OFFSET_MASK
+        return [i for i in nonzero_indexes(sn)
+                if i < len(active) and sn[i] & mask and not (sn[i] ^ active[i]) & mask]
+
+    def _skipped_increments_fit(self, sn_l1: _L1, shared: list[int], where: str) -> bool:
+        """Whether QEMU's increments of the ``shared`` tables (skipped by
+        the revert) would have stayed within the refcount width, on top of
+        the increments planned so far: QEMU adds all of the snapshot's
+        references before it takes the active layer's away, and refuses an
+        overflow on the way (:meth:`Transaction.check_increments_fit`).
+
+        Told from bounds on what a cluster gains from those tables: at most
+        one for each of their references and each table (a table is
+        counted once per L1 entry), or, tighter, ``len(shared) *
+        (multiplicity + 1)`` (once per table it is in, or more where a table
+        references it twice, and the table's own cluster); the highest
+        planned count of their clusters plus that must fit.  False (count
+        them after all) when no bound fits, which takes a count near the
+        maximum or a very large image with narrow refcounts."""
+        txn = self.txn
+        bits = self.cluster_bits
+        tables = [self._l2_offset(sn_l1.entries[index], where) >> bits for index in shared]
+        highest = max(txn.refcounts_of(tables))
+        references = 0
+        for table in tables:
+            hosts = self._table_references(table << bits)
+            if hosts:
+                references += len(hosts)
+                highest = max(highest, max(txn.refcounts_of(hosts)))
+        room = txn.refcount_max - highest
+        if room >= references + len(shared):
+            return True
+        multiplicity = 1
+        for table in tables:
+            hosts = self._table_references(table << bits)
+            if not consecutive(hosts) and len(set(hosts)) != len(hosts):
+                multiplicity = max(multiplicity, max(Counter(hosts).values()))
+        return room >= len(shared) * (multiplicity + 1)
 
     def _l2_table(self, offset: int) -> tuple[array[int], LiveHosts | None]:
         """An L2 table of the new state, with its :func:`l2_live_hosts` if
@@ -595,9 +669,24 @@ class SnapshotEditor:
             raise UnsupportedImageError("Active L1 table too large", feature="L1 size")
         entries = array(sn_l1.entries.typecode, sn_l1.entries)
         entries.extend([0] * (new_size - sn_l1.size))
-        self._refupdate(sn_l1, +1, f"snapshot {record.label}")
-        self.txn.check_increments_fit(f"reverting to snapshot {record.label}")
-        self._refupdate(self.active, -1, "the active L1 table")
+        where = f"snapshot {record.label}"
+        what = f"reverting to snapshot {record.label}"
+        # A table the snapshot shares with the active layer at the same L1
+        # index (a revert right after a create, or a second revert) gains 1
+        # and loses 1, with every cluster it references: skipped, unless
+        # the skipped increments could have overflowed on the way, which
+        # QEMU refuses (then they are counted as it counts them)
+        shared = self._shared_tables(sn_l1)
+        self._refupdate(sn_l1, +1, where, uncounted=set(shared))
+        self.txn.check_increments_fit(what)
+        if shared and not self._skipped_increments_fit(sn_l1, shared, where):
+            self._refupdate(sn_l1, +1, where, indexes=shared)
+            self.txn.check_increments_fit(what)
+            shared = []
+        skipped = set(shared)
+        self._refupdate(self.active, -1, "the active L1 table",
+                        indexes=[i for i in nonzero_indexes(self.active.entries)
+                                 if i not in skipped])
         old = self.active
         if old.size:   # QEMU overwrites the active L1 in place: relocated metadata
             self.txn.release_relocated(self.txn.clusters_of(old.offset, old.byte_length()))
