@@ -798,6 +798,19 @@ def _active_l2_entries(path: Path) -> list[tuple[int, int]]:
         return [(j, e) for j, e in enumerate(table) if e]
 
 
+def _edited_by_both(base: Path, qemu_img: str, qemu_args: list[str],
+                    edit: Any) -> tuple[Path, Path]:
+    """Copies A and B of ``base`` beside it: A edited by ``qemu-img
+    snapshot QEMU_ARGS``, B by ``edit(image)`` through the API."""
+    theirs, ours = base.parent / "A.qcow2", base.parent / "B.qcow2"
+    shutil.copyfile(base, theirs)
+    shutil.copyfile(base, ours)
+    subprocess.run([qemu_img, "snapshot", *qemu_args, str(theirs)], check=True)
+    with qcow2snap.open(ours, "r+") as image:
+        edit(image)
+    return theirs, ours
+
+
 def test_create_sets_copied_like_qemu_where_a_count_was_zero(tmp_path: Path, qemu_img: str,
                                                              qemu_io: str) -> None:
     """A create clears COPIED everywhere without looking counts up when
@@ -820,12 +833,8 @@ def test_create_sets_copied_like_qemu_where_a_count_was_zero(tmp_path: Path, qem
         assert f.read(2) == b"\0\1"
         f.seek(block + 2 * host_cluster)
         f.write(b"\0\0")
-    theirs, ours = tmp_path / "A.qcow2", tmp_path / "B.qcow2"
-    shutil.copyfile(base, theirs)
-    shutil.copyfile(base, ours)
-    subprocess.run([qemu_img, "snapshot", "-c", "s", str(theirs)], check=True)
-    with qcow2snap.open(ours, "r+") as image:
-        image.create_snapshot("s")
+    theirs, ours = _edited_by_both(base, qemu_img, ["-c", "s"],
+                                   lambda image: image.create_snapshot("s"))
     want = _active_l2_entries(theirs)
     assert [j for j, e in want if e & fmt.QCOW_OFLAG_COPIED] == [20]
     assert _active_l2_entries(ours) == want
@@ -890,12 +899,8 @@ def test_revert_to_a_shared_table_just_below_the_maximum_matches_qemu(
     must end where QEMU ends: same count, same disk, same check report."""
     base, _, refcount_offset = _one_table_image(tmp_path, qemu_img, qemu_io)
     _set_refcount16(base, refcount_offset, 0xFFFE)
-    theirs, ours = tmp_path / "A.qcow2", tmp_path / "B.qcow2"
-    shutil.copyfile(base, theirs)
-    shutil.copyfile(base, ours)
-    subprocess.run([qemu_img, "snapshot", "-a", "s", str(theirs)], check=True)
-    with qcow2snap.open(ours, "r+") as image:
-        image.revert_to_snapshot("s")
+    theirs, ours = _edited_by_both(base, qemu_img, ["-a", "s"],
+                                   lambda image: image.revert_to_snapshot("s"))
     assert _refcount16(ours, refcount_offset) == _refcount16(theirs, refcount_offset) == 0xFFFE
     subprocess.run([qemu_img, "compare", "-q", str(theirs), str(ours)], check=True)
     assert _active_l2_entries(ours) == _active_l2_entries(theirs)
@@ -917,9 +922,6 @@ def test_a_revert_counts_no_table_the_snapshot_shares(tmp_path: Path, qemu_img: 
     COPIED flags."""
     from qcow2snap.ops.transaction import Transaction
     base, _, _ = _one_table_image(tmp_path, qemu_img, qemu_io)
-    theirs, ours = tmp_path / "A.qcow2", tmp_path / "B.qcow2"
-    shutil.copyfile(base, theirs)
-    shutil.copyfile(base, ours)
     counted: list[int] = []
     add_references, add_reference_run = Transaction.add_references, Transaction.add_reference_run
 
@@ -934,10 +936,9 @@ def test_a_revert_counts_no_table_the_snapshot_shares(tmp_path: Path, qemu_img: 
 
     monkeypatch.setattr(Transaction, "add_references", spy_references)
     monkeypatch.setattr(Transaction, "add_reference_run", spy_run)
-    with qcow2snap.open(ours, "r+") as image:
-        image.revert_to_snapshot("s")
+    theirs, ours = _edited_by_both(base, qemu_img, ["-a", "s"],
+                                   lambda image: image.revert_to_snapshot("s"))
     assert counted == []
-    subprocess.run([qemu_img, "snapshot", "-a", "s", str(theirs)], check=True)
     subprocess.run([qemu_img, "compare", "-q", str(theirs), str(ours)], check=True)
     assert _active_l2_entries(ours) == _active_l2_entries(theirs)
     assert_qemu_clean(qemu_img, ours)
