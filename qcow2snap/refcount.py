@@ -43,12 +43,14 @@ READER_CACHE_BYTES = 16 << 20
 
 class RefcountReader:
     """On-disk refcounts of an image (as of when it was opened).  Decoded
-    blocks are kept up to :data:`READER_CACHE_BYTES` (an edit of a fully
-    allocated multi-TiB image reads thousands of them)."""
+    blocks are kept up to ``cache_bytes`` (an edit of a fully allocated
+    multi-TiB image reads thousands of them)."""
 
-    def __init__(self, image: Qcow2Image) -> None:
+    def __init__(self, image: Qcow2Image, cache_bytes: int | None = None) -> None:
         h = image.header
         self.image = image
+        #: bytes of decoded blocks kept (default :data:`READER_CACHE_BYTES`)
+        self.cache_bytes = READER_CACHE_BYTES if cache_bytes is None else cache_bytes
         self.cluster_bits = image.cluster_bits
         self.refcount_order = h.refcount_order
         self.block_entries = refcount_block_entries(image.cluster_bits, h.refcount_order)
@@ -84,7 +86,7 @@ class RefcountReader:
         data = self.image.pread(offset, 1 << self.cluster_bits)
         block = decode_refcount_block(data, self.refcount_order)
         size = len(block) * block.itemsize
-        while self._blocks and self._blocks_bytes + size > READER_CACHE_BYTES:
+        while self._blocks and self._blocks_bytes + size > self.cache_bytes:
             dropped = self._blocks.pop(next(iter(self._blocks)))
             self._blocks_bytes -= len(dropped) * dropped.itemsize
         self._blocks[table_index] = block

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,54 @@ def test_edits_with_thousands_of_changed_tables_stay_small(
         assert disk.read(512) == b"\x02" * 512
 
 
+def test_the_budgets_fit_their_accounting() -> None:
+    """The budgets an edit takes at full size, their objects included (the
+    memo's and the write buffer's Python objects cost up to ~1.2x their
+    bytes), stay within what :func:`edit_memory_scale` reserves for them:
+    a budget raised without the accounting fails here."""
+    from qcow2snap import refcount
+    from qcow2snap.ops import refdelta, snapshots, transaction
+    nominal = (refdelta.DELTA_MEMORY_BYTES + refdelta.MARKS_MEMORY_BYTES
+               + transaction.SETS_MEMORY_BYTES + transaction.WRITE_BUFFER_BYTES
+               + refcount.READER_CACHE_BYTES + snapshots.MEMO_BYTES)
+    assert nominal * 1.2 <= transaction.BUDGETS_BYTES
+
+
+def test_an_edit_at_qemus_l1_limit_stays_within_256_mib(qemu_img: str, qemu_io: str,
+                                                        tmp_path: Path) -> None:
+    """A 2 PiB disk has QEMU's largest L1 table (4 Mi entries, 32 MiB), and
+    each snapshot one more: a revert holds three of them.  The budgets give
+    way (a fraction of their size), and each edit's peak RSS, the whole
+    CLI process, stays within the bound; qemu-img check is clean after."""
+    from qcow2snap.ops import transaction
+    path = tmp_path / "2p.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(path), "2P"], check=True)
+    subprocess.run([qemu_io, "-c", "write -P 1 0 64k", "-c", "write -P 2 1P 64k",
+                    "-c", "write -P 3 2047T 64k", str(path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([qemu_img, "snapshot", "-c", "s1", str(path)], check=True)
+    with qcow2snap.open(path) as image:
+        assert image.header.l1_size == 4 << 20
+        scale = transaction.edit_memory_scale(image)
+    assert scale < 0.1
+    for args in (["create", "s2"], ["revert", "s1"], ["delete", "s2"]):
+        peak = _peak_rss_kib([sys.executable, "-m", "qcow2snap", *args, str(path)])
+        assert peak < 256 * 1024, f"{args[0]}: {peak / 1024:.0f} MiB"
+        assert_qemu_clean(qemu_img, path)
+
+
+def _peak_rss_kib(command: list[str]) -> int:
+    """Peak RSS of ``command`` (KiB), which must succeed: run in a child
+    that measures its own child, so that no earlier child of this process
+    counts."""
+    probe = ("import resource, subprocess, sys; "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, *command], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out)
+
+
 _ASCENDING = st.lists(st.integers(0, 3000), max_size=300).map(lambda c: sorted(set(c)))
 
 
@@ -160,3 +209,35 @@ def test_l2_moves_follow_copies_and_keep_the_first() -> None:
     assert list(l1) == [0xC000 | copied, 0, 0x3000, 0xA000, 0xC000]
     assert not moves.redirect(l1, [0, 2, 3, 4])
     assert len(moves) == 3
+
+
+@given(batches=st.lists(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40)).map(
+    lambda pair: (pair[0], pair[0] + pair[1])), max_size=12), max_size=5),
+       ascending=st.booleans())
+def test_l2_moves_are_the_first_copy_followed(batches: list[list[tuple[int, int]]],
+                                              ascending: bool) -> None:
+    """Pairs added in batches, each batch looked up before the next (so the
+    ascending batches take the append route, the others the merge): every
+    offset leads to the first copy made of it, followed through copies of
+    copies (a copy lies past its original, so there is no cycle), as a
+    plain dict does."""
+    moves, first = L2Moves(), {}
+    for batch in batches:
+        if ascending:
+            batch = sorted({old: new for old, new in batch}.items())
+        for old, new in batch:
+            moves.add(old, new)
+            first.setdefault(old, new)
+        for offset in range(1, 101):
+            want = offset
+            while want in first:
+                want = first[want]
+            assert moves.lookup(offset) == want
+
+
+@given(values=st.lists(st.integers(0, 1 << 40), max_size=60), ascending=st.booleans())
+def test_sorted_clusters_are_the_set(values: list[int], ascending: bool) -> None:
+    clusters = SortedClusters()
+    clusters.update(sorted(set(values)) if ascending else values)
+    assert len(clusters) == len(set(values))
+    assert all(v in clusters for v in values) and -1 not in clusters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from itertools import pairwise
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -110,4 +111,16 @@ def test_nonzero_indexes_equal_a_plain_scan(size: int, set_entries: list[tuple[i
     for index, value in set_entries:
         if index < size:
             table[index] = value
-    assert tables.nonzero_indexes(table) == [i for i, e in enumerate(table) if e]
+    assert list(tables.nonzero_indexes(table)) == [i for i, e in enumerate(table) if e]
+
+
+def test_nonzero_indexes_across_the_pieces_they_are_read_in(monkeypatch: Any) -> None:
+    """The table's bytes are taken a piece at a time (1 MiB): entries at
+    and around the pieces' edges, and a table ending inside a probe."""
+    monkeypatch.setattr(tables, "_PIECE_ENTRIES", 1024)
+    size = 5 * 1024 + 100
+    want = [0, 511, 512, 1023, 1024, 1025, 2047, 4096, 5 * 1024, size - 1]
+    table = tables.decode_u64_table(bytes(8 * size))
+    for index in want:
+        table[index] = index + 1
+    assert list(tables.nonzero_indexes(table)) == want

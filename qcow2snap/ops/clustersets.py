@@ -25,7 +25,8 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from heapq import merge
-from operator import itemgetter
+from itertools import islice
+from operator import itemgetter, lt
 from typing import IO, overload
 
 from .. import format as fmt
@@ -71,6 +72,13 @@ def sorted_array(values: array[int]) -> array[int]:
     return pieces[0] if len(pieces) == 1 else array("Q", merge(*pieces))
 
 
+def strictly_ascending(values: array[int]) -> bool:
+    """Whether each of ``values`` is greater than the one before (at C
+    speed, no copy): tables copied in L1 order usually are, and then need
+    no sorting (which holds the values twice)."""
+    return all(map(lt, values, islice(values, 1, None)))
+
+
 class SortedClusters:
     """A set of clusters known to be few (the old metadata a transaction
     relocated: one cluster per copied table), 8 bytes each: appended, and
@@ -89,6 +97,8 @@ class SortedClusters:
         self._sorted = False
 
     def _sort(self) -> array[int]:
+        if not self._sorted and strictly_ascending(self._values):
+            self._sorted = True
         if not self._sorted:
             values = sorted_array(self._values)
             out = array("Q")
@@ -341,6 +351,17 @@ class L2Moves:
         """Merge the pairs added since the last call into the sorted arrays
         (sorted in pieces, so no list of every pair is ever built)."""
         if not self._old:
+            return
+        olds = self._old
+        if (not self._sorted_old or self._sorted_old[-1] < olds[0]) and strictly_ascending(olds):
+            # pairs added in ascending order past the sorted ones (tables
+            # copied in L1 order, as they usually lie): appended, no merge
+            if self._sorted_old:
+                self._sorted_old.extend(olds)
+                self._sorted_new.extend(self._new)
+            else:
+                self._sorted_old, self._sorted_new = olds, self._new
+            self._old, self._new = array("Q"), array("Q")
             return
         # earlier pieces first: merge keeps their order among equal olds, and
         # sorted() keeps the order added inside a piece

@@ -28,9 +28,9 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from itertools import chain
+from itertools import chain, filterfalse
 from typing import Literal
 
 from .. import format as fmt
@@ -296,6 +296,28 @@ def _copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tra
     return desired
 
 
+class _SameTable:
+    """The L1 indexes at which two L1 tables name the same L2 table (a
+    revert's snapshot and active layer), told entry by entry when asked:
+    no set of them is built (QEMU's largest L1 table has 4 Mi entries)."""
+
+    __slots__ = ("_first", "_second")
+
+    def __init__(self, first: array[int], second: array[int]) -> None:
+        self._first, self._second = first, second
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int) or index >= len(self._second):
+            return False
+        entry = self._first[index]
+        return bool(entry & fmt.L1E_OFFSET_MASK) and not (
+            (entry ^ self._second[index]) & fmt.L1E_OFFSET_MASK)
+
+    def indexes(self) -> Iterator[int]:
+        """Every such index, in order."""
+        return filter(self.__contains__, nonzero_indexes(self._first))
+
+
 class SnapshotEditor:
     """Plans snapshot operations on one image into a :class:`Transaction`.
 
@@ -416,8 +438,7 @@ class SnapshotEditor:
         txn = self.txn
         bits = self.cluster_bits
         entries = l1.entries
-        tables: list[int] = []
-        refs: list[int] = []
+        refs: list[int] = []   # the tables' own clusters, and what they reference
         if indexes is None:   # cost follows the L2 tables, not the disk size
             indexes = nonzero_indexes(entries)
         for index in indexes:
@@ -427,7 +448,7 @@ class SnapshotEditor:
             if index in uncounted:
                 self._table_and_hosts(l2)
                 continue
-            tables.append(l2 >> bits)
+            refs.append(l2 >> bits)
             table, live_hosts = self._table_and_hosts(l2)
             if live_hosts is None:   # compressed entries
                 refs += l2_references(self.image, l2, table)
@@ -440,20 +461,20 @@ class SnapshotEditor:
             if len(refs) >= REFS_PER_CALL:
                 txn.add_references(refs, addend)
                 refs = []
-        txn.add_references(tables, addend)
         txn.add_references(refs, addend)
 
     def _table_and_hosts(self, l2: int) -> tuple[array[int], LiveHosts | None]:
         """The L2 table at ``l2`` (of the old state) and its
         :func:`l2_live_hosts` (None: it has compressed entries), kept for
-        the COPIED pass while :data:`MEMO_BYTES` allow."""
+        the COPIED pass while :data:`MEMO_BYTES` allow (scaled with the
+        transaction's other budgets, :func:`edit_memory_scale`)."""
         memo = self._memo.get(l2)
         if memo is not None:
             return memo
         table = self.image.read_l2(l2)
         live_hosts = l2_live_hosts(table[0::2] if self.image.extended_l2 else table,
                                    self.cluster_bits)
-        if self._memo_bytes < MEMO_BYTES:   # spares the COPIED pass the work
+        if self._memo_bytes < MEMO_BYTES * self.txn.memory_scale:   # spares the COPIED pass
             self._memo[l2] = (table, live_hosts)
             self._memo_bytes += (len(table) * 8 + 128 if live_hosts is None else
                                  len(table) * 8 + len(live_hosts[1]) * 40
@@ -467,18 +488,7 @@ class SnapshotEditor:
         return (l2_references(self.image, l2, table) if live_hosts is None
                 else live_hosts[1])
 
-    def _shared_tables(self, sn_l1: _L1) -> list[int]:
-        """The L1 indexes at which the snapshot's table and the active
-        layer's are the same L2 table: a revert adds 1 to it and every
-        cluster it references, then takes 1 away, so both can be skipped
-        (when :meth:`_skipped_increments_fit`)."""
-        active = self.active.entries
-        sn = sn_l1.entries
-        mask = fmt.L1E_OFFSET_MASK
-        return [i for i in nonzero_indexes(sn)
-                if i < len(active) and sn[i] & mask and not (sn[i] ^ active[i]) & mask]
-
-    def _skipped_increments_fit(self, sn_l1: _L1, shared: list[int], where: str) -> bool:
+    def _skipped_increments_fit(self, sn_l1: _L1, shared: _SameTable, where: str) -> bool:
         """Whether QEMU's increments of the ``shared`` tables (skipped by
         the revert) would have stayed within the refcount width, on top of
         the increments planned so far: QEMU adds all of the snapshot's
@@ -487,31 +497,38 @@ class SnapshotEditor:
 
         Told from bounds on what a cluster gains from those tables: at most
         one for each of their references and each table (a table is
-        counted once per L1 entry), or, tighter, ``len(shared) *
-        (multiplicity + 1)`` (once per table it is in, or more where a table
-        references it twice, and the table's own cluster); the highest
-        planned count of their clusters plus that must fit.  False (count
-        them after all) when no bound fits, which takes a count near the
-        maximum or a very large image with narrow refcounts."""
+        counted once per L1 entry), or, tighter, ``tables * (multiplicity +
+        1)`` (once per table it is in, or more where a table references it
+        twice, and the table's own cluster); the highest planned count of
+        their clusters plus that must fit.  False (count them after all)
+        when no bound fits, which takes a count near the maximum or a very
+        large image with narrow refcounts."""
         txn = self.txn
         bits = self.cluster_bits
-        tables = [self._l2_offset(sn_l1.entries[index], where) >> bits for index in shared]
-        highest = max(txn.refcounts_of(tables))
-        references = 0
-        for table in tables:
-            hosts = self._table_references(table << bits)
+        highest = references = tables = 0
+        batch: list[int] = []
+        for index in shared.indexes():
+            l2 = self._l2_offset(sn_l1.entries[index], where)
+            tables += 1
+            batch.append(l2 >> bits)
+            hosts = self._table_references(l2)
             if hosts:
                 references += len(hosts)
                 highest = max(highest, max(txn.refcounts_of(hosts)))
+            if len(batch) >= REFS_PER_CALL:
+                highest = max(highest, max(txn.refcounts_of(batch)))
+                batch = []
+        if batch:
+            highest = max(highest, max(txn.refcounts_of(batch)))
         room = txn.refcount_max - highest
-        if room >= references + len(shared):
+        if room >= references + tables:
             return True
         multiplicity = 1
-        for table in tables:
-            hosts = self._table_references(table << bits)
+        for index in shared.indexes():
+            hosts = self._table_references(self._l2_offset(sn_l1.entries[index], where))
             if not consecutive(hosts) and len(set(hosts)) != len(hosts):
                 multiplicity = max(multiplicity, max(Counter(hosts).values()))
-        return room >= len(shared) * (multiplicity + 1)
+        return room >= tables * (multiplicity + 1)
 
     def _l2_table(self, offset: int) -> tuple[array[int], LiveHosts | None]:
         """An L2 table of the new state, with its :func:`l2_live_hosts` if
@@ -676,17 +693,16 @@ class SnapshotEditor:
         # and loses 1, with every cluster it references: skipped, unless
         # the skipped increments could have overflowed on the way, which
         # QEMU refuses (then they are counted as it counts them)
-        shared = self._shared_tables(sn_l1)
-        self._refupdate(sn_l1, +1, where, uncounted=set(shared))
+        shared = _SameTable(sn_l1.entries, self.active.entries)
+        self._refupdate(sn_l1, +1, where, uncounted=shared)
         self.txn.check_increments_fit(what)
-        if shared and not self._skipped_increments_fit(sn_l1, shared, where):
-            self._refupdate(sn_l1, +1, where, indexes=shared)
+        if not self._skipped_increments_fit(sn_l1, shared, where):
+            self._refupdate(sn_l1, +1, where, indexes=shared.indexes())
             self.txn.check_increments_fit(what)
-            shared = []
-        skipped = set(shared)
+            shared = _SameTable(sn_l1.entries, array("Q"))   # none skipped
         self._refupdate(self.active, -1, "the active L1 table",
-                        indexes=[i for i in nonzero_indexes(self.active.entries)
-                                 if i not in skipped])
+                        indexes=filterfalse(shared.__contains__,
+                                            nonzero_indexes(self.active.entries)))
         old = self.active
         if old.size:   # QEMU overwrites the active L1 in place: relocated metadata
             self.txn.release_relocated(self.txn.clusters_of(old.offset, old.byte_length()))
@@ -717,7 +733,7 @@ class SnapshotEditor:
                 txn.release_relocated(txn.clusters_of(l1.offset, l1.byte_length()))
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
             if l1.size:
-                txn.write_new(l1.offset, encode_u64_table(l1.entries))
+                txn.write_new_table(l1.offset, l1.entries)
         for slot in self.slots:
             # an L1 table not loaded yet is loaded now if some L2 table
             # moved, pointed at the copies, written if it changed, and
@@ -730,7 +746,7 @@ class SnapshotEditor:
                 txn.release_relocated(txn.clusters_of(l1.offset, l1.byte_length()))
             l1.offset = txn.allocate(l1.byte_length()) if l1.size else 0
             if l1.size:
-                txn.write_new(l1.offset, encode_u64_table(l1.entries))
+                txn.write_new_table(l1.offset, l1.entries)
             slot.snapshot = replace(slot.snapshot, l1_table_offset=l1.offset, l1_size=l1.size)
             self.table_dirty = True
         fields: dict[str, int] = {}

@@ -54,6 +54,7 @@ from operator import add, itemgetter
 from typing import Any, Protocol
 
 from .. import format as fmt
+from .. import refcount as refcount_layer
 from ..errors import (  # the commit errors are re-exported here, where they were defined
     CommitFailedError,
     CommitNotDurableError,
@@ -67,6 +68,7 @@ from ..image import Qcow2Image
 from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
+from . import refdelta
 from .clustersets import ClusterRuns, ClusterSet, SortedClusters, joined_runs
 from .refdelta import (
     MAX_CHUNK_BITS,
@@ -322,6 +324,47 @@ SETS_MEMORY_BYTES = 8 << 20
 SET_CHUNK_BITS = 9
 
 
+#: entries of a table :meth:`Transaction.write_new_table` encodes at a time
+TABLE_PIECE_ENTRIES = 1 << 17
+#: the most memory an edit may take, whatever the image (issue 16)
+EDIT_MEMORY_BYTES = 256 << 20
+#: what an edit holds outside the budgets: the interpreter and its modules
+#: (~26 MiB), the process-wide L2 cache (8 MiB of tables, ~13 MiB with their
+#: objects) and allocator slack
+_FIXED_BYTES = 48 << 20
+#: what an edit holds per entry of the image's largest L1 table, outside
+#: the budgets: up to three decoded L1 tables (the active one, a snapshot's,
+#: and the snapshot's new one or the revert's copy: 24 bytes) and per L2 table
+#: it copies 16 bytes of moves and 8 of relocated clusters (one per entry)
+_PER_L1_ENTRY_BYTES = 48
+#: what the budgets take at full size, their objects included: the delta's
+#: and the marks' chunks, the allocated set, the write buffer, the refcount
+#: blocks read and the editor's table memo (168 MiB of bytes, ~1.2x that
+#: with their objects: see tests/test_edit_memory.py)
+BUDGETS_BYTES = 208 << 20
+#: a budget is never scaled below this share of its full size (the image's
+#: own L1 tables could then take more than the bound, which only an image
+#: past QEMU's limits has)
+_LEAST_SCALE = 1 / 32
+
+
+def edit_memory_scale(image: Qcow2Image) -> float:
+    """The share of their full size the memory budgets of an edit of
+    ``image`` get, so that the edit stays within :data:`EDIT_MEMORY_BYTES`:
+    1 unless the image's L1 tables are large (QEMU allows 4 Mi entries,
+    which with a copied L2 table each hold 192 MiB outside the budgets);
+    then the budgets give way, at the cost of more spilling."""
+    entries = max([image.header.l1_size, *(s.l1_size for s in image.snapshots)])
+    room = EDIT_MEMORY_BYTES - _FIXED_BYTES - _PER_L1_ENTRY_BYTES * entries
+    return max(_LEAST_SCALE, min(1.0, room / BUDGETS_BYTES))
+
+
+def scaled(budget: int, scale: float) -> int:
+    """``budget`` (bytes) at ``scale``, at least 1 (0 means none in memory
+    to the structures that take a budget)."""
+    return max(1, int(budget * scale))
+
+
 @dataclass
 class CommitResult:
     """What a transaction did (or, for a dry run, would do).
@@ -364,17 +407,21 @@ class Transaction:
         self.cluster_bits = image.cluster_bits
         self.cluster_size = image.cluster_size
         self.old_header = image.header
-        self.refcounts = RefcountReader(image)
+        #: the share of their full size this transaction's memory budgets
+        #: get (:func:`edit_memory_scale`), read by whoever plans with it too
+        self.memory_scale = scale = edit_memory_scale(image)
+        self.refcounts = RefcountReader(image, scaled(refcount_layer.READER_CACHE_BYTES, scale))
         self.refcount_max = refcount_max(self.old_header.refcount_order)
         # chunks inside refcount blocks: a lookup in the one finds the other
         chunk_bits = min(self.refcounts.block_bits, MAX_CHUNK_BITS)
-        self.delta = RefcountDelta(chunk_bits)
+        self.delta = RefcountDelta(chunk_bits, scaled(refdelta.DELTA_MEMORY_BYTES, scale))
         #: clusters this transaction allocated (a byte a cluster in chunks,
         #: spilled past :data:`SETS_MEMORY_BYTES`: a Python set cost ~70
         #: bytes a cluster, and a create on a fully allocated 512-byte-cluster
         #: image copies millions of clusters' worth of tables)
-        self.allocated = ClusterSet(SET_CHUNK_BITS, SETS_MEMORY_BYTES)
-        self.in_use_hint = ClusterMarks(chunk_bits)   # clusters known to be referenced
+        self.allocated = ClusterSet(SET_CHUNK_BITS, scaled(SETS_MEMORY_BYTES, scale))
+        #: clusters known to be referenced
+        self.in_use_hint = ClusterMarks(chunk_bits, scaled(refdelta.MARKS_MEMORY_BYTES, scale))
         #: old-state metadata the new state replaced by a shadow copy (L1/L2
         #: tables, refcount blocks and table, the snapshot table): freed, but
         #: not punched (see :meth:`_reclaim`)
@@ -650,10 +697,18 @@ class Transaction:
                                      f"transaction")
         self._queue(offset, data)
 
+    def write_new_table(self, offset: int, entries: array[int]) -> None:
+        """:meth:`write_new` of a u64 table (an L1 table: up to 32 MiB),
+        encoded and queued 1 MiB at a time, so that no second copy of the
+        whole table is ever held."""
+        for start in range(0, len(entries), TABLE_PIECE_ENTRIES):
+            self.write_new(offset + 8 * start,
+                           encode_u64_table(entries[start:start + TABLE_PIECE_ENTRIES]))
+
     def _queue(self, offset: int, data: bytes) -> None:
         self.new_data[offset] = data
         self._queued_bytes += len(data) + _QUEUED_ENTRY_BYTES
-        if self.early_writes and self._queued_bytes > WRITE_BUFFER_BYTES:
+        if self.early_writes and self._queued_bytes > WRITE_BUFFER_BYTES * self.memory_scale:
             self._write_queued()
 
     def _write_queued(self) -> None:
