@@ -86,25 +86,38 @@ class SortedClusters:
     for these: the old L2 tables of a preallocated image lie one every 512
     MiB, a chunk of marks each."""
 
-    __slots__ = ("_sorted", "_values")
+    __slots__ = ("_tail", "_values")
 
     def __init__(self) -> None:
-        self._values = array("Q")
-        self._sorted = True
+        self._values = array("Q")   # sorted, no repeats
+        self._tail = array("Q")     # added since, as added
 
     def update(self, clusters: Iterable[int]) -> None:
-        self._values.extend(clusters)
-        self._sorted = False
+        self._tail.extend(clusters)
 
     def _sort(self) -> array[int]:
-        if not self._sorted and strictly_ascending(self._values):
-            self._sorted = True
-        if not self._sorted:
-            values = sorted_array(self._values)
+        """The members, sorted: the values added since the last call are
+        appended when they follow on in order (tables copied in L1 order,
+        one at a time: most of them), else sorted on their own and merged
+        in, repeats dropped in the same pass (so the set is held at most
+        twice, never as sorted pieces, a merge and a deduplicated copy at
+        once: ~100 MiB at QEMU's largest L1 table)."""
+        tail, values = self._tail, self._values
+        if not tail:
+            return values
+        if (not values or values[-1] < tail[0]) and strictly_ascending(tail):
+            values.extend(tail)
+        else:
+            merged = merge(values, sorted_array(tail))
             out = array("Q")
-            out.extend(v for i, v in enumerate(values) if not i or values[i - 1] != v)
-            self._values, self._sorted = out, True
-        return self._values
+            last = -1
+            for value in merged:
+                if value != last:
+                    out.append(value)
+                    last = value
+            self._values = values = out
+        self._tail = array("Q")
+        return values
 
     def __len__(self) -> int:
         return len(self._sort())
@@ -381,6 +394,24 @@ class L2Moves:
             new_out.append(new)
         self._sorted_old, self._sorted_new = old_out, new_out
         self._old, self._new = array("Q"), array("Q")
+
+    def runs_outside(self, first: int, count: int, cluster_bits: int
+                     ) -> Iterator[tuple[int, int]]:
+        """The runs (start, count) of clusters ``[first, first + count)``
+        that are not the cluster of a moved table's old offset."""
+        self._sort()
+        olds = self._sorted_old
+        end = first + count
+        i = bisect_left(olds, first << cluster_bits)
+        cluster = first
+        while i < len(olds) and olds[i] >> cluster_bits < end:
+            old = olds[i] >> cluster_bits
+            if old > cluster:
+                yield cluster, old - cluster
+            cluster = max(cluster, old + 1)
+            i += 1
+        if cluster < end:
+            yield cluster, end - cluster
 
     def lookup(self, offset: int) -> int:
         """Where the table at ``offset`` is now (``offset`` if not moved)."""

@@ -45,7 +45,6 @@ from ..image import Qcow2Image
 from ..model import Snapshot, new_snapshot, serialize_snapshot_table, snapshot_id_number
 from ..refcount import decode_l1, l2_live, l2_references
 from ..tables import decode_u64_table, encode_u64_table, l2_live_hosts, nonzero_indexes
-from .clustersets import L2Moves
 from .refdelta import consecutive
 from .transaction import CommitResult, Transaction
 
@@ -343,7 +342,7 @@ class SnapshotEditor:
         #: point at them are redirected when loaded, or one at a time at the
         #: commit (not all held with a referrer map: 100 snapshots of a 64
         #: TiB disk have 100 MiB of L1 tables)
-        self._moves = L2Moves()
+        self._moves = txn.moved_l2
         self._l1s_checked = False
         #: L2 tables a refcount pass read, kept for the COPIED pass that
         #: follows (bounded: the process-wide cache holds 8 MiB, and 512-byte
@@ -597,9 +596,8 @@ class SnapshotEditor:
         paths = txn.refcount(old >> bits)
         new = txn.allocate(self.cluster_size)
         txn.add_refcount(new >> bits, paths - 1)
-        txn.release_relocated([old >> bits], paths)
+        txn.relocate_l2(old, new, paths)
         txn.write_new(new, encode_u64_table(content))
-        self._moves.add(old, new)
         return new
 
     # ------------------------------------------------------------------

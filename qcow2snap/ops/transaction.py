@@ -69,7 +69,7 @@ from ..model import Header
 from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
 from . import refdelta
-from .clustersets import ClusterRuns, ClusterSet, SortedClusters, joined_runs
+from .clustersets import ClusterRuns, ClusterSet, L2Moves, SortedClusters, joined_runs
 from .refdelta import (
     MAX_CHUNK_BITS,
     ClusterMarks,
@@ -425,7 +425,9 @@ class Transaction:
         #: old-state metadata the new state replaced by a shadow copy (L1/L2
         #: tables, refcount blocks and table, the snapshot table): freed, but
         #: not punched (see :meth:`_reclaim`)
-        self.relocated = SortedClusters()   # 8 bytes a cluster: one per copied table
+        self.relocated = SortedClusters()   # 8 bytes a cluster
+        #: the L2 tables copied (:meth:`relocate_l2`): old -> new offsets
+        self.moved_l2 = L2Moves()
         self.new_data: dict[int, bytes] = {}   # host offset -> bytes (allocated clusters only)
         self.early_writes = early_writes
         self._queued_bytes = 0   # with each entry's own cost (small clusters: many entries)
@@ -468,6 +470,16 @@ class Transaction:
         clusters = list(clusters)
         self.relocated.update(clusters)
         self.delta.add_many(clusters, -amount)
+
+    def relocate_l2(self, old: int, new: int, paths: int) -> None:
+        """Drop the ``paths`` references to the old-state L2 table at
+        ``old`` (bytes) that its copy at ``new`` takes over: the move is
+        kept in :attr:`moved_l2` (where the L1 tables pointing at the old
+        table are redirected from), which also keeps the old table from
+        being punched, as :attr:`relocated` metadata is (16 bytes a table,
+        not 8 more in :attr:`relocated`)."""
+        self.delta.add(old >> self.cluster_bits, -paths)
+        self.moved_l2.add(old, new)
 
     def check_increments_fit(self, what: str) -> None:
         """Refuse when the increases planned so far take a refcount past the
@@ -1067,13 +1079,16 @@ class Transaction:
 
     def _punch_runs(self, freed: ClusterRuns, tail: int | None) -> Iterator[tuple[int, int]]:
         """The runs of ``freed`` to punch: below cluster ``tail`` (None: all)
-        and not relocated metadata, adjacent pieces joined."""
+        and not relocated metadata or moved L2 tables, adjacent pieces
+        joined."""
         def pieces() -> Iterator[tuple[int, int]]:
             for start, count in freed.runs():
                 if tail is not None:
                     count = min(count, tail - start)
                     if count <= 0:
                         return
-                yield from self.relocated.runs_outside(start, count)
+                for piece_start, piece_count in self.relocated.runs_outside(start, count):
+                    yield from self.moved_l2.runs_outside(piece_start, piece_count,
+                                                          self.cluster_bits)
 
         return joined_runs(pieces())
