@@ -96,6 +96,23 @@ def test_copied_recomputed_is_qemus_rule(values: list[int], counts: dict[int, in
     assert again == got
 
 
+@given(st.lists(st.integers(0, (1 << 64) - 1), max_size=64), st.booleans())
+def test_copied_cleared_clears_the_entries_bit_only(values: list[int], extended: bool) -> None:
+    """Every entry's COPIED bit cleared, an extended table's bitmaps left as
+    they are (bit 63 included); None when no entry had it."""
+    from array import array
+
+    from qcow2snap.ops.snapshots import _copied_cleared
+    step = 2 if extended else 1
+    table = array("Q", [v for value in values
+                        for v in ((value, (1 << 63) | value) if extended else (value,))])
+    want = array("Q", table)
+    want[0::step] = array("Q", [v & ~(1 << 63) for v in values])
+    got = _copied_cleared(table, step)
+    assert (got if got is not None else table) == want
+    assert (got is None) == (want == table)
+
+
 def test_copied_recomputed_mixed_counts_in_bulk() -> None:
     """A big table whose clusters have counts 1, 2 and 3: only count 1 keeps
     (or gets) COPIED, whatever the flag was."""

@@ -217,11 +217,11 @@ def _copied_cleared(table: array[int], step: int) -> array[int] | None:
     """The L2 table with COPIED cleared on every entry (every cluster it
     references has a refcount of 2 or more), or None if none had it: bit 7
     of every entry's top byte, on the table's bytes."""
-    raw = bytearray(encode_u64_table(table))   # big-endian: top byte first
-    top = raw[0::8 * step]
-    if _COPIED_BIT_IN_TOP_BYTE not in top.translate(_KEEP_TOP_BIT):
+    if _COPIED_BIT_IN_TOP_BYTE not in table.tobytes()[_TOP_BYTE::8 * step].translate(
+            _KEEP_TOP_BIT):   # told on the native bytes: most tables end here
         return None
-    raw[0::8 * step] = top.translate(_CLEAR_TOP_BIT)
+    raw = bytearray(encode_u64_table(table))   # big-endian: top byte first
+    raw[0::8 * step] = raw[0::8 * step].translate(_CLEAR_TOP_BIT)
     return decode_u64_table(raw)
 
 
