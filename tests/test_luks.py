@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,20 +183,27 @@ def _opts(image: Path) -> str:
     return f"driver=qcow2,file.filename={image},encrypt.key-secret=s"
 
 
-def _create(qemu_img: str, pw: Path, image: Path, options: str, size: str = "4M") -> None:
-    """qemu-img create; QEMU times PBKDF2 with the thread's CPU clock and
-    fails now and then ("Unable to get accurate CPU usage") where that clock
-    is coarse: try again."""
-    opts = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=4k"
-    if options:
-        opts += "," + options
-    for _ in range(10):
-        result = run(qemu_img, "create", "-q", *_secret(pw), "-f", "qcow2", "-o", opts,
-                     str(image), size, check=False)
+def run_timing_pbkdf2(*args: str) -> None:
+    """Run a qemu-img command that makes a LUKS key slot.  QEMU times PBKDF2
+    with the thread's CPU clock and fails now and then ("Unable to get
+    accurate CPU usage") where that clock is coarse or the machine busy: try
+    again, waiting a little longer each time."""
+    for attempt in range(20):
+        result = run(*args, check=False)
         if result.returncode == 0:
             return
         assert "Unable to get accurate CPU usage" in result.stderr, result.stderr
-    pytest.fail(f"qemu-img create failed ten times: {result.stderr}")
+        time.sleep(0.05 * attempt)
+    pytest.fail(f"{args[0]} {args[1]} failed twenty times: {result.stderr}")
+
+
+def _create(qemu_img: str, pw: Path, image: Path, options: str, size: str = "4M") -> None:
+    """qemu-img create of a LUKS-encrypted image of 4 KiB clusters."""
+    opts = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=4k"
+    if options:
+        opts += "," + options
+    run_timing_pbkdf2(qemu_img, "create", "-q", *_secret(pw), "-f", "qcow2", "-o", opts,
+                      str(image), size)
 
 
 def _qemu_io(qemu_io: str, pw: Path, image: Path, *commands: str) -> None:
@@ -251,16 +259,10 @@ def test_second_key_slot_opens_too(qemu_img: str, qemu_io: str, tmp_path: Path) 
     image = tmp_path / "slots.qcow2"
     _create(qemu_img, pw, image, "")
     _qemu_io(qemu_io, pw, image, "write -P 0x77 0x1000 8k")
-    for _ in range(10):   # the same CPU-clock timing as qemu-img create
-        result = run(qemu_img, "amend", *_secret(pw), "--object", f"secret,id=n,file={other}",
-                     "--image-opts", _opts(image), "-o",
-                     "encrypt.state=active,encrypt.new-secret=n,encrypt.keyslot=3,"
-                     "encrypt.iter-time=10", check=False)
-        if result.returncode == 0:
-            break
-        assert "Unable to get accurate CPU usage" in result.stderr, result.stderr
-    else:
-        pytest.fail(f"qemu-img amend failed ten times: {result.stderr}")
+    run_timing_pbkdf2(qemu_img, "amend", *_secret(pw), "--object", f"secret,id=n,file={other}",
+                      "--image-opts", _opts(image), "-o",
+                      "encrypt.state=active,encrypt.new-secret=n,encrypt.keyslot=3,"
+                      "encrypt.iter-time=10")
     expected = tmp_path / "qemu.raw"
     _qemu_convert(qemu_img, pw, image, expected, None)
     for secret in (b"pw", "other"):

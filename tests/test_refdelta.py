@@ -77,7 +77,7 @@ def test_copied_recomputed_is_qemus_rule(values: list[int], counts: dict[int, in
     clear it elsewhere: the bulk routes give what the per-entry rule gives."""
     from array import array
 
-    from qcow2snap.ops.snapshots import _copied_recomputed
+    from qcow2snap.ops.copied import copied_recomputed
     step = 2 if extended else 1
     table = array("Q", [v for value in values for v in ((value, 7) if extended else (value,))])
     want = array("Q", table)
@@ -85,13 +85,13 @@ def test_copied_recomputed_is_qemus_rule(values: list[int], counts: dict[int, in
         host = (e & 0x00FFFFFFFFFFFE00) >> 16
         bit = 1 << 63 if host and not e & (1 << 62) and counts.get(host, 1) == 1 else 0
         want[j * step] = (e & ~(1 << 63)) | bit
-    got = _copied_recomputed(table, step, 16, _Counts(counts))  # type: ignore[arg-type]
+    got = copied_recomputed(table, step, 16, _Counts(counts))  # type: ignore[arg-type]
     assert (got if got is not None else table) == want
     assert (got is None) == (want == table)
     # as the COPIED pass gets it after a refcount pass: the runs and hosts known
     from qcow2snap.tables import l2_live_hosts
     live_hosts = l2_live_hosts(table[0::step], 16)
-    again = _copied_recomputed(table, step, 16, _Counts(counts),  # type: ignore[arg-type]
+    again = copied_recomputed(table, step, 16, _Counts(counts),  # type: ignore[arg-type]
                                live_hosts)
     assert again == got
 
@@ -102,13 +102,13 @@ def test_copied_cleared_clears_the_entries_bit_only(values: list[int], extended:
     they are (bit 63 included); None when no entry had it."""
     from array import array
 
-    from qcow2snap.ops.snapshots import _copied_cleared
+    from qcow2snap.ops.copied import copied_cleared
     step = 2 if extended else 1
     table = array("Q", [v for value in values
                         for v in ((value, (1 << 63) | value) if extended else (value,))])
     want = array("Q", table)
     want[0::step] = array("Q", [v & ~(1 << 63) for v in values])
-    got = _copied_cleared(table, step)
+    got = copied_cleared(table, step)
     assert (got if got is not None else table) == want
     assert (got is None) == (want == table)
 
@@ -118,10 +118,10 @@ def test_copied_recomputed_mixed_counts_in_bulk() -> None:
     (or gets) COPIED, whatever the flag was."""
     from array import array
 
-    from qcow2snap.ops.snapshots import _copied_recomputed
+    from qcow2snap.ops.copied import copied_recomputed
     values = [((1 + j % 40) << 16) | (1 << 63 if j % 2 else 0) for j in range(600)]
     counts = {h: 1 + h % 3 for h in range(1, 41)}
-    got = _copied_recomputed(array("Q", values), 1, 16, _Counts(counts))  # type: ignore[arg-type]
+    got = copied_recomputed(array("Q", values), 1, 16, _Counts(counts))  # type: ignore[arg-type]
     assert got is not None
     assert list(got) == [(v & ~(1 << 63)) | (1 << 63 if counts[(v >> 16) & 0xFFFF] == 1 else 0)
                          for v in values]
