@@ -219,7 +219,8 @@ def test_leaked_image_is_refused_until_repaired(tmp_path: Path, qemu_img: str,
     # punches what it frees; trim gives back the rest of the junk
     done = trim_json(path)
     assert 0 < done["planned-bytes"] <= junk
-    assert done["given-back"] == done["planned-bytes"]
+    # the file system's own extent-tree blocks count in st_blocks too
+    assert abs(done["given-back"] - done["planned-bytes"]) <= FS_SLACK, done
     assert_qemu_clean(qemu_img, path)
 
 
