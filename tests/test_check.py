@@ -1020,8 +1020,8 @@ def test_data_cluster_inside_metadata_is_reported(fixture_dir: Path, tmp_path: P
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """An L2 entry of a table the bulk scan keeps as runs, pointed at the
     refcount block: the overlap is found however the runs are batched."""
-    import qcow2snap.ops.check as check_module
-    monkeypatch.setattr(check_module, "_RUN_BATCH", run_batch)
+    import qcow2snap.ops.check_count as check_count
+    monkeypatch.setattr(check_count, "RUN_BATCH", run_batch)
     good = fixture_path(fixture_dir, "v3-basic")
     geo = geometry(good)
     off, value = geo.find_entry(is_data)

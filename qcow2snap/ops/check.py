@@ -9,10 +9,11 @@ tables gives its data clusters k references), compressed clusters +1 per
 touched host cluster, the snapshot table's exact byte range, the LUKS
 header and the persistent-bitmap structures.  Tables are decoded in bulk
 (:mod:`qcow2snap.tables`; one L2 table by :mod:`.check_l2`, into runs of
-consecutive host clusters) and counts are kept in one ``array`` indexed by
-host cluster, in the width of the image's refcounts, so memory is two bytes
-per host cluster (twice: computed and stored) and time is one pass over the
-metadata with a few operations per run.
+consecutive host clusters) and counted in bulk by :mod:`.check_count`, in
+one ``array`` indexed by host cluster in the width of the image's
+refcounts, so memory is two bytes per host cluster (twice: computed and
+stored) and time is one pass over the metadata with a few operations per
+run.
 
 What is reported (each a :class:`~.check_report.Finding`): refcounts too
 high (leaks) and too low, misaligned tables and data clusters, reserved
@@ -27,10 +28,10 @@ status does too (0 clean, 2 corruptions, 3 leaks only, 1 the check could not
 be completed -- which QEMU also says when it cannot read the snapshot table
 without ``-r all``; qcow2snap still reports everything else it found).
 
-This module is about 900 lines because the checker is one pass with shared
-state (the reference counts, the cluster owners, the L2 results) and
-counts in bulk (runs, byte-level refcount arithmetic); its independent
-parts live beside it.  Repair is :mod:`qcow2snap.ops.repair`.
+The checker is one pass with shared state (the cluster owners, the L2
+results, the findings); its independent parts live beside it: one L2
+table's scan (:mod:`.check_l2`), the counting (:mod:`.check_count`), the
+report types (:mod:`.check_report`).  Repair is :mod:`qcow2snap.ops.repair`.
 """
 
 from __future__ import annotations
@@ -38,23 +39,28 @@ from __future__ import annotations
 import os
 import sys
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from functools import reduce
-from itertools import accumulate, chain, compress, repeat
-from operator import and_, lshift, or_, rshift
+from itertools import compress, repeat
+from operator import and_, or_, rshift
 
 from .. import format as fmt
 from ..errors import CheckFailedError
 from ..image import Qcow2Image
 from ..model import BitmapsExtension
 from ..tables import (
-    add_at,
     decode_refcount_block,
     decode_u64_table,
     nonzero_indexes,
     refcount_block_entries,
+)
+from .check_count import (
+    ReferenceCounts,
+    last_nonzero,
+    refcount_differences,
+    refcount_typecode,
+    zeros,
 )
 from .check_l2 import L2Info, scan_l2
 from .check_report import (
@@ -89,12 +95,8 @@ class Checker:
         self.progress = progress
         self.report = CheckReport(filename=image.path)
         self._counts: Counter[str] = Counter()
-        #: computed references per host cluster, in the width of the image's
-        #: refcounts (two bytes at least: QEMU's default), so that comparing
-        #: them with the stored ones is a memcmp; widened to 8 bytes when a
-        #: count outgrows it (:meth:`_bump`)
-        self.ref: array[int] = _zeros(_refcount_typecode(self.h.refcount_order),
-                                      self.file_clusters + 1)
+        #: computed references per host cluster (:attr:`ref`)
+        self.refs = ReferenceCounts(self.h.refcount_order, self.file_clusters + 1)
         self.past_eof: set[int] = set()
         #: host clusters holding guest data that QEMU reads but its check
         #: does not count (see L2Info.unreferenced_data): a repair keeps them
@@ -102,9 +104,6 @@ class Checker:
         self.owner: dict[int, str] = {}       # metadata cluster -> structure kind
         self.data_clusters: set[int] = set()  # only filled for overlap detection of metadata
         self._l2_info: dict[int, L2Info] = {}
-        #: the runs of host clusters counted (:meth:`_flush_pending`), each as
-        #: ``first << _RUN_KEY_BITS | count``
-        self._run_keys: list[array[int]] = []
         #: L2 tables with paths not yet counted (the count is ``L2Info.paths``;
         #: ``L2Info.walked``: reached from a counted L1 table)
         self._pending: list[int] = []
@@ -127,6 +126,12 @@ class Checker:
         self._done = 0
         self._total = 1
 
+    @property
+    def ref(self) -> array[int]:
+        """The computed references per host cluster (in the width of the
+        image's refcounts, or 8 bytes once a count outgrew it)."""
+        return self.refs.counts
+
     # -- findings --------------------------------------------------------
 
     def add(self, kind: str, severity: Severity, offset: int | None, structure: str,
@@ -146,41 +151,6 @@ class Checker:
 
     # -- reference counting ----------------------------------------------
 
-    def _grow(self, cluster: int) -> None:
-        if cluster >= len(self.ref):
-            self.ref.extend(_zeros(self.ref.typecode, cluster + 1 - len(self.ref)))
-
-    def _bump(self, first: int, count: int, amount: int) -> None:
-        """+``amount`` on the ``count`` clusters from ``first`` (grown before),
-        in bulk: the low bytes of the counts translated through an adding
-        table when none carries (the usual case), else one slice assignment
-        when they all hold the same count; widened to 8 bytes on overflow."""
-        ref = self.ref
-        if count == 1:
-            value = ref[first] + amount
-            if value > _MAX[ref.typecode]:
-                self.ref = ref = array("Q", ref)
-            ref[first] = value
-            return
-        stop = first + count
-        if count <= 8:        # a short run: item by item is cheaper
-            self._bump_each(range(first, stop), amount)
-            return
-        size = ref.itemsize
-        if amount < 256 and _LITTLE:
-            with memoryview(ref) as view, view.cast("B") as octets, octets[0::size] as low:
-                if _add_in_low_bytes(low, first, stop, amount):
-                    return
-        segment = ref[first:stop]
-        value = segment[0] + amount
-        if value > _MAX[ref.typecode]:
-            self.ref = array("Q", ref)
-            self._bump(first, count, amount)
-        elif segment.count(segment[0]) == count:
-            ref[first:stop] = array(ref.typecode, (value,)) * count
-        else:
-            self._bump_each(range(first, stop), amount)
-
     def inc_range(self, offset: int, length: int, structure: str) -> bool:
         """+1 on every cluster of ``[offset, offset+length)``; QEMU's rule for
         ranges past the end of the file.  False if not counted."""
@@ -197,8 +167,8 @@ class Checker:
             return False
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
-        self._grow(last)
-        self._bump(first, last - first + 1, 1)
+        self.refs.grow(last)
+        self.refs.add(first, last - first + 1, 1)
         return True
 
     def claim(self, offset: int, length: int, kind: str, structure: str) -> None:
@@ -323,6 +293,7 @@ class Checker:
         file_size = self.file_size
         owner = self.owner
         pending = self._pending
+        refs = self.refs
         r = self.report
         progress = self.progress is not None
         for index in nonzero_indexes(table):   # zero runs skipped at C speed
@@ -341,9 +312,7 @@ class Checker:
             cluster = l2 >> bits
             if not l2 & (cs - 1) and l2 < file_size and owner.get(cluster, _L2) is _L2:
                 # the usual case, without the strings of the general one
-                if cluster >= len(self.ref):
-                    self._grow(cluster)
-                self._bump(cluster, 1, 1)
+                refs.add_one(cluster)
                 owner[cluster] = _L2
                 if active:
                     self.active_l1_index.append(index)
@@ -429,15 +398,7 @@ class Checker:
         a metadata cluster lies in some run)."""
         meta = self.owner
         ordered = sorted(meta)
-        in_runs = False
-        for keys in self._run_keys:
-            firsts = array("Q", map(rshift, keys, repeat(_RUN_KEY_BITS)))
-            # the furthest end of the runs starting at or before each first
-            reach = array("Q", accumulate(_run_ends(keys), max))
-            if any(i and reach[i - 1] > m for i, m in zip(
-                    map(bisect_right, repeat(firsts), ordered), ordered, strict=True)):
-                in_runs = True
-                break
+        in_runs = self.refs.any_run_holds(ordered)
         for l2, info in self._l2_info.items():
             if not info.walked:
                 continue
@@ -458,79 +419,11 @@ class Checker:
                          None)
 
     def _flush_pending(self) -> None:
-        """Add the references of every L2 table walked so far, times its
-        number of paths.  Runs that several tables share (the layers'
-        copies of one table, after a snapshot) are added once, with the sum
-        of their paths, in batches of at most :data:`_RUN_BATCH` runs."""
-        runs_paths: Counter[int] = Counter()
-        for l2 in self._pending:
-            info = self._l2_info[l2]
-            paths = info.paths
-            info.paths = 0
-            runs = info.runs
-            if runs is not None:
-                if runs:
-                    keys = map(or_, map(lshift, runs[0::2], repeat(_RUN_KEY_BITS)), runs[1::2])
-                    if paths == 1:
-                        runs_paths.update(keys)
-                    else:
-                        for key in keys:
-                            runs_paths[key] += paths
-                    if len(runs_paths) >= _RUN_BATCH:
-                        self._bump_runs(runs_paths)
-                continue
-            hosts = info.hosts
-            if not hosts:
-                continue
-            top = max(hosts)
-            if top >= len(self.ref):
-                self._grow(top)
-            self._bump_each(hosts, paths)
+        """Count the references of every L2 table walked so far, times its
+        number of paths (:meth:`.ReferenceCounts.add_tables`)."""
+        l2_info = self._l2_info
+        self.refs.add_tables(map(l2_info.__getitem__, self._pending))
         self._pending.clear()
-        self._bump_runs(runs_paths)
-
-    def _bump_runs(self, runs_paths: Counter[int]) -> None:
-        """Add (then forget) a batch of runs keyed ``first << _RUN_KEY_BITS
-        | count``, each with its paths; their keys are kept, sorted, for
-        :meth:`_data_overlaps`."""
-        if not runs_paths:
-            return
-        self._grow(max(_run_ends(runs_paths)) - 1)
-        count_mask = (1 << _RUN_KEY_BITS) - 1
-        items = iter(runs_paths.items())
-        if _LITTLE:
-            # the usual case inline: the low bytes translated through an
-            # adding table (none may carry); the first run that would carry
-            # and all after it take :meth:`_bump`
-            ref = self.ref
-            size = ref.itemsize
-            with memoryview(ref) as view, view.cast("B") as octets, \
-                    octets[0::size] as low:
-                typecode = ref.typecode
-                for key, paths in items:
-                    first = key >> _RUN_KEY_BITS
-                    count = key & count_mask
-                    stop = first + count
-                    if count >= _LONG_RUN and paths <= _MAX[typecode] and not \
-                            octets[first * size:stop * size].tobytes().strip(b"\0"):
-                        # counted for the first time (a preallocated table)
-                        ref[first:stop] = array(typecode, (paths,)) * count
-                        continue
-                    if not _add_in_low_bytes(low, first, stop, paths):
-                        items = chain(((key, paths),), items)
-                        break
-        bump = self._bump
-        for key, paths in items:
-            bump(key >> _RUN_KEY_BITS, key & count_mask, paths)
-        self._run_keys.append(array("Q", sorted(runs_paths)))
-        runs_paths.clear()
-
-    def _bump_each(self, hosts: list[int] | array[int] | range, amount: int) -> None:
-        """+``amount`` on every cluster of ``hosts`` (grown before)."""
-        done = add_at(self.ref, hosts, amount)
-        if done < len(hosts):
-            self.ref = array("Q", self.ref)
-            add_at(self.ref, hosts[done:], amount)
 
     def _count_extensions(self) -> None:
         image = self.image
@@ -598,7 +491,7 @@ class Checker:
             self.claim(h.refcount_table_offset, table_len, "refcount table", "refcount table")
             table = decode_u64_table(self.image.pread(h.refcount_table_offset, table_len))
         n = max(len(self.ref), self.file_clusters + 1)
-        disk = _zeros(_refcount_typecode(order), n)
+        disk = zeros(refcount_typecode(order), n)
         for index in nonzero_indexes(table):
             entry = table[index]
             off = entry & fmt.REFT_OFFSET_MASK
@@ -645,8 +538,8 @@ class Checker:
         ref = self.ref
         disk = self.disk
         if len(disk) < len(ref):
-            disk.extend(_zeros(disk.typecode, len(ref) - len(disk)))
-        n = max(self.file_clusters, self._highest_ref() + 1)
+            disk.extend(zeros(disk.typecode, len(ref) - len(disk)))
+        n = max(self.file_clusters, self.refs.highest() + 1)
         step = 4096
         for base in range(0, n, step):
             a = disk[base:min(base + step, n)]
@@ -664,11 +557,8 @@ class Checker:
                         self.add("leak", "leak", cluster << self.bits, f"cluster {cluster}",
                                  f"Leaked cluster {cluster} refcount={d} reference={c}",
                                  "leaks")
-        highest = max(_last_nonzero(disk, n), _last_nonzero(ref, n), 0)
+        highest = max(last_nonzero(disk, n), last_nonzero(ref, n), 0)
         self.report.image_end_offset = (highest + 1) << self.bits
-
-    def _highest_ref(self) -> int:
-        return max(_last_nonzero(self.ref, len(self.ref)), 0)
 
     def _check_copied(self) -> None:
         """OFLAG_COPIED in the active L1 and its L2 tables, against the
@@ -885,76 +775,10 @@ class Checker:
 
 _LITTLE = sys.byteorder == "little"
 _L2 = "L2 table"
-#: per amount below 256: byte values to which adding it does not carry, and
-#: the translate table adding it
-_NO_CARRY = [bytes(range(256 - amount)) for amount in range(256)]
-_ADD = [bytes((value + amount) & 0xFF for value in range(256)) for amount in range(256)]
-#: array type codes by item size
-_TYPECODE = {array(code).itemsize: code for code in "QLIHB"}
-#: a run at least this long, all of whose counts are still zero, is set by
-#: one slice assignment (:meth:`Checker._bump_runs`)
-_LONG_RUN = 64
 #: byte -> 1 if it is 1 / 0 / an entry's marked flag byte with OFLAG_COPIED
 _IS_ONE = bytes(value == 1 for value in range(256))
 _IS_ZERO = bytes(value == 0 for value in range(256))
 _COPIED_IS_ONE = bytes(value == 0xFD for value in range(256))
-_MAX = {code: (1 << (8 * array(code).itemsize)) - 1 for code in "QLIHB"}
-
-
-def _add_in_low_bytes(low: memoryview, first: int, stop: int, amount: int) -> bool:
-    """+``amount`` on the counts ``[first, stop)`` through their low bytes
-    (``low``: the low byte of every count, a strided view of a
-    little-endian array), translated through an adding table, when none
-    carries out of its low byte; False, and nothing changed, otherwise."""
-    if amount > 255:
-        return False
-    old = low[first:stop].tobytes()
-    if old.translate(None, _NO_CARRY[amount]):
-        return False
-    low[first:stop] = old.translate(_ADD[amount])
-    return True
-
-
-#: bits of a run key (:meth:`Checker._flush_pending`) that hold the run's
-#: cluster count: an L2 table has at most 2^18 entries (2 MiB clusters)
-_RUN_KEY_BITS = 24
-#: runs added at once (:meth:`Checker._flush_pending`): bounds the memory of
-#: their counter (about 100 bytes a run)
-_RUN_BATCH = 1 << 16
-
-
-def _run_ends(keys: Iterable[int]) -> Iterator[int]:
-    """One past the last cluster of each run key (first, count), at C speed."""
-    keys = list(keys)
-    return map(int.__add__, map(rshift, keys, repeat(_RUN_KEY_BITS)),
-               map(and_, keys, repeat((1 << _RUN_KEY_BITS) - 1)))
-
-
-def _refcount_typecode(refcount_order: int) -> str:
-    """The array type holding refcounts of ``1 << refcount_order`` bits
-    (two bytes at least)."""
-    return _TYPECODE[min(8, max(2, 1 << max(0, refcount_order - 3)))]
-
-
-def _zeros(typecode: str, count: int) -> array[int]:
-    out = array(typecode)
-    out.frombytes(bytes(out.itemsize * count))
-    return out
-
-
-def _last_nonzero(counts: array[int], stop: int) -> int:
-    """Index of the last non-zero item of ``counts[:stop]``, -1 if none
-    (zero bytes stripped at C speed, 64 KiB at a time from the end)."""
-    size = counts.itemsize
-    end = min(stop, len(counts)) * size
-    with memoryview(counts) as view, view.cast("B") as octets:
-        while end > 0:
-            start = max(0, end - (1 << 16))
-            kept = len(octets[start:end].tobytes().rstrip(b"\0"))
-            if kept:
-                return (start + kept + size - 1) // size - 1
-            end = start
-    return -1
 
 
 def _copied_agree(info: L2Info, disk: array[int]) -> bool:
@@ -981,22 +805,6 @@ def _copied_agree(info: L2Info, disk: array[int]) -> bool:
             is_one &= int.from_bytes(stored[lane::size].translate(_IS_ZERO), "big")
     count = len(stored) // size
     return is_one.to_bytes(count, "big") == info.copied.translate(_COPIED_IS_ONE)
-
-
-def refcount_differences(disk: array[int], ref: array[int]) -> Iterator[tuple[int, int, int]]:
-    """``(cluster, stored, computed)`` wherever the stored refcounts and the
-    computed references differ; equal stretches are skipped 4096 clusters at
-    a time with one array comparison."""
-    n = min(len(disk), len(ref))
-    step = 4096
-    for base in range(0, n, step):
-        a = disk[base:base + step]
-        b = ref[base:base + step]
-        if a == b:
-            continue
-        for k, (d, r) in enumerate(zip(a, b, strict=True)):
-            if d != r:
-                yield base + k, d, r
 
 
 def check_image(path: str | os.PathLike[str], *, progress: Progress | None = None
