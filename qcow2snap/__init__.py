@@ -52,7 +52,7 @@ from .reader import DiskReader, Extent, ExtentKind
 
 if TYPE_CHECKING:  # the editing layer loads only when an image is opened "r+"
     from .ops.edit import EditableImage
-    from .ops.transaction import MetadataIO
+    from .ops.metadata_io import MetadataIO
 
 __version__ = "0.1.0"
 

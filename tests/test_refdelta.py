@@ -137,7 +137,7 @@ def test_block_plus_delta_is_old_plus_delta(order: int, data: st.DataObject) -> 
     from array import array
     from operator import add
 
-    from qcow2snap.ops.transaction import _block_plus_delta, _freed_indexes, _increases_fit
+    from qcow2snap.ops.refblock import block_plus_delta, freed_indexes, increases_fit
     from qcow2snap.tables import encode_refcount_block
     top = (1 << (1 << order)) - 1
     n = data.draw(st.sampled_from([8, 64, 4096]))
@@ -153,19 +153,70 @@ def test_block_plus_delta_is_old_plus_delta(order: int, data: st.DataObject) -> 
                                                        st.integers(-top - 3, top + 3)),
                                              min_size=n, max_size=n)))
     values = list(map(add, old, delta))
-    if _increases_fit(old, delta, top):   # the quick bound is never wrong
+    if increases_fit(old, delta, top):   # the quick bound is never wrong
         assert min(values) >= 0 and max(values) <= top
     elif delta.typecode == "b" and min(delta) >= 0 and max(old) < top // 2:
         raise AssertionError("the quick bound missed a block far from the maximum")
-    got = _block_plus_delta(old, delta, order)
+    got = block_plus_delta(old, delta, order)
     if min(values) < 0 or max(values) > top:
         assert got is None
         return
     assert got is not None
     assert got[0].tolist() == values
     assert got[1] == encode_refcount_block(values, order)
-    assert _freed_indexes(delta, got[0], 1000) == [
+    assert freed_indexes(delta, got[0], 1000) == [
         1000 + i for i in range(n) if delta[i] < 0 and values[i] == 0]
+
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from(["B", "H", "I", "Q"]), st.data())
+def test_increases_leave_shared_as_entry_by_entry(typecode: str, data: st.DataObject) -> None:
+    """The C-speed test that a delta chunk only increases counts and leaves
+    none at exactly 1 (``Transaction.increases_leave_shared``) agrees with
+    the per-entry rule: None for any decrease or a widened chunk, and an
+    increment of 1 on a zero count found whatever its position and width."""
+    from array import array
+
+    from qcow2snap.ops.refblock import any_zero_at, increments_of_one
+    n = data.draw(st.sampled_from([1, 8, 64, 2048]))
+    amounts = st.one_of(st.sampled_from([0, 0, 0, 1, 2, -1, 127, -128]), st.integers(-128, 127))
+    chunk = array("b", data.draw(st.lists(amounts, min_size=n, max_size=n)))
+    top = min((1 << (8 * array(typecode).itemsize)) - 1, 1 << 40)
+    counts = st.one_of(st.sampled_from([v for v in (0, 0, 1, 256, 1 << 16, top) if v <= top]),
+                       st.integers(0, top))
+    old = array(typecode, data.draw(st.lists(counts, min_size=n, max_size=n)))
+    ones = increments_of_one(chunk)
+    if min(chunk) < 0:
+        assert ones is None
+        return
+    assert ones is not None
+    assert ones == (b"" if 1 not in chunk else bytes(int(a == 1) for a in chunk))
+    leaves_one = any(a == 1 and c == 0 for a, c in zip(chunk, old, strict=True))
+    if ones:
+        assert any_zero_at(old, ones) == leaves_one
+    else:
+        assert not leaves_one
+    assert increments_of_one(array("q", chunk)) is None
+
+
+@pytest.mark.parametrize("typecode", ["B", "H", "I", "Q"])
+def test_an_increment_of_one_on_a_zero_count_is_found_in_every_byte(typecode: str) -> None:
+    """Every byte of a count is looked at: a count that is non-zero in one
+    byte only does not look like 0 (the case the drawn test rarely hits)."""
+    from array import array
+
+    from qcow2snap.ops.refblock import any_zero_at, increments_of_one
+    width = array(typecode).itemsize
+    for position in (0, 1, 37, 63):
+        chunk = array("b", bytes(64))
+        chunk[position] = 1
+        ones = increments_of_one(chunk)
+        assert ones is not None and ones.find(1) == position
+        assert any_zero_at(array(typecode, bytes(64 * width)), ones)
+        for lane in range(width):
+            old = array(typecode, bytes(64 * width))
+            old[position] = 1 << (8 * lane)
+            assert not any_zero_at(old, ones), (position, lane)
+
 
 @given(st.lists(st.integers(-128, 127), max_size=5000), st.integers(0, 7))
 def test_widened_signed_bytes_are_the_same_numbers(values: list[int], skip: int) -> None:

@@ -17,7 +17,7 @@ from .check import check_image
 from .check_report import CheckReport, Progress, RepairMode, RepairReport
 
 if TYPE_CHECKING:
-    from .transaction import MetadataIO
+    from .metadata_io import MetadataIO
 
 __all__ = ["check_or_repair"]
 

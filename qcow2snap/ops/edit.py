@@ -17,8 +17,9 @@ from ..image import Qcow2Image
 from ..locks import LockState
 from ..model import Header, Snapshot
 from ..reader import DiskReader
+from .metadata_io import FileIO, MetadataIO
 from .snapshots import SnapshotEditor, SnapshotExistsError
-from .transaction import CommitResult, FileIO, MetadataIO, Transaction, TransactionPoisoned
+from .transaction import CommitResult, Transaction, TransactionPoisoned
 
 __all__ = ["EditResult", "EditableImage", "Operation", "edit_images"]
 

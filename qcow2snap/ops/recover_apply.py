@@ -72,9 +72,10 @@ from ..refcount import l2_references
 from ..tables import decode_u64_table
 from .check import Checker
 from .edit import EditableImage
+from .metadata_io import FileIO, MetadataIO
 from .recover import Progress, RecoveredSnapshot, find_lost_snapshots
 from .snapshots import _L1, SnapshotEditor, _Slot
-from .transaction import CommitResult, FileIO, MetadataIO, Transaction, TransactionPoisoned
+from .transaction import CommitResult, Transaction, TransactionPoisoned
 
 __all__ = ["RecoverResult", "RestoredSnapshot", "SkippedCandidate", "recover_snapshots"]
 

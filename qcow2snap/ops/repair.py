@@ -60,8 +60,9 @@ from .check_report import (
     RepairReport,
     SnapshotVerdict,
 )
+from .metadata_io import FileIO, MetadataIO
 from .salvage import SalvagedEntry
-from .transaction import CommitResult, FileIO, MetadataIO, Transaction
+from .transaction import CommitResult, Transaction
 
 __all__ = ["RepairMode", "repair_image"]
 

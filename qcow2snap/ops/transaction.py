@@ -37,21 +37,19 @@ sequence of writes and fsyncs and replay power losses at every cut point.
 It runs past 700 lines because allocation, the refcount fixed point, the
 early writes and the commit protocol share one state (what is allocated,
 queued and already written) whose consistency is the crash-safety
-argument; the bulk refcount arithmetic lives in :mod:`.refdelta`.
+argument; the planned changes are kept by :mod:`.refdelta` and added to
+whole refcount blocks by :mod:`.refblock`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import compress
 from operator import add, itemgetter
-from typing import Any, Protocol
+from typing import Any
 
 from .. import format as fmt
 from .. import refcount as refcount_layer
@@ -70,6 +68,16 @@ from ..refcount import RefcountReader, table_clusters_for
 from ..tables import encode_refcount_block, encode_u64_table, nonzero_indexes, refcount_max
 from . import refdelta
 from .clustersets import ClusterRuns, ClusterSet, L2Moves, SortedClusters, joined_runs
+from .metadata_io import FileIO, MetadataIO
+from .refblock import (
+    FAST_BLOCK_ENTRIES,
+    any_zero_at,
+    block_plus_delta,
+    encode_count_lanes,
+    freed_indexes,
+    increases_fit,
+    increments_of_one,
+)
 from .refdelta import (
     MAX_CHUNK_BITS,
     ClusterMarks,
@@ -93,219 +101,11 @@ __all__ = [
 HEADER_COMMIT_LIMIT = 512
 
 
-class MetadataIO(Protocol):
-    """What the transaction needs from the image file."""
-
-    def pwrite(self, data: bytes, offset: int) -> None: ...
-    def fsync(self) -> None: ...
-    def truncate(self, length: int) -> None: ...
-    def punch_hole(self, offset: int, length: int) -> None: ...
-
-
-class FileIO:
-    """:class:`MetadataIO` over a file descriptor."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while len(view):
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
-
-    def fsync(self) -> None:
-        os.fdatasync(self.fd)  # data and the file size; mtime need not be durable
-
-    def truncate(self, length: int) -> None:
-        os.ftruncate(self.fd, length)
-
-    def punch_hole(self, offset: int, length: int) -> None:
-        _punch_hole(self.fd, offset, length)
-
-
-_FALLOCATE = None
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); skipped where
-    the file system cannot (space is then not returned, but nothing is
-    wrong); any other failure (EIO) raises, for the caller to report."""
-    global _FALLOCATE
-    if _FALLOCATE is None:
-        import ctypes
-        # the C library the interpreter already links (ctypes.util's search
-        # for it costs more than the whole punch)
-        _FALLOCATE = ctypes.CDLL(None, use_errno=True).fallocate
-        _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
-    if _FALLOCATE(fd, falloc_fl_punch_hole | falloc_fl_keep_size, offset, length) != 0:
-        import ctypes
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):  # "cannot here" is not a failure
-            raise OSError(err, os.strerror(err))
-
-
 #: the refcount view (:meth:`Transaction._build_view`) is built for files of
 #: at most this many clusters (a list of 8 bytes a cluster: 32 MiB), once a
 #: lookup asks for this many clusters at once
 VIEW_MAX_CLUSTERS = 1 << 22
 VIEW_AFTER = 256
-
-#: refcount blocks of at least this many entries are computed as integers
-#: (:func:`_block_plus_delta`); smaller ones (512-byte clusters: 256
-#: entries) entry by entry, which costs less than the fixed steps there
-FAST_BLOCK_ENTRIES = 2048
-#: 2**33 in every 64-bit lane (see :func:`_block_plus_delta`)
-_LANE_BIAS_BIT = 33
-#: byte -> 1 if its top bit is set (the sign byte of a negative int64), else 0
-_SIGN_TO_ONE = bytes(b >> 7 for b in range(256))
-#: byte -> 1 if it is 0, else 0
-_ZERO_TO_ONE = bytes(int(b == 0) for b in range(256))
-#: byte -> 1 if it is 1, else 0
-_ONE_TO_ONE = bytes(int(b == 1) for b in range(256))
-_SIGN_BYTE = 7 if sys.byteorder == "little" else 0
-
-
-def _freed_indexes(delta: array[int], values: array[int], base: int) -> list[int]:
-    """``base + i`` for every i where ``delta[i] < 0`` and ``values[i] == 0``
-    (the clusters an edit frees in one refcount block; ``values`` int64,
-    ``delta`` int64 or signed bytes, of the same length), found on the
-    arrays' bytes: the sign bytes of the delta,
-    the OR of the value's eight bytes, and a search for the marked
-    positions, so the cost follows the freed clusters (a per-entry test of
-    every changed count took 3 ms of a 40 ms create)."""
-    signs = delta.tobytes() if delta.typecode == "b" else delta.tobytes()[_SIGN_BYTE::8]
-    negative = signs.translate(_SIGN_TO_ONE)
-    if 1 not in negative:
-        return []
-    out: list[int] = []
-    count = len(values)
-    if negative.count(1) <= min(count >> 3, 256):   # a few decreases: test their counts
-        i = negative.find(1)
-        while i >= 0:
-            if not values[i]:
-                out.append(base + i)
-            i = negative.find(1, i + 1)
-        return out
-    raw = values.tobytes()
-    nonzero = 0
-    for k in range(8):
-        nonzero |= int.from_bytes(raw[k::8], "little")
-    zero = nonzero.to_bytes(count, "little").translate(_ZERO_TO_ONE)
-    both = (int.from_bytes(negative, "little")
-            & int.from_bytes(zero, "little")).to_bytes(count, "little")
-    if both.count(1) > count >> 3:   # many: one pass over the block at C speed
-        return list(compress(range(base, base + count), both))
-    i = both.find(1)
-    while i >= 0:
-        out.append(base + i)
-        i = both.find(1, i + 1)
-    return out
-
-
-#: a byte with its top bit flipped (a signed byte + 128, as unsigned)
-_FLIP_SIGN_BIT = bytes(b ^ 0x80 for b in range(256))
-_LANES: dict[tuple[int, int], int] = {}
-
-
-def _lanes_of(count: int, value: int) -> int:
-    """``value`` in each of ``count`` 64-bit lanes, as one integer (cached:
-    one per block size and bias)."""
-    lanes = _LANES.get((count, value))
-    if lanes is None:
-        if len(_LANES) > 8:
-            _LANES.clear()
-        lanes = _LANES[count, value] = int.from_bytes(value.to_bytes(8, "little") * count,
-                                                      "little")
-    return lanes
-
-
-def _increases_fit(old: array[int], amounts: array[int], refcount_max: int) -> bool:
-    """Whether a block's counts plus amounts that are all signed bytes and
-    none negative stay within ``refcount_max``, told from two maxima of
-    bytes (the amounts', and the old counts' most significant byte): an
-    upper bound, so False means only "not told this way"."""
-    if amounts.typecode != "b" or sys.byteorder != "little":
-        return False
-    raw = amounts.tobytes()
-    if 1 in raw.translate(_SIGN_TO_ONE):
-        return False
-    width = old.itemsize
-    top = old.tobytes()[width - 1::width]
-    # the old counts are below (their top byte's maximum + 1) << the bits under it
-    bound = ((max(top, default=0) + 1) << (8 * (width - 1))) - 1
-    return bound + max(raw, default=0) <= refcount_max
-
-
-def _block_plus_delta(old: array[int], delta: array[int],
-                      order: int) -> tuple[array[int], bytes] | None:
-    """A refcount block plus its planned changes, as (the new counts in an
-    int64 array, the encoded block), computed on whole blocks as integers
-    instead of one addition per entry (two passes of 32,768 Python
-    additions and conversions were 5 ms of a 40 ms create): the old counts
-    are widened to 64-bit lanes, the delta (signed lanes) is turned into
-    one signed integer, and 2**33 is added to every lane so that no lane
-    borrows from the next; a lane then holds 2**33 + the new count, which
-    is valid iff its bytes 4-7 are (2, 0, 0, 0) and the count fits the
-    width.  None for other widths (only 8-, 16- and 32-bit counts are done
-    here, on little-endian hosts) or when a count is out of range: the
-    caller then takes the per-entry route, which reports the error."""
-    if not 3 <= order <= 5 or sys.byteorder != "little":
-        return None
-    count = len(delta)
-    width = 1 << (order - 3)
-    raw_old = old.tobytes()
-    lanes = bytearray(8 * count)
-    for k in range(width):
-        lanes[k::8] = raw_old[k::width]
-    raw_delta = delta.tobytes()
-    if delta.typecode == "b":
-        # amounts -128..127 plus 128 are the bytes 0..255 (the sign bit
-        # flipped), and the bias takes the 128 back: two integers, not four
-        biased = bytearray(8 * count)
-        biased[0::8] = raw_delta.translate(_FLIP_SIGN_BIT)
-        total = (int.from_bytes(lanes, "little") + int.from_bytes(biased, "little")
-                 + _lanes_of(count, (1 << _LANE_BIAS_BIT) - 128))
-    else:
-        signs = bytearray(8 * count)
-        signs[0::8] = raw_delta[7::8].translate(_SIGN_TO_ONE)
-        signed_delta = (int.from_bytes(raw_delta, "little")
-                        - (int.from_bytes(signs, "little") << 64))
-        total = (int.from_bytes(lanes, "little") + signed_delta
-                 + _lanes_of(count, 1 << _LANE_BIAS_BIT))
-    if total < 0:
-        return None
-    try:
-        new = bytearray(total.to_bytes(8 * count, "little"))
-    except OverflowError:
-        return None
-    if new[4::8].count(2) != count:
-        return None
-    new[4::8] = bytes(count)
-    encoded = _encode_count_lanes(new, order)
-    if encoded is None:
-        return None
-    values = array("q")
-    values.frombytes(new)
-    return values, encoded
-
-
-def _encode_count_lanes(lanes: bytes | bytearray, order: int) -> bytes | None:
-    """A refcount block of 8-, 16- or 32-bit counts encoded from the
-    little-endian int64 lanes of its counts by strided byte copies, or None
-    if a count is negative or past the width (any byte above the width not
-    zero)."""
-    count = len(lanes) >> 3
-    width = 1 << (order - 3)
-    for k in range(width, 8):
-        if lanes[k::8].count(0) != count:
-            return None
-    encoded = bytearray(width * count)
-    for k in range(width):      # big-endian entries
-        encoded[width - 1 - k::width] = lanes[k::8]
-    return bytes(encoded)
 
 #: bytes of new metadata a transaction with ``early_writes`` queues before
 #: writing it (a module constant, read when it is needed: tests shrink it
@@ -506,7 +306,7 @@ class Transaction:
     def _counts_in_range(self) -> bool:
         """Whether every planned count (old + delta) of every block the plan
         touches is within 0..maximum, block by block at C speed
-        (:func:`_block_plus_delta`); False when that cannot be told that
+        (:func:`block_plus_delta`); False when that cannot be told that
         way (the caller then checks entry by entry)."""
         rc = self.refcounts
         order = self.old_header.refcount_order
@@ -515,7 +315,7 @@ class Transaction:
             if old is None:
                 return False
             amounts = self.delta.amounts(b << rc.block_bits, rc.block_entries)
-            if not _increases_fit(old, amounts, self.refcount_max) and _block_plus_delta(
+            if not increases_fit(old, amounts, self.refcount_max) and block_plus_delta(
                     old, amounts, order) is None:
                 return False
         return True
@@ -532,26 +332,17 @@ class Transaction:
         delta = self.delta
         block_mask = rc.block_entries - 1
         for key, chunk in delta.store.items():
-            if chunk.typecode != "b":
+            ones = increments_of_one(chunk)
+            if ones is None:
                 return False
-            raw = chunk.tobytes()
-            if 1 in raw.translate(_SIGN_TO_ONE):
-                return False
-            ones = raw.translate(_ONE_TO_ONE)
-            if 1 not in ones:
+            if not ones:
                 continue
             first = key << delta.bits
             block = rc.block(first >> rc.block_bits)
             if block is None:
                 return False
             start = first & block_mask
-            old = block[start:start + len(chunk)].tobytes()
-            width = block.itemsize
-            nonzero = 0
-            for k in range(width):
-                nonzero |= int.from_bytes(old[k::width], "little")
-            zero = nonzero.to_bytes(len(chunk), "little").translate(_ZERO_TO_ONE)
-            if int.from_bytes(zero, "little") & int.from_bytes(ones, "little"):
+            if any_zero_at(block[start:start + len(chunk)], ones):
                 return False
         return True
 
@@ -618,7 +409,7 @@ class Transaction:
             for b in range(-(-self._end_cluster // rc.block_entries)):
                 old = rc.block(b)
                 amounts = self.delta.amounts(b << rc.block_bits, rc.block_entries)
-                fast = None if old is None else _block_plus_delta(old, amounts, order)
+                fast = None if old is None else block_plus_delta(old, amounts, order)
                 if fast is not None:      # whole blocks at C speed
                     view += fast[0]
                 else:
@@ -848,12 +639,12 @@ class Transaction:
             amounts = self.delta.amounts(base, entries)
             fast = None
             if old is not None and entries >= FAST_BLOCK_ENTRIES:
-                fast = self._view_block(base, entries, order) or _block_plus_delta(
+                fast = self._view_block(base, entries, order) or block_plus_delta(
                     old, amounts, order)
             if fast is not None:
                 values, encoded = fast
                 self._queue(offset, encoded)
-                freed += _freed_indexes(amounts, values, base)
+                freed += freed_indexes(amounts, values, base)
                 self._last_in_use[b] = last_nonzero(values)
                 continue
             delta = widen_signed_bytes(amounts) if amounts.typecode == "b" else amounts
@@ -866,7 +657,7 @@ class Transaction:
             except (OverflowError, ValueError):
                 self._refcount_range_error(values, base, order)
                 raise
-            freed += _freed_indexes(delta, values, base)
+            freed += freed_indexes(delta, values, base)
             self._last_in_use[b] = last_nonzero(values)
         table = list(rc.table) + [0] * ((table_clusters << self.cluster_bits) // 8 - len(rc.table))
         for b, offset in new_blocks.items():
@@ -885,7 +676,7 @@ class Transaction:
                 or sys.byteorder != "little":
             return None
         values = view[base:base + entries]
-        encoded = _encode_count_lanes(values.tobytes(), order)
+        encoded = encode_count_lanes(values.tobytes(), order)
         return None if encoded is None else (values, encoded)
 
     def _refcount_range_error(self, values: array[int], base: int, order: int) -> None:

@@ -45,7 +45,7 @@ from ..errors import ImageNeedsRepairError, UnsupportedImageError
 from ..image import Qcow2Image
 from .check import Checker
 from .check_report import Progress
-from .transaction import FileIO, MetadataIO
+from .metadata_io import FileIO, MetadataIO
 
 __all__ = ["TrimResult", "trim_image"]
 
