@@ -28,10 +28,12 @@ status does too (0 clean, 2 corruptions, 3 leaks only, 1 the check could not
 be completed -- which QEMU also says when it cannot read the snapshot table
 without ``-r all``; qcow2snap still reports everything else it found).
 
-The checker is one pass with shared state (the cluster owners, the L2
-results, the findings); its independent parts live beside it: one L2
-table's scan (:mod:`.check_l2`), the counting (:mod:`.check_count`), the
-report types (:mod:`.check_report`).  Repair is :mod:`qcow2snap.ops.repair`.
+This module is about 800 lines because the checker is one pass with
+shared state (the cluster owners, the L2 results, the findings, and the
+search for lost L1 tables among the leaks, which walks tables as the
+check does); its independent parts live beside it: one L2 table's scan
+(:mod:`.check_l2`), the counting (:mod:`.check_count`), the report types
+(:mod:`.check_report`).  Repair is :mod:`qcow2snap.ops.repair`.
 """
 
 from __future__ import annotations
