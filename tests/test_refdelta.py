@@ -44,6 +44,73 @@ def test_delta_is_a_dict_of_nonzero_amounts(ops: list[tuple[list[int], int, bool
     _assert_same_as(delta, marks, reference, marked, group_bits=6)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.lists(st.integers(0, 300), min_size=64,
+                                                       max_size=400),
+                          st.sampled_from([1, -1, 1, -1, 2]), st.booleans()),
+                min_size=1, max_size=6),
+       st.sampled_from([4, 8]), st.lists(st.tuples(st.integers(0, 1600), st.integers(-130, 130)),
+                                        max_size=20))
+def test_scattered_bulk_adds_are_the_same_dict(
+        ops: list[tuple[int, list[int], int, bool]], chunk_bits: int,
+        before: list[tuple[int, int]]) -> None:
+    """Bulk adds of +/-1 on clusters close together (an edit's references:
+    counted in one scratch array, then added a chunk at a time) read as the
+    dict of their sums: on top of amounts already there (chunks all zero,
+    not zero, or widened), with repetitions up to and past a signed byte,
+    marks merged with marks already set; and the scratch route is taken."""
+    delta, marks = RefcountDelta(chunk_bits), ClusterMarks(chunk_bits)
+    reference: dict[int, int] = {}
+    marked: set[int] = set()
+    for cluster, amount in before:
+        delta.add(cluster, amount)
+        reference[cluster] = reference.get(cluster, 0) + amount
+    scattered = 0
+    original = RefcountDelta._add_scattered
+
+    def spy(self: RefcountDelta, *args: object) -> bool:
+        nonlocal scattered
+        done = original(self, *args)  # type: ignore[arg-type]
+        scattered += done
+        return done
+
+    RefcountDelta._add_scattered = spy  # type: ignore[method-assign]
+    try:
+        for where, offsets, amount, mark in ops:
+            clusters = [where * 400 + offset for offset in offsets]
+            if mark and where == 1:
+                clusters += [410] * 200      # one cluster named 200 times: the sorted route
+            delta.add_many(clusters, amount, marks if mark else None)
+            for c in clusters:
+                reference[c] = reference.get(c, 0) + amount
+                if mark:
+                    marked.add(c)
+    finally:
+        RefcountDelta._add_scattered = original  # type: ignore[method-assign]
+    _assert_same_as(delta, marks, reference, marked, group_bits=2)
+    from collections import Counter
+    if any(amount in (1, -1) and not (mark and where == 1)
+           and max(Counter(offsets).values()) < 128 for where, offsets, amount, mark in ops):
+        assert scattered, "the scratch route was never taken"
+
+
+@given(st.lists(st.tuples(st.integers(-128, 127), st.integers(-128, 127)), max_size=300))
+def test_signed_bytes_add_as_integers(pairs: list[tuple[int, int]]) -> None:
+    """Entry-by-entry sums of signed bytes at C speed: the sums when every
+    one fits -128..127, None when any does not (past 127 or below -128)."""
+    from array import array
+
+    from qcow2snap.ops.refdelta import add_signed_bytes
+    a = array("b", [x for x, _ in pairs]).tobytes()
+    b = array("b", [y for _, y in pairs]).tobytes()
+    sums = [x + y for x, y in pairs]
+    got = add_signed_bytes(a, b)
+    if all(-128 <= v <= 127 for v in sums):
+        assert got is not None and array("b", got).tolist() == sums
+    else:
+        assert got is None
+
+
 class _Counts:
     """Stands in for a transaction: fixed new-state refcounts."""
 

@@ -100,6 +100,49 @@ def widen_signed_bytes(values: array[int] | bytes) -> array[int]:
     return out
 
 
+#: a byte with its top bit flipped (a signed byte + 128, as unsigned)
+_FLIP_SIGN_BIT = bytes(b ^ 0x80 for b in range(256))
+_LANES_128: dict[int, int] = {}
+
+
+def add_signed_bytes(a: bytes, b: bytes) -> bytes | None:
+    """The sums of two strings of signed bytes of one length, entry by
+    entry, as signed bytes; None when a sum leaves -128..127.  At C speed:
+    each entry plus 128 goes to the low byte of a 16-bit lane, the two
+    strings become two integers, and their sum minus 128 per lane holds
+    each entry's sum plus 128, valid iff every lane's high byte is 0 (a sum
+    past 127 sets it; one below -128 borrows, which sets it too)."""
+    count = len(a)
+    bias = _LANES_128.get(count)
+    if bias is None:
+        if len(_LANES_128) > 8:
+            _LANES_128.clear()
+        bias = _LANES_128[count] = int.from_bytes(b"\x80\x00" * count, "little")
+    lanes = bytearray(2 * count)
+    lanes[0::2] = a.translate(_FLIP_SIGN_BIT)
+    total = int.from_bytes(lanes, "little")
+    lanes[0::2] = b.translate(_FLIP_SIGN_BIT)
+    total += int.from_bytes(lanes, "little") - bias
+    if total < 0:
+        return None
+    out = total.to_bytes(2 * count, "little")
+    if out[1::2].count(0) != count:
+        return None
+    return out[0::2].translate(_FLIP_SIGN_BIT)
+
+
+#: a bulk add of +/-1 counts its clusters in one scratch byte array of at
+#: most this many clusters (:meth:`RefcountDelta._add_scattered`: 4 MiB),
+#: when it names at least one cluster in :data:`_SCATTER_DENSITY` of them;
+#: a wider or sparser one is sorted into chunks instead
+SCATTER_MAX_CLUSTERS = 1 << 22
+_SCATTER_DENSITY = 16
+#: byte -> its negation as a signed byte; byte -> 1 if it is not zero
+_NEGATE = bytes((-b) & 0xFF for b in range(256))
+_NONZERO_TO_ONE = bytes(int(b != 0) for b in range(256))
+#: the counts a signed byte holds (a scratch count outside them: widen)
+_SIGNED_COUNTS = bytes(range(128))
+
 #: amount -> (a translate table adding it to signed bytes, the byte that
 #: would wrap)
 _STEP_BYTES = {1: (bytes((b + 1) & 0xFF for b in range(256)), 0x7F),
@@ -369,13 +412,22 @@ class RefcountDelta:
             marks.chunk(key)[start:start + n] = b"\x01" * n
 
     def _add_grouped(self, clusters: list[int], amount: int, marks: ClusterMarks | None) -> None:
-        """:meth:`add_many` of many clusters, chunk by chunk: when they all
-        lie in one chunk (an image of up to 2**16 clusters: most of them)
-        as they are, else sorted and each chunk's share found by
-        bisection; then one subscript per cluster, with no chunk test and
-        no counter (:meth:`_add_in_chunk`)."""
+        """:meth:`add_many` of many clusters, chunk by chunk.  +/-1 on
+        clusters that lie close together (an edit's references) is counted
+        in one scratch array and added a chunk at a time
+        (:meth:`_add_scattered`).  Otherwise, when they all lie in one chunk
+        (an image of up to 2**16 clusters: most of them) as they are, else
+        sorted and each chunk's share found by bisection; then one
+        subscript per cluster, with no chunk test and no counter
+        (:meth:`_add_in_chunk`)."""
         bits = self.bits
         low, high = min(clusters), max(clusters)
+        if amount in (1, -1):
+            base = (low >> bits) << bits
+            end = ((high >> bits) + 1) << bits
+            if end - base <= min(SCATTER_MAX_CLUSTERS, len(clusters) * _SCATTER_DENSITY) \
+                    and self._add_scattered(clusters, base, end, amount, marks):
+                return
         if low >> bits == high >> bits:
             key = low >> bits
             self._add_in_chunk(key, clusters if not key else
@@ -390,6 +442,60 @@ class RefcountDelta:
             self._add_in_chunk(key, list(map(and_, clusters[start:stop],
                                              repeat(self.mask, stop - start))), amount, marks)
             start = stop
+
+    def _add_scattered(self, clusters: list[int], base: int, end: int, amount: int,
+                       marks: ClusterMarks | None) -> bool:
+        """+/-1 on each of ``clusters`` (all in ``[base, end)``, whole
+        chunks), counted first in one scratch byte array (one subscript per
+        cluster, no sort: sorting an edit's references into chunks cost
+        more than adding them), then added to each chunk it touches and
+        marked, a chunk at a time at C speed (:meth:`_add_amounts`).  False,
+        with nothing changed, when a cluster is named 128 times or more."""
+        counts = bytearray(end - base)
+        try:
+            for offset in map(sub, clusters, repeat(base)) if base else clusters:
+                counts[offset] += 1
+        except ValueError:   # named 256 times or more
+            return False
+        if counts.translate(None, _SIGNED_COUNTS):
+            return False
+        size = self.size
+        with memoryview(counts) as view:
+            for key in range(base >> self.bits, end >> self.bits):
+                start = (key << self.bits) - base
+                piece = view[start:start + size].tobytes()
+                if piece.count(0) == size:
+                    continue
+                self._add_amounts(key, piece if amount > 0 else piece.translate(_NEGATE),
+                                  marks)
+        return True
+
+    def _add_amounts(self, key: int, amounts: bytes, marks: ClusterMarks | None) -> None:
+        """A whole chunk's amounts (signed bytes) added to chunk ``key``,
+        and the clusters whose amount is not zero marked: copied into a
+        chunk that is all zero, summed as integers into one that is not
+        (:func:`add_signed_bytes`), the chunk widened first when a sum would
+        leave the signed-byte range."""
+        chunk = self.chunk(key)
+        if chunk.typecode == "b":
+            with memoryview(chunk) as view, view.cast("B") as octets:
+                old = octets.tobytes()
+                new = amounts if old.count(0) == len(old) else add_signed_bytes(old, amounts)
+                if new is not None:
+                    octets[:] = new
+            if new is None:
+                chunk = self._widen(key)
+        if chunk.typecode == "q":
+            chunk[:] = array("q", map(add, chunk, widen_signed_bytes(amounts)))
+        if marks is not None:
+            ones = amounts.translate(_NONZERO_TO_ONE)
+            marked = marks.chunk(key)
+            assert len(marked) == len(ones), "marks and delta chunks differ in size"
+            if marked.count(0) == len(marked):
+                marked[:] = ones
+            else:
+                marked[:] = (int.from_bytes(marked, "little")
+                             | int.from_bytes(ones, "little")).to_bytes(len(marked), "little")
 
     def _add_in_chunk(self, key: int, offsets: list[int], amount: int,
                       marks: ClusterMarks | None) -> None:
