@@ -180,6 +180,37 @@ def test_copied_cleared_clears_the_entries_bit_only(values: list[int], extended:
     assert (got is None) == (want == table)
 
 
+@pytest.mark.parametrize("step", [1, 2])
+def test_copied_in_bulk_follows_each_run_of_live_entries(step: int) -> None:
+    """A sparse table (live entries in runs of 1-7 between zero entries,
+    some with COPIED set, some not): each live entry gets COPIED iff its own
+    cluster's count is 1, through the bulk route, run after run."""
+    from array import array
+
+    from qcow2snap.ops.copied import copied_in_bulk
+    from qcow2snap.tables import l2_live_hosts
+    values: list[int] = []
+    host = 1
+    for run in range(120):
+        values += [0] * (1 + run % 3)
+        for _ in range(1 + run % 7):
+            values.append((host << 16) | (1 << 63 if host % 3 == 0 else 0))
+            host += 1
+    counts_of = {h: 1 + (h * 7 % 5 == 0) + (h % 11 == 0) for h in range(1, host)}
+    entries = array("Q", values)
+    table = array("Q", [v for value in values for v in ((value, 5) if step == 2 else (value,))])
+    live_hosts = l2_live_hosts(entries, 16)
+    assert live_hosts is not None and len(live_hosts[0]) > 100
+    runs, hosts = live_hosts
+    got = copied_in_bulk(table, entries, step, [counts_of[h] for h in hosts], runs)
+    assert got is not None and got is not False
+    want = [(v & ~(1 << 63)) | (1 << 63 if v and counts_of[(v >> 16) & 0xFFFF] == 1 else 0)
+            for v in values]
+    assert list(got[0::step]) == want
+    if step == 2:
+        assert list(got[1::2]) == [5] * len(values)
+
+
 def test_copied_recomputed_mixed_counts_in_bulk() -> None:
     """A big table whose clusters have counts 1, 2 and 3: only count 1 keeps
     (or gets) COPIED, whatever the flag was."""

@@ -9,7 +9,6 @@ at C speed."""
 
 from __future__ import annotations
 
-import re
 import sys
 from array import array
 from itertools import chain
@@ -33,94 +32,36 @@ _KEEP_TOP_BIT = bytes(b & 0x80 for b in range(256))
 _CLEAR_TOP_BIT = bytes(b & 0x7F for b in range(256))
 #: a refcount (0-255) -> the COPIED bit in the top byte iff it is 1
 _ONE_TO_TOP_BIT = bytes(0x80 if b == 1 else 0 for b in range(256))
-
-
-#: an entry's top byte (native order: the last) -> 2 if COPIED is set, else 1
-_TOP_TO_CODE = bytes(2 if b & 0x80 else 1 for b in range(256))
-#: a refcount (0-255) -> 2 if it is 1 (COPIED wanted), else 1
-_COUNT_TO_CODE = bytes(2 if b == 1 else 1 for b in range(256))
-#: the live entries' mask bytes (a table has at most 2**16 entries)
-_ALL_FF = b"\xff" * (1 << 16)
+#: an entry's most significant byte in native order
 _TOP_BYTE = 7 if sys.byteorder == "little" else 0
-
-
-def _index_digits(count: int) -> list[int]:
-    """Per 7-bit digit of an entry index (least significant first), the
-    bytes ``digit + 1`` of every index 0..count-1 as one integer (never a
-    zero byte; cached per table size)."""
-    digits = _INDEX_DIGITS.get(count)
-    if digits is None:
-        digits = []
-        shift = 0
-        while not digits or count > 1 << shift:
-            digits.append(int.from_bytes(bytes(((j >> shift) & 0x7F) + 1 for j in range(count)),
-                                         "little"))
-            shift += 7
-        _INDEX_DIGITS[count] = digits
-    return digits
-
-
-_INDEX_DIGITS: dict[int, list[int]] = {}
-_CHANGED_RUN = re.compile(rb"\x03+")
-_FLIP_TOP_BIT = bytes(b ^ 0x80 for b in range(256))
 
 
 def copied_in_bulk(table: array[int], entries: array[int], step: int,
                     counts: list[int], runs: list[tuple[int, int]]
                     ) -> array[int] | Literal[False] | None:
     """:func:`copied_recomputed` of a table whose counts are known for
-    every referenced cluster (in entry order) and at most 255, without the
-    runs of live entries and without a Python step per entry: per live
-    entry a code byte (its COPIED bit now, and as its count wants it) is
-    gathered by deleting the zero bytes of a per-entry byte string, the two
-    strings are compared, and the runs of entries that change are located
-    by the same deletion applied to the digits of the entry indexes, then
-    flipped a slice at a time.  False when some live entry has no cluster
-    (the caller's per-entry route handles those).  ``runs``: the index
-    runs of the live entries (:func:`l2_live_hosts`)."""
-    count = len(entries)
-    raw = entries.tobytes()
+    every live entry's cluster (in entry order) and at most 255, without a
+    Python step per entry: the COPIED bit each live entry wants (its count
+    is 1) as one byte per entry, laid out at the entries' positions a run of
+    live entries at a time, ORed as integers into the top bytes with COPIED
+    cleared (QEMU clears it on every other entry; an all-zero entry's top
+    byte stays 0).  False when some live entry has no cluster (the caller's
+    per-entry route handles those).  ``runs``: the index runs of the live
+    (non-zero) entries (:func:`l2_live_hosts`)."""
     if sum(stop - start for start, stop in runs) != len(counts):
         return False
-    live = bytearray(count)
-    for start, stop in runs:
-        live[start:stop] = _ALL_FF[:stop - start]
-    live_mask = int.from_bytes(live, "little")
+    raw = entries.tobytes()
     top = raw[_TOP_BYTE::8]
-    now = (int.from_bytes(top.translate(_TOP_TO_CODE), "little")
-           & live_mask).to_bytes(count, "little").translate(None, b"\0")
-    wanted = bytes(counts).translate(_COUNT_TO_CODE)
-    if now == wanted:
+    wanted = bytes(counts).translate(_ONE_TO_TOP_BIT)
+    placed = bytearray(len(top))
+    done = 0
+    for start, stop in runs:
+        placed[start:stop] = wanted[done:done + stop - start]
+        done += stop - start
+    lane = (int.from_bytes(top.translate(_CLEAR_TOP_BIT), "little")
+            | int.from_bytes(placed, "little")).to_bytes(len(top), "little")
+    if lane == top:
         return None
-    changed = (int.from_bytes(now, "little") ^ int.from_bytes(wanted, "little")
-               ).to_bytes(len(now), "little")
-    # the index of the k-th live entry: its 7-bit digits, gathered the same way
-    digits = [(d & live_mask).to_bytes(count, "little").translate(None, b"\0")
-              for d in _index_digits(count)]
-
-    if len(digits) == 1:        # tables of up to 128 entries
-        low = digits[0]
-
-        def position(k: int) -> int:
-            return low[k] - 1
-    elif len(digits) == 2:      # up to 16,384 entries (64 KiB clusters)
-        low, high = digits
-
-        def position(k: int) -> int:
-            return (high[k] << 7) + low[k] - 129
-    else:
-        def position(k: int) -> int:
-            return sum((digit[k] - 1) << (7 * i) for i, digit in enumerate(digits))
-
-    lane = bytearray(top)
-    for match in _CHANGED_RUN.finditer(changed):
-        first, stop = match.span()
-        start, last = position(first), position(stop - 1)
-        if last - start == stop - 1 - first:   # consecutive entries: one slice
-            lane[start:last + 1] = lane[start:last + 1].translate(_FLIP_TOP_BIT)
-        else:
-            for k in range(first, stop):
-                lane[position(k)] ^= 0x80
     out = bytearray(raw)
     out[_TOP_BYTE::8] = lane
     new_entries = array(entries.typecode)
@@ -181,24 +122,6 @@ def copied_recomputed(table: array[int], step: int, cluster_bits: int, txn: Tran
             return bulk
     if bulk_ok:   # the runs of live entries, needed from here on
         runs, live, hosts, _ = l2_live(entries, cluster_bits)
-    if len(counted) == len(live) and min(counts) >= 0 and max(counts) <= 255:
-        # every live entry has a cluster: its top byte becomes (top & 0x7F)
-        # | (0x80 if its count is 1), computed on the bytes of those top
-        # bytes (one per live entry) as integers, written back per run
-        raw = bytearray(encode_u64_table(table))   # big-endian: top byte first
-        lane = raw[0::8 * step]
-        live_top = b"".join(lane[start:stop] for start, stop in runs)
-        new_top = (int.from_bytes(live_top.translate(_CLEAR_TOP_BIT), "big")
-                   | int.from_bytes(bytes(counts).translate(_ONE_TO_TOP_BIT), "big")
-                   ).to_bytes(len(live_top), "big")
-        if new_top == live_top:
-            return None
-        done = 0
-        for start, stop in runs:
-            lane[start:stop] = new_top[done:done + stop - start]
-            done += stop - start
-        raw[0::8 * step] = lane
-        return decode_u64_table(raw)
     not_copied = ~copied & ((1 << 64) - 1)
     count_iter = iter(counts)
     wants = array(live.typecode, [
