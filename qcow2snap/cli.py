@@ -31,7 +31,6 @@ from .image import Qcow2Image
 from .image import open as open_image
 from .lazy_group import LazyGroup
 from .model import Snapshot
-from .ops import inspection
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -333,6 +332,7 @@ def info(image: str, as_json: bool, backing_file: str | None, no_backing: bool,
          data_file: str | None, allow_dirs: tuple[str, ...]) -> None:
     """Show an image's header, features, snapshots and backing chain (each
     link resolved, and which are not followed, and why)."""
+    from .ops import inspection  # info and list only: not on other commands' start-up
     with _open(image, backing_file, no_backing, data_file, allow_dirs) as img:
         facts = inspection.image_facts(img, image)
         if as_json:
@@ -351,6 +351,7 @@ def list_(images: tuple[str, ...], as_json: bool) -> None:
     --json prints an array of snapshot objects. With several IMAGES: the
     snapshots present on all of them, and which are missing where.
     """
+    from .ops import inspection
     if len(images) == 1:
         with open_image(images[0]) as img:
             if as_json:

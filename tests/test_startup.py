@@ -125,7 +125,8 @@ def test_an_edit_loads_the_layouts(fixture_copy: Any) -> None:
 def test_a_check_loads_neither_the_repair_nor_the_copier(fixture_copy: Any) -> None:
     """``check`` without ``--repair`` reads metadata only: the repair and its
     transaction, the copier, its threads and ctypes stay unloaded (they cost
-    ~30 ms of a check's start-up); ``--repair`` loads the transaction."""
+    ~30 ms of a check's start-up), and so do the listing's facts
+    (``ops.inspection``, ~2.5 ms); ``--repair`` loads the transaction."""
     image = fixture_copy("v3-basic")
     modules, proc = imported_by("check", image)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -133,7 +134,7 @@ def test_a_check_loads_neither_the_repair_nor_the_copier(fixture_copy: Any) -> N
     assert "qcow2snap.ops.check" in modules
     assert sorted(modules & {"qcow2snap.ops.repair", "qcow2snap.ops.transaction",
                              "qcow2snap.copier", "ctypes", "mmap",
-                             "concurrent.futures"}) == []
+                             "concurrent.futures", "qcow2snap.ops.inspection"}) == []
     modules, proc = imported_by("check", "--repair", "leaks", image)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "qcow2snap.ops.transaction" in modules

@@ -39,10 +39,10 @@ __all__ = ["RUN_BATCH", "RUN_KEY_BITS", "ReferenceCounts", "last_nonzero",
            "refcount_differences", "refcount_typecode", "zeros"]
 
 _LITTLE = sys.byteorder == "little"
-#: per amount below 256: byte values to which adding it does not carry, and
-#: the translate table adding it
-_NO_CARRY = [bytes(range(256 - amount)) for amount in range(256)]
-_ADD = [bytes((value + amount) & 0xFF for value in range(256)) for amount in range(256)]
+#: amount below 256 -> (the byte values to which adding it does not carry,
+#: the translate table adding it), made at first use (all 256 at import
+#: cost ~3 ms of every check's start-up; a check uses a few amounts)
+_ADDING: dict[int, tuple[bytes, bytes]] = {}
 #: array type codes by item size
 _TYPECODE = {array(code).itemsize: code for code in "QLIHB"}
 _MAX = {code: (1 << (8 * array(code).itemsize)) - 1 for code in "QLIHB"}
@@ -208,10 +208,14 @@ def _add_in_low_bytes(low: memoryview, first: int, stop: int, amount: int) -> bo
     carries out of its low byte; False, and nothing changed, otherwise."""
     if amount > 255:
         return False
+    tables = _ADDING.get(amount)
+    if tables is None:
+        tables = _ADDING[amount] = (bytes(range(256 - amount)),
+                                    bytes(range(amount, 256)) + bytes(range(amount)))
     old = low[first:stop].tobytes()
-    if old.translate(None, _NO_CARRY[amount]):
+    if old.translate(None, tables[0]):
         return False
-    low[first:stop] = old.translate(_ADD[amount])
+    low[first:stop] = old.translate(tables[1])
     return True
 
 
