@@ -26,6 +26,8 @@ import sys
 from array import array
 from itertools import compress
 
+from .refdelta import FLIP_SIGN_BIT, repeated_lanes
+
 __all__ = ["FAST_BLOCK_ENTRIES", "any_zero_at", "block_plus_delta", "encode_count_lanes",
            "freed_indexes", "increases_fit", "increments_of_one"]
 
@@ -81,21 +83,6 @@ def freed_indexes(delta: array[int], values: array[int], base: int) -> list[int]
     return out
 
 
-#: a byte with its top bit flipped (a signed byte + 128, as unsigned)
-_FLIP_SIGN_BIT = bytes(b ^ 0x80 for b in range(256))
-_LANES: dict[tuple[int, int], int] = {}
-
-
-def _lanes_of(count: int, value: int) -> int:
-    """``value`` in each of ``count`` 64-bit lanes, as one integer (cached:
-    one per block size and bias)."""
-    lanes = _LANES.get((count, value))
-    if lanes is None:
-        if len(_LANES) > 8:
-            _LANES.clear()
-        lanes = _LANES[count, value] = int.from_bytes(value.to_bytes(8, "little") * count,
-                                                      "little")
-    return lanes
 
 
 def increases_fit(old: array[int], amounts: array[int], refcount_max: int) -> bool:
@@ -141,16 +128,16 @@ def block_plus_delta(old: array[int], delta: array[int],
         # amounts -128..127 plus 128 are the bytes 0..255 (the sign bit
         # flipped), and the bias takes the 128 back: two integers, not four
         biased = bytearray(8 * count)
-        biased[0::8] = raw_delta.translate(_FLIP_SIGN_BIT)
+        biased[0::8] = raw_delta.translate(FLIP_SIGN_BIT)
         total = (int.from_bytes(lanes, "little") + int.from_bytes(biased, "little")
-                 + _lanes_of(count, (1 << _LANE_BIAS_BIT) - 128))
+                 + repeated_lanes(count, (1 << _LANE_BIAS_BIT) - 128))
     else:
         signs = bytearray(8 * count)
         signs[0::8] = raw_delta[7::8].translate(_SIGN_TO_ONE)
         signed_delta = (int.from_bytes(raw_delta, "little")
                         - (int.from_bytes(signs, "little") << 64))
         total = (int.from_bytes(lanes, "little") + signed_delta
-                 + _lanes_of(count, 1 << _LANE_BIAS_BIT))
+                 + repeated_lanes(count, 1 << _LANE_BIAS_BIT))
     if total < 0:
         return None
     try:

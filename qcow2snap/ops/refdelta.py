@@ -27,9 +27,9 @@ from itertools import compress, islice, repeat
 from operator import add, and_, sub
 from typing import IO, Generic, TypeVar
 
-__all__ = ["DELTA_MEMORY_BYTES", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS", "ClusterMarks",
-           "RefcountDelta", "consecutive", "last_nonzero", "one_chunk_run",
-           "widen_signed_bytes"]
+__all__ = ["DELTA_MEMORY_BYTES", "FLIP_SIGN_BIT", "MARKS_MEMORY_BYTES", "MAX_CHUNK_BITS",
+           "ClusterMarks", "RefcountDelta", "add_signed_bytes", "consecutive", "last_nonzero",
+           "one_chunk_run", "repeated_lanes", "widen_signed_bytes"]
 
 
 #: most clusters per chunk of :class:`RefcountDelta` / :class:`ClusterMarks`
@@ -101,8 +101,20 @@ def widen_signed_bytes(values: array[int] | bytes) -> array[int]:
 
 
 #: a byte with its top bit flipped (a signed byte + 128, as unsigned)
-_FLIP_SIGN_BIT = bytes(b ^ 0x80 for b in range(256))
-_LANES_128: dict[int, int] = {}
+FLIP_SIGN_BIT = bytes(b ^ 0x80 for b in range(256))
+_LANES: dict[tuple[int, int, int], int] = {}
+
+
+def repeated_lanes(count: int, value: int, width: int = 8) -> int:
+    """``value`` in each of ``count`` little-endian lanes of ``width``
+    bytes, as one integer (cached: a few per block or chunk size)."""
+    lanes = _LANES.get((count, value, width))
+    if lanes is None:
+        if len(_LANES) > 8:
+            _LANES.clear()
+        lanes = _LANES[count, value, width] = int.from_bytes(
+            value.to_bytes(width, "little") * count, "little")
+    return lanes
 
 
 def add_signed_bytes(a: bytes, b: bytes) -> bytes | None:
@@ -113,22 +125,17 @@ def add_signed_bytes(a: bytes, b: bytes) -> bytes | None:
     each entry's sum plus 128, valid iff every lane's high byte is 0 (a sum
     past 127 sets it; one below -128 borrows, which sets it too)."""
     count = len(a)
-    bias = _LANES_128.get(count)
-    if bias is None:
-        if len(_LANES_128) > 8:
-            _LANES_128.clear()
-        bias = _LANES_128[count] = int.from_bytes(b"\x80\x00" * count, "little")
     lanes = bytearray(2 * count)
-    lanes[0::2] = a.translate(_FLIP_SIGN_BIT)
+    lanes[0::2] = a.translate(FLIP_SIGN_BIT)
     total = int.from_bytes(lanes, "little")
-    lanes[0::2] = b.translate(_FLIP_SIGN_BIT)
-    total += int.from_bytes(lanes, "little") - bias
+    lanes[0::2] = b.translate(FLIP_SIGN_BIT)
+    total += int.from_bytes(lanes, "little") - repeated_lanes(count, 128, 2)
     if total < 0:
         return None
     out = total.to_bytes(2 * count, "little")
     if out[1::2].count(0) != count:
         return None
-    return out[0::2].translate(_FLIP_SIGN_BIT)
+    return out[0::2].translate(FLIP_SIGN_BIT)
 
 
 #: a bulk add of +/-1 counts its clusters in one scratch byte array of at
